@@ -1,0 +1,38 @@
+// The one place where fusenn's CUDA ops meet torch: registers them under torch.ops.fusenn_cuda and
+// checks every input. The stream comes from Python (torch.cuda.current_stream().cuda_stream), which
+// keeps torch's CUDA headers out of the build.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "launch.h"
+
+namespace fusenn {
+namespace {
+
+void check_launch(int status, const char* what) {
+  TORCH_CHECK(status == 0, "fusenn: ", what, " failed: ", cuda_error_string(status));
+}
+
+void dropout_mask_out(const at::Tensor& out, int64_t seed, int64_t offset, int64_t threshold, int64_t stream) {
+  TORCH_CHECK(out.is_cuda(), "fusenn_cuda::dropout_mask_out: expected a CUDA tensor, got ", out.device());
+  TORCH_CHECK(out.scalar_type() == at::kBool, "fusenn_cuda::dropout_mask_out: expected a bool tensor, got ",
+              out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), "fusenn_cuda::dropout_mask_out: expected a contiguous tensor");
+  TORCH_CHECK(seed >= 0 && offset >= 0, "fusenn_cuda::dropout_mask_out: seed and offset must be non-negative");
+  TORCH_CHECK(threshold >= 0 && threshold <= (1 << 24), "fusenn_cuda::dropout_mask_out: threshold out of range");
+  check_launch(launch_dropout_mask(out.data_ptr<bool>(), out.numel(), static_cast<uint64_t>(seed),
+                                   static_cast<uint64_t>(offset), static_cast<uint32_t>(threshold),
+                                   reinterpret_cast<Stream>(stream)),
+               "dropout_mask kernel launch");
+}
+
+}  // namespace
+}  // namespace fusenn
+
+TORCH_LIBRARY(fusenn_cuda, m) {
+  m.def("dropout_mask_out(Tensor(a!) out, int seed, int offset, int threshold, int stream) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fusenn_cuda, CUDA, m) { m.impl("dropout_mask_out", &fusenn::dropout_mask_out); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "fusenn CUDA kernels; ops live in torch.ops.fusenn_cuda"; }

@@ -1,0 +1,17 @@
+// Host launchers of the device code in csrc/*.cu: plain pointers, a raw stream and an int status
+// (a cudaError_t value, 0 on success), so bindings.cpp needs neither torch's CUDA headers nor the
+// CUDA runtime's, and the .cu files compile with nvcc alone.
+#pragma once
+#include <cstdint>
+
+struct CUstream_st;
+
+namespace fusenn {
+
+using Stream = CUstream_st*;
+
+int launch_dropout_mask(bool* out, int64_t numel, uint64_t seed, uint64_t offset, uint32_t threshold,
+                        Stream stream);
+const char* cuda_error_string(int status);
+
+}  // namespace fusenn

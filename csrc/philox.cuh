@@ -1,0 +1,48 @@
+// Philox4x32-10, bit-identical to fusenn.reference.philox and kernels/philox.py.
+// Element i of a mask drawn with (seed, offset) uses counter (lo32(offset+i), hi32(offset+i), 0, 0),
+// key (lo32(seed), hi32(seed)); it is kept iff (first output word >> 8) >= threshold.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FUSENN_HD __host__ __device__ __forceinline__
+#else
+#define FUSENN_HD inline
+#endif
+
+namespace fusenn {
+
+FUSENN_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+struct Philox4 {
+  uint32_t x, y, z, w;
+};
+
+FUSENN_HD Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi0 = mulhi32(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
+    const uint32_t hi1 = mulhi32(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
+    c = Philox4{hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0};
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c;
+}
+
+FUSENN_HD uint32_t philox_uint32(uint64_t counter, uint64_t seed) {
+  const Philox4 c{static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u, 0u};
+  return philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)).x;
+}
+
+FUSENN_HD bool philox_keep(uint64_t counter, uint64_t seed, uint32_t threshold) {
+  return (philox_uint32(counter, seed) >> 8) >= threshold;
+}
+
+}  // namespace fusenn

@@ -1,0 +1,166 @@
+"""Which backends exist here, why the others do not, and the one place where an op's backend is chosen.
+
+Backends: ``reference`` (plain PyTorch, any device), ``triton`` (kernels/ on a GPU, or under the Triton
+interpreter with CPU tensors) and ``cuda`` (the fusenn._C extension built from csrc/).
+The choice comes from ``fusenn.set_backend(name)`` if called, else the FUSENN_BACKEND environment
+variable, else ``auto``: cuda, then triton, for GPU tensors; the reference for CPU tensors. An explicit
+backend that cannot take the call raises BackendError saying why; auto falls back to the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+NAMES = ("reference", "triton", "cuda")
+CHOICES = ("auto",) + NAMES
+
+
+class BackendError(RuntimeError):
+    """An explicitly chosen backend cannot run this call."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    usable: bool
+    detail: str  # why not, when unusable; what it runs on, when usable
+
+    def __str__(self):
+        return f"{self.name:<10} {'yes' if self.usable else 'no':<4} {self.detail}"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> tuple[bool, str, bool]:
+    """(importable, detail, interpreting)."""
+    try:
+        from fusenn import kernels  # sets TRITON_INTERPRET on machines without a GPU
+        import triton
+    except Exception as exc:  # noqa: BLE001 - any import failure means the backend is unusable
+        return False, f"triton is not importable: {exc}", False
+    if kernels.INTERPRET:
+        return True, f"triton {triton.__version__} under the interpreter (TRITON_INTERPRET=1): CPU tensors", True
+    if not torch.cuda.is_available():
+        return False, f"triton {triton.__version__} is installed but no GPU is visible and " \
+                      "TRITON_INTERPRET is not 1", False
+    return True, f"triton {triton.__version__} compiled for {torch.cuda.get_device_name()}", False
+
+
+def _why_no_extension(exc: Exception) -> str:
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "_build.json")) as f:
+            skipped = json.load(f).get("skipped_because")
+    except (OSError, ValueError):
+        skipped = None
+    if skipped:
+        return f"fusenn._C was not built: {skipped}"
+    return f"fusenn._C does not import ({exc}); reinstall with a CUDA toolkit and a CUDA build of torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_status() -> tuple[bool, str]:
+    try:
+        from fusenn import _C  # noqa: F401
+    except ImportError as exc:
+        return False, _why_no_extension(exc)
+    if not torch.cuda.is_available():
+        return False, "fusenn._C is built but no CUDA GPU is visible"
+    return True, f"fusenn._C on {torch.cuda.get_device_name()}"
+
+
+def backends() -> dict[str, Backend]:
+    """Each backend, whether it is usable here and why (not)."""
+    t_ok, t_detail, _ = _triton_status()
+    c_ok, c_detail = _cuda_status()
+    return {
+        "reference": Backend("reference", True, "plain PyTorch on any device"),
+        "triton": Backend("triton", t_ok, t_detail),
+        "cuda": Backend("cuda", c_ok, c_detail),
+    }
+
+
+def triton_interpreting() -> bool:
+    return _triton_status()[2]
+
+
+_chosen: Optional[str] = None
+
+
+def _validate(name: str) -> str:
+    name = name.strip().lower()
+    if name not in CHOICES:
+        raise ValueError(f"fusenn: unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: set_backend's, else FUSENN_BACKEND, else 'auto'."""
+    if _chosen is not None:
+        return _chosen
+    return _validate(os.environ.get("FUSENN_BACKEND", "auto") or "auto")
+
+
+class set_backend:
+    """Choose the backend for later calls; as a context manager, only inside the block.
+
+    >>> fusenn.set_backend("triton")            # from now on
+    >>> with fusenn.set_backend("reference"):   # inside the block only
+    ...     y = fusenn.functional.dropout(x, 0.1)
+    """
+
+    def __init__(self, name: str):
+        global _chosen
+        self.previous = _chosen
+        _chosen = _validate(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _chosen
+        _chosen = self.previous
+        return False
+
+
+def _device_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why backend `name` cannot run on `device` at all (None when it can)."""
+    status = backends()[name]
+    if not status.usable:
+        return status.detail
+    if name == "cuda" and device.type != "cuda":
+        return f"it needs CUDA tensors, got {device.type} tensors"
+    if name == "triton":
+        if triton_interpreting() and device.type != "cpu":
+            return f"the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors, got {device.type} tensors"
+        if not triton_interpreting() and device.type != "cuda":
+            return (f"compiled Triton kernels need CUDA tensors, got {device.type} tensors; set TRITON_INTERPRET=1 "
+                    "before importing fusenn to run them in the interpreter")
+    return None
+
+
+def choose(op: str, device: torch.device, unsupported: Mapping[str, Optional[str]]) -> str:
+    """The backend that runs `op` on `device`.
+
+    `unsupported` maps each backend the op is implemented on to None, or to the reason it cannot take
+    these particular inputs; backends missing from it do not implement the op. The reference must always
+    be present and None.
+    """
+    requested = get_backend()
+    reasons: dict[str, str] = {}
+    order = (requested,) if requested != "auto" else (("cuda", "triton") if device.type == "cuda" else ()) + (
+        "reference",)
+    for name in order:
+        if name not in unsupported:
+            reasons[name] = f"{op} has no {name} implementation"
+            continue
+        why = _device_reason(name, device) or unsupported[name]
+        if why is None:
+            return name
+        reasons[name] = why
+    listed = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    raise BackendError(f"fusenn: {op} cannot run on the requested backend ({listed})")

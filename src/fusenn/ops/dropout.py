@@ -1,0 +1,71 @@
+"""Philox dropout masks and dropout: the op that carries every backend path.
+
+`fusenn::dropout_mask` returns a flat bool mask (True = kept); element i comes from Philox counter
+offset + i, so any slice can be regenerated alone and backward never needs a stored mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusenn import dispatch
+from fusenn.ops import draw_seed, new_output
+from fusenn.reference import philox as reference
+
+SUPPORTED = {"reference": None, "triton": None, "cuda": None}
+
+
+@torch.library.custom_op("fusenn::dropout_mask", mutates_args=())
+def dropout_mask_flat(numel: int, p: float, seed: int, offset: int, device: torch.device) -> torch.Tensor:
+    threshold = reference.dropout_threshold(p)
+    k0, k1 = reference.split_seed(seed)
+    if offset < 0:
+        raise ValueError(f"fusenn: offset must be non-negative, got {offset}")
+    name = dispatch.choose("dropout_mask", device, SUPPORTED)
+    if name == "reference":
+        return reference.dropout_mask(numel, p, seed, offset, device)
+    out = new_output((numel,), torch.bool, device)
+    if name == "triton":
+        from fusenn.kernels import philox
+
+        return philox.dropout_mask(out, offset, k0, k1, threshold)
+    torch.ops.fusenn_cuda.dropout_mask_out(out, seed, offset, threshold, torch.cuda.current_stream(device).cuda_stream)
+    return out
+
+
+@dropout_mask_flat.register_fake
+def _(numel, p, seed, offset, device):
+    return torch.empty((numel,), dtype=torch.bool, device=device)
+
+
+def dropout_mask(shape, p: float, seed: int, offset: int = 0, device=None) -> torch.Tensor:
+    shape = torch.Size([shape] if isinstance(shape, int) else shape)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return dropout_mask_flat(shape.numel(), float(p), int(seed), int(offset), device).view(shape)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p, seed):
+        keep = dropout_mask(x.shape, p, seed, 0, x.device)
+        ctx.p, ctx.seed = p, seed
+        return x * keep / (1.0 - p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep = dropout_mask(grad.shape, ctx.p, ctx.seed, 0, grad.device)  # regenerated, not stored
+        return grad * keep / (1.0 - ctx.p), None, None
+
+
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed: int | None = None) -> torch.Tensor:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return x * 0.0
+    if seed is None:
+        seed = draw_seed()
+    return _Dropout.apply(x, float(p), int(seed))
