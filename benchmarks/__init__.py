@@ -1,0 +1,1 @@
+"""fusenn's benchmark and validation runner: `python -m benchmarks` (see __main__.py)."""
