@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build fusenn._C, run the whole test suite (GPU tests included),
+# validate and time every op. Logs and results/<gpu>/*.json land in $OUT (or .out/ when unset);
+# copy the JSON into benchmarks/results/ and commit it.
+#   usage: bash benchmarks/device_run.sh [--quick] [--only OP]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-.out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -m pip install -q --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "^fusenn:|error" | tee "$OUT/build.log"
+python3 -m fusenn.info | tee -a "$OUT/build.log"
+python3 -m pytest -q -x tests 2>&1 -p no:cacheprovider | tee "$OUT/tests.log" | tail -n 30
+python3 -m benchmarks --out "$OUT/results" "$@" 2>&1 | tee "$OUT/bench.log" | tail -n 80
