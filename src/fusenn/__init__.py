@@ -2,7 +2,9 @@
 
 from fusenn import functional
 from fusenn.dispatch import BackendError, backends, get_backend, set_backend
+from fusenn.nn import GRU, LSTM, GRUCell, LSTMCell
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "backends", "functional", "get_backend", "set_backend", "__version__"]
+__all__ = ["BackendError", "GRU", "GRUCell", "LSTM", "LSTMCell", "backends", "functional", "get_backend", "set_backend",
+           "__version__"]
