@@ -30,8 +30,11 @@ def _kernel_params():
 
 @pytest.fixture(params=_kernel_params())
 def kernel_backend(request):
-    """(backend name, device) for each kernel backend that can run here; the backend is set for the test."""
+    """(backend name, device) for each kernel backend that can run here; the backend is set for the test.
+    A test module lists the backends its op has in KERNEL_BACKENDS (default: triton only)."""
     name, device = request.param
+    if name not in getattr(request.module, "KERNEL_BACKENDS", ("triton",)):
+        pytest.skip(f"{request.module.__name__} has no {name} implementation to test")
     status = fusenn.backends()[name]
     if not status.usable:
         pytest.skip(f"{name} backend unusable here: {status.detail}")

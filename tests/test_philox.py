@@ -12,6 +12,7 @@ import fusenn
 from fusenn.reference import philox as ref
 from fusenn.testing import assert_close, poisoned_outputs
 
+KERNEL_BACKENDS = ("triton", "cuda")
 CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc")
 
 # Known-answer vectors of Random123 (kat_vectors): counter, key -> output.

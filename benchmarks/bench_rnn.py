@@ -1,0 +1,133 @@
+"""LSTM and GRU: fusenn's modules against cuDNN (torch.nn) and a torch.compile'd cell loop."""
+
+import torch
+from torch import nn
+
+import fusenn
+from benchmarks.registry import Case, Check, Entry, register
+from fusenn.testing import ATOL, max_error
+
+# (module, T, B, I, H, extra constructor arguments) validated on any machine at small sizes.
+SMALL = [
+    ("LSTM", 5, 3, 7, 33, {}),
+    ("LSTM", 4, 2, 5, 7, {"num_layers": 2, "bidirectional": True, "proj_size": 3}),
+    ("GRU", 5, 3, 7, 33, {}),
+    ("GRU", 3, 1, 5, 7, {"num_layers": 2, "bidirectional": True}),
+]
+
+
+def _grads(module, x):
+    x = x.detach().requires_grad_()
+    out, _ = module(x)
+    out.backward(torch.ones_like(out) / out.numel())
+    return [out.detach(), x.grad] + [p.grad for p in module.parameters()]
+
+
+def validate():
+    """fusenn (current backend, fp32) and torch.nn (fp32) against torch.nn in float64."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    checks = []
+    for kind, T, B, I, H, extra in SMALL:
+        torch.manual_seed(0)
+        ours = getattr(fusenn, kind)(I, H, **extra).to(device)
+        theirs = getattr(nn, kind)(I, H, **extra).to(device)
+        theirs.load_state_dict(ours.state_dict())
+        exact = getattr(nn, kind)(I, H, **extra).to(device).double()
+        exact.load_state_dict(ours.state_dict())
+        x = torch.randn(T, B, I, device=device)
+        got, base, ref = _grads(ours, x), _grads(theirs, x), _grads(exact, x.double())
+        error = max(max_error(g, r) for g, r in zip(got, ref))
+        allowed = 3 * max(max_error(b, r) for b, r in zip(base, ref)) + ATOL[torch.float32]
+        name = "-".join([kind, f"T{T}-B{B}-I{I}-H{H}"] + [f"{k}{v}" for k, v in extra.items()])
+        checks.append(Check(name + "-fwd+bwd", error, allowed))
+    return checks
+
+
+def _cell_loop(kind, module):
+    """What users write when cuDNN cannot do their variant: a compiled cell stepped from Python."""
+    w_ih, w_hh, b_ih, b_hh = module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0
+
+    if kind == "LSTM":
+        @torch.compile
+        def cell(gx, h, c):
+            i, f, g, o = (gx + h @ w_hh.t()).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+
+        def run(x):
+            gx = torch.nn.functional.linear(x, w_ih, b_ih + b_hh)
+            h = c = x.new_zeros(x.size(1), module.hidden_size)
+            ys = []
+            for t in range(x.size(0)):
+                h, c = cell(gx[t], h, c)
+                ys.append(h)
+            return torch.stack(ys)
+    else:
+        @torch.compile
+        def cell(gx, h):
+            xr, xz, xn = gx.chunk(3, -1)
+            hr, hz, hn = (h @ w_hh.t() + b_hh).chunk(3, -1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            return (1 - z) * torch.tanh(xn + r * hn) + z * h
+
+        def run(x):
+            gx = torch.nn.functional.linear(x, w_ih, b_ih)
+            h = x.new_zeros(x.size(1), module.hidden_size)
+            ys = []
+            for t in range(x.size(0)):
+                h = cell(gx[t], h)
+                ys.append(h)
+            return torch.stack(ys)
+    return run
+
+
+def _setup(kind, T, B, I, H, dtype, train):
+    def setup(device):
+        ours = getattr(fusenn, kind)(I, H, device=device, dtype=dtype)
+        theirs = getattr(nn, kind)(I, H, device=device, dtype=dtype)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(T, B, I, device=device, dtype=dtype, requires_grad=train)
+        loop = _cell_loop(kind, theirs)
+
+        def timed(fn):  # fn(x) -> output
+            if train:
+                return lambda: fn(x).float().sum().backward()
+
+            def infer():
+                with torch.no_grad():
+                    fn(x)
+            return infer
+
+        return {"fusenn": timed(lambda x: ours(x)[0]), "cudnn": timed(lambda x: theirs(x)[0]),
+                "compiled-cell-loop": timed(loop)}
+    return setup
+
+
+def _flops(kind, T, B, I, H, train):
+    gates = 4 if kind == "LSTM" else 3
+    fwd = 2 * T * B * gates * H * (I + H)
+    return fwd * (3 if train else 1)
+
+
+def cases(quick):
+    sizes = [("fastrnns", 100, 64, 512, 512)]
+    if not quick:
+        sizes += [("deepbench", T, B, H, H) for T, B, H in
+                  [(25, 16, 256), (50, 32, 512), (150, 64, 1024), (25, 128, 2048), (50, 1, 1024)]]
+    small_batch = [("small-batch", 100, B, 512, 512) for B in (1, 4, 8)]
+    out = []
+    for kind in ("LSTM", "GRU"):
+        for dtype in (torch.float32, torch.bfloat16):
+            dname = str(dtype)[6:]
+            for label, T, B, I, H in sizes:
+                for train in (True, False):
+                    mode = "train" if train else "infer"
+                    out.append(Case(f"{kind}-{label}-T{T}-B{B}-I{I}-H{H}-{dname}-{mode}",
+                                    _setup(kind, T, B, I, H, dtype, train), flops=_flops(kind, T, B, I, H, train)))
+            for label, T, B, I, H in small_batch[:1] if quick else small_batch:
+                out.append(Case(f"{kind}-{label}-T{T}-B{B}-I{I}-H{H}-{dname}-infer",
+                                _setup(kind, T, B, I, H, dtype, False), flops=_flops(kind, T, B, I, H, False)))
+    return out
+
+
+register(Entry(op="rnn", baselines=("cudnn", "compiled-cell-loop"), validate=validate, cases=cases))

@@ -1,0 +1,303 @@
+"""Fused LSTM layer: one launch runs the whole sequence forward, one launch runs it backward.
+
+Equations, gate order (i, f, g, o), packed `lengths`, `reverse` and the projection (proj_size) are those
+of fusenn.reference.rnn.lstm_layer.
+
+Design. The grid splits the batch into blocks of BLOCK_B rows; each program owns its rows for the whole
+sequence and loops over time inside the kernel. Per step it tiles the hidden dimension (BLOCK_H) and the
+contraction dimension (BLOCK_P), so any H and P work: for each hidden tile it accumulates the four gate
+tiles of h_{t-1} W_hh^T with tl.dot (fp32 accumulators), adds gx_t, applies the nonlinearities and updates
+c and h. The recurrent state lives in fp32 global buffers that only its own program reads back;
+tl.debug_barrier() separates writing a step's state from reading it in the next step (a no-op in the
+interpreter, which runs one program at a time anyway). With a projection, m = o * tanh(c) goes to a
+buffer first and a second phase of the step computes h = m W_hr^T.
+
+Saved for backward: h and c after every step in fp32 ((T+1) x B x P and (T+1) x B x H, the state buffers
+themselves, so training costs no extra writes) and m when projecting; no gate activations. Backward
+recomputes the gates from gx and h_{t-1} (one extra tl.dot per tile), runs t backwards, writes the gate
+gradients (which are grad_gx) and carries dh, dc in fp32 buffers; the weight gradients are then single
+GEMMs over all T*B rows in torch (ops/rnn.py). Without grad the state buffers shrink to two slots.
+
+Specialisation. H and P are constexpr (one compile per layer size, like an attention head dim: the tile
+loops get constant bounds); T and B are runtime values, never specialised. The time loop is a while loop
+because the interpreter (with numpy >= 2.4) cannot range() over a runtime bound.
+
+Precision. fp32 inputs use IEEE fp32 dots (no TF32); fp16/bf16 use tensor-core dots (the fp32 state
+rounded to the input dtype as the operand) with fp32 accumulation, fp32 gates and fp32 cell state. Under
+the interpreter every dot runs in fp32 (its bf16 tl.dot is wrong).
+
+GPU speed limits. One program per 16 batch rows means a batch of 64 occupies 4 of an H100's 132 SMs, and
+every step re-reads W_hh (4H x P) from L2: for large H this is bandwidth- and latency-bound at a few
+percent of peak; fp32 inputs also forgo tensor cores (IEEE dots). The faster design splits the 4H gate
+columns across a persistent grid sized to the SM count, each program keeping its slice of W_hh in
+registers/shared memory for the whole sequence and exchanging h_t through global memory with a grid
+barrier per step (FlashRNN / persistent cuDNN RNN style); that cooperative mode must be a constexpr mode
+never used under the interpreter, whose programs run one after another.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fusenn.kernels import INTERPRET
+from fusenn.ops import new_output
+
+BLOCK_B = 16  # tl.dot needs every dimension >= 16
+NUM_WARPS = 8  # with the tiles below, keeps ptxas (sm_90) from spilling much at H = 1000
+
+
+def block_size(n: int, cap: int) -> int:
+    """A power-of-two tile in [16, cap] covering n where it can."""
+    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+@triton.jit
+def tanh(x):
+    # libdevice tanh does not run under the interpreter; this form runs everywhere and saturates to +-1
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def matmul_acc(a, b, acc, FP32_DOT: tl.constexpr):
+    """acc + a @ b, accumulated in fp32: IEEE fp32 when FP32_DOT, else tensor cores in b's dtype."""
+    if FP32_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(b.dtype), b, acc)
+    return acc
+
+
+@triton.jit
+def load_2d(ptr, r, c, stride_r, stride_c, mask_r, mask_c):
+    """The (len(r), len(c)) tile at ptr[r * stride_r + c * stride_c], 0 outside the masks."""
+    return tl.load(ptr + r[:, None] * stride_r + c[None, :] * stride_c, mask=mask_r[:, None] & mask_c[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def store_2d(ptr, r, c, stride_r, value, mask_r, mask_c):
+    tl.store(ptr + r[:, None] * stride_r + c[None, :], value.to(ptr.dtype.element_ty),
+             mask=mask_r[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def step_slots(k, T, REVERSE: tl.constexpr, SAVE: tl.constexpr):
+    """(t, before, after): the time step processed k-th, and the state-buffer slots holding the state
+    entering and leaving it. Saving, slot t + REVERSE holds the state entering step t, so the states
+    entering steps 0..T-1 form one contiguous slice for the weight-gradient GEMMs; else two slots alternate."""
+    if REVERSE:
+        t = T - 1 - k
+        before = t + 1
+        after = t
+    else:
+        t = k
+        before = t
+        after = t + 1
+    if not SAVE:
+        before = k % 2
+        after = 1 - before
+    return t, before, after
+
+
+@triton.jit
+def valid_rows(rows, lens, t, HAS_LENGTHS: tl.constexpr):
+    """(BLOCK_B, 1): which rows have step t (rows past their length keep their state and output 0)."""
+    if HAS_LENGTHS:
+        return (t < lens)[:, None]
+    return (rows >= 0)[:, None]
+
+
+@triton.jit
+def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P: tl.constexpr, FP32_DOT: tl.constexpr,
+               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Activated gates i, f, g, o for hidden columns hc: gx_t + h_{t-1} W_hh^T, in fp32."""
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        pc = p0 + tl.arange(0, BLOCK_P)
+        p_ok = pc < P
+        h = load_2d(h_in, rows, pc, P, 1, row_ok, p_ok)
+        # W_hh^T tiles (BLOCK_P, BLOCK_H) of the four gates' row blocks of w_hh (4H, P)
+        acc_i = matmul_acc(h, load_2d(w_hh_ptr, pc, hc, 1, P, p_ok, h_ok), acc_i, FP32_DOT)
+        acc_f = matmul_acc(h, load_2d(w_hh_ptr + H * P, pc, hc, 1, P, p_ok, h_ok), acc_f, FP32_DOT)
+        acc_g = matmul_acc(h, load_2d(w_hh_ptr + 2 * H * P, pc, hc, 1, P, p_ok, h_ok), acc_g, FP32_DOT)
+        acc_o = matmul_acc(h, load_2d(w_hh_ptr + 3 * H * P, pc, hc, 1, P, p_ok, h_ok), acc_o, FP32_DOT)
+    i = tl.sigmoid(acc_i + load_2d(gx_t, rows, hc, 4 * H, 1, row_ok, h_ok).to(tl.float32))
+    f = tl.sigmoid(acc_f + load_2d(gx_t + H, rows, hc, 4 * H, 1, row_ok, h_ok).to(tl.float32))
+    g = tanh(acc_g + load_2d(gx_t + 2 * H, rows, hc, 4 * H, 1, row_ok, h_ok).to(tl.float32))
+    o = tl.sigmoid(acc_o + load_2d(gx_t + 3 * H, rows, hc, 4 * H, 1, row_ok, h_ok).to(tl.float32))
+    return i, f, g, o
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_ptr, y_ptr, T, B,
+                        H: tl.constexpr, P: tl.constexpr,
+                        HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+                        SAVE: tl.constexpr, FP32_DOT: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
+    k = 0
+    while k < T:  # see Specialisation above
+        t, before, after = step_slots(k, T, REVERSE, SAVE)
+        valid = valid_rows(rows, lens, t, HAS_LENGTHS)
+        t64 = t.to(tl.int64)
+        gx_t = gx_ptr + t64 * B * 4 * H
+        y_t = y_ptr + t64 * B * P
+        h_in = hs_ptr + before.to(tl.int64) * B * P
+        h_out = hs_ptr + after.to(tl.int64) * B * P
+        c_in = cs_ptr + before.to(tl.int64) * B * H
+        c_out = cs_ptr + after.to(tl.int64) * B * H
+        m_t = m_ptr + t64 * B * H if SAVE else m_ptr
+        for j0 in range(0, H, BLOCK_H):
+            hc = j0 + tl.arange(0, BLOCK_H)
+            h_ok = hc < H
+            i, f, g, o = lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, P, FP32_DOT,
+                                    BLOCK_B, BLOCK_H, BLOCK_P)
+            c_prev = load_2d(c_in, rows, hc, H, 1, row_ok, h_ok)
+            c = f * c_prev + i * g
+            m = o * tanh(c)
+            store_2d(c_out, rows, hc, H, tl.where(valid, c, c_prev), row_ok, h_ok)
+            if HAS_PROJ:
+                store_2d(m_t, rows, hc, H, m, row_ok, h_ok)
+            else:
+                h_prev = load_2d(h_in, rows, hc, P, 1, row_ok, h_ok)
+                store_2d(h_out, rows, hc, P, tl.where(valid, m, h_prev), row_ok, h_ok)
+                store_2d(y_t, rows, hc, P, tl.where(valid, m, 0.0), row_ok, h_ok)
+        tl.debug_barrier()  # this step's m (or h) is complete before anyone reads it
+        if HAS_PROJ:
+            for p0 in range(0, P, BLOCK_P):
+                pc = p0 + tl.arange(0, BLOCK_P)
+                p_ok = pc < P
+                acc = tl.zeros((BLOCK_B, BLOCK_P), tl.float32)
+                for j0 in range(0, H, BLOCK_H):
+                    hc = j0 + tl.arange(0, BLOCK_H)
+                    h_ok = hc < H
+                    m = load_2d(m_t, rows, hc, H, 1, row_ok, h_ok)
+                    acc = matmul_acc(m, load_2d(w_hr_ptr, hc, pc, 1, H, h_ok, p_ok), acc, FP32_DOT)  # W_hr^T tile
+                h_prev = load_2d(h_in, rows, pc, P, 1, row_ok, p_ok)
+                store_2d(h_out, rows, pc, P, tl.where(valid, acc, h_prev), row_ok, p_ok)
+                store_2d(y_t, rows, pc, P, tl.where(valid, acc, 0.0), row_ok, p_ok)
+            tl.debug_barrier()
+        k += 1
+
+
+@triton.jit(do_not_specialize=["T", "B"])
+def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy_ptr, dh_ptr, dc_ptr, dg_ptr,
+                         dhs_ptr, T, B, H: tl.constexpr, P: tl.constexpr,
+                         HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+                         FP32_DOT: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dh (B, P) and dc (B, H) enter holding the gradients of h_n, c_n and leave holding those of h0, c0."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
+    k = 0
+    while k < T:
+        t, before, after = step_slots(T - 1 - k, T, REVERSE, True)
+        valid = valid_rows(rows, lens, t, HAS_LENGTHS)
+        t64 = t.to(tl.int64)
+        gx_t = gx_ptr + t64 * B * 4 * H
+        dg_t = dg_ptr + t64 * B * 4 * H
+        dy_t = dy_ptr + t64 * B * P
+        h_in = hs_ptr + before.to(tl.int64) * B * P
+        c_in = cs_ptr + before.to(tl.int64) * B * H
+        c_out = cs_ptr + after.to(tl.int64) * B * H
+        # Phase 1, per hidden tile: gate gradients (= grad gx_t) and dc_{t-1}
+        for j0 in range(0, H, BLOCK_H):
+            hc = j0 + tl.arange(0, BLOCK_H)
+            h_ok = hc < H
+            i, f, g, o = lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, P, FP32_DOT,
+                                    BLOCK_B, BLOCK_H, BLOCK_P)
+            if HAS_PROJ:  # dm = dh_t W_hr over all of P
+                dm = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+                for p0 in range(0, P, BLOCK_P):
+                    pc = p0 + tl.arange(0, BLOCK_P)
+                    p_ok = pc < P
+                    dh = load_2d(dh_ptr, rows, pc, P, 1, row_ok, p_ok) + tl.where(
+                        valid, load_2d(dy_t, rows, pc, P, 1, row_ok, p_ok).to(tl.float32), 0.0)
+                    dm = matmul_acc(dh, load_2d(w_hr_ptr, pc, hc, H, 1, p_ok, h_ok), dm, FP32_DOT)
+            else:
+                dm = load_2d(dh_ptr, rows, hc, P, 1, row_ok, h_ok) + tl.where(
+                    valid, load_2d(dy_t, rows, hc, P, 1, row_ok, h_ok).to(tl.float32), 0.0)
+            c_prev = load_2d(c_in, rows, hc, H, 1, row_ok, h_ok)
+            tc = tanh(load_2d(c_out, rows, hc, H, 1, row_ok, h_ok))
+            dc_next = load_2d(dc_ptr, rows, hc, H, 1, row_ok, h_ok)
+            dc = dc_next + dm * o * (1.0 - tc * tc)
+            store_2d(dg_t, rows, hc, 4 * H, tl.where(valid, dc * g * i * (1.0 - i), 0.0), row_ok, h_ok)
+            store_2d(dg_t + H, rows, hc, 4 * H, tl.where(valid, dc * c_prev * f * (1.0 - f), 0.0), row_ok, h_ok)
+            store_2d(dg_t + 2 * H, rows, hc, 4 * H, tl.where(valid, dc * i * (1.0 - g * g), 0.0), row_ok, h_ok)
+            store_2d(dg_t + 3 * H, rows, hc, 4 * H, tl.where(valid, dm * tc * o * (1.0 - o), 0.0), row_ok, h_ok)
+            store_2d(dc_ptr, rows, hc, H, tl.where(valid, dc * f, dc_next), row_ok, h_ok)
+        tl.debug_barrier()  # all gate gradients of step t are written before phase 2 reads them
+        # Phase 2, per tile of P: dh_{t-1} = dgates_t W_hh; rows without step t pass dh through
+        for p0 in range(0, P, BLOCK_P):
+            pc = p0 + tl.arange(0, BLOCK_P)
+            p_ok = pc < P
+            acc = tl.zeros((BLOCK_B, BLOCK_P), tl.float32)
+            for j0 in range(0, H, BLOCK_H):
+                hc = j0 + tl.arange(0, BLOCK_H)
+                h_ok = hc < H
+                for q in tl.static_range(4):
+                    acc = matmul_acc(load_2d(dg_t + q * H, rows, hc, 4 * H, 1, row_ok, h_ok),
+                                     load_2d(w_hh_ptr + q * H * P, hc, pc, P, 1, h_ok, p_ok), acc, FP32_DOT)
+            dh = load_2d(dh_ptr, rows, pc, P, 1, row_ok, p_ok) + tl.where(
+                valid, load_2d(dy_t, rows, pc, P, 1, row_ok, p_ok).to(tl.float32), 0.0)
+            if HAS_PROJ:  # dh_t for grad W_hr = sum_t dh_t^T m_t
+                store_2d(dhs_ptr + t64 * B * P, rows, pc, P, tl.where(valid, dh, 0.0), row_ok, p_ok)
+            store_2d(dh_ptr, rows, pc, P, tl.where(valid, acc, dh), row_ok, p_ok)
+        tl.debug_barrier()  # dh_{t-1}, dc_{t-1} are complete before step t-1 reads them
+        k += 1
+
+
+def _launch_args(gx, P):
+    H = gx.shape[-1] // 4
+    return dict(H=H, P=P, FP32_DOT=INTERPRET or gx.dtype == torch.float32, BLOCK_B=BLOCK_B,
+                BLOCK_H=block_size(H, 64), BLOCK_P=block_size(P, 32), num_warps=NUM_WARPS)
+
+
+def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool):
+    """gx (T, B, 4H), h0 (B, P), c0 (B, H), w_hh (4H, P), w_hr (P, H) or None, lengths (B,) int64 or None,
+    all contiguous, on one device, in gx's dtype. Returns y, h_n, c_n and, for backward, the fp32 state
+    buffers hs (T+1, B, P), cs (T+1, B, H) and ms (T, B, H) (None without projection) when `save`."""
+    T, B, G = gx.shape
+    H, P = G // 4, h0.shape[-1]
+    slots = T + 1 if save else 2
+    hs = new_output((slots, B, P), torch.float32, gx.device)
+    cs = new_output((slots, B, H), torch.float32, gx.device)
+    first = T if (save and reverse) else 0
+    hs[first] = h0
+    cs[first] = c0
+    ms = new_output((T if save else 1, B, H), torch.float32, gx.device) if w_hr is not None else None
+    y = new_output((T, B, P), gx.dtype, gx.device)
+    if T and B:
+        lstm_forward_kernel[(triton.cdiv(B, BLOCK_B),)](
+            gx, w_hh, w_hr if w_hr is not None else w_hh, lengths if lengths is not None else hs, hs, cs,
+            ms if ms is not None else hs, y, T, B,
+            HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save,
+            **_launch_args(gx, P))
+    last = (0 if reverse else T) if save else T % 2
+    h_n = hs[last].to(gx.dtype, copy=True)
+    c_n = cs[last].to(gx.dtype, copy=True)
+    return y, h_n, c_n, (hs, cs, ms) if save else None
+
+
+def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs):
+    """Gradients through time given those of y, h_n, c_n (contiguous) and lstm_forward's saved buffers.
+    Returns dg (T, B, 4H) fp32 (the gradient of gx), dh0 (B, P) and dc0 (B, H) fp32, and dhs (T, B, P),
+    the gradient reaching each step's projected h, with projection (else None)."""
+    T, B, G = gx.shape
+    H, P = G // 4, hs.shape[-1]
+    dh = dh_n.to(torch.float32, copy=True)
+    dc = dc_n.to(torch.float32, copy=True)
+    dg = new_output((T, B, G), torch.float32, gx.device)
+    dhs = new_output((T, B, P), torch.float32, gx.device) if w_hr is not None else None
+    if T and B:
+        lstm_backward_kernel[(triton.cdiv(B, BLOCK_B),)](
+            gx, w_hh, w_hr if w_hr is not None else w_hh, lengths if lengths is not None else hs, hs, cs, dy,
+            dh, dc, dg, dhs if dhs is not None else dg, T, B,
+            HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, **_launch_args(gx, P))
+    return dg, dh, dc, dhs

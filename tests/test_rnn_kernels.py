@@ -1,0 +1,211 @@
+"""The Triton LSTM and GRU layer kernels against the float64 reference: outputs and every gradient.
+
+Each case runs fusenn.ops.rnn's layer on the kernel backend (outputs poisoned first), the reference on
+float64 copies of the same inputs, and the reference in the inputs' own dtype for PyTorch's error; the
+kernel may err 2x PyTorch's error on outputs and 3x on gradients, plus the dtype's floor. Gradients come
+from torch.autograd.grad with a random upstream gradient on every output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusenn
+from fusenn.ops import rnn as ops
+from fusenn.reference import rnn as reference
+from fusenn.testing import ATOL, assert_close, poisoned_outputs
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _case(T, B, H, dtype="fp32", proj=None, reverse=False, lengths=None, bias=True):
+    parts = [f"T{T}", f"B{B}", f"H{H}"] + ([f"proj{proj}"] if proj else []) + [dtype]
+    parts += (["reverse"] if reverse else []) + (["packed"] if lengths else []) + ([] if bias else ["nobias"])
+    return pytest.param(T, B, H, proj, DTYPES[dtype], reverse, lengths, bias, id="-".join(parts))
+
+
+# Packed rows are unsorted and include a length-1 row; B17 spans two programs of 16 rows; H70 / proj40
+# span several hidden and projection tiles.
+LSTM_CASES = [
+    _case(1, 1, 1),
+    _case(5, 3, 7),
+    _case(5, 3, 33, reverse=True),
+    _case(5, 3, 33, lengths=[3, 5, 1]),
+    _case(5, 3, 33, reverse=True, lengths=[3, 5, 1]),
+    _case(5, 3, 7, proj=3),
+    _case(5, 3, 33, proj=7, reverse=True, lengths=[5, 1, 4]),
+    _case(3, 2, 70, proj=40, lengths=[3, 2]),
+    _case(3, 17, 7, reverse=True, lengths=[3, 1, 2] * 5 + [1, 3]),
+    _case(5, 1, 33, "fp16"),
+    _case(5, 3, 7, "fp16", reverse=True, lengths=[3, 5, 1]),
+    _case(5, 3, 33, "fp16", proj=7),
+    _case(5, 3, 33, "bf16"),
+    _case(5, 3, 7, "bf16", reverse=True, lengths=[3, 5, 1]),
+    _case(1, 3, 33, "bf16", proj=7, reverse=True),
+    _case(0, 3, 7, proj=3),
+    _case(5, 0, 7),
+]
+
+GRU_CASES = [
+    _case(1, 1, 1),
+    _case(5, 3, 7),
+    _case(5, 3, 33, reverse=True),
+    _case(5, 3, 33, lengths=[3, 5, 1]),
+    _case(5, 3, 7, reverse=True, lengths=[3, 5, 1], bias=False),
+    _case(3, 2, 70, lengths=[3, 2]),
+    _case(3, 17, 7, reverse=True, lengths=[3, 1, 2] * 5 + [1, 3]),
+    _case(5, 1, 33, "fp16"),
+    _case(5, 3, 7, "fp16", reverse=True, lengths=[3, 5, 1]),
+    _case(5, 3, 33, "bf16"),
+    _case(5, 3, 7, "bf16", reverse=True, lengths=[3, 5, 1]),
+    _case(0, 3, 7),
+    _case(5, 0, 7),
+]
+
+PARAMS = "T,B,H,proj,dtype,reverse,lengths,bias"
+
+
+@pytest.fixture
+def rnn_backend(kernel_backend):
+    """kernel_backend, skipping the backends that have no RNN layer kernels (yet)."""
+    name, _ = kernel_backend
+    if name not in ops.LSTM_SUPPORT or name not in ops.GRU_SUPPORT:
+        pytest.skip(f"fusenn.ops.rnn has no {name} implementation")
+    return kernel_backend
+
+
+def _uniform(shape, bound, dtype, device):
+    return ((torch.rand(shape, device=device) * 2 - 1) * bound).to(dtype)
+
+
+def _lstm_inputs(T, B, H, proj, dtype, device):
+    P = proj or H
+    return [torch.randn(T, B, 4 * H, device=device).to(dtype),  # gx
+            (0.5 * torch.randn(B, P, device=device)).to(dtype),  # h0
+            (0.5 * torch.randn(B, H, device=device)).to(dtype),  # c0
+            _uniform((4 * H, P), H ** -0.5, dtype, device),  # w_hh, torch.nn.LSTM's init
+            _uniform((P, H), H ** -0.5, dtype, device) if proj else None]  # w_hr
+
+
+def _gru_inputs(T, B, H, bias, dtype, device):
+    return [torch.randn(T, B, 3 * H, device=device).to(dtype),
+            (0.5 * torch.randn(B, H, device=device)).to(dtype),
+            _uniform((3 * H, H), H ** -0.5, dtype, device),
+            _uniform((3 * H,), H ** -0.5, dtype, device) if bias else None]
+
+
+def _outputs_and_grads(layer, inputs, upstream):
+    """The layer's outputs and the gradients of sum(output * upstream) w.r.t. every float input."""
+    inputs = [x.detach().requires_grad_() if x is not None else None for x in inputs]
+    outs = layer(*inputs)
+    pairs = [(o, u.to(o.dtype)) for o, u in zip(outs, upstream) if o.requires_grad]
+    wrt = [x for x in inputs if x is not None]
+    grads = torch.autograd.grad([o for o, _ in pairs], wrt, [u for _, u in pairs], allow_unused=True)
+    return [o.detach() for o in outs], [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, wrt)]
+
+
+def _check_layer(op, ref, inputs, upstream, names):
+    """op (kernel backend) against ref on float64 copies; PyTorch's error from ref in the inputs' dtype."""
+    with poisoned_outputs():
+        out, grads = _outputs_and_grads(op, inputs, upstream)
+    double = [x.double() if x is not None else None for x in inputs]
+    ref_out, ref_grads = _outputs_and_grads(ref, double, upstream)
+    base_out, base_grads = _outputs_and_grads(ref, inputs, upstream)
+    for o, r, b, name in zip(out, ref_out, base_out, ("y", "h_n", "c_n")):
+        assert o.dtype == inputs[0].dtype, f"{name}: dtype {o.dtype}"
+        assert_close(o, r, b, name=name)
+    wrt = [name for name, x in zip(names, inputs) if x is not None]
+    for g, r, b, name in zip(grads, ref_grads, base_grads, wrt):
+        assert_close(g, r, b, factor=3.0, name=f"grad {name}")
+
+
+@pytest.mark.parametrize(PARAMS, LSTM_CASES)
+def test_lstm_layer_matches_reference(rnn_backend, T, B, H, proj, dtype, reverse, lengths, bias):
+    _, device = rnn_backend
+    torch.manual_seed(T * 1000 + B * 100 + H)
+    inputs = _lstm_inputs(T, B, H, proj, dtype, device)
+    P = proj or H
+    upstream = [torch.randn(T, B, P, device=device), torch.randn(B, P, device=device), torch.randn(B, H, device=device)]
+    lens = torch.tensor(lengths) if lengths else None
+
+    def layer(fn):
+        return lambda gx, h0, c0, w_hh, w_hr: fn(gx, h0, c0, w_hh, w_hr, lengths=lens, reverse=reverse)
+
+    _check_layer(layer(ops.lstm_layer), layer(reference.lstm_layer), inputs, upstream,
+                 ("gx", "h0", "c0", "w_hh", "w_hr"))
+
+
+@pytest.mark.parametrize(PARAMS, GRU_CASES)
+def test_gru_layer_matches_reference(rnn_backend, T, B, H, proj, dtype, reverse, lengths, bias):
+    _, device = rnn_backend
+    torch.manual_seed(T * 1000 + B * 100 + H)
+    inputs = _gru_inputs(T, B, H, bias, dtype, device)
+    upstream = [torch.randn(T, B, H, device=device), torch.randn(B, H, device=device)]
+    lens = torch.tensor(lengths) if lengths else None
+
+    def layer(fn):
+        return lambda gx, h0, w_hh, b_hh: fn(gx, h0, w_hh, b_hh, lengths=lens, reverse=reverse)
+
+    _check_layer(layer(ops.gru_layer), layer(reference.gru_layer), inputs, upstream, ("gx", "h0", "w_hh", "b_hh"))
+
+
+@pytest.mark.parametrize("T", [4, 5], ids=lambda T: f"T{T}")
+def test_inference_without_grad_matches_reference(rnn_backend, T):
+    """Without grad the kernels keep two alternating state slots instead of every step's state."""
+    _, device = rnn_backend
+    torch.manual_seed(T)
+    lens = torch.tensor([T, 1, T - 2])
+    lstm_in = _lstm_inputs(T, 3, 7, 5, torch.float32, device)
+    gru_in = _gru_inputs(T, 3, 7, True, torch.float32, device)
+    with torch.no_grad(), poisoned_outputs():
+        lstm_out = ops.lstm_layer(*lstm_in, lengths=lens, reverse=True)
+        gru_out = ops.gru_layer(*gru_in, lengths=lens)
+    double = [x.double() for x in lstm_in]
+    assert_close(lstm_out, reference.lstm_layer(*double, lengths=lens, reverse=True),
+                 reference.lstm_layer(*lstm_in, lengths=lens, reverse=True), name="lstm")
+    assert_close(gru_out, reference.gru_layer(*[x.double() for x in gru_in], lengths=lens),
+                 reference.gru_layer(*gru_in, lengths=lens), name="gru")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gradients_flow_under_autocast(rnn_backend, kind):
+    """Under autocast the input GEMM yields bf16 gx; the layer runs in bf16 and its fp32 weights get fp32
+    gradients equal to the float64 reference's on the bf16-rounded weights."""
+    _, device = rnn_backend
+    torch.manual_seed(0)
+    T, B, I, H = 4, 3, 5, 7
+    G = 4 if kind == "lstm" else 3
+    x = torch.randn(T, B, I, device=device)
+    w_ih = _uniform((G * H, I), H ** -0.5, torch.float32, device).requires_grad_()
+    w_hh = _uniform((G * H, H), H ** -0.5, torch.float32, device).requires_grad_()
+    h0 = torch.zeros(B, H, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        gx = F.linear(x, w_ih)
+        assert gx.dtype == torch.bfloat16
+        out = ops.lstm_layer(gx, h0, h0, w_hh) if kind == "lstm" else ops.gru_layer(gx, h0, w_hh)
+        assert all(o.dtype == torch.bfloat16 for o in out)
+        out[0].float().square().sum().backward()  # inside: a CPU backward would run under autocast
+    assert w_ih.grad.dtype == w_hh.grad.dtype == torch.float32
+    assert torch.isfinite(w_ih.grad).all()
+
+    w_ref = w_hh.detach().to(torch.bfloat16).double().requires_grad_()
+    gx_ref, h_ref = gx.detach().double(), h0.double()
+    ref = reference.lstm_layer(gx_ref, h_ref, h_ref, w_ref) if kind == "lstm" else reference.gru_layer(
+        gx_ref, h_ref, w_ref)
+    # the upstream gradient is 2 y with y rounded to bf16, as in the kernel's graph
+    (grad_ref,) = torch.autograd.grad(ref[0], w_ref, 2 * ref[0].to(torch.bfloat16).double())
+    assert_close(w_hh.grad, grad_ref, atol=ATOL[torch.bfloat16], name="grad w_hh")
+
+
+def test_float64_goes_to_the_reference_or_says_why(device):
+    gx, h0, c0, w_hh, _ = _lstm_inputs(2, 1, 3, None, torch.float64, device)
+    assert ops.LSTM_SUPPORT["triton"](gx.float(), h0, w_hh, None) is None
+    assert "float64" in ops.LSTM_SUPPORT["triton"](gx, h0, w_hh, None)
+    with fusenn.set_backend("auto"):
+        assert ops.lstm_layer(gx, h0, c0, w_hh)[0].dtype == torch.float64
+    if not fusenn.backends()["triton"].usable:
+        pytest.skip(fusenn.backends()["triton"].detail)
+    with fusenn.set_backend("triton"), pytest.raises(fusenn.BackendError, match="float16, bfloat16 or float32"):
+        ops.gru_layer(*_gru_inputs(2, 1, 3, True, torch.float64, device))
