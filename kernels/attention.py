@@ -1,0 +1,327 @@
+"""Flash-style attention: tiled online-softmax forward and a backward that recomputes the tiles.
+
+Layout: q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev), any strides; query head h reads key/value
+head h // (Hq // Hkv), so GQA/MQA never copies K or V. The optional mask is 4-D, broadcastable to
+(N, Hq, L, S) through stride 0 on broadcast dims, and is either bool (True = may attend) or additive.
+
+Forward: one program per (BLOCK_M query rows, n, h); it walks the key tiles keeping the running row max
+and sum, never holding more than a BLOCK_M x BLOCK_N tile of scores, and saves the log-sum-exp (in the
+log2 domain) per row. Causal (top-left: key s is visible to row l iff s <= l) stops the walk at the
+diagonal, so fully masked tiles are never loaded.
+Backward: dQ programs own query rows (and first write delta = rowsum(dO * O)); dK/dV programs own key
+rows and walk the query rows of every query head sharing their kv head, so nothing is accumulated with
+atomics and the result is deterministic. Both recompute P = exp2(scores - lse).
+Dropout: the element (n, h, l, s) is kept iff philox_keep(((n*Hq + h)*L + l)*S + s) (fusenn.kernels.philox),
+regenerated in backward; the row sums of the softmax are taken before dropout, as torch does.
+Precision: fp16/bf16 tiles feed tl.dot directly with fp32 accumulation; fp32 inputs use
+input_precision="ieee" (no tf32), trading tensor-core speed for fp32 accuracy. The interpreter computes
+every product in fp32 (its bf16 dot is wrong).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fusenn.kernels import INTERPRET
+from fusenn.kernels.philox import philox_keep
+
+LOG2E = tl.constexpr(1.4426950408889634)
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+if INTERPRET:
+    @triton.jit
+    def _bound(x):
+        """A loop bound range() accepts. The interpreter holds scalars as 1-element arrays, which
+        numpy >= 2.4 refuses to turn into an int, so take the element out."""
+        return x.handle.data.item()
+
+    @triton.jit
+    def _cast(x, dtype: tl.constexpr):
+        """x.to(dtype) rounding to nearest even, as the GPU does: the interpreter truncates fp32 -> bf16,
+        so add half an ulp (ties to even) first."""
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            x = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
+        return x.to(dtype)
+else:
+    @triton.jit
+    def _bound(x):
+        return x
+
+    @triton.jit
+    def _cast(x, dtype: tl.constexpr):
+        return x.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    """a @ b with fp32 accumulation; `a` (probabilities, score gradients) is rounded to b's dtype first
+    unless the product runs in fp32."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
+def _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale,
+            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_F32: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of (q k^T * scale + mask) * log2(e); -inf where the key is not visible."""
+    s = _dot(q, tl.trans(k), DOT_F32) * qk_scale
+    in_bounds = (rows[:, None] < L) & (cols[None, :] < S)
+    visible = in_bounds
+    if IS_CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None])
+    if MASK_KIND != 0:
+        m = tl.load(mask_base + rows[:, None] * sml + cols[None, :] * sms, mask=in_bounds, other=0)
+        if MASK_KIND == 1:
+            visible = visible & (m != 0)
+        else:
+            s += m.to(tl.float32) * LOG2E
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _keep(nh, rows, cols, L, S, k0, k1, threshold):
+    """Dropout keep-bits of a tile: the element's flat index in (N, Hq, L, S) is its Philox counter."""
+    counter = (nh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :]
+    return philox_keep(counter, k0, k1, threshold)
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "threshold"])
+def attention_forward_kernel(
+        Q, K, V, O, LSE, MASK,
+        sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, son, soh, sol, sod, smn, smh, sml, sms,
+        H, L, S, E, EV, GROUP, qk_scale, drop_scale, k0, k1, threshold,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = (nh // H).to(tl.int64)
+    h = (nh % H).to(tl.int64)
+    hk = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    q = tl.load(Q + n * sqn + h * sqh + rows[:, None] * sql + d[None, :] * sqd,
+                mask=(rows[:, None] < L) & (d[None, :] < E), other=0.0)
+    k_base = K + n * skn + hk * skh
+    v_base = V + n * svn + hk * svh
+    mask_base = MASK + n * smn + h * smh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    hi = S
+    if IS_CAUSAL:
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start in range(0, _bound(hi), BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + cols[:, None] * sks + d[None, :] * skd,
+                    mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
+        s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, DOT_F32)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep exp2 away from NaN
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(nh, rows, cols, L, S, k0, k1, threshold), p, 0.0)
+        v = tl.load(v_base + cols[:, None] * svs + dv[None, :] * svd,
+                    mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p, v, DOT_F32)
+        m_i = m_new
+
+    empty = l_i == 0.0  # every key masked out: torch returns zeros there
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc * (drop_scale / l_safe)[:, None]
+    tl.store(O + n * son + h * soh + rows[:, None] * sol + dv[None, :] * sod, _cast(out, O.dtype.element_ty),
+             mask=(rows[:, None] < L) & (dv[None, :] < EV))
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))  # +inf makes P = 0 in backward
+    tl.store(LSE + nh.to(tl.int64) * L + rows, lse, mask=rows < L)
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "threshold"])
+def attention_backward_dq_kernel(
+        Q, K, V, O, DO, LSE, DELTA, DQ, MASK,
+        sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, son, soh, sol, sod,
+        sdn, sdh, sdl, sdd, smn, smh, sml, sms,
+        H, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, k0, k1, threshold,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = (nh // H).to(tl.int64)
+    h = (nh % H).to(tl.int64)
+    hk = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    row_ok = rows < L
+    q_mask = row_ok[:, None] & (d[None, :] < E)
+    o_mask = row_ok[:, None] & (dv[None, :] < EV)
+    q = tl.load(Q + n * sqn + h * sqh + rows[:, None] * sql + d[None, :] * sqd, mask=q_mask, other=0.0)
+    do = tl.load(DO + n * sdn + h * sdh + rows[:, None] * sdl + dv[None, :] * sdd, mask=o_mask, other=0.0)
+    o = tl.load(O + n * son + h * soh + rows[:, None] * sol + dv[None, :] * sod, mask=o_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + nh.to(tl.int64) * L + rows, delta, mask=row_ok)
+    lse = tl.load(LSE + nh.to(tl.int64) * L + rows, mask=row_ok, other=float("inf"))
+    k_base = K + n * skn + hk * skh
+    v_base = V + n * svn + hk * svh
+    mask_base = MASK + n * smn + h * smh
+
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    hi = S
+    if IS_CAUSAL:
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start in range(0, _bound(hi), BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + cols[:, None] * sks + d[None, :] * skd,
+                    mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
+        v = tl.load(v_base + cols[:, None] * svs + dv[None, :] * svd,
+                    mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
+        s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, DOT_F32)
+        p = tl.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), DOT_F32)
+        if DROPOUT:
+            dp = tl.where(_keep(nh, rows, cols, L, S, k0, k1, threshold), dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds, k, DOT_F32)
+    tl.store(DQ + nh.to(tl.int64) * L * E + rows[:, None] * E + d[None, :], _cast(dq * scale, DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "threshold"])
+def attention_backward_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV_OUT, MASK,
+        sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, sdn, sdh, sdl, sdd, smn, smh, sml, sms,
+        H, HKV, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, k0, k1, threshold,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_n = tl.program_id(0)
+    nhk = tl.program_id(1)
+    n = (nhk // HKV).to(tl.int64)
+    hk = (nhk % HKV).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    k_mask = (cols[:, None] < S) & (d[None, :] < E)
+    v_mask = (cols[:, None] < S) & (dv[None, :] < EV)
+    k = tl.load(K + n * skn + hk * skh + cols[:, None] * sks + d[None, :] * skd, mask=k_mask, other=0.0)
+    v = tl.load(V + n * svn + hk * svh + cols[:, None] * svs + dv[None, :] * svd, mask=v_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, DV], tl.float32)
+    lo = 0
+    if IS_CAUSAL:  # rows above the first key of this tile see none of it
+        lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(_bound(GROUP)):
+        h = hk * GROUP + g
+        nh = n * H + h
+        q_base = Q + n * sqn + h * sqh
+        do_base = DO + n * sdn + h * sdh
+        mask_base = MASK + n * smn + h * smh
+        for start in range(_bound(lo), _bound(L), BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < L
+            q = tl.load(q_base + rows[:, None] * sql + d[None, :] * sqd,
+                        mask=row_ok[:, None] & (d[None, :] < E), other=0.0)
+            do = tl.load(do_base + rows[:, None] * sdl + dv[None, :] * sdd,
+                         mask=row_ok[:, None] & (dv[None, :] < EV), other=0.0)
+            lse = tl.load(LSE + nh * L + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + nh * L + rows, mask=row_ok, other=0.0)
+            s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, DOT_F32)
+            p = tl.exp2(s - lse[:, None])
+            dp = _dot(do, tl.trans(v), DOT_F32)
+            if DROPOUT:
+                keep = _keep(nh, rows, cols, L, S, k0, k1, threshold)
+                dv_acc += _dot(tl.trans(tl.where(keep, p * drop_scale, 0.0)), do, DOT_F32)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            else:
+                dv_acc += _dot(tl.trans(p), do, DOT_F32)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds), q, DOT_F32)
+    out = nhk.to(tl.int64) * S
+    tl.store(DK + (out + cols[:, None]) * E + d[None, :], _cast(dk * scale, DK.dtype.element_ty), mask=k_mask)
+    tl.store(DV_OUT + (out + cols[:, None]) * EV + dv[None, :], _cast(dv_acc, DV_OUT.dtype.element_ty), mask=v_mask)
+
+
+def _pad(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _config(d: int, dtype: torch.dtype, backward: bool) -> dict:
+    """Tile sizes and launch settings. Small tiles under the interpreter (many partial tiles get tested,
+    and its cost is per operation); on the GPU, tiles sized so the fp32 accumulators fit in registers."""
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=16)
+    wide = dtype == torch.float32  # twice the shared memory per tile
+    if backward:
+        block = 64 if d <= 64 or (d <= 128 and not wide) else 32
+        return dict(BLOCK_M=block, BLOCK_N=block, num_warps=4 if d <= 64 else 8, num_stages=2 if d <= 128 else 1)
+    if d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if d <= 128:
+        return dict(BLOCK_M=128 if not wide else 64, BLOCK_N=64 if not wide else 32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def _mask_args(mask, q):
+    """(pointer tensor, kind, 4 strides): bools go in as bytes; no mask passes q as a never-read pointer."""
+    if mask is None:
+        return q, MASK_NONE, (0, 0, 0, 0)
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), MASK_BOOL, mask.stride()
+    return mask, MASK_ADD, mask.stride()
+
+
+def _common(q, k, v, mask, dropout_p, scale, seed):
+    from fusenn.reference.philox import dropout_threshold, split_seed
+
+    N, H, L, E = q.shape
+    HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    mask_t, kind, mstrides = _mask_args(mask, q)
+    k0, k1 = split_seed(seed)
+    return dict(
+        sizes=(N, H, HKV, L, S, E, EV), mask=mask_t, mstrides=mstrides,
+        consts=dict(D=_pad(E), DV=_pad(EV), MASK_KIND=kind, DROPOUT=dropout_p > 0.0,
+                    DOT_F32=INTERPRET or q.dtype == torch.float32),
+        qk_scale=scale * 1.4426950408889634, drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,
+        philox=(k0, k1, dropout_threshold(dropout_p)))
+
+
+def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, seed: int, out, lse):
+    """Fill out (N, Hq, L, Ev) and lse (N, Hq, L) float32 (log2 domain); see the module docstring."""
+    c = _common(q, k, v, mask, dropout_p, scale, seed)
+    N, H, HKV, L, S, E, EV = c["sizes"]
+    cfg = _config(max(E, EV), q.dtype, backward=False)
+    grid = (triton.cdiv(L, cfg["BLOCK_M"]), N * H)
+    if grid[0] * grid[1] == 0:
+        return out, lse
+    attention_forward_kernel[grid](
+        q, k, v, out, lse, c["mask"], *q.stride(), *k.stride(), *v.stride(), *out.stride(), *c["mstrides"],
+        H, L, S, E, EV, H // HKV, c["qk_scale"], c["drop_scale"], *c["philox"],
+        IS_CAUSAL=is_causal, **c["consts"], **cfg)
+    return out, lse
+
+
+def attention_backward(grad, q, k, v, out, lse, mask, dropout_p: float, is_causal: bool, scale: float, seed: int,
+                       dq, dk, dv, delta):
+    """Fill the contiguous dq, dk, dv (shapes of q, k, v) and the scratch delta (N, Hq, L) float32."""
+    c = _common(q, k, v, mask, dropout_p, scale, seed)
+    N, H, HKV, L, S, E, EV = c["sizes"]
+    cfg = _config(max(E, EV), q.dtype, backward=True)
+    shared = (*c["mstrides"],)
+    grid = (triton.cdiv(L, cfg["BLOCK_M"]), N * H)
+    if grid[0] * grid[1]:
+        attention_backward_dq_kernel[grid](
+            q, k, v, out, grad, lse, delta, dq, c["mask"], *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *grad.stride(), *shared, H, L, S, E, EV, H // HKV, c["qk_scale"], scale, c["drop_scale"],
+            *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **cfg)
+    grid = (triton.cdiv(S, cfg["BLOCK_N"]), N * HKV)
+    if grid[0] * grid[1]:
+        attention_backward_dkdv_kernel[grid](
+            q, k, v, grad, lse, delta, dk, dv, c["mask"], *q.stride(), *k.stride(), *v.stride(), *grad.stride(),
+            *shared, H, HKV, L, S, E, EV, H // HKV, c["qk_scale"], scale, c["drop_scale"], *c["philox"],
+            IS_CAUSAL=is_causal, **c["consts"], **cfg)
+    return dq, dk, dv

@@ -1,0 +1,140 @@
+"""Scaled dot-product attention: torch's semantics, the torch.library ops and the choice of backend.
+
+`scaled_dot_product_attention` checks and normalises the inputs as torch does, then runs either the
+reference (fusenn.reference.attention, plain autograd) or the Triton kernels through the ops
+`fusenn::attention_forward` / `fusenn::attention_backward` (custom_op + register_fake + register_autograd,
+so torch.compile traces them). The kernels see 4-D views: the broadcast batch dims are flattened to N,
+and the mask is expanded with stride 0 (never copied) to (N, Hq, L, S).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusenn import dispatch
+from fusenn.ops import draw_seed, new_output
+from fusenn.reference import attention as reference
+
+MAX_HEAD_DIM = 256
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_reason(query: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> Optional[str]:
+    if query.dtype not in KERNEL_DTYPES:
+        return f"the Triton kernel takes float16, bfloat16 and float32, got {query.dtype}"
+    if max(query.size(-1), value.size(-1)) > MAX_HEAD_DIM:
+        return f"the Triton kernel takes head dims up to {MAX_HEAD_DIM}, got {query.size(-1)} / {value.size(-1)}"
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        return "the Triton kernel gives no gradient for attn_mask, which requires grad"
+    return None
+
+
+def _check(query, key, value, attn_mask, dropout_p, is_causal):
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"scaled_dot_product_attention: query, key and value must share a dtype, got "
+                         f"{query.dtype}, {key.dtype}, {value.dtype}")
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        raise ValueError(f"scaled_dot_product_attention: attn_mask must be bool or {query.dtype}, "
+                         f"got {attn_mask.dtype}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("scaled_dot_product_attention: explicit attn_mask should not be set when is_causal=True")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, seed: Optional[int] = None) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, with a Triton flash-attention kernel.
+
+    Shapes (..., L, E), (..., S, E), (..., S, Ev) with broadcastable batch dims; attn_mask bool (True =
+    may attend) or additive, broadcastable to (..., L, S); is_causal aligns top-left (key s visible to
+    query l iff s <= l); enable_gqa lets Hq be a multiple of Hkv (dim -3). Dropout uses a Philox mask from
+    `seed` (drawn from torch's generator when None, so torch.manual_seed repeats a run): element
+    (..., l, s) of the (*batch, Hq, L, S) weights is kept as fusenn.reference.attention.dropout_keep says,
+    on every backend. The Triton kernel takes fp16, bf16 and fp32 (no tf32) with head dims up to 256.
+    """
+    _check(query, key, value, attn_mask, dropout_p, is_causal)
+    batch, hq, hkv = reference.attention_shapes(query, key, value, enable_gqa)
+    dropout_p = float(dropout_p)
+    seed = (draw_seed() if seed is None else int(seed)) if dropout_p > 0.0 else 0
+    scale = reference.default_scale(query, scale)
+    name = dispatch.choose("attention", query.device,
+                           {"reference": None, "triton": _triton_reason(query, value, attn_mask)})
+    if name == "reference":
+        return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                      enable_gqa, seed)
+    L, S, E, Ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
+    N = math.prod(batch)
+    q = query.expand(batch + (hq, L, E)).reshape(N, hq, L, E)
+    k = key.expand(batch + (hkv, S, E)).reshape(N, hkv, S, E)
+    v = value.expand(batch + (hkv, S, Ev)).reshape(N, hkv, S, Ev)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.expand(batch + (hq, L, S)).reshape(N, hq, L, S)  # a view unless batch has 2+ dims
+    out = attention(q, k, v, mask, dropout_p, is_causal, scale, seed)
+    out_batch = batch + (hq,) if query.dim() > 2 or key.dim() > 2 or value.dim() > 2 else ()
+    return out.view(out_batch + (L, Ev))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+              scale: float, seed: int) -> Tensor:
+    """The kernel path on 4-D inputs: q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev), mask None or
+    (N, Hq, L, S) (any strides, 0 on broadcast dims)."""
+    return attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed)[0]
+
+
+@torch.library.custom_op("fusenn::attention_forward", mutates_args=())
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+                      scale: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(out (N, Hq, L, Ev), log2-domain log-sum-exp of each row (N, Hq, L) float32)."""
+    from fusenn.kernels import attention as kernels
+
+    N, H, L, _ = q.shape
+    out = new_output((N, H, L, v.size(-1)), q.dtype, q.device)
+    lse = new_output((N, H, L), torch.float32, q.device)
+    return kernels.attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed, out, lse)
+
+
+@attention_forward.register_fake
+def _(q, k, v, mask, dropout_p, is_causal, scale, seed):
+    N, H, L, _ = q.shape
+    return q.new_empty((N, H, L, v.size(-1))), q.new_empty((N, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusenn::attention_backward", mutates_args=())
+def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
+                       seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    from fusenn.kernels import attention as kernels
+
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    delta = new_output(lse.shape, torch.float32, q.device)
+    return kernels.attention_backward(grad, q, k, v, out, lse, mask, dropout_p, is_causal, scale, seed,
+                                      dq, dk, dv, delta)
+
+
+@attention_backward.register_fake
+def _(grad, q, k, v, out, lse, mask, dropout_p, is_causal, scale, seed):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, dropout_p, is_causal, scale, seed = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], mask)
+    ctx.args = (dropout_p, is_causal, scale, seed)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)

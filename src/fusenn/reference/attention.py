@@ -1,0 +1,80 @@
+"""Scaled dot-product attention in plain PyTorch: the ground truth for the kernels and the CPU fallback.
+
+Materialises the L x S scores. Semantics are torch.nn.functional.scaled_dot_product_attention's, plus a
+`seed` for dropout: the mask is Philox's (fusenn.reference.philox) with element (..., l, s) of the
+(*batch, Hq, L, S) attention matrix using the counter of its flat row-major index, so the Triton kernel
+draws the same mask for the same seed. Rows whose keys are all masked out give zeros, as torch's do.
+Half-precision inputs are computed in float32 and the result cast back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusenn.reference import philox
+
+
+def attention_shapes(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
+    """(batch, Hq, Hkv): the broadcast batch dims (without heads) and the head counts, checked as torch does."""
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise ValueError("scaled_dot_product_attention: query, key and value need at least 2 dimensions")
+    if query.size(-1) != key.size(-1):
+        raise ValueError(f"scaled_dot_product_attention: query's last dim {query.size(-1)} != key's {key.size(-1)}")
+    if key.size(-2) != value.size(-2):
+        raise ValueError(f"scaled_dot_product_attention: key has {key.size(-2)} positions, value {value.size(-2)}")
+    if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and value.dim() >= 3:
+        hq, hkv, hv = query.size(-3), key.size(-3), value.size(-3)
+        if hkv != hv or hq % hkv:
+            raise ValueError(f"scaled_dot_product_attention: number of heads in key and value ({hkv}, {hv}) "
+                             f"must be equal and divide the number of heads in query ({hq})")
+        batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        return tuple(batch), hq, hkv
+    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    heads = lead[-1] if len(lead) else 1
+    return tuple(lead[:-1]), heads, heads
+
+
+def default_scale(query: Tensor, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(query.size(-1)) if scale is None else float(scale)
+
+
+def dropout_keep(shape, p: float, seed: int, device) -> Tensor:
+    """The bool keep-mask over the (*batch, Hq, L, S) attention matrix."""
+    return philox.dropout_mask(math.prod(shape), p, seed, 0, device).view(shape)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                  enable_gqa: bool = False, seed: Optional[int] = None) -> Tensor:
+    if is_causal and attn_mask is not None:
+        raise ValueError("scaled_dot_product_attention: explicit attn_mask should not be set when is_causal=True")
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("the reference attention needs a seed for dropout")
+    _, hq, hkv = attention_shapes(query, key, value, enable_gqa)
+    if hq != hkv:  # GQA: query head h reads key/value head h // (hq // hkv)
+        key = key.repeat_interleave(hq // hkv, dim=-3)
+        value = value.repeat_interleave(hq // hkv, dim=-3)
+    dtype = query.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    q, k, v = query.to(compute), key.to(compute), value.to(compute)
+    scores = (q @ k.transpose(-2, -1)) * default_scale(query, scale)
+    L, S = scores.shape[-2:]
+    allowed = None
+    if is_causal:
+        allowed = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
+    elif attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(compute)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    weights = torch.where(torch.isneginf(scores).all(-1, keepdim=True), 0.0, weights)  # fully masked rows
+    if dropout_p > 0.0:
+        keep = dropout_keep(weights.shape, dropout_p, seed, weights.device)
+        weights = weights * keep / (1.0 - dropout_p) if dropout_p < 1.0 else weights * 0.0
+    return (weights @ v).to(dtype)

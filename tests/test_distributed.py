@@ -1,0 +1,80 @@
+"""fusenn.LSTM trains under DistributedDataParallel: two CPU processes (gloo), each on half of a fixed
+global batch, end with equal parameters, and equal to one process training on the whole batch."""
+
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fusenn
+
+WORLD = 2
+STEPS = 3
+LR = 0.5
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available in this torch build")
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = fusenn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(14, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0].mean(1))
+
+
+def train(model, x, y):
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        # A mean over each rank's equal half: DDP's gradient average is then the full batch's mean gradient.
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def worker(rank, port, state, x, y, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)  # two processes share the machine
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = Model()
+        model.load_state_dict(state)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        train(ddp, x.chunk(WORLD)[rank], y.chunk(WORLD)[rank])
+        torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_matches_single_process(tmp_path):
+    torch.manual_seed(0)
+    state = Model().state_dict()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 6, 5, generator=gen)
+    y = torch.randn(8, 3, generator=gen)
+
+    mp.spawn(worker, args=(free_port(), state, x, y, str(tmp_path)), nprocs=WORLD)
+
+    single = Model()
+    single.load_state_dict(state)
+    train(single, x, y)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for name, want in single.state_dict().items():
+        assert not torch.equal(want, state[name]), f"{name} did not train"
+        torch.testing.assert_close(ranks[1][name], ranks[0][name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ranks[0][name], want, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
