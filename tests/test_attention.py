@@ -1,0 +1,261 @@
+"""Attention: fusenn's SDPA against torch's, the kernel's error judged against torch's own in the same dtype.
+
+Reference: fusenn.reference.attention on float64 copies (checked against torch's SDPA below). Baseline:
+torch's math SDPA on the low-precision inputs, given the same Philox dropout mask where there is one.
+Outputs may err 2x and gradients 3x as much as the baseline (plus fusenn.testing's floor).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusenn
+from fusenn.reference import attention as ref
+from fusenn.testing import assert_close, poisoned_outputs
+
+SDPA = fusenn.functional.scaled_dot_product_attention
+DTYPES = [pytest.param(d, id=str(d)[6:]) for d in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def attention_backend(kernel_backend):
+    if kernel_backend[0] != "triton":
+        pytest.skip(f"attention has no {kernel_backend[0]} kernel; the Triton one serves GPUs")
+    return kernel_backend
+
+
+def torch_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, seed=None):
+    """torch's math SDPA, with fusenn's dropout mask for `seed`."""
+    keep = None
+    if dropout_p > 0.0:
+        batch, hq, _ = ref.attention_shapes(q, k, v, enable_gqa)
+        keep = ref.dropout_keep(batch + (hq, q.size(-2), k.size(-2)), dropout_p, seed, q.device)
+    return torch.ops.aten._scaled_dot_product_attention_math(
+        q, k, v, attn_mask, dropout_p, is_causal, keep, scale=scale, enable_gqa=enable_gqa)[0]
+
+
+def check_sdpa(q, k, v, attn_mask=None, grad=True, **kw):
+    """fusenn's SDPA (in the backend set by the test) against the float64 reference, forward and backward."""
+    inputs = [x.requires_grad_(grad) for x in (q, k, v)]
+    with poisoned_outputs():
+        out = SDPA(*inputs, attn_mask, **kw)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, dout) if grad and out.numel() else None
+    q64, k64, v64 = [x.detach().double().requires_grad_(grad) for x in inputs]
+    mask64 = attn_mask.double() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+    expected = ref.scaled_dot_product_attention(q64, k64, v64, mask64, **kw)
+    base_inputs = [x.detach().requires_grad_(grad) for x in inputs]
+    baseline = torch_math(*base_inputs, attn_mask, **kw)
+    assert out.dtype == q.dtype
+    assert_close(out, expected, baseline, factor=2.0, name="output")
+    if grads is not None:
+        assert_close(grads, torch.autograd.grad(expected, (q64, k64, v64), dout.double()),
+                     torch.autograd.grad(baseline, base_inputs, dout), factor=3.0, name="dq, dk, dv")
+    return out
+
+
+def qkv(B, H, L, S, E, Ev=None, dtype=torch.float32, device="cpu", Hkv=None):
+    def make(*shape):
+        return torch.randn(shape, device=device).to(dtype)
+
+    return make(B, H, L, E), make(B, Hkv or H, S, E), make(B, Hkv or H, S, Ev or E)
+
+
+# (B, H, L, S, E, Ev, causal): odd lengths, L != S both ways, head dims that are not powers of two.
+SHAPES = [(2, 2, 7, 13, 16, 16, False), (1, 2, 33, 17, 40, 40, False), (1, 2, 33, 17, 40, 24, True),
+          (1, 1, 1, 5, 64, 64, False), (1, 2, 17, 33, 64, 64, True), (1, 1, 19, 11, 111, 111, False)]
+
+
+def shape_id(s):
+    B, H, L, S, E, Ev, causal = s
+    return f"B{B}-H{H}-L{L}-S{S}-E{E}-Ev{Ev}" + ("-causal" if causal else "")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sdpa_matches_torch(attention_backend, shape, dtype):
+    B, H, L, S, E, Ev, causal = shape
+    check_sdpa(*qkv(B, H, L, S, E, Ev, dtype, attention_backend[1]), is_causal=causal)
+
+
+MASKS = {
+    "bool-LS": lambda B, H, L, S: torch.rand(L, S) > 0.3,
+    "bool-B1LS-full-row-masked": lambda B, H, L, S: (torch.rand(B, 1, L, S) > 0.5).index_fill_(2, torch.tensor([3]),
+                                                                                               False),
+    "additive-BHLS": lambda B, H, L, S: torch.randn(B, H, L, S).masked_fill_(torch.rand(B, H, L, S) < 0.2,
+                                                                              float("-inf")),
+    "additive-1H1S-key-padding": lambda B, H, L, S: torch.zeros(1, H, 1, S).masked_fill_(torch.rand(1, H, 1, S) < 0.3,
+                                                                                         float("-inf")),
+}
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sdpa_masks(attention_backend, mask, dtype):
+    B, H, L, S = 2, 2, 18, 21
+    attn_mask = MASKS[mask](B, H, L, S).to(attention_backend[1])
+    if attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(dtype)
+    check_sdpa(*qkv(B, H, L, S, 32, 32, dtype, attention_backend[1]), attn_mask)
+
+
+@pytest.mark.parametrize("hkv", [2, 1], ids=["GQA-Hq4-Hkv2", "MQA-Hq4-Hkv1"])
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]])
+def test_sdpa_gqa(attention_backend, hkv, dtype):
+    check_sdpa(*qkv(1, 4, 13, 20, 16, 16, dtype, attention_backend[1], Hkv=hkv), is_causal=True, enable_gqa=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sdpa_dropout_matches_reference_for_a_seed(attention_backend, dtype):
+    q, k, v = qkv(1, 2, 21, 19, 40, 40, dtype, attention_backend[1])
+    check_sdpa(q, k, v, dropout_p=0.3, seed=1234, is_causal=True)
+
+
+def test_sdpa_dropout_repeats_bitwise_and_drops_the_right_fraction(attention_backend):
+    device = attention_backend[1]
+    L, S, p = 64, 32, 0.3
+    q, k, _ = qkv(1, 1, L, S, 16, device=device)
+    v = torch.eye(S, device=device)[None, None]  # the output is the dropped-out weights themselves
+    a = SDPA(q, k, v, dropout_p=p, seed=7)
+    assert torch.equal(a, SDPA(q, k, v, dropout_p=p, seed=7))
+    assert not torch.equal(a, SDPA(q, k, v, dropout_p=p, seed=8))
+    dropped = (a == 0).double().mean().item()
+    assert abs(dropped - p) < 0.04, dropped
+    torch.manual_seed(3)
+    b = SDPA(q, k, v, dropout_p=p)
+    torch.manual_seed(3)
+    assert torch.equal(b, SDPA(q, k, v, dropout_p=p))
+
+
+def test_sdpa_empty_and_broadcast_shapes(attention_backend):
+    device = attention_backend[1]
+    check_sdpa(*qkv(0, 2, 5, 7, 16, device=device))  # empty batch
+    check_sdpa(*qkv(1, 1, 4, 0, 16, device=device))  # no keys: zeros, as torch
+    # unbatched 2-D query against 3-D keys, and batch dims broadcast (2, 1) x (1, 2)
+    check_sdpa(torch.randn(6, 16, device=device), torch.randn(2, 9, 16, device=device),
+               torch.randn(2, 9, 8, device=device))
+    check_sdpa(torch.randn(2, 1, 6, 16, device=device), torch.randn(1, 2, 9, 16, device=device),
+               torch.randn(1, 2, 9, 16, device=device), scale=0.3)
+
+
+def test_sdpa_op_registration_and_torch_compile(attention_backend):
+    q, k, v = [x.requires_grad_() for x in qkv(1, 1, 5, 7, 16, device=attention_backend[1])]
+    torch.library.opcheck(torch.ops.fusenn.attention_forward.default, (q, k, v, None, 0.0, True, 0.25, 0))
+    compiled = torch.compile(lambda q, k, v: SDPA(q, k, v, is_causal=True))
+    torch.testing.assert_close(compiled(q, k, v), SDPA(q, k, v, is_causal=True))
+
+
+def test_reference_matches_torch():
+    """The reference itself (float64): against torch's SDPA, every feature."""
+    q, k, v = qkv(2, 4, 9, 11, 8, 6, torch.float64, Hkv=2)
+    cases = [dict(), dict(is_causal=True, enable_gqa=True), dict(enable_gqa=True, scale=0.7),
+             dict(attn_mask=torch.rand(9, 11) > 0.5, enable_gqa=True),
+             dict(attn_mask=torch.randn(2, 1, 9, 11, dtype=torch.float64), enable_gqa=True)]
+    for kw in cases:
+        if "enable_gqa" not in kw:
+            kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        else:
+            kk, vv = k, v
+        torch.testing.assert_close(ref.scaled_dot_product_attention(q, kk, vv, **kw),
+                                   F.scaled_dot_product_attention(q, kk, vv, **kw))
+    torch.testing.assert_close(ref.scaled_dot_product_attention(q, k, v, dropout_p=0.4, seed=5, enable_gqa=True),
+                               torch_math(q, k, v, dropout_p=0.4, seed=5, enable_gqa=True))
+
+
+def test_auto_backend_and_reasons():
+    q, k, v = qkv(1, 1, 3, 4, 300)
+    with fusenn.set_backend("triton"), pytest.raises(fusenn.BackendError, match="head dims up to 256"):
+        SDPA(q, k, v)
+    check_sdpa(q, k, v)  # auto: the reference takes it
+    with pytest.raises(ValueError, match="attn_mask should not be set when is_causal"):
+        SDPA(q, k, v, torch.ones(3, 4, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match="must be equal and divide"):
+        SDPA(*qkv(1, 3, 3, 4, 8, Hkv=2), enable_gqa=True)
+
+
+# MultiheadAttention: fusenn's against torch's with the same state_dict.
+MHA_CASES = {
+    "batch_first-self": dict(kwargs=dict(batch_first=True), self_attn=True),
+    "seq_first-kdim-vdim-kpm": dict(kwargs=dict(kdim=12, vdim=20), kpm=True),
+    "bias_kv-zero_attn-kpm-mask": dict(kwargs=dict(add_bias_kv=True, add_zero_attn=True, batch_first=True), kpm=True,
+                                       mask="bool"),
+    "no-bias-float-mask-3d": dict(kwargs=dict(bias=False), mask="float3d"),
+    "causal-hint": dict(kwargs=dict(batch_first=True), mask="causal", self_attn=True),
+    "unbatched-kpm": dict(kwargs=dict(), kpm=True, unbatched=True),
+}
+
+
+def mha_inputs(case, N, L, S, E):
+    kw = case["kwargs"]
+    bf = kw.get("batch_first", False)
+
+    def seq(T, dim):
+        if case.get("unbatched"):
+            return torch.randn(T, dim)
+        return torch.randn(N, T, dim) if bf else torch.randn(T, N, dim)
+
+    query = seq(L, E)
+    key = query if case.get("self_attn") else seq(S, kw.get("kdim", E))
+    value = query if case.get("self_attn") else seq(S, kw.get("vdim", E))
+    S = query.shape[-2 if bf else 0] if case.get("self_attn") else S
+    extra = {}
+    if case.get("kpm"):
+        kpm = torch.rand(N, S) < 0.3
+        kpm[:, 0] = False
+        extra["key_padding_mask"] = kpm[0] if case.get("unbatched") else kpm
+    if case.get("mask") == "bool":
+        extra["attn_mask"] = torch.rand(L, S) < 0.2
+    elif case.get("mask") == "float3d":
+        extra["attn_mask"] = torch.randn(N * 2, L, S)
+    elif case.get("mask") == "causal":
+        extra["attn_mask"] = torch.ones(L, L, dtype=torch.bool).triu(1)
+        extra["is_causal"] = True
+    return query, key, value, extra
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "need_weights"])
+@pytest.mark.parametrize("case", list(MHA_CASES))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_multihead_attention_matches_torch(case, need_weights, backend, device):
+    if not fusenn.backends()[backend].usable:
+        pytest.skip(fusenn.backends()[backend].detail)
+    torch.manual_seed(0)
+    N, L, S, E = 3, 6, 9, 16
+    theirs = torch.nn.MultiheadAttention(E, 2, **MHA_CASES[case]["kwargs"], device=device)
+    ours = fusenn.MultiheadAttention(E, 2, **MHA_CASES[case]["kwargs"], device=device)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    query, key, value, extra = (x.to(device) if isinstance(x, torch.Tensor) else
+                                {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+                                for x in mha_inputs(MHA_CASES[case], N, L, S, E))
+    with fusenn.set_backend(backend):
+        out, weights = ours(query, key, value, need_weights=need_weights, **extra)
+        out.sum().backward()
+    expected, expected_weights = theirs(query, key, value, need_weights=need_weights, **extra)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+    assert (weights is None) == (expected_weights is None)
+    if weights is not None:
+        torch.testing.assert_close(weights, expected_weights)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_multihead_attention_state_dict_both_ways_and_dropout():
+    ours = fusenn.MultiheadAttention(8, 2, dropout=0.5, kdim=4, vdim=6)
+    theirs = torch.nn.MultiheadAttention(8, 2, dropout=0.5, kdim=4, vdim=6)
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x, k, v = torch.randn(5, 2, 8), torch.randn(7, 2, 4), torch.randn(7, 2, 6)
+    torch.manual_seed(1)
+    a, _ = ours(x, k, v, need_weights=False)
+    torch.manual_seed(1)
+    assert torch.equal(a, ours(x, k, v, need_weights=False)[0])
+    ours.eval()
+    theirs.eval()
+    torch.testing.assert_close(ours(x, k, v, need_weights=False)[0], theirs(x, k, v, need_weights=False)[0])
