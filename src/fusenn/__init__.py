@@ -2,12 +2,10 @@
 
 from fusenn import functional
 from fusenn.dispatch import BackendError, backends, get_backend, set_backend
-from fusenn.nn import GRU, LSTM, GRUCell, LSTMCell
-from fusenn.nn.attention import MultiheadAttention
-from fusenn.nn.conv import ConvPool2d
-from fusenn.patch import patch, unpatch
+from fusenn.nn import GRU, LSTM, ConvPool2d, GRUCell, LSTMCell, MultiheadAttention
+from fusenn.patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "ConvPool2d", "GRU", "GRUCell", "LSTM", "LSTMCell", "MultiheadAttention", "backends",
+__all__ = ["BackendError", "ConvPool2d", "GRU", "GRUCell", "LSTM", "LSTMCell", "MultiheadAttention", "PatchReport", "backends",
            "functional", "get_backend", "patch", "set_backend", "unpatch", "__version__"]
