@@ -94,3 +94,25 @@ def test_info_command_prints_versions_and_table():
     assert "torch" in out and "triton" in out
     for name in ("reference", "triton", "cuda"):
         assert any(line.startswith(name) for line in out.splitlines()), out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's casts")
+def test_interpreter_rounds_to_bf16_like_the_gpu():
+    import triton
+    import triton.language as tl
+
+    from fusenn import kernels
+
+    assert kernels.INTERPRET
+
+    @triton.jit
+    def cast(x_ptr, y_ptr, z_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        x = tl.load(x_ptr + i)
+        tl.store(y_ptr + i, x.to(tl.bfloat16))  # explicit cast
+        tl.store(z_ptr + i, x)  # implicit cast on store
+
+    x = torch.randn(256) * 10
+    y, z = torch.empty(256, dtype=torch.bfloat16), torch.empty(256, dtype=torch.bfloat16)
+    cast[(1,)](x, y, z, N=256)
+    assert torch.equal(y, x.to(torch.bfloat16)) and torch.equal(z, x.to(torch.bfloat16))

@@ -143,6 +143,7 @@ def _device_reason(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
+@torch.compiler.assume_constant_result  # torch.compile bakes the choice into the graph, as eager would make it
 def choose(op: str, device: torch.device, unsupported: Mapping[str, Optional[str]]) -> str:
     """The backend that runs `op` on `device`.
 
