@@ -26,6 +26,13 @@ Precision. fp32 inputs use IEEE fp32 dots (no TF32); fp16/bf16 use tensor-core d
 rounded to the input dtype as the operand) with fp32 accumulation, fp32 gates and fp32 cell state. Under
 the interpreter every dot runs in fp32 (its bf16 tl.dot is wrong).
 
+Regularisers (recurrent_dropout, zoneout; definitions and Philox counters in fusenn.reference.rnn).
+The masks are never stored: forward and backward regenerate each tile's mask with philox_keep from
+(seed, coordinates) where they use it. RDROP multiplies the h_{t-1} tile entering the gate product by
+r / (1 - p), and backward multiplies dh_{t-1}'s recurrent term by the same. ZONEOUT (1: Philox masks,
+2: the constant expectation u = 1 - p) mixes h_t = u h_new + (1 - u) h_{t-1} and likewise c; since the
+saved c_t is then the zoned one, backward recomputes c_new = f c_{t-1} + i g for tanh(c_new).
+
 GPU speed limits. One program per 16 batch rows means a batch of 64 occupies 4 of an H100's 132 SMs, and
 every step re-reads W_hh (4H x P) from L2: for large H this is bandwidth- and latency-bound at a few
 percent of peak; fp32 inputs also forgo tensor cores (IEEE dots). The faster design splits the 4H gate
@@ -40,6 +47,7 @@ import triton
 import triton.language as tl
 
 from fusenn.kernels import INTERPRET
+from fusenn.kernels.philox import philox_keep
 from fusenn.ops import new_output
 
 BLOCK_B = 16  # tl.dot needs every dimension >= 16
@@ -108,9 +116,29 @@ def valid_rows(rows, lens, t, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
+def recurrent_scale(rows, cols, P: tl.constexpr, rd_k0, rd_k1, rd_thr, rd_scale):
+    """(len(rows), len(cols)) fp32: r / (1 - p) of the time-locked recurrent-dropout mask (counter b*P + k)."""
+    counter = rows.to(tl.int64)[:, None] * P + cols[None, :]
+    return tl.where(philox_keep(counter, rd_k0, rd_k1, rd_thr), rd_scale, 0.0)
+
+
+@triton.jit
+def zoneout_update(rows, cols, t, B, W: tl.constexpr, base, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT: tl.constexpr):
+    """(len(rows), len(cols)) fp32 u: 1 where a unit takes its new value at step t, 0 where it keeps the old
+    (counter base + (t*B + b)*W + j), or the expectation zo_u everywhere when ZONEOUT == 2."""
+    if ZONEOUT == 1:
+        counter = base + (t.to(tl.int64) * B + rows.to(tl.int64))[:, None] * W + cols[None, :]
+        u = tl.where(philox_keep(counter, zo_k0, zo_k1, zo_thr), 1.0, 0.0)
+    else:
+        u = (rows[:, None] * 0 + cols[None, :] * 0).to(tl.float32) + zo_u
+    return u
+
+
+@triton.jit
 def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P: tl.constexpr, FP32_DOT: tl.constexpr,
-               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Activated gates i, f, g, o for hidden columns hc: gx_t + h_{t-1} W_hh^T, in fp32."""
+               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+               rd_k0, rd_k1, rd_thr, rd_scale, RDROP: tl.constexpr):
+    """Activated gates i, f, g, o for hidden columns hc: gx_t + (h_{t-1} [* r/(1-p)]) W_hh^T, in fp32."""
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
@@ -119,6 +147,8 @@ def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P:
         pc = p0 + tl.arange(0, BLOCK_P)
         p_ok = pc < P
         h = load_2d(h_in, rows, pc, P, 1, row_ok, p_ok)
+        if RDROP:
+            h = h * recurrent_scale(rows, pc, P, rd_k0, rd_k1, rd_thr, rd_scale)
         # W_hh^T tiles (BLOCK_P, BLOCK_H) of the four gates' row blocks of w_hh (4H, P)
         acc_i = matmul_acc(h, load_2d(w_hh_ptr, pc, hc, 1, P, p_ok, h_ok), acc_i, FP32_DOT)
         acc_f = matmul_acc(h, load_2d(w_hh_ptr + H * P, pc, hc, 1, P, p_ok, h_ok), acc_f, FP32_DOT)
@@ -131,11 +161,15 @@ def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P:
     return i, f, g, o
 
 
-@triton.jit(do_not_specialize=["T", "B"])
+_REG_ARGS = ["rd_k0", "rd_k1", "rd_thr", "zo_k0", "zo_k1", "zo_thr"]
+
+
+@triton.jit(do_not_specialize=["T", "B"] + _REG_ARGS)
 def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_ptr, y_ptr, T, B,
+                        rd_k0, rd_k1, rd_thr, rd_scale, zo_k0, zo_k1, zo_thr, zo_u,
                         H: tl.constexpr, P: tl.constexpr,
                         HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
-                        SAVE: tl.constexpr, FP32_DOT: tl.constexpr,
+                        SAVE: tl.constexpr, FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -156,15 +190,21 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
             hc = j0 + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             i, f, g, o = lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, P, FP32_DOT,
-                                    BLOCK_B, BLOCK_H, BLOCK_P)
+                                    BLOCK_B, BLOCK_H, BLOCK_P, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
             c_prev = load_2d(c_in, rows, hc, H, 1, row_ok, h_ok)
             c = f * c_prev + i * g
-            m = o * tanh(c)
+            m = o * tanh(c)  # from the new c, before zoneout
+            if ZONEOUT:
+                u_c = zoneout_update(rows, hc, t, B, H, T.to(tl.int64) * B * P, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
+                c = u_c * c + (1 - u_c) * c_prev
             store_2d(c_out, rows, hc, H, tl.where(valid, c, c_prev), row_ok, h_ok)
             if HAS_PROJ:
                 store_2d(m_t, rows, hc, H, m, row_ok, h_ok)
             else:
                 h_prev = load_2d(h_in, rows, hc, P, 1, row_ok, h_ok)
+                if ZONEOUT:
+                    u_h = zoneout_update(rows, hc, t, B, P, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
+                    m = u_h * m + (1 - u_h) * h_prev
                 store_2d(h_out, rows, hc, P, tl.where(valid, m, h_prev), row_ok, h_ok)
                 store_2d(y_t, rows, hc, P, tl.where(valid, m, 0.0), row_ok, h_ok)
         tl.debug_barrier()  # this step's m (or h) is complete before anyone reads it
@@ -179,17 +219,21 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                     m = load_2d(m_t, rows, hc, H, 1, row_ok, h_ok)
                     acc = matmul_acc(m, load_2d(w_hr_ptr, hc, pc, 1, H, h_ok, p_ok), acc, FP32_DOT)  # W_hr^T tile
                 h_prev = load_2d(h_in, rows, pc, P, 1, row_ok, p_ok)
+                if ZONEOUT:
+                    u_h = zoneout_update(rows, pc, t, B, P, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
+                    acc = u_h * acc + (1 - u_h) * h_prev
                 store_2d(h_out, rows, pc, P, tl.where(valid, acc, h_prev), row_ok, p_ok)
                 store_2d(y_t, rows, pc, P, tl.where(valid, acc, 0.0), row_ok, p_ok)
             tl.debug_barrier()
         k += 1
 
 
-@triton.jit(do_not_specialize=["T", "B"])
+@triton.jit(do_not_specialize=["T", "B"] + _REG_ARGS)
 def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy_ptr, dh_ptr, dc_ptr, dg_ptr,
-                         dhs_ptr, T, B, H: tl.constexpr, P: tl.constexpr,
+                         dhs_ptr, T, B, rd_k0, rd_k1, rd_thr, rd_scale, zo_k0, zo_k1, zo_thr, zo_u,
+                         H: tl.constexpr, P: tl.constexpr,
                          HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
-                         FP32_DOT: tl.constexpr,
+                         FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     """dh (B, P) and dc (B, H) enter holding the gradients of h_n, c_n and leave holding those of h0, c0."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -211,27 +255,38 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
             hc = j0 + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             i, f, g, o = lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, P, FP32_DOT,
-                                    BLOCK_B, BLOCK_H, BLOCK_P)
-            if HAS_PROJ:  # dm = dh_t W_hr over all of P
+                                    BLOCK_B, BLOCK_H, BLOCK_P, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
+            if HAS_PROJ:  # dm = dh_t W_hr over all of P (dh_t times u_h under zoneout)
                 dm = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
                 for p0 in range(0, P, BLOCK_P):
                     pc = p0 + tl.arange(0, BLOCK_P)
                     p_ok = pc < P
                     dh = load_2d(dh_ptr, rows, pc, P, 1, row_ok, p_ok) + tl.where(
                         valid, load_2d(dy_t, rows, pc, P, 1, row_ok, p_ok).to(tl.float32), 0.0)
+                    if ZONEOUT:
+                        dh = dh * zoneout_update(rows, pc, t, B, P, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
                     dm = matmul_acc(dh, load_2d(w_hr_ptr, pc, hc, H, 1, p_ok, h_ok), dm, FP32_DOT)
             else:
                 dm = load_2d(dh_ptr, rows, hc, P, 1, row_ok, h_ok) + tl.where(
                     valid, load_2d(dy_t, rows, hc, P, 1, row_ok, h_ok).to(tl.float32), 0.0)
+                if ZONEOUT:
+                    dm = dm * zoneout_update(rows, hc, t, B, P, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
             c_prev = load_2d(c_in, rows, hc, H, 1, row_ok, h_ok)
-            tc = tanh(load_2d(c_out, rows, hc, H, 1, row_ok, h_ok))
             dc_next = load_2d(dc_ptr, rows, hc, H, 1, row_ok, h_ok)
-            dc = dc_next + dm * o * (1.0 - tc * tc)
+            if ZONEOUT:  # c_t = u_c c_new + (1 - u_c) c_{t-1}: the saved c_t is not c_new
+                u_c = zoneout_update(rows, hc, t, B, H, T.to(tl.int64) * B * P, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
+                tc = tanh(f * c_prev + i * g)
+                dc = u_c * dc_next + dm * o * (1.0 - tc * tc)
+                dc_pass = (1 - u_c) * dc_next
+            else:
+                tc = tanh(load_2d(c_out, rows, hc, H, 1, row_ok, h_ok))
+                dc = dc_next + dm * o * (1.0 - tc * tc)
+                dc_pass = 0.0
             store_2d(dg_t, rows, hc, 4 * H, tl.where(valid, dc * g * i * (1.0 - i), 0.0), row_ok, h_ok)
             store_2d(dg_t + H, rows, hc, 4 * H, tl.where(valid, dc * c_prev * f * (1.0 - f), 0.0), row_ok, h_ok)
             store_2d(dg_t + 2 * H, rows, hc, 4 * H, tl.where(valid, dc * i * (1.0 - g * g), 0.0), row_ok, h_ok)
             store_2d(dg_t + 3 * H, rows, hc, 4 * H, tl.where(valid, dm * tc * o * (1.0 - o), 0.0), row_ok, h_ok)
-            store_2d(dc_ptr, rows, hc, H, tl.where(valid, dc * f, dc_next), row_ok, h_ok)
+            store_2d(dc_ptr, rows, hc, H, tl.where(valid, dc_pass + dc * f, dc_next), row_ok, h_ok)
         tl.debug_barrier()  # all gate gradients of step t are written before phase 2 reads them
         # Phase 2, per tile of P: dh_{t-1} = dgates_t W_hh; rows without step t pass dh through
         for p0 in range(0, P, BLOCK_P):
@@ -246,8 +301,16 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
                                      load_2d(w_hh_ptr + q * H * P, hc, pc, P, 1, h_ok, p_ok), acc, FP32_DOT)
             dh = load_2d(dh_ptr, rows, pc, P, 1, row_ok, p_ok) + tl.where(
                 valid, load_2d(dy_t, rows, pc, P, 1, row_ok, p_ok).to(tl.float32), 0.0)
-            if HAS_PROJ:  # dh_t for grad W_hr = sum_t dh_t^T m_t
-                store_2d(dhs_ptr + t64 * B * P, rows, pc, P, tl.where(valid, dh, 0.0), row_ok, p_ok)
+            if RDROP:  # h_{t-1} entered the gates as h * r/(1-p)
+                acc = acc * recurrent_scale(rows, pc, P, rd_k0, rd_k1, rd_thr, rd_scale)
+            if ZONEOUT:  # h_t = u h_new + (1 - u) h_{t-1}
+                u_h = zoneout_update(rows, pc, t, B, P, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
+                acc = acc + (1 - u_h) * dh
+                dh_new = u_h * dh
+            else:
+                dh_new = dh
+            if HAS_PROJ:  # grad of the projected h_new for grad W_hr = sum_t dh_t^T m_t
+                store_2d(dhs_ptr + t64 * B * P, rows, pc, P, tl.where(valid, dh_new, 0.0), row_ok, p_ok)
             store_2d(dh_ptr, rows, pc, P, tl.where(valid, acc, dh), row_ok, p_ok)
         tl.debug_barrier()  # dh_{t-1}, dc_{t-1} are complete before step t-1 reads them
         k += 1
@@ -259,9 +322,30 @@ def _launch_args(gx, P):
                 BLOCK_H=block_size(H, 64), BLOCK_P=block_size(P, 32), num_warps=NUM_WARPS)
 
 
-def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool):
+def _reg_args(recurrent_dropout, zoneout):
+    """Kernel arguments for the regularisers: (p, seed) or None each; zoneout's seed None = expectation."""
+    from fusenn.reference.philox import dropout_threshold, split_seed
+
+    args = dict(rd_k0=0, rd_k1=0, rd_thr=0, rd_scale=1.0, zo_k0=0, zo_k1=0, zo_thr=0, zo_u=1.0, RDROP=False,
+                ZONEOUT=0)
+    if recurrent_dropout is not None:
+        p, seed = recurrent_dropout
+        k0, k1 = split_seed(seed)
+        args.update(rd_k0=k0, rd_k1=k1, rd_thr=dropout_threshold(p), rd_scale=1.0 / (1.0 - p), RDROP=True)
+    if zoneout is not None:
+        p, seed = zoneout
+        if seed is None:
+            args.update(zo_u=1.0 - p, ZONEOUT=2)
+        else:
+            k0, k1 = split_seed(seed)
+            args.update(zo_k0=k0, zo_k1=k1, zo_thr=dropout_threshold(p), ZONEOUT=1)
+    return args
+
+
+def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, recurrent_dropout=None, zoneout=None):
     """gx (T, B, 4H), h0 (B, P), c0 (B, H), w_hh (4H, P), w_hr (P, H) or None, lengths (B,) int64 or None,
-    all contiguous, on one device, in gx's dtype. Returns y, h_n, c_n and, for backward, the fp32 state
+    all contiguous, on one device, in gx's dtype; recurrent_dropout, zoneout as in fusenn.reference.rnn.
+    Returns y, h_n, c_n and, for backward, the fp32 state
     buffers hs (T+1, B, P), cs (T+1, B, H) and ms (T, B, H) (None without projection) when `save`."""
     T, B, G = gx.shape
     H, P = G // 4, h0.shape[-1]
@@ -276,7 +360,7 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool):
     if T and B:
         lstm_forward_kernel[(triton.cdiv(B, BLOCK_B),)](
             gx, w_hh, w_hr if w_hr is not None else w_hh, lengths if lengths is not None else hs, hs, cs,
-            ms if ms is not None else hs, y, T, B,
+            ms if ms is not None else hs, y, T, B, **_reg_args(recurrent_dropout, zoneout),
             HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save,
             **_launch_args(gx, P))
     last = (0 if reverse else T) if save else T % 2
@@ -285,8 +369,10 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool):
     return y, h_n, c_n, (hs, cs, ms) if save else None
 
 
-def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs):
-    """Gradients through time given those of y, h_n, c_n (contiguous) and lstm_forward's saved buffers.
+def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs, recurrent_dropout=None,
+                  zoneout=None):
+    """Gradients through time given those of y, h_n, c_n (contiguous) and lstm_forward's saved buffers,
+    with the regularisers of the forward call (their masks regenerated here).
     Returns dg (T, B, 4H) fp32 (the gradient of gx), dh0 (B, P) and dc0 (B, H) fp32, and dhs (T, B, P),
     the gradient reaching each step's projected h, with projection (else None)."""
     T, B, G = gx.shape
@@ -298,6 +384,6 @@ def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs
     if T and B:
         lstm_backward_kernel[(triton.cdiv(B, BLOCK_B),)](
             gx, w_hh, w_hr if w_hr is not None else w_hh, lengths if lengths is not None else hs, hs, cs, dy,
-            dh, dc, dg, dhs if dhs is not None else dg, T, B,
+            dh, dc, dg, dhs if dhs is not None else dg, T, B, **_reg_args(recurrent_dropout, zoneout),
             HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, **_launch_args(gx, P))
     return dg, dh, dc, dhs

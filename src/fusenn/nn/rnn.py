@@ -6,6 +6,10 @@ flatten_parameters are torch's own, and isinstance(fusenn.LSTM(...), nn.LSTM) ho
 (padded, batch_first, unbatched, PackedSequence sorted or not) and checks; inside, every layer and
 direction is one GEMM projecting the whole input (F.linear) followed by fusenn.ops.rnn's layer call,
 on a time-major padded batch with per-row lengths.
+
+Regularisers (keyword-only, all off by default, active only in training mode; see _Recurrent):
+dropout (torch's, between layers), input_dropout, output_dropout, variational, weight_dropout and, for
+LSTM only, recurrent_dropout and zoneout.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fusenn.functional import dropout
+from fusenn.ops import draw_seed
 from fusenn.ops import rnn as ops
+from fusenn.ops.dropout import dropout_mask
 
 __all__ = ["GRU", "LSTM", "GRUCell", "LSTMCell"]
 
@@ -73,11 +79,76 @@ def _twin(module: nn.Module, cls: type, config: tuple[str, ...]) -> nn.Module:
     return twin.train(module.training)
 
 
+class _LockedDropout(torch.autograd.Function):
+    """Variational dropout of x (T, B, F): one mask over (B, F), the same at every step, regenerated in
+    backward from (seed, counter b*F + f) rather than stored."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed):
+        ctx.p, ctx.seed = p, seed
+        return x * _locked_scale(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * _locked_scale(grad, ctx.p, ctx.seed), None, None
+
+
+def _locked_scale(x: Tensor, p: float, seed: int) -> Tensor:
+    return dropout_mask(x.shape[1:], p, seed, 0, x.device).to(x.dtype) * (1.0 / (1.0 - p))
+
+
+# Streams of the per-forward seed: each mask kind and layer(-direction) k gets its own Philox key.
+_INPUT, _BETWEEN, _OUTPUT, _WEIGHT, _RECURRENT, _ZONEOUT = range(1, 7)
+
+
+def _sub_seed(seed: int, kind: int, k: int = 0) -> int:
+    return (seed + (kind * 1024 + k) * 0x9E3779B97F4A7C15) % (1 << 62)
+
+
 class _Recurrent(_Convertible):
     """forward shared by LSTM and GRU. Hidden state travels in the class's own form (LSTM: (h, c),
-    GRU: h) so torch's check_forward_args and permute_hidden apply unchanged."""
+    GRU: h) so torch's check_forward_args and permute_hidden apply unchanged.
+
+    Keyword-only regularisers, all 0 / False by default (the module is then torch's exactly), applied in
+    training mode only; one seed is drawn with fusenn.ops.draw_seed per forward when any is on, and every
+    mask kind, layer and direction derives its own Philox key from it (torch.manual_seed repeats a run):
+      dropout: torch's, on each layer's output but the last;
+      input_dropout: on the first layer's input; output_dropout: on the last layer's output (not on h_n);
+      variational: those three masks are locked over time (one per (batch row, feature)), Gal & Ghahramani;
+      weight_dropout: DropConnect on every weight_hh, one mask per forward (AWD-LSTM); the parameter is
+        untouched, the layer gets mask * W / (1 - p);
+      recurrent_dropout (LSTM): a time-locked mask on h_{t-1} entering h W_hh^T, scaled 1/(1-p);
+      zoneout (LSTM, Krueger et al.): each step and unit keeps its previous h (and, by a separate mask,
+        c) with probability p; in eval mode the expectation h = p h_prev + (1-p) h_new, same for c.
+    recurrent_dropout and zoneout run inside the recurrence (fusenn.reference.rnn.lstm_layer and the Triton
+    kernels, which regenerate their masks in backward).
+    """
 
     _config = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+    _regularisers = ("input_dropout", "output_dropout", "weight_dropout", "recurrent_dropout", "zoneout")
+
+    def __init__(self, *args, input_dropout: float = 0.0, output_dropout: float = 0.0, variational: bool = False,
+                 weight_dropout: float = 0.0, recurrent_dropout: float = 0.0, zoneout: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, p in (("input_dropout", input_dropout), ("output_dropout", output_dropout),
+                        ("weight_dropout", weight_dropout), ("recurrent_dropout", recurrent_dropout),
+                        ("zoneout", zoneout)):
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} should be a number in range [0, 1], got {p!r}")
+        if recurrent_dropout == 1.0:
+            raise ValueError("recurrent_dropout must be below 1 (its mask is scaled by 1/(1-p))")
+        if (recurrent_dropout or zoneout) and self.mode != "LSTM":
+            raise ValueError(f"recurrent_dropout and zoneout are implemented for LSTM only, not {self.mode}")
+        self.input_dropout, self.output_dropout = float(input_dropout), float(output_dropout)
+        self.variational = bool(variational)
+        self.weight_dropout, self.recurrent_dropout, self.zoneout = (float(weight_dropout), float(recurrent_dropout),
+                                                                     float(zoneout))
+
+    def extra_repr(self) -> str:
+        extra = [f"{name}={getattr(self, name)}" for name in self._regularisers if getattr(self, name, 0.0)]
+        if getattr(self, "variational", False):
+            extra.append("variational=True")
+        return ", ".join([super().extra_repr()] + extra)
 
     def forward(self, input, hx=None):
         if isinstance(input, PackedSequence):
@@ -127,20 +198,48 @@ class _Recurrent(_Convertible):
         """x (T, B, I) time-major; returns the last layer's output (T, B, D*P) and the final states."""
         directions = 2 if self.bidirectional else 1
         states = self._hidden_tuple(hx)
+        # Only with a regulariser on does forward draw a seed of its own, so the default module consumes
+        # torch's generator exactly as before (dropout between layers draws its seeds itself).
+        seed = draw_seed() if self.training and any(getattr(self, n, 0.0) for n in self._regularisers) else None
+        x = self._drop(x, self.input_dropout, seed, _INPUT)
         finals = []
         for layer in range(self.num_layers):
             if layer > 0:
-                x = dropout(x, self.dropout, self.training)
+                x = self._drop(x, self.dropout, seed, _BETWEEN, layer)
             ys = []
             for direction in range(directions):
                 k = layer * directions + direction
-                y, final = self._layer(x, [s[k] for s in states], self._layer_weights(k), lengths,
-                                       reverse=direction == 1)
+                weights = self._layer_weights(k)
+                if seed is not None and self.weight_dropout:
+                    w = weights["weight_hh"]  # one DropConnect mask per forward; autograd keeps it
+                    mask = dropout_mask(w.shape, self.weight_dropout, _sub_seed(seed, _WEIGHT, k), 0, w.device)
+                    weights["weight_hh"] = w * mask.to(w.dtype) * (1.0 / (1.0 - self.weight_dropout)) \
+                        if self.weight_dropout < 1.0 else w * 0.0
+                inside = {}
+                if self.recurrent_dropout and seed is not None:
+                    inside["recurrent_dropout"] = (self.recurrent_dropout, _sub_seed(seed, _RECURRENT, k))
+                if self.zoneout:  # eval mode: the expectation (seed None)
+                    inside["zoneout"] = (self.zoneout, _sub_seed(seed, _ZONEOUT, k) if seed is not None else None)
+                y, final = self._layer(x, [s[k] for s in states], weights, lengths, reverse=direction == 1,
+                                       **inside)
                 ys.append(y)
                 finals.append(final)
             x = torch.cat(ys, dim=-1) if directions == 2 else ys[0]
+        x = self._drop(x, self.output_dropout, seed, _OUTPUT)
         # finals holds per (layer, direction) a tuple of states; stack each kind into (L*D, B, ·).
         return x, self._from_tuple(tuple(torch.stack(kind) for kind in zip(*finals)))
+
+    def _drop(self, x: Tensor, p: float, seed: Optional[int], kind: int, k: int = 0) -> Tensor:
+        """Dropout of x (T, B, F), locked over time when `variational`. seed None means no fusenn regulariser
+        is on, so only torch's between-layer dropout gets here: it runs as before, drawing its own seed."""
+        if not self.training or not p:
+            return x
+        if seed is None:
+            return dropout(x, p, True)
+        if p == 1.0:
+            return x * 0.0
+        seed = _sub_seed(seed, kind, k)
+        return _LockedDropout.apply(x, float(p), seed) if self.variational else dropout(x, p, True, seed=seed)
 
     def _layer_weights(self, k: int) -> dict[str, Tensor]:
         """Layer-direction k's parameters by role: weight_ih, weight_hh and, where present, bias_ih,
@@ -178,11 +277,12 @@ class LSTM(_Recurrent, nn.LSTM):
         return states
 
     @staticmethod
-    def _layer(x, state, w, lengths, reverse):
+    def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None):
         # Both biases fold into the one input GEMM; the recurrence then needs no bias.
         bias = w["bias_ih"] + w["bias_hh"] if "bias_ih" in w else None
         gx = F.linear(x, w["weight_ih"], bias)
-        y, h, c = ops.lstm_layer(gx, state[0], state[1], w["weight_hh"], w.get("weight_hr"), lengths, reverse)
+        y, h, c = ops.lstm_layer(gx, state[0], state[1], w["weight_hh"], w.get("weight_hr"), lengths, reverse,
+                                 recurrent_dropout=recurrent_dropout, zoneout=zoneout)
         return y, (h, c)
 
 

@@ -9,6 +9,9 @@ one launch; the weight gradients are then one GEMM each over all T*B rows here. 
 h0, c0 and the weights are cast to it first (differentiably), so a module under torch.autocast, whose
 gx comes out of the input GEMM in half precision, gets a half-precision recurrence with fp32 state and
 fp32 gradients for its fp32 weights.
+
+`lstm_layer` also takes the reference's recurrent_dropout=(p, seed) and zoneout=(p, seed or None); the
+Triton kernels regenerate those masks from Philox in forward and backward, so nothing extra is saved.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fusenn import dispatch
+from fusenn.ops.dropout import dropout_mask
 from fusenn.reference import rnn as reference
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -54,16 +58,18 @@ def _grad_matmul(grad_rows: Tensor, inputs: Tensor, dtype) -> Tensor:
 
 class _TritonLSTM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gx, h0, c0, w_hh, w_hr, lengths, reverse):
+    def forward(ctx, gx, h0, c0, w_hh, w_hr, lengths, reverse, recurrent_dropout=None, zoneout=None):
         from fusenn.kernels import lstm as kernels
 
         gx, h0, c0, w_hh, w_hr = _contiguous(gx, h0, c0, w_hh, w_hr)
         save = any(ctx.needs_input_grad[:5])
-        y, h_n, c_n, states = kernels.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, save)
+        y, h_n, c_n, states = kernels.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, save,
+                                                   recurrent_dropout, zoneout)
         if save:
             hs, cs, ms = states
             ctx.save_for_backward(gx, w_hh, w_hr, lengths, hs, cs, ms)
             ctx.reverse = reverse
+            ctx.recurrent_dropout, ctx.zoneout = recurrent_dropout, zoneout
         return y, h_n, c_n
 
     @staticmethod
@@ -73,13 +79,21 @@ class _TritonLSTM(torch.autograd.Function):
 
         gx, w_hh, w_hr, lengths, hs, cs, ms = ctx.saved_tensors
         dy, dh_n, dc_n = _contiguous(dy, dh_n, dc_n)
-        dg, dh0, dc0, dhs = kernels.lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, ctx.reverse, hs, cs)
+        dg, dh0, dc0, dhs = kernels.lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, ctx.reverse, hs, cs,
+                                                  ctx.recurrent_dropout, ctx.zoneout)
         needs = ctx.needs_input_grad
         T, rev = gx.shape[0], int(ctx.reverse)
-        grad_w_hh = _grad_matmul(dg, hs[rev:T + rev], w_hh.dtype) if needs[3] else None  # states entering each step
+        grad_w_hh = None
+        if needs[3]:
+            h_prev = hs[rev:T + rev]  # the states entering each step
+            if ctx.recurrent_dropout is not None:  # as they entered the product: times r/(1-p), regenerated
+                p, seed = ctx.recurrent_dropout
+                h_prev = h_prev * (dropout_mask(h_prev.shape[1:], p, seed, 0, h_prev.device).to(h_prev.dtype)
+                                   * (1.0 / (1.0 - p)))
+            grad_w_hh = _grad_matmul(dg, h_prev, w_hh.dtype)
         grad_w_hr = _grad_matmul(dhs, ms, w_hr.dtype) if w_hr is not None and needs[4] else None
         return (dg.to(gx.dtype) if needs[0] else None, dh0.to(gx.dtype) if needs[1] else None,
-                dc0.to(gx.dtype) if needs[2] else None, grad_w_hh, grad_w_hr, None, None)
+                dc0.to(gx.dtype) if needs[2] else None, grad_w_hh, grad_w_hr, None, None, None, None)
 
 
 class _TritonGRU(torch.autograd.Function):
@@ -116,17 +130,28 @@ class _TritonGRU(torch.autograd.Function):
                 None, None)
 
 
+def _check_regularisers(recurrent_dropout, zoneout):
+    # recurrent dropout scales by 1/(1-p), so p = 1 is out; zoneout p = 1 just freezes the state
+    if recurrent_dropout is not None and not 0.0 <= recurrent_dropout[0] < 1.0:
+        raise ValueError(f"recurrent_dropout probability must be in [0, 1), got {recurrent_dropout[0]}")
+    if zoneout is not None and not 0.0 <= zoneout[0] <= 1.0:
+        raise ValueError(f"zoneout probability must be in [0, 1], got {zoneout[0]}")
+
+
 def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor] = None,
-               lengths: Optional[Tensor] = None, reverse: bool = False):
+               lengths: Optional[Tensor] = None, reverse: bool = False,
+               recurrent_dropout: Optional[tuple[float, int]] = None,
+               zoneout: Optional[tuple[float, Optional[int]]] = None):
+    _check_regularisers(recurrent_dropout, zoneout)
     reasons = {name: why(gx, h0, w_hh, w_hr) for name, why in LSTM_SUPPORT.items()}
     name = dispatch.choose("lstm", gx.device, reasons)
     if name == "reference":
-        return reference.lstm_layer(gx, h0, c0, w_hh, w_hr, lengths, reverse)
+        return reference.lstm_layer(gx, h0, c0, w_hh, w_hr, lengths, reverse, recurrent_dropout, zoneout)
     if name == "triton":
         dtype = gx.dtype
         return _TritonLSTM.apply(gx, h0.to(dtype), c0.to(dtype), w_hh.to(dtype),
                                  w_hr.to(dtype) if w_hr is not None else None, _lengths(lengths, gx.device),
-                                 bool(reverse))
+                                 bool(reverse), recurrent_dropout, zoneout)
     raise AssertionError(name)
 
 

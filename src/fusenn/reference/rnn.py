@@ -9,6 +9,16 @@ torch.nn's:
 Sequences of unequal length (packed input) come as `lengths` (B,): batch row b runs steps
 0 .. lengths[b]-1 (in reverse when `reverse`), its state is frozen after them and its outputs there are 0.
 Half-precision inputs are computed in float32 and returned in their own dtype; float64 stays float64.
+
+LSTM regularisers inside the recurrence (both optional, masks from fusenn.reference.philox by coordinates,
+so the kernels regenerate the same ones in forward and backward instead of storing them):
+  recurrent_dropout=(p, seed): h_{t-1} enters h W_hh^T as h * r / (1 - p), r a time-locked mask over
+    (row b, unit k) with counter b*P + k (Gal & Ghahramani style, on the recurrent product only).
+  zoneout=(p, seed) (Krueger et al.): at each step each unit keeps its previous value with probability p,
+    separate masks for h and c: h_t = u * h_new + (1 - u) * h_{t-1}, u = 1 where the element is kept by
+    Philox (probability 1 - p); h's element (t, b, j) uses counter (t*B + b)*P + j, c's uses
+    T*B*P + (t*B + b)*H + j (same seed, after h's counters). y_t is the zoned h_t.
+  zoneout=(p, None): the expectation, u = 1 - p everywhere (eval mode).
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from fusenn.reference.philox import dropout_mask
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -34,22 +46,48 @@ def _valid(lengths: Optional[Tensor], t: int, B: int, device) -> Optional[Tensor
     return (lengths.to(device) > t).view(B, 1)
 
 
+def zoneout_update(p: float, seed: Optional[int], T: int, B: int, H: int, P: int, device, dtype):
+    """(u_h (T, B, P), u_c (T, B, H)): 1 where a unit takes its new value, 0 where it keeps the previous;
+    the expectation 1 - p everywhere when seed is None. See the module docstring for the counters."""
+    if seed is None:
+        return (torch.full((T, B, P), 1.0 - p, dtype=dtype, device=device),
+                torch.full((T, B, H), 1.0 - p, dtype=dtype, device=device))
+    u_h = dropout_mask(T * B * P, p, seed, 0, device).view(T, B, P).to(dtype)
+    u_c = dropout_mask(T * B * H, p, seed, T * B * P, device).view(T, B, H).to(dtype)
+    return u_h, u_c
+
+
 def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor] = None,
-               lengths: Optional[Tensor] = None, reverse: bool = False):
+               lengths: Optional[Tensor] = None, reverse: bool = False,
+               recurrent_dropout: Optional[tuple[float, int]] = None,
+               zoneout: Optional[tuple[float, Optional[int]]] = None):
     """gx (T, B, 4H) with both biases added; h0 (B, P); c0 (B, H); w_hh (4H, P); w_hr (P, H) or None,
-    P = proj_size or H. Returns y (T, B, P), h_n (B, P), c_n (B, H)."""
+    P = proj_size or H; recurrent_dropout, zoneout: see the module docstring.
+    Returns y (T, B, P), h_n (B, P), c_n (B, H)."""
     T, B, _ = gx.shape
+    H, P = gx.shape[-1] // 4, h0.shape[-1]
     dtype, ct = gx.dtype, _compute_dtype(gx)
     gx, w_hh = gx.to(ct), w_hh.to(ct)
     w_hr = w_hr.to(ct) if w_hr is not None else None
     h, c = h0.to(ct), c0.to(ct)
+    r = None
+    if recurrent_dropout is not None:
+        p, seed = recurrent_dropout
+        # times the scale rounded to ct once, as the kernels do, so both agree bit for bit
+        r = dropout_mask(B * P, p, seed, 0, gx.device).view(B, P).to(ct) * (1.0 / (1.0 - p))
+    u_h = u_c = None
+    if zoneout is not None:
+        u_h, u_c = zoneout_update(zoneout[0], zoneout[1], T, B, H, P, gx.device, ct)
     ys = [None] * T
     for t in _steps(T, reverse):
-        i, f, g, o = (gx[t] + h @ w_hh.t()).chunk(4, dim=-1)
+        i, f, g, o = (gx[t] + (h if r is None else h * r) @ w_hh.t()).chunk(4, dim=-1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
         if w_hr is not None:
             h_new = h_new @ w_hr.t()
+        if u_h is not None:  # h_new above used the new c, as in Krueger et al.
+            h_new = u_h[t] * h_new + (1 - u_h[t]) * h
+            c_new = u_c[t] * c_new + (1 - u_c[t]) * c
         valid = _valid(lengths, t, B, gx.device)
         if valid is not None:
             c_new = torch.where(valid, c_new, c)
