@@ -117,12 +117,12 @@ def benchmark(entries, quick, out_dir, env):
             json.dump({"environment": env, "op": entry.op, "baselines": list(entry.baselines),
                        "quick": quick, "results": records}, f, indent=1)
         print(f"wrote {path}", file=sys.stderr)
-    print(f"\n{'op':<14} {'case':<40} {'impl':<22} {'ms':>9} {'TFLOP/s|GB/s':>13} {'t/t_fusenn':>10}")
+    print(f"\n{'op':<18} {'case':<50} {'impl':<22} {'ms':>9} {'TFLOP/s|GB/s':>13} {'t/t_fusenn':>10}")
     for op, case, impl, ms, rate, ratio, err in table:
         if err:
-            print(f"{op:<14} {case:<40} {impl:<22} {'n/a':>9}  {err[:60]}")
+            print(f"{op:<18} {case:<50} {impl:<22} {'n/a':>9}  {err[:60]}")
             continue
-        print(f"{op:<14} {case:<40} {impl:<22} {ms:>9.4f} {rate or 0:>13.2f} {ratio or 0:>9.2f}x")
+        print(f"{op:<18} {case:<50} {impl:<22} {ms:>9.4f} {rate or 0:>13.2f} {ratio or 0:>9.2f}x")
 
 
 def main(argv=None):
@@ -147,9 +147,9 @@ def main(argv=None):
         return 1
 
     rows = validate(entries)
-    print(f"\n{'op':<14} {'backend':<8} {'case':<44} {'max error':>10} {'allowed':>10}  status")
+    print(f"\n{'op':<18} {'backend':<8} {'case':<60} {'max error':>10} {'allowed':>10}  status")
     for op, backend, case, err, allowed, status in rows:
-        print(f"{op:<14} {backend:<8} {case:<44} {err:>10.3g} {allowed:>10.3g}  {status}")
+        print(f"{op:<18} {backend:<8} {case:<60} {err:>10.3g} {allowed:>10.3g}  {status}")
     failed = [r for r in rows if r[-1] != "ok"]
     print(f"\nvalidation: {len(rows) - len(failed)} passed, {len(failed)} failed")
 

@@ -1,0 +1,120 @@
+"""Regularised LSTM training steps: fusenn's fused regularisers against the best path a user has today
+(cuDNN's nn.LSTM with the masks applied around it where that is possible; a torch.compile'd cell loop
+applying the same kind of masks where the mask lives inside the recurrence)."""
+
+import torch
+from torch import nn
+
+import fusenn
+from benchmarks.registry import Case, Check, Entry, register
+from fusenn.testing import max_error
+
+REGULARISERS = {
+    "dropout": {"dropout": 0.5},
+    "input+output": {"input_dropout": 0.5, "output_dropout": 0.5},
+    "variational": {"dropout": 0.5, "input_dropout": 0.5, "output_dropout": 0.5, "variational": True},
+    "weight_dropout": {"weight_dropout": 0.5},
+    "recurrent_dropout": {"recurrent_dropout": 0.25},
+    "zoneout": {"zoneout": 0.1},
+}
+
+
+def _step(module, x, seed):
+    torch.manual_seed(seed)
+    x = x.detach().requires_grad_()
+    out, _ = module(x)
+    out.backward(torch.ones_like(out) / out.numel())
+    grads = [x.grad] + [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    return [out.detach()] + grads
+
+
+def validate():
+    """The current backend against the reference with the same seed: the same masks, so the same numbers."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    checks = []
+    for name, kwargs in REGULARISERS.items():
+        torch.manual_seed(0)
+        m = fusenn.LSTM(5, 7, 2, bidirectional=True, **kwargs).to(device).train()
+        x = torch.randn(4, 3, 5, device=device)
+        got = _step(m, x, seed=1)
+        with fusenn.set_backend("reference"):
+            ref = _step(m, x, seed=1)
+        checks.append(Check(f"LSTM-L2-bidir-T4-B3-I5-H7-{name}", max(max_error(g, r) for g, r in zip(got, ref)), 1e-4))
+    return checks
+
+
+def _locked(shape_bt, features, p, device, dtype):
+    """A variational mask (one per batch row and feature), scaled."""
+    return torch.bernoulli(torch.full((shape_bt, features), 1 - p, device=device, dtype=dtype)) / (1 - p)
+
+
+def _baseline(name, kwargs, ref: nn.LSTM):
+    """The fastest thing a PyTorch user can write today for this regulariser."""
+    p_in, p_out = kwargs.get("input_dropout", 0.0), kwargs.get("output_dropout", 0.0)
+    if name in ("dropout", "input+output"):
+        drop = nn.functional.dropout
+        return lambda x: drop(ref(drop(x, p_in))[0], p_out)
+    if name == "variational":
+        def variational(x):
+            T, B, F = x.shape
+            x = x * _locked(B, F, p_in, x.device, x.dtype)
+            y = ref(x)[0]  # cuDNN's between-layer dropout is not time-locked: the closest it offers
+            return y * _locked(B, y.shape[-1], p_out, y.device, y.dtype)
+        return variational
+    if name == "weight_dropout":  # AWD-LSTM's WeightDrop: a dropped copy of weight_hh per forward
+        def weight_drop(x):
+            params = {k: v for k, v in ref.named_parameters()}
+            for k in [k for k in params if k.startswith("weight_hh")]:
+                params[k] = nn.functional.dropout(params[k], kwargs["weight_dropout"])
+            return torch.func.functional_call(ref, params, (x,))[0]
+        return weight_drop
+    # recurrent_dropout / zoneout: a compiled cell stepped from Python (one layer, as in the case below).
+    w_ih, w_hh, b = ref.weight_ih_l0, ref.weight_hh_l0, ref.bias_ih_l0 + ref.bias_hh_l0
+    p_rec, p_zone = kwargs.get("recurrent_dropout", 0.0), kwargs.get("zoneout", 0.0)
+
+    @torch.compile
+    def cell(gx, h, c, rmask, zh, zc):
+        i, f, g, o = (gx + (h * rmask) @ w_hh.t()).chunk(4, -1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        return torch.where(zh, h, h_new), torch.where(zc, c, c_new)
+
+    def loop(x):
+        T, B, _ = x.shape
+        H = ref.hidden_size
+        gx = nn.functional.linear(x, w_ih, b)
+        h = c = x.new_zeros(B, H)
+        rmask = _locked(B, H, p_rec, x.device, x.dtype) if p_rec else x.new_ones(B, H)
+        ys = []
+        for t in range(T):
+            zh = torch.rand(B, H, device=x.device) < p_zone
+            zc = torch.rand(B, H, device=x.device) < p_zone
+            h, c = cell(gx[t], h, c, rmask, zh, zc)
+            ys.append(h)
+        return torch.stack(ys)
+    return loop
+
+
+def cases(quick):
+    sizes = [("ptb-medium", 35, 20, 650, 650)] + ([] if quick else [("fastrnns", 100, 64, 512, 512)])
+    out = []
+    for name, kwargs in REGULARISERS.items():
+        layers = 1 if name in ("recurrent_dropout", "zoneout") else 2  # the cell-loop baseline is one layer
+        for label, T, B, I, H in sizes:
+            for dtype in (torch.float32, torch.bfloat16):
+                def setup(device, kwargs=kwargs, name=name, layers=layers, T=T, B=B, I=I, H=H, dtype=dtype):
+                    ours = fusenn.LSTM(I, H, layers, device=device, dtype=dtype, **kwargs).train()
+                    ref = nn.LSTM(I, H, layers, dropout=kwargs.get("dropout", 0.0), device=device, dtype=dtype)
+                    ref.load_state_dict(ours.state_dict())
+                    x = torch.randn(T, B, I, device=device, dtype=dtype)
+                    base = _baseline(name, kwargs, ref)
+                    return {"fusenn": lambda: ours(x)[0].float().sum().backward(),
+                            "torch": lambda: base(x).float().sum().backward()}
+
+                flops = 3 * 2 * T * B * 4 * H * (I + H) * layers
+                out.append(Case(f"{name}-{label}-L{layers}-T{T}-B{B}-H{H}-{str(dtype)[6:]}-train", setup, flops=flops))
+    return out
+
+
+register(Entry(op="lstm_regularisers", baselines=("torch",), validate=validate, cases=cases))
