@@ -259,3 +259,27 @@ def test_multihead_attention_state_dict_both_ways_and_dropout():
     ours.eval()
     theirs.eval()
     torch.testing.assert_close(ours(x, k, v, need_weights=False)[0], theirs(x, k, v, need_weights=False)[0])
+
+
+def test_sdpa_dropout_fraction_within_a_hundredth(attention_backend):
+    """The issue's bound: the dropped fraction within 0.01 of p, over 65536 weights (0.01 is ~5 sigma)."""
+    device = attention_backend[1]
+    L = S = 256
+    q, k, _ = qkv(1, 1, L, S, 16, device=device)
+    v = torch.eye(S, device=device)[None, None]
+    p = 0.3
+    dropped = (SDPA(q, k, v, dropout_p=p, seed=11) == 0).double().mean().item()
+    assert abs(dropped - p) < 0.01, dropped
+
+
+GPU_SHAPES = [(2, 4, 113, 203, 64, 64, False), (1, 2, 1023, 1024, 128, 128, True), (1, 2, 257, 255, 80, 80, False),
+              (1, 2, 129, 130, 96, 96, True), (1, 1, 200, 300, 256, 256, False), (1, 2, 64, 64, 111, 111, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sdpa_realistic_shapes_on_gpu(shape, dtype):
+    B, H, L, S, E, Ev, causal = shape
+    with fusenn.set_backend("triton"):
+        check_sdpa(*qkv(B, H, L, S, E, Ev, dtype, "cuda"), is_causal=causal)
