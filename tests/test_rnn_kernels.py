@@ -20,10 +20,19 @@ from fusenn.testing import ATOL, assert_close, poisoned_outputs
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _case(T, B, H, dtype="fp32", proj=None, reverse=False, lengths=None, bias=True):
+def _case(T, B, H, dtype="fp32", proj=None, reverse=False, lengths=None, bias=True, gpu=False):
     parts = [f"T{T}", f"B{B}", f"H{H}"] + ([f"proj{proj}"] if proj else []) + [dtype]
     parts += (["reverse"] if reverse else []) + (["packed"] if lengths else []) + ([] if bias else ["nobias"])
-    return pytest.param(T, B, H, proj, DTYPES[dtype], reverse, lengths, bias, id="-".join(parts))
+    return pytest.param(T, B, H, proj, DTYPES[dtype], reverse, lengths, bias, id="-".join(parts),
+                        marks=[pytest.mark.gpu] if gpu else [])
+
+
+# Realistic sizes, too slow for the interpreter: the fastrnns size, DeepBench-like ones, odd sizes.
+GPU_CASES = [
+    dict(T=100, B=64, H=512), dict(T=100, B=64, H=512, dtype="bf16"), dict(T=25, B=1, H=1000, dtype="fp16"),
+    dict(T=50, B=33, H=129, reverse=True, lengths=[50 - i for i in range(33)]),
+    dict(T=150, B=8, H=1024, dtype="bf16", reverse=True),
+]
 
 
 # Packed rows are unsorted and include a length-1 row; B17 spans two programs of 16 rows; H70 / proj40
@@ -46,7 +55,8 @@ LSTM_CASES = [
     _case(1, 3, 33, "bf16", proj=7, reverse=True),
     _case(0, 3, 7, proj=3),
     _case(5, 0, 7),
-]
+    _case(35, 20, 650, dtype="bf16", proj=256, gpu=True),
+] + [_case(**c, gpu=True) for c in GPU_CASES]
 
 GRU_CASES = [
     _case(1, 1, 1),
@@ -62,7 +72,7 @@ GRU_CASES = [
     _case(5, 3, 7, "bf16", reverse=True, lengths=[3, 5, 1]),
     _case(0, 3, 7),
     _case(5, 0, 7),
-]
+] + [_case(**c, gpu=True) for c in GPU_CASES]
 
 PARAMS = "T,B,H,proj,dtype,reverse,lengths,bias"
 
