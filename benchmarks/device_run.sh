@@ -12,5 +12,5 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "^fusenn:|error" | tee "$OUT/build.log"
 python3 -m fusenn.info | tee -a "$OUT/build.log"
-python3 -m pytest -q -x tests 2>&1 -p no:cacheprovider | tee "$OUT/tests.log" | tail -n 30
+python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -n 30
 python3 -m benchmarks --out "$OUT/results" "$@" 2>&1 | tee "$OUT/bench.log" | tail -n 80
