@@ -3,7 +3,6 @@ against the same models built from torch.nn's: validated at toy size, one traini
 size (forward, backward and an Adam step, so the unfused parts of the model count too)."""
 
 import copy
-import importlib.util
 import os
 import sys
 
@@ -13,16 +12,12 @@ from benchmarks.registry import Case, Check, Entry, register
 from fusenn.testing import ATOL, max_error
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
-# How many of make_batch's tensors each example's Model.forward takes (seq2seq's also takes the target).
-FORWARD_ARGS = {"cnn_lstm": 1, "seq2seq": 2, "transformer": 1}
+COMPOSITES = ("cnn_lstm", "seq2seq", "transformer")
+sys.path.insert(0, EXAMPLES)  # the examples import their shared _common as scripts do
+import _common  # noqa: E402
 
 
-def _example(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+_example = _common.load
 
 
 def _models(ex, cfg, device):
@@ -37,7 +32,7 @@ def _models(ex, cfg, device):
 def _outputs(ex, name, model, batch):
     """Eval-mode logits and the loss's parameter gradients."""
     model.eval().zero_grad()
-    out = model(*batch[:FORWARD_ARGS[name]])
+    out = model(*batch[:ex.FORWARD_ARGS])
     ex.loss_fn(model, *batch).backward()
     return [out.detach()] + [p.grad for p in model.parameters()]
 
@@ -46,7 +41,7 @@ def validate():
     """fusenn (current backend, fp32) and torch.nn (fp32) models against the torch.nn model in float64."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checks = []
-    for name in FORWARD_ARGS:
+    for name in COMPOSITES:
         ex = _example(name)
         cfg = ex.CONFIGS["toy"]
         ours, theirs = _models(ex, cfg, device)
@@ -83,7 +78,7 @@ def _setup(name):
 def cases(quick):
     """One fp32 training step per example at its real size; three cases, so --quick keeps them all."""
     out = []
-    for name in FORWARD_ARGS:
+    for name in COMPOSITES:
         cfg = _example(name).CONFIGS["real"]
         out.append(Case(f"{name}-real-B{cfg.batch}-fp32-train-step", _setup(name)))
     return out

@@ -376,7 +376,7 @@ def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs
     Returns dg (T, B, 4H) fp32 (the gradient of gx), dh0 (B, P) and dc0 (B, H) fp32, and dhs (T, B, P),
     the gradient reaching each step's projected h, with projection (else None)."""
     T, B, G = gx.shape
-    H, P = G // 4, hs.shape[-1]
+    P = hs.shape[-1]
     dh = dh_n.to(torch.float32, copy=True)
     dc = dc_n.to(torch.float32, copy=True)
     dg = new_output((T, B, G), torch.float32, gx.device)
