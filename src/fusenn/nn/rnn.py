@@ -328,6 +328,16 @@ def _check_cell(cell, input: Tensor, states) -> None:
     _check_attributes(input, states, [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh])
 
 
+def _cell_gates(gx: Tensor, states) -> Tensor:
+    """The one-step gx (1, B, G), in the type promoted from gx and the states: torch's cells combine their
+    (autocast, half-precision) gate GEMMs with the fp32 state elementwise and return fp32, so under
+    autocast the cell runs in the state's precision as torch's does. Without autocast a no-op."""
+    dtype = gx.dtype
+    for s in states:
+        dtype = torch.promote_types(dtype, s.dtype)
+    return gx.unsqueeze(0).to(dtype)
+
+
 class LSTMCell(_Convertible, nn.LSTMCell):
     """torch.nn.LSTMCell run as a one-step fusenn LSTM layer."""
 
@@ -351,7 +361,7 @@ class LSTMCell(_Convertible, nn.LSTMCell):
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         _check_cell(self, input, hx)
         bias = self.bias_ih + self.bias_hh if self.bias else None
-        gx = F.linear(input, self.weight_ih, bias).unsqueeze(0)
+        gx = _cell_gates(F.linear(input, self.weight_ih, bias), hx)
         _, h, c = ops.lstm_layer(gx, hx[0], hx[1], self.weight_hh)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
@@ -375,6 +385,6 @@ class GRUCell(_Convertible, nn.GRUCell):
         elif not batched:
             hx = hx.unsqueeze(0)
         _check_cell(self, input, (hx,))
-        gx = F.linear(input, self.weight_ih, self.bias_ih).unsqueeze(0)
+        gx = _cell_gates(F.linear(input, self.weight_ih, self.bias_ih), (hx,))
         _, h = ops.gru_layer(gx, hx, self.weight_hh, self.bias_hh)
         return h if batched else h.squeeze(0)

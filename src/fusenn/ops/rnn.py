@@ -10,6 +10,11 @@ h0, c0 and the weights are cast to it first (differentiably), so a module under 
 gx comes out of the input GEMM in half precision, gets a half-precision recurrence with fp32 state and
 fp32 gradients for its fp32 weights.
 
+The Triton path is the torch.library ops fusenn::lstm_layer_forward / _backward and gru_layer_forward /
+_backward (register_fake, register_autograd), so torch.compile(fullgraph=True) traces it; eagerly the
+layers call them through setup_context-style autograd.Functions so torch.func.grad / vmap work too. The
+backward ops are not differentiable: a double backward raises.
+
 `lstm_layer` also takes the reference's recurrent_dropout=(p, seed) and zoneout=(p, seed or None); the
 Triton kernels regenerate those masks from Philox in forward and backward, so nothing extra is saved.
 """
@@ -20,7 +25,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from fusenn import dispatch
 from fusenn.ops.dropout import dropout_mask
@@ -56,78 +60,221 @@ def _grad_matmul(grad_rows: Tensor, inputs: Tensor, dtype) -> Tensor:
         return (grad_rows.reshape(-1, grad_rows.shape[-1]).t() @ inputs.reshape(-1, inputs.shape[-1])).to(dtype)
 
 
-class _TritonLSTM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gx, h0, c0, w_hh, w_hr, lengths, reverse, recurrent_dropout=None, zoneout=None):
-        from fusenn.kernels import lstm as kernels
-
-        gx, h0, c0, w_hh, w_hr = _contiguous(gx, h0, c0, w_hh, w_hr)
-        save = any(ctx.needs_input_grad[:5])
-        y, h_n, c_n, states = kernels.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, save,
-                                                   recurrent_dropout, zoneout)
-        if save:
-            hs, cs, ms = states
-            ctx.save_for_backward(gx, w_hh, w_hr, lengths, hs, cs, ms)
-            ctx.reverse = reverse
-            ctx.recurrent_dropout, ctx.zoneout = recurrent_dropout, zoneout
-        return y, h_n, c_n
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dh_n, dc_n):
-        from fusenn.kernels import lstm as kernels
-
-        gx, w_hh, w_hr, lengths, hs, cs, ms = ctx.saved_tensors
-        dy, dh_n, dc_n = _contiguous(dy, dh_n, dc_n)
-        dg, dh0, dc0, dhs = kernels.lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, ctx.reverse, hs, cs,
-                                                  ctx.recurrent_dropout, ctx.zoneout)
-        needs = ctx.needs_input_grad
-        T, rev = gx.shape[0], int(ctx.reverse)
-        grad_w_hh = None
-        if needs[3]:
-            h_prev = hs[rev:T + rev]  # the states entering each step
-            if ctx.recurrent_dropout is not None:  # as they entered the product: times r/(1-p), regenerated
-                p, seed = ctx.recurrent_dropout
-                h_prev = h_prev * (dropout_mask(h_prev.shape[1:], p, seed, 0, h_prev.device).to(h_prev.dtype)
-                                   * (1.0 / (1.0 - p)))
-            grad_w_hh = _grad_matmul(dg, h_prev, w_hh.dtype)
-        grad_w_hr = _grad_matmul(dhs, ms, w_hr.dtype) if w_hr is not None and needs[4] else None
-        return (dg.to(gx.dtype) if needs[0] else None, dh0.to(gx.dtype) if needs[1] else None,
-                dc0.to(gx.dtype) if needs[2] else None, grad_w_hh, grad_w_hr, None, None, None, None)
+def _empty(device) -> Tensor:
+    """The placeholder a registered op returns where a tensor is absent (ops cannot return None)."""
+    return torch.empty(0, dtype=torch.float32, device=device)
 
 
-class _TritonGRU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gx, h0, w_hh, b_hh, lengths, reverse):
-        from fusenn.kernels import gru as kernels
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
-        gx, h0, w_hh, b_hh = _contiguous(gx, h0, w_hh, b_hh)
-        save = any(ctx.needs_input_grad[:4])
-        y, h_n, hs = kernels.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, save)
-        if save:
-            ctx.save_for_backward(gx, w_hh, b_hh, lengths, hs)
-            ctx.reverse = reverse
-        return y, h_n
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, dh_n):
-        from fusenn.kernels import gru as kernels
+def _no_double_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fusenn: the Triton {name} layer's backward is not differentiable (no double backward, "
+                           "e.g. torch.autograd.grad(..., create_graph=True) followed by another backward, or "
+                           "nested torch.func.grad); run with fusenn.set_backend('reference') for higher-order "
+                           "gradients")
+    return backward
 
-        gx, w_hh, b_hh, lengths, hs = ctx.saved_tensors
-        dy, dh_n = _contiguous(dy, dh_n)
-        dg, dghn, dh0 = kernels.gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, ctx.reverse, hs)
-        needs = ctx.needs_input_grad
-        T, H, rev = gx.shape[0], w_hh.shape[-1], int(ctx.reverse)
-        grad_w_hh = grad_b_hh = None
-        if needs[2]:  # gh = h W_hh^T + b_hh gets [dr, dz] from gx's gradient and dn * r for its n part
-            h_prev = hs[rev:T + rev]
-            grad_w_hh = torch.cat([_grad_matmul(dg[..., :2 * H], h_prev, w_hh.dtype),
-                                   _grad_matmul(dghn, h_prev, w_hh.dtype)])
-        if b_hh is not None and needs[3]:
-            grad_b_hh = torch.cat([dg[..., :2 * H].sum((0, 1)), dghn.sum((0, 1))]).to(b_hh.dtype)
-        return (dg.to(gx.dtype) if needs[0] else None, dh0.to(gx.dtype) if needs[1] else None, grad_w_hh, grad_b_hh,
-                None, None)
+
+def _once_differentiable(op, name: str):
+    """`op` (a backward op) as an autograd.Function whose own backward raises: what the layers' backward
+    calls, so that under create_graph=True or torch.func.grad the first derivative works (torch.func cannot
+    run a custom op's registered autograd) and a second one fails loudly rather than silently."""
+    return type(f"_{name}Backward", (torch.autograd.Function,), dict(
+        forward=staticmethod(lambda *args: op(*args)), setup_context=staticmethod(_setup_nothing),
+        backward=staticmethod(_no_double_backward(name)), generate_vmap_rule=True))
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+# The Triton path is four torch.library ops, so torch.compile traces it (their fakes give the shapes) and
+# autograd goes through register_autograd. The regularisers travel as scalars: recurrent dropout as
+# (rd_p or None, rd_seed), zoneout as (zo_p or None, zo_seed or None: None = the expectation).
+
+@torch.library.custom_op("fusenn::lstm_layer_forward", mutates_args=())
+def lstm_layer_forward(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
+                       lengths: Optional[Tensor], reverse: bool, save: bool, rd_p: Optional[float], rd_seed: int,
+                       zo_p: Optional[float], zo_seed: Optional[int]
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, h_n, c_n, hs, cs, ms): the outputs and, when `save`, the fp32 buffers backward needs
+    (fusenn.kernels.lstm.lstm_forward); empty tensors stand for the buffers not kept."""
+    from fusenn.kernels import lstm as kernels
+
+    gx, h0, c0, w_hh, w_hr = _contiguous(gx, h0, c0, w_hh, w_hr)
+    y, h_n, c_n, states = kernels.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, save,
+                                               (rd_p, rd_seed) if rd_p is not None else None,
+                                               (zo_p, zo_seed) if zo_p is not None else None)
+    hs, cs, ms = states if save else (None, None, None)
+    return (y, h_n, c_n) + tuple(t if t is not None else _empty(gx.device) for t in (hs, cs, ms))
+
+
+@lstm_layer_forward.register_fake
+def _(gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed):
+    T, B, G = gx.shape
+    H, P = G // 4, h0.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    kept = (gx.new_empty((T + 1, B, P), **f32), gx.new_empty((T + 1, B, H), **f32),
+            gx.new_empty((T, B, H), **f32) if w_hr is not None else gx.new_empty(0, **f32))
+    return ((gx.new_empty((T, B, P)), gx.new_empty((B, P)), gx.new_empty((B, H)))
+            + (kept if save else tuple(gx.new_empty(0, **f32) for _ in range(3))))
+
+
+@torch.library.custom_op("fusenn::lstm_layer_backward", mutates_args=())
+def lstm_layer_backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, gx: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
+                        lengths: Optional[Tensor], reverse: bool, hs: Tensor, cs: Tensor, ms: Tensor,
+                        rd_p: Optional[float], rd_seed: int, zo_p: Optional[float], zo_seed: Optional[int],
+                        grad_w_hh: bool, grad_w_hr: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d gx, d h0, d c0 in gx's dtype, d w_hh, d w_hr in theirs); a weight gradient not asked for (or w_hr
+    absent) is an empty tensor."""
+    from fusenn.kernels import lstm as kernels
+
+    dy, dh_n, dc_n = _contiguous(dy, dh_n, dc_n)
+    dg, dh0, dc0, dhs = kernels.lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs,
+                                              (rd_p, rd_seed) if rd_p is not None else None,
+                                              (zo_p, zo_seed) if zo_p is not None else None)
+    T, rev = gx.shape[0], int(reverse)
+    d_w_hh, d_w_hr = _empty(gx.device), _empty(gx.device)
+    if grad_w_hh:
+        h_prev = hs[rev:T + rev]  # the states entering each step
+        if rd_p is not None:  # as they entered the product: times r/(1-p), regenerated
+            h_prev = h_prev * (dropout_mask(h_prev.shape[1:], rd_p, rd_seed, 0, h_prev.device).to(h_prev.dtype)
+                               * (1.0 / (1.0 - rd_p)))
+        d_w_hh = _grad_matmul(dg, h_prev, w_hh.dtype)
+    if w_hr is not None and grad_w_hr:
+        d_w_hr = _grad_matmul(dhs, ms, w_hr.dtype)
+    return dg.to(gx.dtype), dh0.to(gx.dtype), dc0.to(gx.dtype), d_w_hh, d_w_hr
+
+
+@lstm_layer_backward.register_fake
+def _(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs, ms, rd_p, rd_seed, zo_p, zo_seed, grad_w_hh,
+      grad_w_hr):
+    B, H, P = gx.shape[1], gx.shape[2] // 4, w_hh.shape[-1]
+    empty = gx.new_empty(0, dtype=torch.float32)
+    return (gx.new_empty(gx.shape), gx.new_empty((B, P)), gx.new_empty((B, H)),
+            w_hh.new_empty(w_hh.shape) if grad_w_hh else empty,
+            w_hr.new_empty(w_hr.shape) if w_hr is not None and grad_w_hr else empty.clone())
+
+
+def _lstm_setup(ctx, inputs, output):
+    gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed = inputs
+    _, _, _, hs, cs, ms = output
+    ctx.mark_non_differentiable(hs, cs, ms)
+    ctx.save_for_backward(gx, w_hh, w_hr, lengths, hs, cs, ms)
+    ctx.args = (reverse, rd_p, rd_seed, zo_p, zo_seed)
+    ctx.saved = save
+
+
+def _lstm_backward(ctx, dy, dh_n, dc_n, _hs, _cs, _ms):
+    if not ctx.saved:
+        raise RuntimeError("fusenn: lstm_layer_forward ran with save=False, so it cannot be differentiated")
+    gx, w_hh, w_hr, lengths, hs, cs, ms = ctx.saved_tensors
+    reverse, rd_p, rd_seed, zo_p, zo_seed = ctx.args
+    needs = ctx.needs_input_grad
+    dg, dh0, dc0, d_w_hh, d_w_hr = _LSTMBackward.apply(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs, ms,
+                                                       rd_p, rd_seed, zo_p, zo_seed, needs[3],
+                                                       w_hr is not None and needs[4])
+    return (dg if needs[0] else None, dh0 if needs[1] else None, dc0 if needs[2] else None,
+            d_w_hh if needs[3] else None, d_w_hr if w_hr is not None and needs[4] else None) + (None,) * 7
+
+
+lstm_layer_forward.register_autograd(_lstm_backward, setup_context=_lstm_setup)
+lstm_layer_backward.register_autograd(_no_double_backward("LSTM"), setup_context=_setup_nothing)
+_LSTMBackward = _once_differentiable(lstm_layer_backward, "LSTM")
+
+
+class _LSTMLayer(torch.autograd.Function):
+    """The op with the same backward, as an autograd.Function in the setup_context style: what lstm_layer
+    calls, because torch.func (grad, vjp, vmap) cannot transform a custom op's registered autograd but can
+    transform this. Under torch.compile lstm_layer calls the op itself (Dynamo does not trace this
+    Function's nested backward Function), whose registered autograd is the same backward."""
+
+    generate_vmap_rule = True
+    forward = staticmethod(lambda *args: lstm_layer_forward(*args))
+    setup_context = staticmethod(_lstm_setup)
+    backward = staticmethod(_lstm_backward)
+
+
+@torch.library.custom_op("fusenn::gru_layer_forward", mutates_args=())
+def gru_layer_forward(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor],
+                      reverse: bool, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, h_n, hs): the outputs and, when `save`, the fp32 state buffer backward needs (else empty)."""
+    from fusenn.kernels import gru as kernels
+
+    gx, h0, w_hh, b_hh = _contiguous(gx, h0, w_hh, b_hh)
+    y, h_n, hs = kernels.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, save)
+    return y, h_n, hs if save else _empty(gx.device)
+
+
+@gru_layer_forward.register_fake
+def _(gx, h0, w_hh, b_hh, lengths, reverse, save):
+    T, B, _ = gx.shape
+    H = h0.shape[-1]
+    hs = gx.new_empty((T + 1, B, H) if save else 0, dtype=torch.float32)
+    return gx.new_empty((T, B, H)), gx.new_empty((B, H)), hs
+
+
+@torch.library.custom_op("fusenn::gru_layer_backward", mutates_args=())
+def gru_layer_backward(dy: Tensor, dh_n: Tensor, gx: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
+                       lengths: Optional[Tensor], reverse: bool, hs: Tensor, grad_w_hh: bool,
+                       grad_b_hh: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d gx, d h0 in gx's dtype, d w_hh, d b_hh in theirs); a gradient not asked for is an empty tensor."""
+    from fusenn.kernels import gru as kernels
+
+    dy, dh_n = _contiguous(dy, dh_n)
+    dg, dghn, dh0 = kernels.gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs)
+    T, H, rev = gx.shape[0], w_hh.shape[-1], int(reverse)
+    d_w_hh, d_b_hh = _empty(gx.device), _empty(gx.device)
+    if grad_w_hh:  # gh = h W_hh^T + b_hh gets [dr, dz] from gx's gradient and dn * r for its n part
+        h_prev = hs[rev:T + rev]
+        d_w_hh = torch.cat([_grad_matmul(dg[..., :2 * H], h_prev, w_hh.dtype),
+                            _grad_matmul(dghn, h_prev, w_hh.dtype)])
+    if b_hh is not None and grad_b_hh:
+        d_b_hh = torch.cat([dg[..., :2 * H].sum((0, 1)), dghn.sum((0, 1))]).to(b_hh.dtype)
+    return dg.to(gx.dtype), dh0.to(gx.dtype), d_w_hh, d_b_hh
+
+
+@gru_layer_backward.register_fake
+def _(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, grad_w_hh, grad_b_hh):
+    empty = gx.new_empty(0, dtype=torch.float32)
+    return (gx.new_empty(gx.shape), gx.new_empty((gx.shape[1], w_hh.shape[-1])),
+            w_hh.new_empty(w_hh.shape) if grad_w_hh else empty,
+            b_hh.new_empty(b_hh.shape) if b_hh is not None and grad_b_hh else empty.clone())
+
+
+def _gru_setup(ctx, inputs, output):
+    gx, h0, w_hh, b_hh, lengths, reverse, save = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(gx, w_hh, b_hh, lengths, output[2])
+    ctx.reverse, ctx.saved = reverse, save
+
+
+def _gru_backward(ctx, dy, dh_n, _hs):
+    if not ctx.saved:
+        raise RuntimeError("fusenn: gru_layer_forward ran with save=False, so it cannot be differentiated")
+    gx, w_hh, b_hh, lengths, hs = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    has_b = b_hh is not None and needs[3]
+    dg, dh0, d_w_hh, d_b_hh = _GRUBackward.apply(dy, dh_n, gx, w_hh, b_hh, lengths, ctx.reverse, hs, needs[2], has_b)
+    return (dg if needs[0] else None, dh0 if needs[1] else None, d_w_hh if needs[2] else None,
+            d_b_hh if has_b else None, None, None, None)
+
+
+gru_layer_forward.register_autograd(_gru_backward, setup_context=_gru_setup)
+gru_layer_backward.register_autograd(_no_double_backward("GRU"), setup_context=_setup_nothing)
+_GRUBackward = _once_differentiable(gru_layer_backward, "GRU")
+
+
+class _GRULayer(torch.autograd.Function):
+    """gru_layer_forward as an autograd.Function, for torch.func (see _LSTMLayer)."""
+
+    generate_vmap_rule = True
+    forward = staticmethod(lambda *args: gru_layer_forward(*args))
+    setup_context = staticmethod(_gru_setup)
+    backward = staticmethod(_gru_backward)
 
 
 def _check_regularisers(recurrent_dropout, zoneout):
@@ -149,9 +296,14 @@ def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[
         return reference.lstm_layer(gx, h0, c0, w_hh, w_hr, lengths, reverse, recurrent_dropout, zoneout)
     if name == "triton":
         dtype = gx.dtype
-        return _TritonLSTM.apply(gx, h0.to(dtype), c0.to(dtype), w_hh.to(dtype),
-                                 w_hr.to(dtype) if w_hr is not None else None, _lengths(lengths, gx.device),
-                                 bool(reverse), recurrent_dropout, zoneout)
+        h0, c0, w_hh = h0.to(dtype), c0.to(dtype), w_hh.to(dtype)
+        w_hr = w_hr.to(dtype) if w_hr is not None else None
+        rd_p, rd_seed = (float(recurrent_dropout[0]), int(recurrent_dropout[1])) if recurrent_dropout else (None, 0)
+        zo_p, zo_seed = (float(zoneout[0]), zoneout[1]) if zoneout else (None, None)
+        layer = lstm_layer_forward if torch.compiler.is_compiling() else _LSTMLayer.apply
+        out = layer(gx, h0, c0, w_hh, w_hr, _lengths(lengths, gx.device), bool(reverse),
+                    _needs_grad(gx, h0, c0, w_hh, w_hr), rd_p, rd_seed, zo_p, int(zo_seed) if zo_seed is not None else None)
+        return out[:3]
     raise AssertionError(name)
 
 
@@ -163,6 +315,9 @@ def gru_layer(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = Non
         return reference.gru_layer(gx, h0, w_hh, b_hh, lengths, reverse)
     if name == "triton":
         dtype = gx.dtype
-        return _TritonGRU.apply(gx, h0.to(dtype), w_hh.to(dtype), b_hh.to(dtype) if b_hh is not None else None,
-                                _lengths(lengths, gx.device), bool(reverse))
+        h0, w_hh = h0.to(dtype), w_hh.to(dtype)
+        b_hh = b_hh.to(dtype) if b_hh is not None else None
+        layer = gru_layer_forward if torch.compiler.is_compiling() else _GRULayer.apply
+        out = layer(gx, h0, w_hh, b_hh, _lengths(lengths, gx.device), bool(reverse), _needs_grad(gx, h0, w_hh, b_hh))
+        return out[:2]
     raise AssertionError(name)
