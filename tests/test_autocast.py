@@ -9,10 +9,8 @@ Known differences, pinned as strict xfails so that a fix shows up (see each reas
 - fusenn.LSTM with proj_size: torch's CPU path returns c_n in fp32 (the oneDNN kernel, which would lower
   everything, takes no projection); fusenn returns it in half precision.
 - fusenn.LSTM with PackedSequence input: torch's CPU packed path returns fp32 throughout; fusenn half.
-- fusenn.functional.scaled_dot_product_attention: torch's autocast lowers SDPA to the autocast dtype;
-  fusenn's is a Python function that autocast does not see, so fp32 inputs stay fp32 (ops/attention.py).
-- fusenn.ConvPool2d on the Triton path: the op fusenn::conv_pool2d has no autocast rule, so it stays fp32
-  where torch's conv2d is lowered (ops/conv_pool.py); the reference path (F.conv2d) matches.
+These follow torch's CPU kernels, not a rule; on the GPU torch's cuDNN RNNs return the autocast dtype
+as fusenn does.
 """
 
 import pytest
@@ -109,14 +107,9 @@ def test_conv_pool_under_autocast(path, dtype, pool):
     theirs = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
                            nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2))
     theirs[0].load_state_dict(mine.state_dict())
-    if path == "triton":
-        pytest.xfail("the Triton op fusenn::conv_pool2d has no autocast rule: fp32 inputs stay fp32, where torch's "
-                     "conv2d is lowered to the autocast dtype (fusenn/ops/conv_pool.py)")
     _compare(mine, theirs, (torch.randn(2, 3, 6, 7),), dtype)
 
 
-@pytest.mark.xfail(strict=True, reason="fusenn's SDPA keeps fp32 inputs in fp32 under autocast; torch lowers "
-                                      "them to the autocast dtype (fusenn/ops/attention.py has no autocast rule)")
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
 def test_sdpa_under_autocast(path, dtype):
     torch.manual_seed(0)

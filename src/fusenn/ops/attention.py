@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fusenn import dispatch
-from fusenn.ops import draw_seed, new_output
+from fusenn.ops import draw_seed, lower_precision_under_autocast, new_output
 from fusenn.reference import attention as reference
 
 MAX_HEAD_DIM = 256
@@ -46,6 +46,7 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal):
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
 
 
+@lower_precision_under_autocast
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, seed: Optional[int] = None) -> Tensor:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusenn import dispatch
-from fusenn.ops import new_output
+from fusenn.ops import lower_precision_under_autocast, new_output
 from fusenn.reference import conv_pool as reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -161,6 +161,7 @@ def _triton_reason(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optiona
     return None
 
 
+@lower_precision_under_autocast
 def conv_pool2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
                 groups: int = 1, padding_mode: str = "zeros", activation: str = "relu", negative_slope: float = 0.01,
                 pool: str = "max", pool_kernel_size=2, pool_stride=None, pool_padding=0, ceil_mode: bool = False,
