@@ -3,7 +3,7 @@ global batch, end with equal parameters, and equal to one process training on th
 
 import datetime
 import os
-import socket
+import time
 
 import pytest
 import torch
@@ -40,11 +40,11 @@ def train(model, x, y):
         optimizer.step()
 
 
-def worker(rank, port, state, x, y, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def worker(rank, store, state, x, y, out_dir):
     torch.set_num_threads(1)  # two processes share the machine
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    # A file store rather than a TCP port: concurrent test runs on one machine cannot meet by mistake.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         model = Model()
         model.load_state_dict(state)
@@ -55,12 +55,6 @@ def worker(rank, port, state, x, y, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_matches_single_process(tmp_path):
     torch.manual_seed(0)
     state = Model().state_dict()
@@ -68,7 +62,13 @@ def test_ddp_matches_single_process(tmp_path):
     x = torch.randn(8, 6, 5, generator=gen)
     y = torch.randn(8, 3, generator=gen)
 
-    mp.spawn(worker, args=(free_port(), state, x, y, str(tmp_path)), nprocs=WORLD)
+    workers = mp.spawn(worker, args=(str(tmp_path / "store"), state, x, y, str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 180
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the DDP workers did not finish within 180 s")
 
     single = Model()
     single.load_state_dict(state)
