@@ -145,7 +145,7 @@ def test_sdpa_empty_and_broadcast_shapes(attention_backend):
 
 def test_sdpa_op_registration_and_torch_compile(attention_backend):
     q, k, v = [x.requires_grad_() for x in qkv(1, 1, 5, 7, 16, device=attention_backend[1])]
-    torch.library.opcheck(torch.ops.fusenn.attention_forward.default, (q, k, v, None, 0.0, True, 0.25, 0))
+    torch.library.opcheck(torch.ops.fusenn.attention_forward.default, (q, k, v, None, 0.0, True, 0.25, None))
     compiled = torch.compile(lambda q, k, v: SDPA(q, k, v, is_causal=True))
     torch.testing.assert_close(compiled(q, k, v), SDPA(q, k, v, is_causal=True))
 

@@ -105,15 +105,18 @@ def _opcheck_cases(device):
     def r(*shape, grad=True):
         return (torch.randn(*shape, generator=g) * 0.5).to(device).requires_grad_(grad)
 
+    def seed(value):  # the ops take seeds as 0-d int64 CPU tensors
+        return torch.tensor(value, dtype=torch.int64)
+
     lengths = torch.tensor([2, 1, 2], device=device)
     ops = torch.ops.fusenn
     yield "lstm_fwd", ops.lstm_layer_forward.default, (
-        r(T, B, 4 * H), r(B, P), r(B, H), r(4 * H, P), r(P, H), lengths, True, True, 0.25, 7, 0.5, 11)
+        r(T, B, 4 * H), r(B, P), r(B, H), r(4 * H, P), r(P, H), lengths, True, True, 0.25, seed(7), 0.5, seed(11))
     yield "lstm_fwd_plain", ops.lstm_layer_forward.default, (
-        r(T, B, 4 * H), r(B, H), r(B, H), r(4 * H, H), None, None, False, True, None, 0, 0.3, None)
+        r(T, B, 4 * H), r(B, H), r(B, H), r(4 * H, H), None, None, False, True, None, None, 0.3, None)
     yield "lstm_fwd_nograd", ops.lstm_layer_forward.default, (
         r(T, B, 4 * H, grad=False), r(B, H, grad=False), r(B, H, grad=False), r(4 * H, H, grad=False), None, None,
-        False, False, None, 0, None, None)
+        False, False, None, None, None, None)
     yield "gru_fwd", ops.gru_layer_forward.default, (r(T, B, 3 * H), r(B, H), r(3 * H, H), r(3 * H), lengths, True,
                                                       True)
     yield "gru_fwd_nobias", ops.gru_layer_forward.default, (r(T, B, 3 * H), r(B, H), r(3 * H, H), None, None, False,
@@ -121,13 +124,13 @@ def _opcheck_cases(device):
     # The backward ops have no derivative of their own: check them on inputs that do not require grad.
     gx, h0, c0, w, wr = (r(T, B, 4 * H, grad=False), r(B, P, grad=False), r(B, H, grad=False),
                          r(4 * H, P, grad=False), r(P, H, grad=False))
-    _, _, _, hs, cs, ms = ops.lstm_layer_forward(gx, h0, c0, w, wr, lengths, False, True, 0.25, 7, None, None)
+    _, _, _, hs, cs, ms = ops.lstm_layer_forward(gx, h0, c0, w, wr, lengths, False, True, 0.25, seed(7), None, None)
     yield "lstm_bwd", ops.lstm_layer_backward.default, (
         r(T, B, P, grad=False), r(B, P, grad=False), r(B, H, grad=False), gx, w, wr, lengths, False, hs, cs, ms,
-        0.25, 7, None, None, True, True)
+        0.25, seed(7), None, None, True, True)
     yield "lstm_bwd_no_weights", ops.lstm_layer_backward.default, (
         r(T, B, P, grad=False), r(B, P, grad=False), r(B, H, grad=False), gx, w, wr, lengths, False, hs, cs, ms,
-        0.25, 7, None, None, False, False)
+        0.25, seed(7), None, None, False, False)
     gx, h0, w, b = r(T, B, 3 * H, grad=False), r(B, H, grad=False), r(3 * H, H, grad=False), r(3 * H, grad=False)
     _, _, hs = ops.gru_layer_forward(gx, h0, w, b, None, True, True)
     yield "gru_bwd", ops.gru_layer_backward.default, (
@@ -172,3 +175,154 @@ def test_rnn_triton_double_backward_raises(kernel_backend, make):
         gx.sum().backward()
     with pytest.raises(RuntimeError, match="double backward"):
         torch.func.grad(lambda x: torch.func.grad(lambda x: m(x)[0].pow(2).sum())(x).sum())(x.detach())
+
+
+# Dropout under torch.compile. Seeds reach the ops as 0-d int64 CPU tensors: drawn in the graph by
+# fusenn.ops.draw_seed_tensor (torch.randint, so Dynamo keeps the RNG op and torch.manual_seed repeats a
+# compiled run) and read inside the custom ops, which Dynamo does not enter; a call with dropout or a
+# regulariser therefore traces whole, and draws the same masks as eager for the same generator state.
+
+@pytest.fixture(params=["reference", "triton"])
+def seeded_path(request, device):
+    """(backend, device) for the reference and the Triton paths; the backend is set for the test."""
+    status = fusenn.backends()[request.param]
+    if not status.usable:
+        pytest.skip(f"{request.param} backend unusable here: {status.detail}")
+    with fusenn.set_backend(request.param):
+        yield request.param, device
+
+
+def _after_seed(fn, *args, seed=0):
+    torch.manual_seed(seed)
+    return fn(*args)
+
+
+def _outputs_and_grads(out, inputs):
+    outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    loss = sum((t.float() * torch.linspace(-1, 1, t.numel(), device=t.device).view(t.shape)).sum() for t in outs)
+    return [t.detach() for t in outs] + list(torch.autograd.grad(loss, inputs))
+
+
+def _assert_identical(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def _count_graphs(backend):
+    """A compile backend that counts the graphs it receives and the calls to torch.randint in them."""
+    seen = dict(graphs=0, randint=0)
+
+    def compiler(gm, example_inputs):
+        seen["graphs"] += 1
+        seen["randint"] += sum("randint" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.backends.registry.lookup_backend(backend)(gm, example_inputs)
+
+    return compiler, seen
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_dropout_fullgraph_matches_eager(seeded_path, backend):
+    _, device = seeded_path
+    x = torch.randn(5, 33, device=device, requires_grad=True)
+
+    def f(x):
+        return fusenn.functional.dropout(x, 0.3)
+
+    compiler, seen = _count_graphs(backend)
+    c = torch.compile(f, fullgraph=True, backend=compiler)
+    got = _outputs_and_grads(_after_seed(c, x), [x])
+    _assert_identical(got, _outputs_and_grads(_after_seed(f, x), [x]))
+    assert not torch.equal(got[0], _after_seed(c, x, seed=1))  # the seed is drawn per call, not baked in
+    assert seen["graphs"] == 1 and seen["randint"] == 1, seen
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_dropout_fullgraph_with_explicit_seed(seeded_path, backend):
+    """A Python int seed (a constant of the graph) and a seed tensor passed in both trace and give the
+    reference's mask for that seed."""
+    from fusenn.reference import philox
+
+    _, device = seeded_path
+    x = torch.randn(4, 17, device=device)
+    keep = philox.dropout_mask(x.numel(), 0.4, 1234).view(x.shape).to(device)
+    want = x * keep / 0.6
+    by_int = torch.compile(lambda x: fusenn.functional.dropout(x, 0.4, seed=1234), fullgraph=True, backend=backend)
+    torch.testing.assert_close(by_int(x), want, rtol=0, atol=0)
+    by_tensor = torch.compile(lambda x, s: fusenn.functional.dropout(x, 0.4, seed=s), fullgraph=True,
+                              backend=backend)
+    torch.testing.assert_close(by_tensor(x, torch.tensor(1234)), want, rtol=0, atol=0)
+    assert torch.equal(fusenn.functional.dropout(x, 0.4, seed=torch.tensor(1234)), want)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_sdpa_dropout_fullgraph_matches_eager(seeded_path, backend):
+    _, device = seeded_path
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=g).to(device).requires_grad_() for _ in range(3))
+
+    def f(q, k, v):
+        return fusenn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+
+    compiler, seen = _count_graphs(backend)
+    c = torch.compile(f, fullgraph=True, backend=compiler)
+    got = _outputs_and_grads(_after_seed(c, q, k, v), [q, k, v])
+    _assert_identical(got, _outputs_and_grads(_after_seed(f, q, k, v), [q, k, v]))
+    assert not torch.equal(got[0], _after_seed(c, q, k, v, seed=1))
+    assert seen["graphs"] == 1 and seen["randint"] == 1, seen
+
+
+_ALL_MASKS = dict(dropout=0.3, input_dropout=0.2, output_dropout=0.25, recurrent_dropout=0.35, zoneout=0.2)
+
+
+def _lstm_case(device, **kwargs):
+    torch.manual_seed(0)
+    m = fusenn.LSTM(3, 4, 2, bidirectional=True, **kwargs).to(device).train()
+    x = torch.randn(3, 2, 3, device=device, requires_grad=True)  # padded input (T, B, I)
+    return m, x, [x] + list(m.parameters())
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_lstm_regularisers_fullgraph_matches_eager(monkeypatch, seeded_path, backend):
+    """Training mode with between-layer, input, output and recurrent dropout and zoneout: one graph, one
+    seed drawn in it, outputs and every gradient identical to eager after the same torch.manual_seed."""
+    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
+    m, x, inputs = _lstm_case(seeded_path[1], **_ALL_MASKS)
+    compiler, seen = _count_graphs(backend)
+    got = _outputs_and_grads(_after_seed(torch.compile(m, fullgraph=True, backend=compiler), x), inputs)
+    _assert_identical(got, _outputs_and_grads(_after_seed(m, x), inputs))
+    assert seen["graphs"] == 1 and seen["randint"] == 1, seen
+
+
+def test_lstm_variational_weight_dropout_fullgraph_matches_eager(monkeypatch, seeded_path):
+    """The other mask kinds: time-locked (variational) dropout and DropConnect on W_hh, with a projection."""
+    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
+    m, x, inputs = _lstm_case(seeded_path[1], variational=True, weight_dropout=0.3, proj_size=2, **_ALL_MASKS)
+    got = _outputs_and_grads(_after_seed(torch.compile(m, fullgraph=True, backend="eager"), x), inputs)
+    _assert_identical(got, _outputs_and_grads(_after_seed(m, x), inputs))
+
+
+def test_compiled_lstm_run_repeats_under_manual_seed(monkeypatch):
+    """torch.manual_seed repeats a compiled run, the next draw gives other masks, and eval mode (zoneout's
+    expectation, no draw) is deterministic."""
+    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
+    torch.manual_seed(0)
+    m = fusenn.LSTM(3, 4, input_dropout=0.2, recurrent_dropout=0.3, zoneout=0.25)
+    x = torch.randn(3, 2, 3)
+    c = torch.compile(m, fullgraph=True, backend="eager")
+    with fusenn.set_backend("reference"), torch.no_grad():
+        first = _after_seed(c, x)[0]
+        assert torch.equal(_after_seed(c, x)[0], first)
+        assert not torch.equal(c(x)[0], first)
+        assert not torch.equal(_after_seed(c, x, seed=1)[0], first)
+        m.eval()
+        torch.testing.assert_close(_after_seed(c, x, seed=1)[0], _after_seed(m, x, seed=2)[0], rtol=0, atol=0)
+
+
+def test_dropout_ops_opcheck_with_seed_tensor(kernel_backend):
+    _, device = kernel_backend
+    q, k, v = (torch.randn(1, 2, 5, 8, device=device, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.fusenn.attention_forward.default,
+                          (q, k, v, None, 0.25, False, 0.3, torch.tensor(99, dtype=torch.int64)))
+    torch.library.opcheck(torch.ops.fusenn.dropout_mask.default,
+                          (40, 0.5, torch.tensor(2**62 + 5, dtype=torch.int64), 7, device))

@@ -135,4 +135,4 @@ def test_threshold_and_seed_validation():
 
 def test_dropout_mask_op_registration():
     """The torch.library op and its fake implementation agree (shape, dtype, device) for torch.compile."""
-    torch.library.opcheck(torch.ops.fusenn.dropout_mask.default, (37, 0.25, 11, 3, torch.device("cpu")))
+    torch.library.opcheck(torch.ops.fusenn.dropout_mask.default, (37, 0.25, torch.tensor(11), 3, torch.device("cpu")))

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fusenn.functional import dropout
-from fusenn.ops import draw_seed
+from fusenn.ops import draw_seed_tensor
 from fusenn.ops import rnn as ops
 from fusenn.ops.dropout import dropout_mask
 
@@ -85,24 +85,30 @@ class _LockedDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, p, seed):
-        ctx.p, ctx.seed = p, seed
+        ctx.p = p
+        ctx.save_for_backward(seed)
         return x * _locked_scale(x, p, seed)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * _locked_scale(grad, ctx.p, ctx.seed), None, None
+        seed, = ctx.saved_tensors
+        return grad * _locked_scale(grad, ctx.p, seed), None, None
 
 
-def _locked_scale(x: Tensor, p: float, seed: int) -> Tensor:
+def _locked_scale(x: Tensor, p: float, seed: Tensor) -> Tensor:
     return dropout_mask(x.shape[1:], p, seed, 0, x.device).to(x.dtype) * (1.0 / (1.0 - p))
 
 
 # Streams of the per-forward seed: each mask kind and layer(-direction) k gets its own Philox key.
 _INPUT, _BETWEEN, _OUTPUT, _WEIGHT, _RECURRENT, _ZONEOUT = range(1, 7)
+_GOLDEN, _SEEDS = 0x9E3779B97F4A7C15, 1 << 62
 
 
-def _sub_seed(seed: int, kind: int, k: int = 0) -> int:
-    return (seed + (kind * 1024 + k) * 0x9E3779B97F4A7C15) % (1 << 62)
+def _sub_seed(seed, kind: int, k: int = 0):
+    """(seed + (kind * 1024 + k) * golden) mod 2**62, for an int seed or a 0-d int64 tensor alike (the per-
+    forward seed is a tensor, so torch.compile traces it): the stream's step is reduced mod 2**62 in Python
+    first, so with seed < 2**62 the sum stays below 2**63 and int64 computes the same value exactly."""
+    return (seed + (kind * 1024 + k) * _GOLDEN % _SEEDS) % _SEEDS
 
 
 class _Recurrent(_Convertible):
@@ -110,8 +116,9 @@ class _Recurrent(_Convertible):
     GRU: h) so torch's check_forward_args and permute_hidden apply unchanged.
 
     Keyword-only regularisers, all 0 / False by default (the module is then torch's exactly), applied in
-    training mode only; one seed is drawn with fusenn.ops.draw_seed per forward when any is on, and every
-    mask kind, layer and direction derives its own Philox key from it (torch.manual_seed repeats a run):
+    training mode only; one seed is drawn with fusenn.ops.draw_seed_tensor per forward when any is on (a
+    tensor, so torch.compile traces the forward whole), and every mask kind, layer and direction derives its
+    own Philox key from it (torch.manual_seed repeats a run, compiled or not):
       dropout: torch's, on each layer's output but the last;
       input_dropout: on the first layer's input; output_dropout: on the last layer's output (not on h_n);
       variational: those three masks are locked over time (one per (batch row, feature)), Gal & Ghahramani;
@@ -200,7 +207,7 @@ class _Recurrent(_Convertible):
         states = self._hidden_tuple(hx)
         # Only with a regulariser on does forward draw a seed of its own, so the default module consumes
         # torch's generator exactly as before (dropout between layers draws its seeds itself).
-        seed = draw_seed() if self.training and any(getattr(self, n, 0.0) for n in self._regularisers) else None
+        seed = draw_seed_tensor() if self.training and any(getattr(self, n, 0.0) for n in self._regularisers) else None
         x = self._drop(x, self.input_dropout, seed, _INPUT)
         finals = []
         for layer in range(self.num_layers):
@@ -229,7 +236,7 @@ class _Recurrent(_Convertible):
         # finals holds per (layer, direction) a tuple of states; stack each kind into (L*D, B, ·).
         return x, self._from_tuple(tuple(torch.stack(kind) for kind in zip(*finals)))
 
-    def _drop(self, x: Tensor, p: float, seed: Optional[int], kind: int, k: int = 0) -> Tensor:
+    def _drop(self, x: Tensor, p: float, seed: Optional[Tensor], kind: int, k: int = 0) -> Tensor:
         """Dropout of x (T, B, F), locked over time when `variational`. seed None means no fusenn regulariser
         is on, so only torch's between-layer dropout gets here: it runs as before, drawing its own seed."""
         if not self.training or not p:

@@ -3,7 +3,9 @@
 `scaled_dot_product_attention` checks and normalises the inputs as torch does, then runs either the
 reference (fusenn.reference.attention, plain autograd) or the Triton kernels through the ops
 `fusenn::attention_forward` / `fusenn::attention_backward` (custom_op + register_fake + register_autograd,
-so torch.compile traces them). The kernels see 4-D views: the broadcast batch dims are flattened to N,
+so torch.compile traces them). The dropout seed reaches the ops as a 0-d int64 CPU tensor (drawn with
+fusenn.ops.draw_seed_tensor, or the caller's int converted), read inside them, so a call with dropout traces
+whole too. The kernels see 4-D views: the broadcast batch dims are flattened to N,
 and the mask is expanded with stride 0 (never copied) to (N, Hq, L, S).
 """
 
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fusenn import dispatch
-from fusenn.ops import draw_seed, lower_precision_under_autocast, new_output
+from fusenn.ops import draw_seed_tensor, lower_precision_under_autocast, new_output, seed_tensor
 from fusenn.reference import attention as reference
 
 MAX_HEAD_DIM = 256
@@ -49,20 +51,21 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal):
 @lower_precision_under_autocast
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False, *, seed: Optional[int] = None) -> Tensor:
+                                 enable_gqa: bool = False, *, seed=None) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention, with a Triton flash-attention kernel.
 
     Shapes (..., L, E), (..., S, E), (..., S, Ev) with broadcastable batch dims; attn_mask bool (True =
     may attend) or additive, broadcastable to (..., L, S); is_causal aligns top-left (key s visible to
     query l iff s <= l); enable_gqa lets Hq be a multiple of Hkv (dim -3). Dropout uses a Philox mask from
-    `seed` (drawn from torch's generator when None, so torch.manual_seed repeats a run): element
+    `seed` (a Python int or a 0-d integer tensor; drawn from torch's generator when None, so
+    torch.manual_seed repeats a run, compiled or not): element
     (..., l, s) of the (*batch, Hq, L, S) weights is kept as fusenn.reference.attention.dropout_keep says,
     on every backend. The Triton kernel takes fp16, bf16 and fp32 (no tf32) with head dims up to 256.
     """
     _check(query, key, value, attn_mask, dropout_p, is_causal)
     batch, hq, hkv = reference.attention_shapes(query, key, value, enable_gqa)
     dropout_p = float(dropout_p)
-    seed = (draw_seed() if seed is None else int(seed)) if dropout_p > 0.0 else 0
+    seed = (draw_seed_tensor() if seed is None else seed_tensor(seed)) if dropout_p > 0.0 else None
     scale = reference.default_scale(query, scale)
     name = dispatch.choose("attention", query.device,
                            {"reference": None, "triton": _triton_reason(query, value, attn_mask)})
@@ -83,18 +86,24 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool,
-              scale: float, seed: int) -> Tensor:
+              scale: float, seed: Optional[Tensor]) -> Tensor:
     """The kernel path on 4-D inputs: q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev), mask None or
-    (N, Hq, L, S) (any strides, 0 on broadcast dims)."""
+    (N, Hq, L, S) (any strides, 0 on broadcast dims); seed a 0-d int64 CPU tensor, or None without dropout."""
     return attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed)[0]
+
+
+def _seed_value(seed: Optional[Tensor]) -> int:
+    """The seed tensor's value, read inside the ops (opaque to Dynamo); the kernels take 0 without dropout."""
+    return int(seed) if seed is not None else 0
 
 
 @torch.library.custom_op("fusenn::attention_forward", mutates_args=())
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool,
-                      scale: float, seed: int) -> tuple[Tensor, Tensor]:
+                      scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(out (N, Hq, L, Ev), log2-domain log-sum-exp of each row (N, Hq, L) float32)."""
     from fusenn.kernels import attention as kernels
 
+    seed = _seed_value(seed)
     N, H, L, _ = q.shape
     out = new_output((N, H, L, v.size(-1)), q.dtype, q.device)
     lse = new_output((N, H, L), torch.float32, q.device)
@@ -110,9 +119,10 @@ def _(q, k, v, mask, dropout_p, is_causal, scale, seed):
 @torch.library.custom_op("fusenn::attention_backward", mutates_args=())
 def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
-                       seed: int) -> tuple[Tensor, Tensor, Tensor]:
+                       seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     from fusenn.kernels import attention as kernels
 
+    seed = _seed_value(seed)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
@@ -128,13 +138,13 @@ def _(grad, q, k, v, out, lse, mask, dropout_p, is_causal, scale, seed):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, dropout_p, is_causal, scale, seed = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], mask)
-    ctx.args = (dropout_p, is_causal, scale, seed)
+    ctx.save_for_backward(q, k, v, output[0], output[1], mask, seed)
+    ctx.args = (dropout_p, is_causal, scale)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
-    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask, *ctx.args)
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask, *ctx.args, seed)
     return dq, dk, dv, None, None, None, None, None
 
 

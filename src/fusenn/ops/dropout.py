@@ -1,7 +1,9 @@
 """Philox dropout masks and dropout: the op that carries every backend path.
 
 `fusenn::dropout_mask` returns a flat bool mask (True = kept); element i comes from Philox counter
-offset + i, so any slice can be regenerated alone and backward never needs a stored mask.
+offset + i, so any slice can be regenerated alone and backward never needs a stored mask. Its seed is a
+0-d int64 CPU tensor read inside the op (fusenn.ops.seed_tensor / draw_seed_tensor), so torch.compile
+traces a call whose seed is drawn from torch's generator without a graph break.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ from __future__ import annotations
 import torch
 
 from fusenn import dispatch
-from fusenn.ops import draw_seed, new_output
+from fusenn.ops import draw_seed_tensor, new_output, seed_tensor
 from fusenn.reference import philox as reference
 
 SUPPORTED = {"reference": None, "triton": None, "cuda": None}
 
 
 @torch.library.custom_op("fusenn::dropout_mask", mutates_args=())
-def dropout_mask_flat(numel: int, p: float, seed: int, offset: int, device: torch.device) -> torch.Tensor:
+def dropout_mask_flat(numel: int, p: float, seed: torch.Tensor, offset: int, device: torch.device) -> torch.Tensor:
+    seed = int(seed)  # inside the op: opaque to Dynamo, so reading the value breaks no graph
     threshold = reference.dropout_threshold(p)
     k0, k1 = reference.split_seed(seed)
     if offset < 0:
@@ -38,34 +41,38 @@ def _(numel, p, seed, offset, device):
     return torch.empty((numel,), dtype=torch.bool, device=device)
 
 
-def dropout_mask(shape, p: float, seed: int, offset: int = 0, device=None) -> torch.Tensor:
+def dropout_mask(shape, p: float, seed, offset: int = 0, device=None) -> torch.Tensor:
+    """Bool mask of `shape` (True = kept) for `seed`: a Python int or a 0-d integer tensor."""
     shape = torch.Size([shape] if isinstance(shape, int) else shape)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return dropout_mask_flat(shape.numel(), float(p), int(seed), int(offset), device).view(shape)
+    return dropout_mask_flat(shape.numel(), float(p), seed_tensor(seed), int(offset), device).view(shape)
 
 
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p, seed):
         keep = dropout_mask(x.shape, p, seed, 0, x.device)
-        ctx.p, ctx.seed = p, seed
+        ctx.p = p
+        ctx.save_for_backward(seed)
         return x * keep / (1.0 - p)
 
     @staticmethod
     def backward(ctx, grad):
-        keep = dropout_mask(grad.shape, ctx.p, ctx.seed, 0, grad.device)  # regenerated, not stored
+        seed, = ctx.saved_tensors
+        keep = dropout_mask(grad.shape, ctx.p, seed, 0, grad.device)  # regenerated, not stored
         return grad * keep / (1.0 - ctx.p), None, None
 
 
-def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed: int | None = None) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed=None) -> torch.Tensor:
+    """torch.nn.functional.dropout with a Philox mask from `seed` (a Python int or a 0-d integer tensor),
+    drawn from torch's CPU generator when None, so torch.manual_seed repeats a run, compiled or not."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return x
     if p == 1.0:
         return x * 0.0
-    if seed is None:
-        seed = draw_seed()
-    return _Dropout.apply(x, float(p), int(seed))
+    seed = draw_seed_tensor() if seed is None else seed_tensor(seed)
+    return _Dropout.apply(x, float(p), seed)

@@ -15,8 +15,10 @@ _backward (register_fake, register_autograd), so torch.compile(fullgraph=True) t
 layers call them through setup_context-style autograd.Functions so torch.func.grad / vmap work too. The
 backward ops are not differentiable: a double backward raises.
 
-`lstm_layer` also takes the reference's recurrent_dropout=(p, seed) and zoneout=(p, seed or None); the
-Triton kernels regenerate those masks from Philox in forward and backward, so nothing extra is saved.
+`lstm_layer` also takes the reference's recurrent_dropout=(p, seed) and zoneout=(p, seed or None), each
+seed a Python int or a 0-d integer tensor; the Triton kernels regenerate those masks from Philox in forward
+and backward, so nothing extra is saved. The seeds reach the ops as 0-d int64 CPU tensors and are read
+inside them, so a module whose seeds are drawn per forward (fusenn.nn.rnn) traces without a graph break.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fusenn import dispatch
+from fusenn.ops import seed_tensor
 from fusenn.ops.dropout import dropout_mask
 from fusenn.reference import rnn as reference
 
@@ -92,13 +95,21 @@ def _setup_nothing(ctx, inputs, output):
 
 
 # The Triton path is four torch.library ops, so torch.compile traces it (their fakes give the shapes) and
-# autograd goes through register_autograd. The regularisers travel as scalars: recurrent dropout as
-# (rd_p or None, rd_seed), zoneout as (zo_p or None, zo_seed or None: None = the expectation).
+# autograd goes through register_autograd. The regularisers travel as scalars and seed tensors (0-d int64
+# CPU, read inside the ops): recurrent dropout as (rd_p or None, rd_seed or None), zoneout as (zo_p or None,
+# zo_seed or None: None = the expectation).
+
+
+def _regularisers(rd_p, rd_seed, zo_p, zo_seed):
+    """The kernels' (p, int seed) pairs, or None each."""
+    return ((rd_p, int(rd_seed)) if rd_p is not None else None,
+            (zo_p, int(zo_seed) if zo_seed is not None else None) if zo_p is not None else None)
+
 
 @torch.library.custom_op("fusenn::lstm_layer_forward", mutates_args=())
 def lstm_layer_forward(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
-                       lengths: Optional[Tensor], reverse: bool, save: bool, rd_p: Optional[float], rd_seed: int,
-                       zo_p: Optional[float], zo_seed: Optional[int]
+                       lengths: Optional[Tensor], reverse: bool, save: bool, rd_p: Optional[float],
+                       rd_seed: Optional[Tensor], zo_p: Optional[float], zo_seed: Optional[Tensor]
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, h_n, c_n, hs, cs, ms): the outputs and, when `save`, the fp32 buffers backward needs
     (fusenn.kernels.lstm.lstm_forward); empty tensors stand for the buffers not kept."""
@@ -106,8 +117,7 @@ def lstm_layer_forward(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: O
 
     gx, h0, c0, w_hh, w_hr = _contiguous(gx, h0, c0, w_hh, w_hr)
     y, h_n, c_n, states = kernels.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, save,
-                                               (rd_p, rd_seed) if rd_p is not None else None,
-                                               (zo_p, zo_seed) if zo_p is not None else None)
+                                               *_regularisers(rd_p, rd_seed, zo_p, zo_seed))
     hs, cs, ms = states if save else (None, None, None)
     return (y, h_n, c_n) + tuple(t if t is not None else _empty(gx.device) for t in (hs, cs, ms))
 
@@ -126,23 +136,24 @@ def _(gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_se
 @torch.library.custom_op("fusenn::lstm_layer_backward", mutates_args=())
 def lstm_layer_backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, gx: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
                         lengths: Optional[Tensor], reverse: bool, hs: Tensor, cs: Tensor, ms: Tensor,
-                        rd_p: Optional[float], rd_seed: int, zo_p: Optional[float], zo_seed: Optional[int],
+                        rd_p: Optional[float], rd_seed: Optional[Tensor], zo_p: Optional[float],
+                        zo_seed: Optional[Tensor],
                         grad_w_hh: bool, grad_w_hr: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d gx, d h0, d c0 in gx's dtype, d w_hh, d w_hr in theirs); a weight gradient not asked for (or w_hr
     absent) is an empty tensor."""
     from fusenn.kernels import lstm as kernels
 
     dy, dh_n, dc_n = _contiguous(dy, dh_n, dc_n)
+    recurrent_dropout, zoneout = _regularisers(rd_p, rd_seed, zo_p, zo_seed)
     dg, dh0, dc0, dhs = kernels.lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs,
-                                              (rd_p, rd_seed) if rd_p is not None else None,
-                                              (zo_p, zo_seed) if zo_p is not None else None)
+                                              recurrent_dropout, zoneout)
     T, rev = gx.shape[0], int(reverse)
     d_w_hh, d_w_hr = _empty(gx.device), _empty(gx.device)
     if grad_w_hh:
         h_prev = hs[rev:T + rev]  # the states entering each step
         if rd_p is not None:  # as they entered the product: times r/(1-p), regenerated
-            h_prev = h_prev * (dropout_mask(h_prev.shape[1:], rd_p, rd_seed, 0, h_prev.device).to(h_prev.dtype)
-                               * (1.0 / (1.0 - rd_p)))
+            keep = dropout_mask(h_prev.shape[1:], rd_p, recurrent_dropout[1], 0, h_prev.device)
+            h_prev = h_prev * (keep.to(h_prev.dtype) * (1.0 / (1.0 - rd_p)))
         d_w_hh = _grad_matmul(dg, h_prev, w_hh.dtype)
     if w_hr is not None and grad_w_hr:
         d_w_hr = _grad_matmul(dhs, ms, w_hr.dtype)
@@ -163,16 +174,16 @@ def _lstm_setup(ctx, inputs, output):
     gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed = inputs
     _, _, _, hs, cs, ms = output
     ctx.mark_non_differentiable(hs, cs, ms)
-    ctx.save_for_backward(gx, w_hh, w_hr, lengths, hs, cs, ms)
-    ctx.args = (reverse, rd_p, rd_seed, zo_p, zo_seed)
+    ctx.save_for_backward(gx, w_hh, w_hr, lengths, hs, cs, ms, rd_seed, zo_seed)
+    ctx.args = (reverse, rd_p, zo_p)
     ctx.saved = save
 
 
 def _lstm_backward(ctx, dy, dh_n, dc_n, _hs, _cs, _ms):
     if not ctx.saved:
         raise RuntimeError("fusenn: lstm_layer_forward ran with save=False, so it cannot be differentiated")
-    gx, w_hh, w_hr, lengths, hs, cs, ms = ctx.saved_tensors
-    reverse, rd_p, rd_seed, zo_p, zo_seed = ctx.args
+    gx, w_hh, w_hr, lengths, hs, cs, ms, rd_seed, zo_seed = ctx.saved_tensors
+    reverse, rd_p, zo_p = ctx.args
     needs = ctx.needs_input_grad
     dg, dh0, dc0, d_w_hh, d_w_hr = _LSTMBackward.apply(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs, ms,
                                                        rd_p, rd_seed, zo_p, zo_seed, needs[3],
@@ -298,11 +309,13 @@ def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[
         dtype = gx.dtype
         h0, c0, w_hh = h0.to(dtype), c0.to(dtype), w_hh.to(dtype)
         w_hr = w_hr.to(dtype) if w_hr is not None else None
-        rd_p, rd_seed = (float(recurrent_dropout[0]), int(recurrent_dropout[1])) if recurrent_dropout else (None, 0)
-        zo_p, zo_seed = (float(zoneout[0]), zoneout[1]) if zoneout else (None, None)
+        rd_p, rd_seed = ((float(recurrent_dropout[0]), seed_tensor(recurrent_dropout[1])) if recurrent_dropout
+                         else (None, None))
+        zo_p, zo_seed = (float(zoneout[0]), seed_tensor(zoneout[1]) if zoneout[1] is not None else None) \
+            if zoneout else (None, None)
         layer = lstm_layer_forward if torch.compiler.is_compiling() else _LSTMLayer.apply
         out = layer(gx, h0, c0, w_hh, w_hr, _lengths(lengths, gx.device), bool(reverse),
-                    _needs_grad(gx, h0, c0, w_hh, w_hr), rd_p, rd_seed, zo_p, int(zo_seed) if zo_seed is not None else None)
+                    _needs_grad(gx, h0, c0, w_hh, w_hr), rd_p, rd_seed, zo_p, zo_seed)
         return out[:3]
     raise AssertionError(name)
 

@@ -28,7 +28,12 @@ def dropout_threshold(p: float) -> int:
     return int(round(p * (1 << 24)))
 
 
-def split_seed(seed: int) -> tuple[int, int]:
+def split_seed(seed):
+    """(lo32(seed), hi32(seed)). `seed` is an int, or a 0-d int64 tensor (what fusenn's ops pass, so that
+    torch.compile traces the reference paths without reading the value; its range was checked where it was
+    made): the key words are then 0-d tensors and the rounds below compute the same integers with them."""
+    if isinstance(seed, torch.Tensor):
+        return seed & MASK32, seed >> 32
     if not 0 <= seed < (1 << 63):
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     return seed & MASK32, seed >> 32
@@ -42,8 +47,9 @@ def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
-    """Philox4x32-10 of counters (int64 tensors holding uint32 words) under key (k0, k1)."""
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of counters (int64 tensors holding uint32 words) under key (k0, k1): ints or 0-d int64
+    tensors."""
     for _ in range(PHILOX_ROUNDS):
         hi0, lo0 = _mulhilo(c0, PHILOX_M0)
         hi1, lo1 = _mulhilo(c2, PHILOX_M1)
