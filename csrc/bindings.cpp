@@ -13,14 +13,18 @@ void check_launch(int status, const char* what) {
   TORCH_CHECK(status == 0, "fusenn: ", what, " failed: ", cuda_error_string(status));
 }
 
-void dropout_mask_out(const at::Tensor& out, int64_t seed, int64_t offset, int64_t threshold, int64_t stream) {
+void dropout_mask_out(const at::Tensor& out, const at::Tensor& seed, int64_t offset, int64_t threshold,
+                      int64_t stream) {
   TORCH_CHECK(out.is_cuda(), "fusenn_cuda::dropout_mask_out: expected a CUDA tensor, got ", out.device());
   TORCH_CHECK(out.scalar_type() == at::kBool, "fusenn_cuda::dropout_mask_out: expected a bool tensor, got ",
               out.scalar_type());
   TORCH_CHECK(out.is_contiguous(), "fusenn_cuda::dropout_mask_out: expected a contiguous tensor");
-  TORCH_CHECK(seed >= 0 && offset >= 0, "fusenn_cuda::dropout_mask_out: seed and offset must be non-negative");
+  TORCH_CHECK(seed.device() == out.device() && seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "fusenn_cuda::dropout_mask_out: expected the seed as one int64 on ", out.device(), ", got ",
+              seed.scalar_type(), " of ", seed.numel(), " elements on ", seed.device());
+  TORCH_CHECK(offset >= 0, "fusenn_cuda::dropout_mask_out: offset must be non-negative");
   TORCH_CHECK(threshold >= 0 && threshold <= (1 << 24), "fusenn_cuda::dropout_mask_out: threshold out of range");
-  check_launch(launch_dropout_mask(out.data_ptr<bool>(), out.numel(), static_cast<uint64_t>(seed),
+  check_launch(launch_dropout_mask(out.data_ptr<bool>(), out.numel(), seed.data_ptr<int64_t>(),
                                    static_cast<uint64_t>(offset), static_cast<uint32_t>(threshold),
                                    reinterpret_cast<Stream>(stream)),
                "dropout_mask kernel launch");
@@ -30,7 +34,7 @@ void dropout_mask_out(const at::Tensor& out, int64_t seed, int64_t offset, int64
 }  // namespace fusenn
 
 TORCH_LIBRARY(fusenn_cuda, m) {
-  m.def("dropout_mask_out(Tensor(a!) out, int seed, int offset, int threshold, int stream) -> ()");
+  m.def("dropout_mask_out(Tensor(a!) out, Tensor seed, int offset, int threshold, int stream) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fusenn_cuda, CUDA, m) { m.impl("dropout_mask_out", &fusenn::dropout_mask_out); }

@@ -10,7 +10,8 @@ namespace fusenn {
 
 using Stream = CUstream_st*;
 
-int launch_dropout_mask(bool* out, int64_t numel, uint64_t seed, uint64_t offset, uint32_t threshold,
+// seed: one int64 in device memory.
+int launch_dropout_mask(bool* out, int64_t numel, const int64_t* seed, uint64_t offset, uint32_t threshold,
                         Stream stream);
 const char* cuda_error_string(int status);
 

@@ -1,4 +1,5 @@
-// Dropout-mask kernel: a grid-stride loop, counter = offset + element index.
+// Dropout-mask kernel: a grid-stride loop, counter = offset + element index. The seed is read from device
+// memory, not passed by value, so a CUDA graph replays the kernel with the seed torch's RNG drew anew.
 #include <cuda_runtime.h>
 
 #include "launch.h"
@@ -6,15 +7,16 @@
 
 namespace fusenn {
 
-__global__ void dropout_mask_kernel(bool* __restrict__ out, int64_t numel, uint64_t seed, uint64_t offset,
-                                    uint32_t threshold) {
+__global__ void dropout_mask_kernel(bool* __restrict__ out, int64_t numel, const int64_t* __restrict__ seed_ptr,
+                                    uint64_t offset, uint32_t threshold) {
+  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
     out[i] = philox_keep(offset + static_cast<uint64_t>(i), seed, threshold);
   }
 }
 
-int launch_dropout_mask(bool* out, int64_t numel, uint64_t seed, uint64_t offset, uint32_t threshold,
+int launch_dropout_mask(bool* out, int64_t numel, const int64_t* seed, uint64_t offset, uint32_t threshold,
                         Stream stream) {
   if (numel == 0) return 0;
   constexpr int threads = 256;

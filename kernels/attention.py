@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fusenn.kernels import INTERPRET
-from fusenn.kernels.philox import philox_keep
+from fusenn.kernels.philox import philox_keep, philox_key
 
 LOG2E = tl.constexpr(1.4426950408889634)
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
@@ -82,17 +82,18 @@ def _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale,
 
 
 @triton.jit
-def _keep(nh, rows, cols, L, S, k0, k1, threshold):
+def _keep(nh, rows, cols, L, S, SEED, threshold):
     """Dropout keep-bits of a tile: the element's flat index in (N, Hq, L, S) is its Philox counter."""
     counter = (nh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :]
+    k0, k1 = philox_key(SEED)  # one cached scalar load per tile
     return philox_keep(counter, k0, k1, threshold)
 
 
-@triton.jit(do_not_specialize=["k0", "k1", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def attention_forward_kernel(
         Q, K, V, O, LSE, MASK,
         sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, son, soh, sol, sod, smn, smh, sml, sms,
-        H, L, S, E, EV, GROUP, qk_scale, drop_scale, k0, k1, threshold,
+        H, L, S, E, EV, GROUP, qk_scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -126,7 +127,7 @@ def attention_forward_kernel(
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_keep(nh, rows, cols, L, S, k0, k1, threshold), p, 0.0)
+            p = tl.where(_keep(nh, rows, cols, L, S, SEED, threshold), p, 0.0)
         v = tl.load(v_base + cols[:, None] * svs + dv[None, :] * svd,
                     mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
         acc = acc * alpha[:, None] + _dot(p, v, DOT_F32)
@@ -141,12 +142,12 @@ def attention_forward_kernel(
     tl.store(LSE + nh.to(tl.int64) * L + rows, lse, mask=rows < L)
 
 
-@triton.jit(do_not_specialize=["k0", "k1", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def attention_backward_dq_kernel(
         Q, K, V, O, DO, LSE, DELTA, DQ, MASK,
         sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, son, soh, sol, sod,
         sdn, sdh, sdl, sdd, smn, smh, sml, sms,
-        H, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, k0, k1, threshold,
+        H, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -184,18 +185,18 @@ def attention_backward_dq_kernel(
         p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), DOT_F32)
         if DROPOUT:
-            dp = tl.where(_keep(nh, rows, cols, L, S, k0, k1, threshold), dp * drop_scale, 0.0)
+            dp = tl.where(_keep(nh, rows, cols, L, S, SEED, threshold), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds, k, DOT_F32)
     tl.store(DQ + nh.to(tl.int64) * L * E + rows[:, None] * E + d[None, :], _cast(dq * scale, DQ.dtype.element_ty),
              mask=q_mask)
 
 
-@triton.jit(do_not_specialize=["k0", "k1", "threshold"])
+@triton.jit(do_not_specialize=["threshold"])
 def attention_backward_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV_OUT, MASK,
         sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, sdn, sdh, sdl, sdd, smn, smh, sml, sms,
-        H, HKV, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, k0, k1, threshold,
+        H, HKV, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -234,7 +235,7 @@ def attention_backward_dkdv_kernel(
             p = tl.exp2(s - lse[:, None])
             dp = _dot(do, tl.trans(v), DOT_F32)
             if DROPOUT:
-                keep = _keep(nh, rows, cols, L, S, k0, k1, threshold)
+                keep = _keep(nh, rows, cols, L, S, SEED, threshold)
                 dv_acc += _dot(tl.trans(tl.where(keep, p * drop_scale, 0.0)), do, DOT_F32)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             else:
@@ -276,21 +277,20 @@ def _mask_args(mask, q):
 
 
 def _common(q, k, v, mask, dropout_p, scale, seed):
-    from fusenn.reference.philox import dropout_threshold, split_seed
+    from fusenn.reference.philox import dropout_threshold
 
     N, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
     mask_t, kind, mstrides = _mask_args(mask, q)
-    k0, k1 = split_seed(seed)
     return dict(
         sizes=(N, H, HKV, L, S, E, EV), mask=mask_t, mstrides=mstrides,
         consts=dict(D=_pad(E), DV=_pad(EV), MASK_KIND=kind, DROPOUT=dropout_p > 0.0,
                     DOT_F32=INTERPRET or q.dtype == torch.float32),
         qk_scale=scale * 1.4426950408889634, drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,
-        philox=(k0, k1, dropout_threshold(dropout_p)))
+        philox=(seed if seed is not None else q, dropout_threshold(dropout_p)))  # q: never read
 
 
-def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, seed: int, out, lse):
+def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, seed, out, lse):
     """Fill out (N, Hq, L, Ev) and lse (N, Hq, L) float32 (log2 domain); see the module docstring."""
     c = _common(q, k, v, mask, dropout_p, scale, seed)
     N, H, HKV, L, S, E, EV = c["sizes"]
@@ -305,7 +305,7 @@ def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: f
     return out, lse
 
 
-def attention_backward(grad, q, k, v, out, lse, mask, dropout_p: float, is_causal: bool, scale: float, seed: int,
+def attention_backward(grad, q, k, v, out, lse, mask, dropout_p: float, is_causal: bool, scale: float, seed,
                        dq, dk, dv, delta):
     """Fill the contiguous dq, dk, dv (shapes of q, k, v) and the scratch delta (N, Hq, L) float32."""
     c = _common(q, k, v, mask, dropout_p, scale, seed)

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from fusenn.kernels import INTERPRET
-from fusenn.kernels.philox import philox_keep
+from fusenn.kernels.philox import philox_keep, philox_key
 from fusenn.ops import new_output
 
 BLOCK_B = 16  # tl.dot needs every dimension >= 16
@@ -161,18 +161,30 @@ def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P:
     return i, f, g, o
 
 
-_REG_ARGS = ["rd_k0", "rd_k1", "rd_thr", "zo_k0", "zo_k1", "zo_thr"]
+_REG_ARGS = ["rd_thr", "zo_thr"]
+
+
+@triton.jit
+def seed_words(seed_ptr, USED: tl.constexpr):
+    """Philox key words of the seed at seed_ptr; without the regulariser seed_ptr is any buffer, never read."""
+    if USED:
+        k0, k1 = philox_key(seed_ptr)
+    else:
+        k0, k1 = 0, 0
+    return k0, k1
 
 
 @triton.jit(do_not_specialize=["T", "B"] + _REG_ARGS)
 def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_ptr, y_ptr, T, B,
-                        rd_k0, rd_k1, rd_thr, rd_scale, zo_k0, zo_k1, zo_thr, zo_u,
+                        rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
                         H: tl.constexpr, P: tl.constexpr,
                         HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
                         SAVE: tl.constexpr, FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    rd_k0, rd_k1 = seed_words(rd_seed_ptr, RDROP)
+    zo_k0, zo_k1 = seed_words(zo_seed_ptr, ZONEOUT == 1)
     lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
     k = 0
     while k < T:  # see Specialisation above
@@ -230,7 +242,7 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
 
 @triton.jit(do_not_specialize=["T", "B"] + _REG_ARGS)
 def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy_ptr, dh_ptr, dc_ptr, dg_ptr,
-                         dhs_ptr, T, B, rd_k0, rd_k1, rd_thr, rd_scale, zo_k0, zo_k1, zo_thr, zo_u,
+                         dhs_ptr, T, B, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
                          H: tl.constexpr, P: tl.constexpr,
                          HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
                          FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
@@ -238,6 +250,8 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
     """dh (B, P) and dc (B, H) enter holding the gradients of h_n, c_n and leave holding those of h0, c0."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    rd_k0, rd_k1 = seed_words(rd_seed_ptr, RDROP)
+    zo_k0, zo_k1 = seed_words(zo_seed_ptr, ZONEOUT == 1)
     lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
     k = 0
     while k < T:
@@ -322,23 +336,22 @@ def _launch_args(gx, P):
                 BLOCK_H=block_size(H, 64), BLOCK_P=block_size(P, 32), num_warps=NUM_WARPS)
 
 
-def _reg_args(recurrent_dropout, zoneout):
-    """Kernel arguments for the regularisers: (p, seed) or None each; zoneout's seed None = expectation."""
-    from fusenn.reference.philox import dropout_threshold, split_seed
+def _reg_args(recurrent_dropout, zoneout, unused):
+    """Kernel arguments for the regularisers: (p, seed) or None each, seeds 0-d int64 tensors on the
+    kernel's device; zoneout's seed None = expectation. `unused` stands for an absent seed (never read)."""
+    from fusenn.reference.philox import dropout_threshold
 
-    args = dict(rd_k0=0, rd_k1=0, rd_thr=0, rd_scale=1.0, zo_k0=0, zo_k1=0, zo_thr=0, zo_u=1.0, RDROP=False,
+    args = dict(rd_seed_ptr=unused, rd_thr=0, rd_scale=1.0, zo_seed_ptr=unused, zo_thr=0, zo_u=1.0, RDROP=False,
                 ZONEOUT=0)
     if recurrent_dropout is not None:
         p, seed = recurrent_dropout
-        k0, k1 = split_seed(seed)
-        args.update(rd_k0=k0, rd_k1=k1, rd_thr=dropout_threshold(p), rd_scale=1.0 / (1.0 - p), RDROP=True)
+        args.update(rd_seed_ptr=seed, rd_thr=dropout_threshold(p), rd_scale=1.0 / (1.0 - p), RDROP=True)
     if zoneout is not None:
         p, seed = zoneout
         if seed is None:
             args.update(zo_u=1.0 - p, ZONEOUT=2)
         else:
-            k0, k1 = split_seed(seed)
-            args.update(zo_k0=k0, zo_k1=k1, zo_thr=dropout_threshold(p), ZONEOUT=1)
+            args.update(zo_seed_ptr=seed, zo_thr=dropout_threshold(p), ZONEOUT=1)
     return args
 
 
@@ -360,7 +373,7 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, rec
     if T and B:
         lstm_forward_kernel[(triton.cdiv(B, BLOCK_B),)](
             gx, w_hh, w_hr if w_hr is not None else w_hh, lengths if lengths is not None else hs, hs, cs,
-            ms if ms is not None else hs, y, T, B, **_reg_args(recurrent_dropout, zoneout),
+            ms if ms is not None else hs, y, T, B, **_reg_args(recurrent_dropout, zoneout, hs),
             HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save,
             **_launch_args(gx, P))
     last = (0 if reverse else T) if save else T % 2
@@ -384,6 +397,6 @@ def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs
     if T and B:
         lstm_backward_kernel[(triton.cdiv(B, BLOCK_B),)](
             gx, w_hh, w_hr if w_hr is not None else w_hh, lengths if lengths is not None else hs, hs, cs, dy,
-            dh, dc, dg, dhs if dhs is not None else dg, T, B, **_reg_args(recurrent_dropout, zoneout),
+            dh, dc, dg, dhs if dhs is not None else dg, T, B, **_reg_args(recurrent_dropout, zoneout, hs),
             HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, **_launch_args(gx, P))
     return dg, dh, dc, dhs

@@ -2,6 +2,9 @@
 
 Bit-identical to fusenn.reference.philox and csrc/philox.cuh: see the convention there. Other kernels
 call `philox_keep` with the flat counter of each element to regenerate their masks in backward.
+Kernels read their seed from device memory (`philox_key`), never from a launch argument: a CUDA graph
+bakes launch arguments in at capture, but the seed tensor is refilled by torch's RNG on every replay, so
+each replay draws fresh masks as eager calls would.
 The 32x32 -> 64 bit product goes through uint64 (umulhi is not available in every Triton version's
 interpreter).
 """
@@ -40,22 +43,32 @@ def philox_uint32(counter, k0, k1):
 
 
 @triton.jit
+def philox_key(seed_ptr):
+    """Key words (lo32, hi32) of the int64 seed at seed_ptr, as int64 scalars."""
+    seed = tl.load(seed_ptr)
+    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+
+
+@triton.jit
 def philox_keep(counter, k0, k1, threshold):
     """True where the element with this counter survives dropout (threshold from dropout_threshold)."""
     return (philox_uint32(counter, k0, k1) >> 8).to(tl.int32) >= threshold
 
 
-@triton.jit(do_not_specialize=["numel", "offset", "k0", "k1", "threshold"])
-def dropout_mask_kernel(out_ptr, numel, offset, k0, k1, threshold, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["numel", "offset", "threshold"])
+def dropout_mask_kernel(out_ptr, numel, offset, seed_ptr, threshold, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    k0, k1 = philox_key(seed_ptr)
     keep = philox_keep(idx + offset, k0, k1, threshold)
     tl.store(out_ptr + idx, keep.to(tl.int8), mask=idx < numel)
 
 
-def dropout_mask(out, offset: int, k0: int, k1: int, threshold: int):
-    """Fill the flat bool tensor `out` with the mask for counters offset .. offset + out.numel() - 1."""
+def dropout_mask(out, offset: int, seed, threshold: int):
+    """Fill the flat bool tensor `out` with the mask for counters offset .. offset + out.numel() - 1;
+    `seed` is a 0-d int64 tensor on out's device."""
     numel = out.numel()
     block = 1024
     grid = (triton.cdiv(numel, block),)
-    dropout_mask_kernel[grid](out.view(torch.int8), numel, offset, k0, k1, threshold, BLOCK=block)
+    if numel:
+        dropout_mask_kernel[grid](out.view(torch.int8), numel, offset, seed, threshold, BLOCK=block)
     return out

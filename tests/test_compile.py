@@ -105,7 +105,7 @@ def _opcheck_cases(device):
     def r(*shape, grad=True):
         return (torch.randn(*shape, generator=g) * 0.5).to(device).requires_grad_(grad)
 
-    def seed(value):  # the ops take seeds as 0-d int64 CPU tensors
+    def seed(value):  # the ops take seeds as 0-d int64 tensors
         return torch.tensor(value, dtype=torch.int64)
 
     lengths = torch.tensor([2, 1, 2], device=device)
@@ -177,9 +177,9 @@ def test_rnn_triton_double_backward_raises(kernel_backend, make):
         torch.func.grad(lambda x: torch.func.grad(lambda x: m(x)[0].pow(2).sum())(x).sum())(x.detach())
 
 
-# Dropout under torch.compile. Seeds reach the ops as 0-d int64 CPU tensors: drawn in the graph by
+# Dropout under torch.compile. Seeds reach the ops as 0-d int64 tensors: drawn in the graph by
 # fusenn.ops.draw_seed_tensor (torch.randint, so Dynamo keeps the RNG op and torch.manual_seed repeats a
-# compiled run) and read inside the custom ops, which Dynamo does not enter; a call with dropout or a
+# compiled run) and read by the kernels, inside the custom ops, which Dynamo does not enter; a call with dropout or a
 # regulariser therefore traces whole, and draws the same masks as eager for the same generator state.
 
 @pytest.fixture(params=["reference", "triton"])

@@ -47,3 +47,45 @@ def test_capture_and_replay(name):
         with torch.no_grad():
             expected = call(name, module, fresh)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+# Training-mode masks under capture. Every kernel reads its Philox seed from device memory, and the seed is
+# drawn by torch's CUDA RNG, which a graph re-draws on each replay from the generator's state then: so two
+# replays draw different masks, and a replay right after torch.manual_seed(s) draws the mask an eager call
+# right after torch.manual_seed(s) draws.
+MASKED = {
+    "dropout": (lambda: None, lambda m, x: fusenn.functional.dropout(x, 0.5), (64, 33), ("triton", "cuda")),
+    "sdpa": (lambda: None, lambda m, x: fusenn.functional.scaled_dot_product_attention(x, x, x, dropout_p=0.3),
+             (2, 4, 33, 16), ("triton",)),
+    "lstm": (lambda: fusenn.LSTM(16, 32, 2, input_dropout=0.2, recurrent_dropout=0.3, zoneout=0.2, dropout=0.1),
+             lambda m, x: m(x)[0], (7, 4, 16), ("triton",)),
+}
+
+
+@pytest.mark.parametrize("name,backend", [(n, b) for n, case in sorted(MASKED.items()) for b in case[3]])
+def test_replays_draw_fresh_masks(name, backend):
+    make, call, shape, _ = MASKED[name]
+    if not fusenn.backends()[backend].usable:
+        pytest.skip(f"{backend} backend unusable here: {fusenn.backends()[backend].detail}")
+    torch.manual_seed(0)
+    with fusenn.set_backend(backend), torch.no_grad():
+        module = make()
+        module = module.cuda().train() if module is not None else None
+        static = torch.randn(shape, device="cuda")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                call(module, static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call(module, static)
+        torch.manual_seed(1)
+        graph.replay()
+        first = out.clone()
+        graph.replay()
+        assert not torch.equal(out, first), "the second replay reused the first replay's masks"
+        torch.manual_seed(1)
+        expected = call(module, static)
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)

@@ -40,7 +40,7 @@ def test_philox_compiles_for_sm90():
     compile_in_subprocess(r"""
 from fusenn.kernels import philox
 
-kernel = compile_for_sm90(philox.dropout_mask_kernel, {"BLOCK": 1024}, lambda a: "*i8" if a == "out_ptr" else "i64")
+kernel = compile_for_sm90(philox.dropout_mask_kernel, {"BLOCK": 1024}, lambda a: {"out_ptr": "*i8", "seed_ptr": "*i64"}.get(a, "i64"))
 assert "mul.hi.u32" in kernel.asm["ptx"] or "mul.wide.u32" in kernel.asm["ptx"], "no 32-bit high multiply"
 print("ok")
 """)
@@ -52,7 +52,8 @@ def test_attention_compiles_for_sm90():
 from fusenn.kernels import attention as A
 
 types = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV_OUT")}
-types.update(LSE="*fp32", DELTA="*fp32", MASK="*u8", qk_scale="fp32", scale="fp32", drop_scale="fp32")
+types.update(LSE="*fp32", DELTA="*fp32", MASK="*u8", SEED="*i64", qk_scale="fp32", scale="fp32",
+             drop_scale="fp32")
 for name, fn in (("fwd", A.attention_forward_kernel), ("dq", A.attention_backward_dq_kernel),
                  ("dkdv", A.attention_backward_dkdv_kernel)):
     cfg = A._config(64, torch.bfloat16, backward=name != "fwd")
@@ -72,15 +73,16 @@ from fusenn.kernels import gru, lstm
 
 def arg_type(dtype):
     half = {"gx_ptr", "w_hh_ptr", "w_hr_ptr", "b_hh_ptr", "y_ptr", "dy_ptr"}
-    return lambda a: ("*i64" if a == "len_ptr" else f"*{dtype}" if a in half else "*fp32" if a.endswith("_ptr")
-                      else "fp32" if a in ("rd_scale", "zo_u") else "i64" if a in ("rd_k0", "rd_k1", "zo_k0", "zo_k1")
-                      else "i32")
+    return lambda a: ("*i64" if a in ("len_ptr", "rd_seed_ptr", "zo_seed_ptr") else f"*{dtype}" if a in half
+                      else "*fp32" if a.endswith("_ptr") else "fp32" if a in ("rd_scale", "zo_u") else "i32")
 
 
-for dtype in ("bf16", "fp32"):
+# bf16 with both regularisers sampled; fp32 without recurrent dropout and with zoneout's expectation (the
+# seed pointers are then never read)
+for dtype, rdrop, zoneout in (("bf16", True, 1), ("fp32", False, 2)):
     H, P = 129, 64
-    common = dict(H=H, P=P, HAS_PROJ=True, HAS_LENGTHS=True, REVERSE=True, FP32_DOT=dtype == "fp32", RDROP=True,
-                  ZONEOUT=1, BLOCK_B=lstm.BLOCK_B, BLOCK_H=lstm.block_size(H, 64), BLOCK_P=lstm.block_size(P, 32))
+    common = dict(H=H, P=P, HAS_PROJ=True, HAS_LENGTHS=True, REVERSE=True, FP32_DOT=dtype == "fp32", RDROP=rdrop,
+                  ZONEOUT=zoneout, BLOCK_B=lstm.BLOCK_B, BLOCK_H=lstm.block_size(H, 64), BLOCK_P=lstm.block_size(P, 32))
     compile_for_sm90(lstm.lstm_forward_kernel, dict(common, SAVE=True), arg_type(dtype), num_warps=lstm.NUM_WARPS)
     compile_for_sm90(lstm.lstm_backward_kernel, common, arg_type(dtype), num_warps=lstm.NUM_WARPS)
     common = dict(H=H, HAS_BIAS=True, HAS_LENGTHS=True, REVERSE=True, FP32_DOT=dtype == "fp32",

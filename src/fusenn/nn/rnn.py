@@ -207,7 +207,8 @@ class _Recurrent(_Convertible):
         states = self._hidden_tuple(hx)
         # Only with a regulariser on does forward draw a seed of its own, so the default module consumes
         # torch's generator exactly as before (dropout between layers draws its seeds itself).
-        seed = draw_seed_tensor() if self.training and any(getattr(self, n, 0.0) for n in self._regularisers) else None
+        drawing = self.training and any(getattr(self, n, 0.0) for n in self._regularisers)
+        seed = draw_seed_tensor(device=x.device) if drawing else None
         x = self._drop(x, self.input_dropout, seed, _INPUT)
         finals = []
         for layer in range(self.num_layers):

@@ -18,36 +18,35 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     return out
 
 
-def draw_seed_tensor(generator=None) -> torch.Tensor:
-    """A Philox seed from torch's CPU generator as a 0-d int64 CPU tensor, so torch.manual_seed repeats a run.
+def draw_seed_tensor(generator=None, device=None) -> torch.Tensor:
+    """A Philox seed from torch's generator for `device` (CPU by default) as a 0-d int64 tensor there, so
+    torch.manual_seed repeats a run.
 
     The traceable form: under torch.compile the draw is an op in the graph (no data-dependent Python int,
-    no graph break) and the custom ops read its value inside their implementation. Eagerly it consumes the
-    generator exactly as draw_seed does and holds the same value."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu", generator=generator)
+    no graph break) and the kernels read the value from memory. On a GPU the draw is torch's CUDA RNG, which
+    CUDA graphs advance on each replay, so a replayed graph draws fresh masks (a seed read on the host would
+    be frozen into the graph at capture)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device, generator=generator)
 
 
-def draw_seed(generator=None) -> int:
-    """A Philox seed from torch's CPU generator, so torch.manual_seed repeats a run (eager callers; a
-    graph break under torch.compile: use draw_seed_tensor there)."""
-    return int(draw_seed_tensor(generator))
-
-
-def seed_tensor(seed) -> torch.Tensor:
-    """A user's seed (a Python int in [0, 2**63), or an integer tensor holding one) as the 0-d int64 CPU
-    tensor the ops take. Ints are checked here; a tensor's value is checked eagerly (under torch.compile it
-    is left to the op, which checks it when it reads it)."""
+def seed_tensor(seed, device=None) -> torch.Tensor:
+    """A user's seed (a Python int in [0, 2**63), or an integer tensor holding one) as the 0-d int64 tensor
+    on `device` (CPU by default) that the ops take. Ints are checked here, and so is a CPU tensor's value
+    when eager; a device tensor's value is not read on the host (that would synchronise, and break CUDA-graph
+    capture): its two 32-bit words are the key whatever its sign."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
     if isinstance(seed, torch.Tensor):
         if seed.dim() != 0 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
             raise ValueError(f"fusenn: a seed tensor must be a 0-d integer tensor, got {seed.dtype} of shape "
                              f"{tuple(seed.shape)}")
-        seed = seed.to(device="cpu", dtype=torch.int64)
-        if not torch.compiler.is_compiling():
+        if seed.device.type == "cpu" and not torch.compiler.is_compiling():
             _check_seed(int(seed))
-        return seed
+        return seed.to(device=device, dtype=torch.int64)
     seed = int(seed)
     _check_seed(seed)
-    return torch.tensor(seed, dtype=torch.int64)
+    # A fill, not a copy from host memory: it can be captured in a CUDA graph (the seed is then a constant).
+    return torch.full((), seed, dtype=torch.int64, device=device)
 
 
 def _check_seed(seed: int) -> None:

@@ -3,9 +3,9 @@
 `scaled_dot_product_attention` checks and normalises the inputs as torch does, then runs either the
 reference (fusenn.reference.attention, plain autograd) or the Triton kernels through the ops
 `fusenn::attention_forward` / `fusenn::attention_backward` (custom_op + register_fake + register_autograd,
-so torch.compile traces them). The dropout seed reaches the ops as a 0-d int64 CPU tensor (drawn with
-fusenn.ops.draw_seed_tensor, or the caller's int converted), read inside them, so a call with dropout traces
-whole too. The kernels see 4-D views: the broadcast batch dims are flattened to N,
+so torch.compile traces them). The dropout seed reaches the ops as a 0-d int64 tensor on the inputs' device
+(drawn with fusenn.ops.draw_seed_tensor, or the caller's int converted) and the kernels read it from
+memory, so a call with dropout traces whole too and a CUDA-graph replay draws a fresh mask. The kernels see 4-D views: the broadcast batch dims are flattened to N,
 and the mask is expanded with stride 0 (never copied) to (N, Hq, L, S).
 """
 
@@ -65,7 +65,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     _check(query, key, value, attn_mask, dropout_p, is_causal)
     batch, hq, hkv = reference.attention_shapes(query, key, value, enable_gqa)
     dropout_p = float(dropout_p)
-    seed = (draw_seed_tensor() if seed is None else seed_tensor(seed)) if dropout_p > 0.0 else None
+    seed = (draw_seed_tensor(device=query.device) if seed is None else seed_tensor(seed, query.device)) \
+        if dropout_p > 0.0 else None
     scale = reference.default_scale(query, scale)
     name = dispatch.choose("attention", query.device,
                            {"reference": None, "triton": _triton_reason(query, value, attn_mask)})
@@ -88,13 +89,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool,
               scale: float, seed: Optional[Tensor]) -> Tensor:
     """The kernel path on 4-D inputs: q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev), mask None or
-    (N, Hq, L, S) (any strides, 0 on broadcast dims); seed a 0-d int64 CPU tensor, or None without dropout."""
+    (N, Hq, L, S) (any strides, 0 on broadcast dims); seed a 0-d int64 tensor, or None without dropout."""
     return attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed)[0]
 
 
-def _seed_value(seed: Optional[Tensor]) -> int:
-    """The seed tensor's value, read inside the ops (opaque to Dynamo); the kernels take 0 without dropout."""
-    return int(seed) if seed is not None else 0
+def _on(seed: Optional[Tensor], device) -> Optional[Tensor]:
+    """The seed on the kernels' device, where they read it (None without dropout)."""
+    return seed.to(device) if seed is not None else None
 
 
 @torch.library.custom_op("fusenn::attention_forward", mutates_args=())
@@ -103,7 +104,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], d
     """(out (N, Hq, L, Ev), log2-domain log-sum-exp of each row (N, Hq, L) float32)."""
     from fusenn.kernels import attention as kernels
 
-    seed = _seed_value(seed)
+    seed = _on(seed, q.device)
     N, H, L, _ = q.shape
     out = new_output((N, H, L, v.size(-1)), q.dtype, q.device)
     lse = new_output((N, H, L), torch.float32, q.device)
@@ -122,7 +123,7 @@ def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                        seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     from fusenn.kernels import attention as kernels
 
-    seed = _seed_value(seed)
+    seed = _on(seed, q.device)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)

@@ -2,8 +2,9 @@
 
 `fusenn::dropout_mask` returns a flat bool mask (True = kept); element i comes from Philox counter
 offset + i, so any slice can be regenerated alone and backward never needs a stored mask. Its seed is a
-0-d int64 CPU tensor read inside the op (fusenn.ops.seed_tensor / draw_seed_tensor), so torch.compile
-traces a call whose seed is drawn from torch's generator without a graph break.
+0-d int64 tensor on the mask's device (fusenn.ops.seed_tensor / draw_seed_tensor) that the kernels read
+from memory: torch.compile traces a call whose seed is drawn from torch's generator without a graph
+break, and a CUDA graph replays it with a fresh seed each time.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ SUPPORTED = {"reference": None, "triton": None, "cuda": None}
 
 @torch.library.custom_op("fusenn::dropout_mask", mutates_args=())
 def dropout_mask_flat(numel: int, p: float, seed: torch.Tensor, offset: int, device: torch.device) -> torch.Tensor:
-    seed = int(seed)  # inside the op: opaque to Dynamo, so reading the value breaks no graph
     threshold = reference.dropout_threshold(p)
-    k0, k1 = reference.split_seed(seed)
+    seed = seed.to(device)
     if offset < 0:
         raise ValueError(f"fusenn: offset must be non-negative, got {offset}")
     name = dispatch.choose("dropout_mask", device, SUPPORTED)
@@ -31,7 +31,7 @@ def dropout_mask_flat(numel: int, p: float, seed: torch.Tensor, offset: int, dev
     if name == "triton":
         from fusenn.kernels import philox
 
-        return philox.dropout_mask(out, offset, k0, k1, threshold)
+        return philox.dropout_mask(out, offset, seed, threshold)
     torch.ops.fusenn_cuda.dropout_mask_out(out, seed, offset, threshold, torch.cuda.current_stream(device).cuda_stream)
     return out
 
@@ -47,7 +47,7 @@ def dropout_mask(shape, p: float, seed, offset: int = 0, device=None) -> torch.T
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return dropout_mask_flat(shape.numel(), float(p), seed_tensor(seed), int(offset), device).view(shape)
+    return dropout_mask_flat(shape.numel(), float(p), seed_tensor(seed, device), int(offset), device).view(shape)
 
 
 class _Dropout(torch.autograd.Function):
@@ -67,12 +67,13 @@ class _Dropout(torch.autograd.Function):
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed=None) -> torch.Tensor:
     """torch.nn.functional.dropout with a Philox mask from `seed` (a Python int or a 0-d integer tensor),
-    drawn from torch's CPU generator when None, so torch.manual_seed repeats a run, compiled or not."""
+    drawn from torch's generator for x's device when None, so torch.manual_seed repeats a run, compiled or
+    not."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return x
     if p == 1.0:
         return x * 0.0
-    seed = draw_seed_tensor() if seed is None else seed_tensor(seed)
+    seed = draw_seed_tensor(device=x.device) if seed is None else seed_tensor(seed, x.device)
     return _Dropout.apply(x, float(p), seed)

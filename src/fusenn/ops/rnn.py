@@ -17,8 +17,9 @@ backward ops are not differentiable: a double backward raises.
 
 `lstm_layer` also takes the reference's recurrent_dropout=(p, seed) and zoneout=(p, seed or None), each
 seed a Python int or a 0-d integer tensor; the Triton kernels regenerate those masks from Philox in forward
-and backward, so nothing extra is saved. The seeds reach the ops as 0-d int64 CPU tensors and are read
-inside them, so a module whose seeds are drawn per forward (fusenn.nn.rnn) traces without a graph break.
+and backward, so nothing extra is saved. The seeds reach the ops as 0-d int64 tensors on gx's device and the
+kernels read them from memory, so a module whose seeds are drawn per forward (fusenn.nn.rnn) traces without
+a graph break and a CUDA-graph replay draws fresh masks.
 """
 
 from __future__ import annotations
@@ -95,15 +96,15 @@ def _setup_nothing(ctx, inputs, output):
 
 
 # The Triton path is four torch.library ops, so torch.compile traces it (their fakes give the shapes) and
-# autograd goes through register_autograd. The regularisers travel as scalars and seed tensors (0-d int64
-# CPU, read inside the ops): recurrent dropout as (rd_p or None, rd_seed or None), zoneout as (zo_p or None,
+# autograd goes through register_autograd. The regularisers travel as scalars and seed tensors (0-d int64,
+# read by the kernels from device memory): recurrent dropout as (rd_p or None, rd_seed or None), zoneout as (zo_p or None,
 # zo_seed or None: None = the expectation).
 
 
-def _regularisers(rd_p, rd_seed, zo_p, zo_seed):
-    """The kernels' (p, int seed) pairs, or None each."""
-    return ((rd_p, int(rd_seed)) if rd_p is not None else None,
-            (zo_p, int(zo_seed) if zo_seed is not None else None) if zo_p is not None else None)
+def _regularisers(rd_p, rd_seed, zo_p, zo_seed, device):
+    """The kernels' (p, seed on `device`) pairs, or None each."""
+    return ((rd_p, rd_seed.to(device)) if rd_p is not None else None,
+            (zo_p, zo_seed.to(device) if zo_seed is not None else None) if zo_p is not None else None)
 
 
 @torch.library.custom_op("fusenn::lstm_layer_forward", mutates_args=())
@@ -117,7 +118,7 @@ def lstm_layer_forward(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: O
 
     gx, h0, c0, w_hh, w_hr = _contiguous(gx, h0, c0, w_hh, w_hr)
     y, h_n, c_n, states = kernels.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, save,
-                                               *_regularisers(rd_p, rd_seed, zo_p, zo_seed))
+                                               *_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device))
     hs, cs, ms = states if save else (None, None, None)
     return (y, h_n, c_n) + tuple(t if t is not None else _empty(gx.device) for t in (hs, cs, ms))
 
@@ -144,7 +145,7 @@ def lstm_layer_backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, gx: Tensor, w_hh
     from fusenn.kernels import lstm as kernels
 
     dy, dh_n, dc_n = _contiguous(dy, dh_n, dc_n)
-    recurrent_dropout, zoneout = _regularisers(rd_p, rd_seed, zo_p, zo_seed)
+    recurrent_dropout, zoneout = _regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device)
     dg, dh0, dc0, dhs = kernels.lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs,
                                               recurrent_dropout, zoneout)
     T, rev = gx.shape[0], int(reverse)
@@ -309,9 +310,9 @@ def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[
         dtype = gx.dtype
         h0, c0, w_hh = h0.to(dtype), c0.to(dtype), w_hh.to(dtype)
         w_hr = w_hr.to(dtype) if w_hr is not None else None
-        rd_p, rd_seed = ((float(recurrent_dropout[0]), seed_tensor(recurrent_dropout[1])) if recurrent_dropout
+        rd_p, rd_seed = ((float(recurrent_dropout[0]), seed_tensor(recurrent_dropout[1], gx.device)) if recurrent_dropout
                          else (None, None))
-        zo_p, zo_seed = (float(zoneout[0]), seed_tensor(zoneout[1]) if zoneout[1] is not None else None) \
+        zo_p, zo_seed = (float(zoneout[0]), seed_tensor(zoneout[1], gx.device) if zoneout[1] is not None else None) \
             if zoneout else (None, None)
         layer = lstm_layer_forward if torch.compiler.is_compiling() else _LSTMLayer.apply
         out = layer(gx, h0, c0, w_hh, w_hr, _lengths(lengths, gx.device), bool(reverse),

@@ -31,9 +31,10 @@ def dropout_threshold(p: float) -> int:
 def split_seed(seed):
     """(lo32(seed), hi32(seed)). `seed` is an int, or a 0-d int64 tensor (what fusenn's ops pass, so that
     torch.compile traces the reference paths without reading the value; its range was checked where it was
-    made): the key words are then 0-d tensors and the rounds below compute the same integers with them."""
+    made, or it is a device tensor whose two 32-bit words are the key whatever its sign): the key words are
+    then 0-d tensors and the rounds below compute the same integers with them."""
     if isinstance(seed, torch.Tensor):
-        return seed & MASK32, seed >> 32
+        return seed & MASK32, (seed >> 32) & MASK32
     if not 0 <= seed < (1 << 63):
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     return seed & MASK32, seed >> 32
