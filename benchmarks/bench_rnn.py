@@ -1,5 +1,7 @@
 """LSTM and GRU: fusenn's modules against cuDNN (torch.nn) and a torch.compile'd cell loop."""
 
+import os
+
 import torch
 from torch import nn
 
@@ -98,9 +100,28 @@ def _setup(kind, T, B, I, H, dtype, train):
                     fn(x)
             return infer
 
-        return {"fusenn": timed(lambda x: ours(x)[0]), "cudnn": timed(lambda x: theirs(x)[0]),
-                "compiled-cell-loop": timed(loop)}
+        impls = {"fusenn": timed(lambda x: ours(x)[0]), "cudnn": timed(lambda x: theirs(x)[0]),
+                 "compiled-cell-loop": timed(loop)}
+        if kind == "LSTM":  # the cooperative kernel, opt-in until GPU runs show where it wins
+            impls["fusenn-split"] = _with_env(timed(lambda x: ours(x)[0]), FUSENN_RNN_SPLIT="auto")
+        return impls
     return setup
+
+
+def _with_env(fn, **env):
+    """fn run with the environment variables `env` set (forward and backward both read them)."""
+    def run():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
+    return run
 
 
 def _flops(kind, T, B, I, H, train):

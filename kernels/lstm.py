@@ -33,14 +33,19 @@ r / (1 - p), and backward multiplies dh_{t-1}'s recurrent term by the same. ZONE
 2: the constant expectation u = 1 - p) mixes h_t = u h_new + (1 - u) h_{t-1} and likewise c; since the
 saved c_t is then the zoned one, backward recomputes c_new = f c_{t-1} + i g for tanh(c_new).
 
-GPU speed limits. One program per 16 batch rows means a batch of 64 occupies 4 of an H100's 132 SMs, and
-every step re-reads W_hh (4H x P) from L2: for large H this is bandwidth- and latency-bound at a few
-percent of peak; fp32 inputs also forgo tensor cores (IEEE dots). The faster design splits the 4H gate
-columns across a persistent grid sized to the SM count, each program keeping its slice of W_hh in
-registers/shared memory for the whole sequence and exchanging h_t through global memory with a grid
-barrier per step (FlashRNN / persistent cuDNN RNN style); that cooperative mode must be a constexpr mode
-never used under the interpreter, whose programs run one after another.
+GPU speed limits, and the split mode. One program per 16 batch rows means a batch of 64 occupies 4 of an
+H100's 132 SMs, and every step re-reads W_hh (4H x P) from L2: for large H this is bandwidth- and
+latency-bound at a few percent of peak; fp32 inputs also forgo tensor cores (IEEE dots). The split mode
+(NSPLIT > 1, chosen by split_plan) lets NSPLIT programs share each block of rows, each taking every
+NSPLIT-th hidden tile in phase 1 of a step and every NSPLIT-th tile of P in phase 2, so a step's work
+(and its share of W_hh, which stays in L2) spreads over up to one program per SM. On a GPU it is one
+cooperative launch whose programs meet at a barrier in global memory after each phase (phase_sync); the
+interpreter, which runs programs one after another, runs the same kernel one launch per phase per step
+(PHASES = 1 or 2), the launch boundaries standing in for the barriers, so the CPU tests cover all of the
+split indexing. The split mode is opt-in (FUSENN_RNN_SPLIT) until GPU runs show where it wins.
 """
+
+import os
 
 import torch
 import triton
@@ -105,6 +110,29 @@ def step_slots(k, T, REVERSE: tl.constexpr, SAVE: tl.constexpr):
         before = k % 2
         after = 1 - before
     return t, before, after
+
+
+MAX_SPINS = tl.constexpr(1 << 22)  # a few seconds: far beyond any real wait at a barrier
+
+
+@triton.jit
+def phase_sync(bar_ptr, epoch, stuck, NSPLIT: tl.constexpr, COOP: tl.constexpr):
+    """End of a phase of a step: every tile this phase wrote is visible to the phase that reads it next.
+    Alone on its batch rows (NSPLIT == 1) a program needs only its own threads in step; in the cooperative
+    mode the NSPLIT programs sharing the rows meet at a barrier in global memory (a counter each of them
+    adds 1 to per phase, release/acquire at GPU scope), which needs all of them resident at once, so it is
+    only launched with at most one program per SM, and never under the interpreter. Should they not be (a
+    GPU shared with other work), a program gives up waiting after MAX_SPINS polls and never waits again:
+    wrong results, which the tests catch, rather than a hung process. Returns (next epoch, stuck)."""
+    tl.debug_barrier()
+    if COOP:
+        tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+        spins = stuck * MAX_SPINS
+        while (tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < epoch * NSPLIT) & (spins < MAX_SPINS):
+            spins += 1
+        stuck = (spins >= MAX_SPINS).to(tl.int32)
+        tl.debug_barrier()
+    return epoch + 1, stuck
 
 
 @triton.jit
@@ -175,19 +203,24 @@ def seed_words(seed_ptr, USED: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["T", "B"] + _REG_ARGS)
-def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_ptr, y_ptr, T, B,
-                        rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
+def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_ptr, y_ptr, bar_ptr, T, B,
+                        k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
                         H: tl.constexpr, P: tl.constexpr,
                         HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
                         SAVE: tl.constexpr, FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                        NSPLIT: tl.constexpr, PHASES: tl.constexpr):
+    split = tl.program_id(1)
+    coop = NSPLIT > 1 and PHASES == 3
+    epoch = 1
+    stuck = 0
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rd_k0, rd_k1 = seed_words(rd_seed_ptr, RDROP)
     zo_k0, zo_k1 = seed_words(zo_seed_ptr, ZONEOUT == 1)
     lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
-    k = 0
-    while k < T:  # see Specialisation above
+    k = k_begin
+    while k < k_end:  # see Specialisation above
         t, before, after = step_slots(k, T, REVERSE, SAVE)
         valid = valid_rows(rows, lens, t, HAS_LENGTHS)
         t64 = t.to(tl.int64)
@@ -198,8 +231,8 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
         c_in = cs_ptr + before.to(tl.int64) * B * H
         c_out = cs_ptr + after.to(tl.int64) * B * H
         m_t = m_ptr + t64 * B * H if SAVE else m_ptr
-        for j0 in range(0, H, BLOCK_H):
-            hc = j0 + tl.arange(0, BLOCK_H)
+        for jj in range(0, H if PHASES & 1 else 0, NSPLIT * BLOCK_H):  # this program's hidden tiles
+            hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             i, f, g, o = lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, P, FP32_DOT,
                                     BLOCK_B, BLOCK_H, BLOCK_P, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
@@ -219,10 +252,10 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                     m = u_h * m + (1 - u_h) * h_prev
                 store_2d(h_out, rows, hc, P, tl.where(valid, m, h_prev), row_ok, h_ok)
                 store_2d(y_t, rows, hc, P, tl.where(valid, m, 0.0), row_ok, h_ok)
-        tl.debug_barrier()  # this step's m (or h) is complete before anyone reads it
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # this step's m (or h) is complete before it is read
         if HAS_PROJ:
-            for p0 in range(0, P, BLOCK_P):
-                pc = p0 + tl.arange(0, BLOCK_P)
+            for pp in range(0, P if PHASES & 2 else 0, NSPLIT * BLOCK_P):  # this program's tiles of P
+                pc = pp + split * BLOCK_P + tl.arange(0, BLOCK_P)
                 p_ok = pc < P
                 acc = tl.zeros((BLOCK_B, BLOCK_P), tl.float32)
                 for j0 in range(0, H, BLOCK_H):
@@ -236,25 +269,30 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                     acc = u_h * acc + (1 - u_h) * h_prev
                 store_2d(h_out, rows, pc, P, tl.where(valid, acc, h_prev), row_ok, p_ok)
                 store_2d(y_t, rows, pc, P, tl.where(valid, acc, 0.0), row_ok, p_ok)
-            tl.debug_barrier()
+            epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)
         k += 1
 
 
 @triton.jit(do_not_specialize=["T", "B"] + _REG_ARGS)
 def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy_ptr, dh_ptr, dc_ptr, dg_ptr,
-                         dhs_ptr, T, B, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
-                         H: tl.constexpr, P: tl.constexpr,
+                         dhs_ptr, bar_ptr, T, B, k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr,
+                         zo_u, H: tl.constexpr, P: tl.constexpr,
                          HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
                          FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
-                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                         NSPLIT: tl.constexpr, PHASES: tl.constexpr):
     """dh (B, P) and dc (B, H) enter holding the gradients of h_n, c_n and leave holding those of h0, c0."""
+    split = tl.program_id(1)
+    coop = NSPLIT > 1 and PHASES == 3
+    epoch = 1
+    stuck = 0
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rd_k0, rd_k1 = seed_words(rd_seed_ptr, RDROP)
     zo_k0, zo_k1 = seed_words(zo_seed_ptr, ZONEOUT == 1)
     lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
-    k = 0
-    while k < T:
+    k = k_begin
+    while k < k_end:
         t, before, after = step_slots(T - 1 - k, T, REVERSE, True)
         valid = valid_rows(rows, lens, t, HAS_LENGTHS)
         t64 = t.to(tl.int64)
@@ -265,8 +303,8 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
         c_in = cs_ptr + before.to(tl.int64) * B * H
         c_out = cs_ptr + after.to(tl.int64) * B * H
         # Phase 1, per hidden tile: gate gradients (= grad gx_t) and dc_{t-1}
-        for j0 in range(0, H, BLOCK_H):
-            hc = j0 + tl.arange(0, BLOCK_H)
+        for jj in range(0, H if PHASES & 1 else 0, NSPLIT * BLOCK_H):  # this program's hidden tiles
+            hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             i, f, g, o = lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, P, FP32_DOT,
                                     BLOCK_B, BLOCK_H, BLOCK_P, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
@@ -301,10 +339,10 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
             store_2d(dg_t + 2 * H, rows, hc, 4 * H, tl.where(valid, dc * i * (1.0 - g * g), 0.0), row_ok, h_ok)
             store_2d(dg_t + 3 * H, rows, hc, 4 * H, tl.where(valid, dm * tc * o * (1.0 - o), 0.0), row_ok, h_ok)
             store_2d(dc_ptr, rows, hc, H, tl.where(valid, dc_pass + dc * f, dc_next), row_ok, h_ok)
-        tl.debug_barrier()  # all gate gradients of step t are written before phase 2 reads them
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # all of step t's gate gradients are written
         # Phase 2, per tile of P: dh_{t-1} = dgates_t W_hh; rows without step t pass dh through
-        for p0 in range(0, P, BLOCK_P):
-            pc = p0 + tl.arange(0, BLOCK_P)
+        for pp in range(0, P if PHASES & 2 else 0, NSPLIT * BLOCK_P):  # this program's tiles of P
+            pc = pp + split * BLOCK_P + tl.arange(0, BLOCK_P)
             p_ok = pc < P
             acc = tl.zeros((BLOCK_B, BLOCK_P), tl.float32)
             for j0 in range(0, H, BLOCK_H):
@@ -326,14 +364,47 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
             if HAS_PROJ:  # grad of the projected h_new for grad W_hr = sum_t dh_t^T m_t
                 store_2d(dhs_ptr + t64 * B * P, rows, pc, P, tl.where(valid, dh_new, 0.0), row_ok, p_ok)
             store_2d(dh_ptr, rows, pc, P, tl.where(valid, acc, dh), row_ok, p_ok)
-        tl.debug_barrier()  # dh_{t-1}, dc_{t-1} are complete before step t-1 reads them
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # dh_{t-1}, dc_{t-1} are complete before step t-1
         k += 1
 
 
-def _launch_args(gx, P):
-    H = gx.shape[-1] // 4
-    return dict(H=H, P=P, FP32_DOT=INTERPRET or gx.dtype == torch.float32, BLOCK_B=BLOCK_B,
-                BLOCK_H=block_size(H, 64), BLOCK_P=block_size(P, 32), num_warps=NUM_WARPS)
+def split_plan(B: int, H: int, device, split=None) -> int:
+    """How many programs share each block of batch rows (NSPLIT). `split` (an int), else FUSENN_RNN_SPLIT
+    ("auto" or an int), else 1: the one-program-per-rows kernel. "auto" on a GPU fills the SMs: with few
+    batch rows the per-step work then spreads over up to one program per SM instead of one program."""
+    choice = split if split is not None else os.environ.get("FUSENN_RNN_SPLIT", "1")
+    if choice != "auto":
+        return max(1, int(choice))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(sms // triton.cdiv(B, BLOCK_B), triton.cdiv(H, 16)))
+
+
+def _launch(kernel, args: tuple, T: int, B: int, H: int, P: int, dtype, nsplit: int, cooperative: bool, **consts):
+    """Run `kernel` over all T steps. NSPLIT programs share each block of rows, each taking every NSPLIT-th
+    tile of H (phase 1) and of P (phase 2). One launch when NSPLIT == 1 or cooperative (grid barriers
+    between phases); else one launch per phase per step, the launch boundaries being the barriers (the
+    interpreter's mode, since it runs programs one after another; also a GPU fallback)."""
+    rows = triton.cdiv(B, BLOCK_B)
+    block_h = block_size(H, 64) if nsplit == 1 else max(16, min(64, triton.next_power_of_2(triton.cdiv(H, nsplit))))
+    consts.update(H=H, P=P, FP32_DOT=INTERPRET or dtype == torch.float32, BLOCK_B=BLOCK_B, BLOCK_H=block_h,
+                  BLOCK_P=block_size(P, 32), NSPLIT=nsplit, num_warps=NUM_WARPS)
+    device = args[0].device
+    if nsplit == 1 or cooperative:
+        if cooperative and nsplit > 1:
+            if INTERPRET:
+                raise ValueError("the cooperative RNN kernel cannot run under the Triton interpreter")
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            if rows * nsplit > sms:
+                raise ValueError(f"the cooperative RNN kernel needs all {rows * nsplit} programs resident, more "
+                                 f"than the {sms} SMs")
+        bar = torch.zeros(rows, dtype=torch.int32, device=device) if nsplit > 1 else args[0]  # else never read
+        kernel[(rows, nsplit)](*args, bar, T, B, 0, T, **consts, PHASES=3)
+        return
+    for k in range(T):
+        for phase in (1, 2):
+            kernel[(rows, nsplit)](*args, args[0], T, B, k, k + 1, **consts, PHASES=phase)
 
 
 def _reg_args(recurrent_dropout, zoneout, unused):
@@ -355,9 +426,11 @@ def _reg_args(recurrent_dropout, zoneout, unused):
     return args
 
 
-def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, recurrent_dropout=None, zoneout=None):
+def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, recurrent_dropout=None, zoneout=None,
+                 split=None, cooperative=True):
     """gx (T, B, 4H), h0 (B, P), c0 (B, H), w_hh (4H, P), w_hr (P, H) or None, lengths (B,) int64 or None,
-    all contiguous, on one device, in gx's dtype; recurrent_dropout, zoneout as in fusenn.reference.rnn.
+    all contiguous, on one device, in gx's dtype; recurrent_dropout, zoneout as in fusenn.reference.rnn;
+    split, cooperative: see split_plan and _launch.
     Returns y, h_n, c_n and, for backward, the fp32 state
     buffers hs (T+1, B, P), cs (T+1, B, H) and ms (T, B, H) (None without projection) when `save`."""
     T, B, G = gx.shape
@@ -371,11 +444,11 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, rec
     ms = new_output((T if save else 1, B, H), torch.float32, gx.device) if w_hr is not None else None
     y = new_output((T, B, P), gx.dtype, gx.device)
     if T and B:
-        lstm_forward_kernel[(triton.cdiv(B, BLOCK_B),)](
-            gx, w_hh, w_hr if w_hr is not None else w_hh, lengths if lengths is not None else hs, hs, cs,
-            ms if ms is not None else hs, y, T, B, **_reg_args(recurrent_dropout, zoneout, hs),
-            HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save,
-            **_launch_args(gx, P))
+        nsplit = split_plan(B, H, gx.device, split)
+        _launch(lstm_forward_kernel, (gx, w_hh, w_hr if w_hr is not None else w_hh,
+                                      lengths if lengths is not None else hs, hs, cs, ms if ms is not None else hs, y),
+                T, B, H, P, gx.dtype, nsplit, cooperative and not INTERPRET, **_reg_args(recurrent_dropout, zoneout, hs),
+                HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
     h_n = hs[last].to(gx.dtype, copy=True)
     c_n = cs[last].to(gx.dtype, copy=True)
@@ -383,7 +456,7 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, rec
 
 
 def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs, recurrent_dropout=None,
-                  zoneout=None):
+                  zoneout=None, split=None, cooperative=True):
     """Gradients through time given those of y, h_n, c_n (contiguous) and lstm_forward's saved buffers,
     with the regularisers of the forward call (their masks regenerated here).
     Returns dg (T, B, 4H) fp32 (the gradient of gx), dh0 (B, P) and dc0 (B, H) fp32, and dhs (T, B, P),
@@ -395,8 +468,11 @@ def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs
     dg = new_output((T, B, G), torch.float32, gx.device)
     dhs = new_output((T, B, P), torch.float32, gx.device) if w_hr is not None else None
     if T and B:
-        lstm_backward_kernel[(triton.cdiv(B, BLOCK_B),)](
-            gx, w_hh, w_hr if w_hr is not None else w_hh, lengths if lengths is not None else hs, hs, cs, dy,
-            dh, dc, dg, dhs if dhs is not None else dg, T, B, **_reg_args(recurrent_dropout, zoneout, hs),
-            HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, **_launch_args(gx, P))
+        H = G // 4
+        nsplit = split_plan(B, H, gx.device, split)
+        _launch(lstm_backward_kernel, (gx, w_hh, w_hr if w_hr is not None else w_hh,
+                                       lengths if lengths is not None else hs, hs, cs, dy, dh, dc, dg,
+                                       dhs if dhs is not None else dg),
+                T, B, H, P, gx.dtype, nsplit, cooperative and not INTERPRET, **_reg_args(recurrent_dropout, zoneout, hs),
+                HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dh, dc, dhs

@@ -73,18 +73,25 @@ from fusenn.kernels import gru, lstm
 
 def arg_type(dtype):
     half = {"gx_ptr", "w_hh_ptr", "w_hr_ptr", "b_hh_ptr", "y_ptr", "dy_ptr"}
-    return lambda a: ("*i64" if a in ("len_ptr", "rd_seed_ptr", "zo_seed_ptr") else f"*{dtype}" if a in half
-                      else "*fp32" if a.endswith("_ptr") else "fp32" if a in ("rd_scale", "zo_u") else "i32")
+    return lambda a: ("*i64" if a in ("len_ptr", "rd_seed_ptr", "zo_seed_ptr") else "*i32" if a == "bar_ptr"
+                      else f"*{dtype}" if a in half else "*fp32" if a.endswith("_ptr")
+                      else "fp32" if a in ("rd_scale", "zo_u") else "i32")
 
 
-# bf16 with both regularisers sampled; fp32 without recurrent dropout and with zoneout's expectation (the
-# seed pointers are then never read)
-for dtype, rdrop, zoneout in (("bf16", True, 1), ("fp32", False, 2)):
+# bf16 with both regularisers sampled, split cooperatively over 4 programs (grid barriers); fp32 alone on
+# its rows, without recurrent dropout and with zoneout's expectation (the seed pointers never read)
+for dtype, rdrop, zoneout, nsplit in (("bf16", True, 1, 4), ("fp32", False, 2, 1)):
     H, P = 129, 64
     common = dict(H=H, P=P, HAS_PROJ=True, HAS_LENGTHS=True, REVERSE=True, FP32_DOT=dtype == "fp32", RDROP=rdrop,
-                  ZONEOUT=zoneout, BLOCK_B=lstm.BLOCK_B, BLOCK_H=lstm.block_size(H, 64), BLOCK_P=lstm.block_size(P, 32))
+                  ZONEOUT=zoneout, BLOCK_B=lstm.BLOCK_B, BLOCK_H=lstm.block_size(H, 64), BLOCK_P=lstm.block_size(P, 32),
+                  NSPLIT=nsplit, PHASES=3)
     compile_for_sm90(lstm.lstm_forward_kernel, dict(common, SAVE=True), arg_type(dtype), num_warps=lstm.NUM_WARPS)
     compile_for_sm90(lstm.lstm_backward_kernel, common, arg_type(dtype), num_warps=lstm.NUM_WARPS)
+    if nsplit > 1:
+        ptx = compile_for_sm90(lstm.lstm_forward_kernel, dict(common, SAVE=False), arg_type(dtype),
+                               num_warps=lstm.NUM_WARPS).asm["ptx"]
+        assert "atom.global.gpu.release" in ptx or "atom.release.gpu" in ptx, "no release atomic at the barrier"
+        assert "acquire" in ptx, "no acquire atomic at the barrier"
     common = dict(H=H, HAS_BIAS=True, HAS_LENGTHS=True, REVERSE=True, FP32_DOT=dtype == "fp32",
                   BLOCK_B=gru.BLOCK_B, BLOCK_H=gru.block_size(H, 32))
     compile_for_sm90(gru.gru_forward_kernel, dict(common, SAVE=True), arg_type(dtype), num_warps=gru.NUM_WARPS)

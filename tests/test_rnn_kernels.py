@@ -219,3 +219,55 @@ def test_float64_goes_to_the_reference_or_says_why(device):
         pytest.skip(fusenn.backends()["triton"].detail)
     with fusenn.set_backend("triton"), pytest.raises(fusenn.BackendError, match="float16, bfloat16 or float32"):
         ops.gru_layer(*_gru_inputs(2, 1, 3, True, torch.float64, device))
+
+
+# Split mode: NSPLIT programs share each block of batch rows, each taking every NSPLIT-th hidden (and P)
+# tile. Under the interpreter each phase of each step is its own launch; on a GPU the same tests run the
+# cooperative single launch, whose programs meet at grid barriers.
+SPLIT_CASES = [
+    _case(5, 3, 33, proj=7, reverse=True, lengths=[5, 1, 4]),
+    _case(3, 2, 70, proj=40, lengths=[3, 2]),
+    _case(3, 17, 33, reverse=True, lengths=[3, 1, 2] * 5 + [1, 3]),
+    _case(4, 3, 33, "bf16"),
+    _case(100, 64, 512, gpu=True),
+    _case(50, 8, 1024, "bf16", proj=256, reverse=True, gpu=True),
+]
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize(PARAMS, SPLIT_CASES)
+def test_lstm_split_across_programs_matches_reference(rnn_backend, monkeypatch, split, T, B, H, proj, dtype, reverse,
+                                                      lengths, bias):
+    monkeypatch.setenv("FUSENN_RNN_SPLIT", str(split))
+    test_lstm_layer_matches_reference(rnn_backend, T, B, H, proj, dtype, reverse, lengths, bias)
+
+
+def test_lstm_split_with_regularisers_matches_reference(rnn_backend, monkeypatch):
+    """Recurrent dropout and sampled zoneout regenerate the same masks whichever program owns a tile."""
+    _, device = rnn_backend
+    monkeypatch.setenv("FUSENN_RNN_SPLIT", "2")
+    torch.manual_seed(3)
+    T, B, H, P = 4, 3, 33, 20
+    inputs = _lstm_inputs(T, B, H, P, torch.float32, device)
+    upstream = [torch.randn(T, B, P, device=device), torch.randn(B, P, device=device), torch.randn(B, H, device=device)]
+    lens = torch.tensor([4, 2, 3])
+    regs = dict(recurrent_dropout=(0.3, 17), zoneout=(0.25, 29))
+
+    def layer(fn):
+        return lambda gx, h0, c0, w_hh, w_hr: fn(gx, h0, c0, w_hh, w_hr, lengths=lens, **regs)
+
+    _check_layer(layer(ops.lstm_layer), layer(reference.lstm_layer), inputs, upstream,
+                 ("gx", "h0", "c0", "w_hh", "w_hr"))
+
+
+@pytest.mark.gpu
+def test_lstm_split_stepwise_on_gpu_matches_cooperative():
+    """The GPU runs both split modes: one launch per phase per step, and the cooperative single launch."""
+    from fusenn.kernels import lstm as kernels
+
+    torch.manual_seed(0)
+    gx, h0, c0, w_hh, w_hr = _lstm_inputs(20, 8, 256, 64, torch.bfloat16, torch.device("cuda"))
+    outs = [kernels.lstm_forward(gx, h0, c0, w_hh, w_hr, None, False, True, split=4, cooperative=coop)
+            for coop in (False, True)]
+    for a, b in zip(outs[0][:3] + outs[0][3][:2], outs[1][:3] + outs[1][3][:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
