@@ -68,10 +68,12 @@ def cuda_extension():
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    # torch finds its toolkit from `which nvcc` when CUDA_HOME is unset, and a wrapper script on the PATH
+    # (/usr/local/bin/nvcc) then points it at a directory without lib64/libcudart: use the one found here.
+    cpp_extension.CUDA_HOME = cuda_home
     extra_link = []
     if cpu_torch:
-        # Compile check against the CPU wheel: it reports no CUDA_HOME and ships no c10_cuda/torch_cuda.
-        cpp_extension.CUDA_HOME = cuda_home
+        # Compile check against the CPU wheel: it ships no c10_cuda/torch_cuda.
         extra_link = [f"-L{os.path.join(cuda_home, 'lib64')}", "-lcudart"]
         original = cpp_extension.library_paths
 
@@ -99,16 +101,37 @@ def cuda_extension():
     )
     log(f"building fusenn._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
         f"with MAX_JOBS={os.environ['MAX_JOBS']} (CUDA at {cuda_home})")
-    return (ext, cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)), None
+    base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+    class BuildExtension(base):
+        """Under FUSENN_CUDA=auto a failed build leaves the package installed without fusenn._C, saying why."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # noqa: BLE001 - compiler and linker failures come in many types
+                if mode == "1":
+                    raise
+                reason = f"the build failed ({type(exc).__name__}: {str(exc)[:300]}); rebuild with FUSENN_CUDA=1 " \
+                         "and pip install -v to see the compiler's output"
+                log(f"CUDA extension skipped: {reason}")
+                write_build_info(None, reason)
+                self.extensions = []
+
+    return (ext, BuildExtension), None
+
+
+def write_build_info(built, skipped):
+    """What this build did, for `python -m fusenn.info` (pip hides setup's log unless run with -v)."""
+    with open(os.path.join(ROOT, "src", "fusenn", "_build.json"), "w") as f:
+        json.dump({"cuda_extension": built is not None, "skipped_because": skipped,
+                   "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if built else None}, f)
 
 
 built, skipped = cuda_extension()
 if skipped:
     log(f"CUDA extension skipped: {skipped}; the Triton and reference backends remain")
-# What this build did, for `python -m fusenn.info` (pip hides the line above unless run with -v).
-with open(os.path.join(ROOT, "src", "fusenn", "_build.json"), "w") as f:
-    json.dump({"cuda_extension": built is not None, "skipped_because": skipped,
-               "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if built else None}, f)
+write_build_info(built, skipped)
 
 setup(
     package_dir={"fusenn": "src/fusenn", "fusenn.kernels": "kernels"},

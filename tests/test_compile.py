@@ -29,9 +29,16 @@ def test_attention_fullgraph():
     torch.testing.assert_close(f(q, k, v), fusenn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
-def test_lstm_fullgraph_with_dynamo_rnn_support(monkeypatch):
-    """Dynamo refuses every nn.LSTM subclass unless allow_rnn is set; fusenn's forward then traces."""
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
+@pytest.fixture
+def allow_rnn():
+    """Dynamo refuses every nn.LSTM / nn.GRU subclass unless allow_rnn is set. config.patch, not
+    monkeypatch: on torch 2.11 undoing a monkeypatched config attribute deletes it for later tests."""
+    with torch._dynamo.config.patch(allow_rnn=True):
+        yield
+
+
+def test_lstm_fullgraph_with_dynamo_rnn_support(allow_rnn):
+    """With allow_rnn set, fusenn's forward traces."""
     m = fusenn.LSTM(5, 7, 2, bidirectional=True)
     x = torch.randn(3, 2, 5)
     torch.testing.assert_close(compiled(m)(x)[0], m(x)[0])
@@ -54,8 +61,7 @@ def _rnn_cases():
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("make", _rnn_cases())
-def test_rnn_triton_fullgraph_forward_backward(monkeypatch, kernel_backend, make, backend):
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
+def test_rnn_triton_fullgraph_forward_backward(allow_rnn, kernel_backend, make, backend):
     torch.manual_seed(0)
     _, device = kernel_backend
     m = make().to(device)
@@ -69,9 +75,8 @@ def test_rnn_triton_fullgraph_forward_backward(monkeypatch, kernel_backend, make
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_rnn_triton_graph_holds_the_registered_ops(monkeypatch, kernel_backend):
+def test_rnn_triton_graph_holds_the_registered_ops(allow_rnn, kernel_backend):
     """The compiled graph calls fusenn's ops (not the reference's torch ops, not a graph break)."""
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
     seen = []
     _, device = kernel_backend
 
@@ -85,10 +90,9 @@ def test_rnn_triton_graph_holds_the_registered_ops(monkeypatch, kernel_backend):
     assert any("fusenn.gru_layer_forward" in s for s in seen), seen
 
 
-def test_rnn_triton_packed_input_is_not_traced_fullgraph(monkeypatch, kernel_backend):
+def test_rnn_triton_packed_input_is_not_traced_fullgraph(allow_rnn, kernel_backend):
     """A gap, pinned: PackedSequence input needs the batch size from batch_sizes' data, which Dynamo cannot
     guard on; compile without fullgraph (a graph break) or pad the input. Eager packed input still works."""
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
     _, device = kernel_backend
     m = fusenn.LSTM(3, 4).to(device)
     p = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 3, device=device), torch.tensor([3, 2]))
@@ -283,10 +287,9 @@ def _lstm_case(device, **kwargs):
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_lstm_regularisers_fullgraph_matches_eager(monkeypatch, seeded_path, backend):
+def test_lstm_regularisers_fullgraph_matches_eager(allow_rnn, seeded_path, backend):
     """Training mode with between-layer, input, output and recurrent dropout and zoneout: one graph, one
     seed drawn in it, outputs and every gradient identical to eager after the same torch.manual_seed."""
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
     m, x, inputs = _lstm_case(seeded_path[1], **_ALL_MASKS)
     compiler, seen = _count_graphs(backend)
     got = _outputs_and_grads(_after_seed(torch.compile(m, fullgraph=True, backend=compiler), x), inputs)
@@ -294,18 +297,16 @@ def test_lstm_regularisers_fullgraph_matches_eager(monkeypatch, seeded_path, bac
     assert seen["graphs"] == 1 and seen["randint"] == 1, seen
 
 
-def test_lstm_variational_weight_dropout_fullgraph_matches_eager(monkeypatch, seeded_path):
+def test_lstm_variational_weight_dropout_fullgraph_matches_eager(allow_rnn, seeded_path):
     """The other mask kinds: time-locked (variational) dropout and DropConnect on W_hh, with a projection."""
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
     m, x, inputs = _lstm_case(seeded_path[1], variational=True, weight_dropout=0.3, proj_size=2, **_ALL_MASKS)
     got = _outputs_and_grads(_after_seed(torch.compile(m, fullgraph=True, backend="eager"), x), inputs)
     _assert_identical(got, _outputs_and_grads(_after_seed(m, x), inputs))
 
 
-def test_compiled_lstm_run_repeats_under_manual_seed(monkeypatch):
+def test_compiled_lstm_run_repeats_under_manual_seed(allow_rnn):
     """torch.manual_seed repeats a compiled run, the next draw gives other masks, and eval mode (zoneout's
     expectation, no draw) is deterministic."""
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", True)
     torch.manual_seed(0)
     m = fusenn.LSTM(3, 4, input_dropout=0.2, recurrent_dropout=0.3, zoneout=0.25)
     x = torch.randn(3, 2, 3)
