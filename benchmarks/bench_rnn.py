@@ -26,23 +26,32 @@ def _grads(module, x):
 
 
 def validate():
-    """fusenn (current backend, fp32) and torch.nn (fp32) against torch.nn in float64."""
+    """fusenn (current backend, fp32) and torch.nn (fp32) against torch.nn in float64; the LSTMs also in
+    the split mode timed as fusenn-split (cooperative on a GPU, one launch per phase and step on a CPU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    split = "auto" if device == "cuda" else "2"
     checks = []
     for kind, T, B, I, H, extra in SMALL:
-        torch.manual_seed(0)
-        ours = getattr(fusenn, kind)(I, H, **extra).to(device)
-        theirs = getattr(nn, kind)(I, H, **extra).to(device)
-        theirs.load_state_dict(ours.state_dict())
-        exact = getattr(nn, kind)(I, H, **extra).to(device).double()
-        exact.load_state_dict(ours.state_dict())
-        x = torch.randn(T, B, I, device=device)
-        got, base, ref = _grads(ours, x), _grads(theirs, x), _grads(exact, x.double())
-        error = max(max_error(g, r) for g, r in zip(got, ref))
-        allowed = 3 * max(max_error(b, r) for b, r in zip(base, ref)) + ATOL[torch.float32]
-        name = "-".join([kind, f"T{T}-B{B}-I{I}-H{H}"] + [f"{k}{v}" for k, v in extra.items()])
-        checks.append(Check(name + "-fwd+bwd", error, allowed))
+        checks.append(_validate_one(kind, T, B, I, H, extra, device))
+        if kind == "LSTM":
+            check = _with_env(lambda: _validate_one(kind, T, B, I, H, extra, device), FUSENN_RNN_SPLIT=split)()
+            checks.append(Check(check.case + f"-split-{split}", check.error, check.allowed))
     return checks
+
+
+def _validate_one(kind, T, B, I, H, extra, device):
+    torch.manual_seed(0)
+    ours = getattr(fusenn, kind)(I, H, **extra).to(device)
+    theirs = getattr(nn, kind)(I, H, **extra).to(device)
+    theirs.load_state_dict(ours.state_dict())
+    exact = getattr(nn, kind)(I, H, **extra).to(device).double()
+    exact.load_state_dict(ours.state_dict())
+    x = torch.randn(T, B, I, device=device)
+    got, base, ref = _grads(ours, x), _grads(theirs, x), _grads(exact, x.double())
+    error = max(max_error(g, r) for g, r in zip(got, ref))
+    allowed = 3 * max(max_error(b, r) for b, r in zip(base, ref)) + ATOL[torch.float32]
+    name = "-".join([kind, f"T{T}-B{B}-I{I}-H{H}"] + [f"{k}{v}" for k, v in extra.items()])
+    return Check(name + "-fwd+bwd", error, allowed)
 
 
 def _cell_loop(kind, module):

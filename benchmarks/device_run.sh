@@ -12,5 +12,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "^fusenn:|error" | tee "$OUT/build.log"
 python3 -m fusenn.info | tee -a "$OUT/build.log"
-python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -n 30
+# A hung kernel must not eat the whole call: pytest-timeout (in the GPU image) ends the run with stacks.
+TIMEOUT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=300 --timeout-method=thread")
+python3 -m pytest -q -p no:cacheprovider $TIMEOUT tests 2>&1 | tee "$OUT/tests.log" | tail -n 30
 python3 -m benchmarks --out "$OUT/results" "$@" 2>&1 | tee "$OUT/bench.log" | tail -n 80
