@@ -26,16 +26,15 @@ def _grads(module, x):
 
 
 def validate():
-    """fusenn (current backend, fp32) and torch.nn (fp32) against torch.nn in float64; the LSTMs also in
-    the split mode timed as fusenn-split (cooperative on a GPU, one launch per phase and step on a CPU)."""
+    """fusenn (current backend, fp32) and torch.nn (fp32) against torch.nn in float64; also in the split
+    mode timed as fusenn-split (cooperative on a GPU, one launch per phase and step on a CPU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     split = "auto" if device == "cuda" else "2"
     checks = []
     for kind, T, B, I, H, extra in SMALL:
         checks.append(_validate_one(kind, T, B, I, H, extra, device))
-        if kind == "LSTM":
-            check = _with_env(lambda: _validate_one(kind, T, B, I, H, extra, device), FUSENN_RNN_SPLIT=split)()
-            checks.append(Check(check.case + f"-split-{split}", check.error, check.allowed))
+        check = _with_env(lambda: _validate_one(kind, T, B, I, H, extra, device), FUSENN_RNN_SPLIT=split)()
+        checks.append(Check(check.case + f"-split-{split}", check.error, check.allowed))
     return checks
 
 
@@ -111,8 +110,8 @@ def _setup(kind, T, B, I, H, dtype, train):
 
         impls = {"fusenn": timed(lambda x: ours(x)[0]), "cudnn": timed(lambda x: theirs(x)[0]),
                  "compiled-cell-loop": timed(loop)}
-        if kind == "LSTM":  # the cooperative kernel, opt-in until GPU runs show where it wins
-            impls["fusenn-split"] = _with_env(timed(lambda x: ours(x)[0]), FUSENN_RNN_SPLIT="auto")
+        # the cooperative kernels, opt-in until GPU runs show where they win
+        impls["fusenn-split"] = _with_env(timed(lambda x: ours(x)[0]), FUSENN_RNN_SPLIT="auto")
         return impls
     return setup
 

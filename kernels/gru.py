@@ -1,9 +1,10 @@
 """Fused GRU layer: one launch runs the whole sequence forward, one launch runs it backward.
 
 Equations, gate order (r, z, n), packed `lengths` and `reverse` are those of fusenn.reference.rnn.gru_layer.
-The design, precision and GPU speed limits are the LSTM's (see fusenn.kernels.lstm, whose tile helpers
-this module shares): a program per BLOCK_B batch rows loops over time inside the kernel, tiling H; h
-lives in an fp32 state buffer that only its own program re-reads, after a tl.debug_barrier().
+The design, precision, GPU speed limits and split mode are the LSTM's (see fusenn.kernels.lstm, whose
+tile helpers and launcher this module shares): a program per BLOCK_B batch rows loops over time inside
+the kernel, tiling H, or NSPLIT programs share the rows, each taking every NSPLIT-th tile of H; h lives
+in an fp32 state buffer, written and read across phase_sync.
 
 Saved for backward: h after every step in fp32, (T+1) x B x H; backward recomputes r, z, n and
 gh_n = h W_hn^T + b_hn from gx and h_{t-1}. It writes the gradient of gx (dr, dz, dn pre-activation) and
@@ -15,8 +16,8 @@ import triton
 import triton.language as tl
 
 from fusenn.kernels import INTERPRET
-from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, block_size, load_2d, matmul_acc, step_slots, store_2d, tanh,
-                                 valid_rows)
+from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, hidden_block, launch_split, load_2d, matmul_acc, phase_sync,
+                                 split_plan, step_slots, store_2d, tanh, valid_rows)
 from fusenn.ops import new_output
 
 
@@ -46,22 +47,27 @@ def gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.cons
 
 
 @triton.jit(do_not_specialize=["T", "B"])
-def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, T, B, H: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, SAVE: tl.constexpr,
-                       FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, bar_ptr, T, B, k_begin, k_end,
+                       H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+                       SAVE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                       NSPLIT: tl.constexpr, PHASES: tl.constexpr):
+    split = tl.program_id(1)
+    coop = NSPLIT > 1 and PHASES == 3
+    epoch = 1
+    stuck = 0
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
-    k = 0
-    while k < T:  # a while loop: see Specialisation in fusenn.kernels.lstm
+    k = k_begin
+    while k < k_end:  # a while loop: see Specialisation in fusenn.kernels.lstm
         t, before, after = step_slots(k, T, REVERSE, SAVE)
         valid = valid_rows(rows, lens, t, HAS_LENGTHS)
         gx_t = gx_ptr + t.to(tl.int64) * B * 3 * H
         y_t = y_ptr + t.to(tl.int64) * B * H
         h_in = hs_ptr + before.to(tl.int64) * B * H
         h_out = hs_ptr + after.to(tl.int64) * B * H
-        for j0 in range(0, H, BLOCK_H):
-            hc = j0 + tl.arange(0, BLOCK_H)
+        for jj in range(0, H, NSPLIT * BLOCK_H):  # this program's hidden tiles
+            hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             r, z, n, gh_n = gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, HAS_BIAS,
                                       FP32_DOT, BLOCK_B, BLOCK_H)
@@ -69,20 +75,25 @@ def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, T, B,
             h = (1.0 - z) * n + z * h_prev
             store_2d(h_out, rows, hc, H, tl.where(valid, h, h_prev), row_ok, h_ok)
             store_2d(y_t, rows, hc, H, tl.where(valid, h, 0.0), row_ok, h_ok)
-        tl.debug_barrier()  # h_t is complete before step t+1 reads it
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # h_t is complete before step t+1
         k += 1
 
 
 @triton.jit(do_not_specialize=["T", "B"])
-def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_ptr, dg_ptr, dghn_ptr, T, B,
-                        H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
-                        FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_ptr, dg_ptr, dghn_ptr, bar_ptr,
+                        T, B, k_begin, k_end, H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                        REVERSE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                        NSPLIT: tl.constexpr, PHASES: tl.constexpr):
     """dh (B, H) enters holding the gradient of h_n and leaves holding that of h0."""
+    split = tl.program_id(1)
+    coop = NSPLIT > 1 and PHASES == 3
+    epoch = 1
+    stuck = 0
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
-    k = 0
-    while k < T:
+    k = k_begin
+    while k < k_end:
         t, before, after = step_slots(T - 1 - k, T, REVERSE, True)
         valid = valid_rows(rows, lens, t, HAS_LENGTHS)
         t64 = t.to(tl.int64)
@@ -93,8 +104,8 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
         h_in = hs_ptr + before.to(tl.int64) * B * H
         # Phase 1, per hidden tile: gate gradients, and the direct part dh_t * z of dh_{t-1} (in place:
         # this phase reads dh at its own tile only)
-        for j0 in range(0, H, BLOCK_H):
-            hc = j0 + tl.arange(0, BLOCK_H)
+        for jj in range(0, H if PHASES & 1 else 0, NSPLIT * BLOCK_H):  # this program's hidden tiles
+            hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             r, z, n, gh_n = gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, HAS_BIAS,
                                       FP32_DOT, BLOCK_B, BLOCK_H)
@@ -109,10 +120,10 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
             store_2d(dg_t + 2 * H, rows, hc, 3 * H, tl.where(valid, dn, 0.0), row_ok, h_ok)
             store_2d(dghn_t, rows, hc, H, tl.where(valid, dn * r, 0.0), row_ok, h_ok)
             store_2d(dh_ptr, rows, hc, H, tl.where(valid, dh * z, dh), row_ok, h_ok)
-        tl.debug_barrier()  # all gate gradients of step t are written before phase 2 reads them
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # all of step t's gate gradients
         # Phase 2, per hidden tile: dh_{t-1} += [dr, dz, dn * r] W_hh for rows that have step t
-        for p0 in range(0, H, BLOCK_H):
-            pc = p0 + tl.arange(0, BLOCK_H)
+        for pp in range(0, H if PHASES & 2 else 0, NSPLIT * BLOCK_H):  # this program's hidden tiles
+            pc = pp + split * BLOCK_H + tl.arange(0, BLOCK_H)
             p_ok = pc < H
             acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
             for j0 in range(0, H, BLOCK_H):
@@ -126,19 +137,19 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
                                  load_2d(w_hh_ptr + 2 * H * H, hc, pc, H, 1, h_ok, p_ok), acc, FP32_DOT)
             dh = load_2d(dh_ptr, rows, pc, H, 1, row_ok, p_ok)
             store_2d(dh_ptr, rows, pc, H, dh + tl.where(valid, acc, 0.0), row_ok, p_ok)
-        tl.debug_barrier()  # dh_{t-1} is complete before step t-1 reads it
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # dh_{t-1} is complete before step t-1
         k += 1
 
 
-def _launch_args(gx):
+def _consts(gx, nsplit):
     H = gx.shape[-1] // 3
-    return dict(H=H, FP32_DOT=INTERPRET or gx.dtype == torch.float32, BLOCK_B=BLOCK_B, BLOCK_H=block_size(H, 32),
-                num_warps=NUM_WARPS)
+    return dict(H=H, FP32_DOT=INTERPRET or gx.dtype == torch.float32, BLOCK_B=BLOCK_B,
+                BLOCK_H=hidden_block(H, nsplit, 32), num_warps=NUM_WARPS)
 
 
-def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool):
+def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, split=None, cooperative=True):
     """gx (T, B, 3H), h0 (B, H), w_hh (3H, H), b_hh (3H,) or None, lengths (B,) int64 or None, all
-    contiguous, on one device, in gx's dtype. Returns y, h_n and, when `save`, the fp32 state buffer
+    contiguous, on one device, in gx's dtype; split, cooperative as for fusenn.kernels.lstm.lstm_forward. Returns y, h_n and, when `save`, the fp32 state buffer
     hs (T+1, B, H) for backward (slot t + reverse holds the state entering step t)."""
     T, B, _ = gx.shape
     slots = T + 1 if save else 2
@@ -146,15 +157,16 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool):
     hs[T if (save and reverse) else 0] = h0
     y = new_output((T, B, h0.shape[-1]), gx.dtype, gx.device)
     if T and B:
-        gru_forward_kernel[(triton.cdiv(B, BLOCK_B),)](
-            gx, w_hh, b_hh if b_hh is not None else w_hh, lengths if lengths is not None else hs, hs, y, T, B,
-            HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save,
-            **_launch_args(gx))
+        nsplit = split_plan(B, gx.shape[-1] // 3, gx.device, split)
+        launch_split(gru_forward_kernel, (gx, w_hh, b_hh if b_hh is not None else w_hh,
+                                          lengths if lengths is not None else hs, hs, y),
+                     T, B, nsplit, cooperative and not INTERPRET, (1,), **_consts(gx, nsplit),
+                     HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
     return y, hs[last].to(gx.dtype, copy=True), hs if save else None
 
 
-def gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse: bool, hs):
+def gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse: bool, hs, split=None, cooperative=True):
     """Gradients through time given those of y and h_n (contiguous) and gru_forward's saved buffer.
     Returns dg (T, B, 3H) fp32 (the gradient of gx), dghn (T, B, H) fp32 (that of h W_hn^T + b_hn) and
     dh0 (B, H) fp32."""
@@ -163,8 +175,9 @@ def gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse: bool, hs):
     dg = new_output((T, B, G), torch.float32, gx.device)
     dghn = new_output((T, B, G // 3), torch.float32, gx.device)
     if T and B:
-        gru_backward_kernel[(triton.cdiv(B, BLOCK_B),)](
-            gx, w_hh, b_hh if b_hh is not None else w_hh, lengths if lengths is not None else hs, hs, dy, dh, dg,
-            dghn, T, B, HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
-            **_launch_args(gx))
+        nsplit = split_plan(B, G // 3, gx.device, split)
+        launch_split(gru_backward_kernel, (gx, w_hh, b_hh if b_hh is not None else w_hh,
+                                           lengths if lengths is not None else hs, hs, dy, dh, dg, dghn),
+                     T, B, nsplit, cooperative and not INTERPRET, **_consts(gx, nsplit),
+                     HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dghn, dh

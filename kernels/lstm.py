@@ -42,7 +42,8 @@ NSPLIT-th hidden tile in phase 1 of a step and every NSPLIT-th tile of P in phas
 cooperative launch whose programs meet at a barrier in global memory after each phase (phase_sync); the
 interpreter, which runs programs one after another, runs the same kernel one launch per phase per step
 (PHASES = 1 or 2), the launch boundaries standing in for the barriers, so the CPU tests cover all of the
-split indexing. The split mode is opt-in (FUSENN_RNN_SPLIT) until GPU runs show where it wins.
+split indexing. The split mode (here and in fusenn.kernels.gru) is opt-in (FUSENN_RNN_SPLIT) until GPU
+runs show where it wins.
 """
 
 import os
@@ -374,37 +375,49 @@ def split_plan(B: int, H: int, device, split=None) -> int:
     batch rows the per-step work then spreads over up to one program per SM instead of one program."""
     choice = split if split is not None else os.environ.get("FUSENN_RNN_SPLIT", "1")
     if choice != "auto":
-        return max(1, int(choice))
+        if not str(choice).isdigit() or int(choice) < 1:
+            raise ValueError(f"FUSENN_RNN_SPLIT must be 'auto' or a positive integer, got {choice!r}")
+        return int(choice)
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(sms // triton.cdiv(B, BLOCK_B), triton.cdiv(H, 16)))
 
 
-def _launch(kernel, args: tuple, T: int, B: int, H: int, P: int, dtype, nsplit: int, cooperative: bool, **consts):
-    """Run `kernel` over all T steps. NSPLIT programs share each block of rows, each taking every NSPLIT-th
-    tile of H (phase 1) and of P (phase 2). One launch when NSPLIT == 1 or cooperative (grid barriers
-    between phases); else one launch per phase per step, the launch boundaries being the barriers (the
+def hidden_block(H: int, nsplit: int, cap: int) -> int:
+    """The tile of H: the widest up to `cap` alone on the rows, else about H / nsplit (so every program
+    gets a tile), never under 16 (tl.dot)."""
+    if nsplit == 1:
+        return block_size(H, cap)
+    return max(16, min(cap, triton.next_power_of_2(triton.cdiv(H, nsplit))))
+
+
+def launch_split(kernel, args: tuple, T: int, B: int, nsplit: int, cooperative: bool, phases=(1, 2), **consts):
+    """Run `kernel` (args, then bar_ptr, T, B, k_begin, k_end, then `consts`) over all T steps with NSPLIT
+    programs per block of rows. One launch when NSPLIT == 1 or cooperative (grid barriers between phases);
+    else one launch per phase in `phases` per step, the launch boundaries being the barriers (the
     interpreter's mode, since it runs programs one after another; also a GPU fallback)."""
     rows = triton.cdiv(B, BLOCK_B)
-    block_h = block_size(H, 64) if nsplit == 1 else max(16, min(64, triton.next_power_of_2(triton.cdiv(H, nsplit))))
-    consts.update(H=H, P=P, FP32_DOT=INTERPRET or dtype == torch.float32, BLOCK_B=BLOCK_B, BLOCK_H=block_h,
-                  BLOCK_P=block_size(P, 32), NSPLIT=nsplit, num_warps=NUM_WARPS)
     device = args[0].device
     if nsplit == 1 or cooperative:
-        if cooperative and nsplit > 1:
+        if nsplit > 1:
             if INTERPRET:
-                raise ValueError("the cooperative RNN kernel cannot run under the Triton interpreter")
+                raise ValueError("the cooperative RNN kernels cannot run under the Triton interpreter")
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             if rows * nsplit > sms:
-                raise ValueError(f"the cooperative RNN kernel needs all {rows * nsplit} programs resident, more "
+                raise ValueError(f"the cooperative RNN kernels need all {rows * nsplit} programs resident, more "
                                  f"than the {sms} SMs")
         bar = torch.zeros(rows, dtype=torch.int32, device=device) if nsplit > 1 else args[0]  # else never read
-        kernel[(rows, nsplit)](*args, bar, T, B, 0, T, **consts, PHASES=3)
+        kernel[(rows, nsplit)](*args, bar, T, B, 0, T, **consts, NSPLIT=nsplit, PHASES=3)
         return
     for k in range(T):
-        for phase in (1, 2):
-            kernel[(rows, nsplit)](*args, args[0], T, B, k, k + 1, **consts, PHASES=phase)
+        for phase in phases:
+            kernel[(rows, nsplit)](*args, args[0], T, B, k, k + 1, **consts, NSPLIT=nsplit, PHASES=phase)
+
+
+def _consts(H, P, dtype, nsplit):
+    return dict(H=H, P=P, FP32_DOT=INTERPRET or dtype == torch.float32, BLOCK_B=BLOCK_B,
+                BLOCK_H=hidden_block(H, nsplit, 64), BLOCK_P=block_size(P, 32), num_warps=NUM_WARPS)
 
 
 def _reg_args(recurrent_dropout, zoneout, unused):
@@ -445,10 +458,12 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, rec
     y = new_output((T, B, P), gx.dtype, gx.device)
     if T and B:
         nsplit = split_plan(B, H, gx.device, split)
-        _launch(lstm_forward_kernel, (gx, w_hh, w_hr if w_hr is not None else w_hh,
-                                      lengths if lengths is not None else hs, hs, cs, ms if ms is not None else hs, y),
-                T, B, H, P, gx.dtype, nsplit, cooperative and not INTERPRET, **_reg_args(recurrent_dropout, zoneout, hs),
-                HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
+        launch_split(lstm_forward_kernel, (gx, w_hh, w_hr if w_hr is not None else w_hh,
+                                           lengths if lengths is not None else hs, hs, cs,
+                                           ms if ms is not None else hs, y),
+                     T, B, nsplit, cooperative and not INTERPRET, (1, 2) if w_hr is not None else (1,),
+                     **_consts(H, P, gx.dtype, nsplit), **_reg_args(recurrent_dropout, zoneout, hs),
+                     HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
     h_n = hs[last].to(gx.dtype, copy=True)
     c_n = cs[last].to(gx.dtype, copy=True)
@@ -470,9 +485,10 @@ def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs
     if T and B:
         H = G // 4
         nsplit = split_plan(B, H, gx.device, split)
-        _launch(lstm_backward_kernel, (gx, w_hh, w_hr if w_hr is not None else w_hh,
-                                       lengths if lengths is not None else hs, hs, cs, dy, dh, dc, dg,
-                                       dhs if dhs is not None else dg),
-                T, B, H, P, gx.dtype, nsplit, cooperative and not INTERPRET, **_reg_args(recurrent_dropout, zoneout, hs),
-                HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
+        launch_split(lstm_backward_kernel, (gx, w_hh, w_hr if w_hr is not None else w_hh,
+                                            lengths if lengths is not None else hs, hs, cs, dy, dh, dc, dg,
+                                            dhs if dhs is not None else dg),
+                     T, B, nsplit, cooperative and not INTERPRET, **_consts(H, P, gx.dtype, nsplit),
+                     **_reg_args(recurrent_dropout, zoneout, hs),
+                     HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dh, dc, dhs

@@ -242,6 +242,31 @@ def test_lstm_split_across_programs_matches_reference(rnn_backend, monkeypatch, 
     test_lstm_layer_matches_reference(rnn_backend, T, B, H, proj, dtype, reverse, lengths, bias)
 
 
+GRU_SPLIT_CASES = [
+    _case(5, 3, 33, reverse=True, lengths=[3, 5, 1]),
+    _case(3, 17, 70, lengths=[3, 1, 2] * 5 + [1, 3], bias=False),
+    _case(4, 3, 33, "bf16"),
+    _case(100, 64, 512, gpu=True),
+    _case(50, 8, 1024, "bf16", reverse=True, gpu=True),
+]
+
+
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize(PARAMS, GRU_SPLIT_CASES)
+def test_gru_split_across_programs_matches_reference(rnn_backend, monkeypatch, split, T, B, H, proj, dtype, reverse,
+                                                     lengths, bias):
+    monkeypatch.setenv("FUSENN_RNN_SPLIT", str(split))
+    test_gru_layer_matches_reference(rnn_backend, T, B, H, proj, dtype, reverse, lengths, bias)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_bad_split_setting_says_what_it_takes(rnn_backend, monkeypatch, value):
+    _, device = rnn_backend
+    monkeypatch.setenv("FUSENN_RNN_SPLIT", value)
+    with pytest.raises(ValueError, match="FUSENN_RNN_SPLIT must be 'auto' or a positive integer"):
+        ops.gru_layer(*_gru_inputs(2, 1, 3, True, torch.float32, device))
+
+
 def test_lstm_split_with_regularisers_matches_reference(rnn_backend, monkeypatch):
     """Recurrent dropout and sampled zoneout regenerate the same masks whichever program owns a tile."""
     _, device = rnn_backend
@@ -261,13 +286,17 @@ def test_lstm_split_with_regularisers_matches_reference(rnn_backend, monkeypatch
 
 
 @pytest.mark.gpu
-def test_lstm_split_stepwise_on_gpu_matches_cooperative():
+def test_split_stepwise_on_gpu_matches_cooperative():
     """The GPU runs both split modes: one launch per phase per step, and the cooperative single launch."""
-    from fusenn.kernels import lstm as kernels
+    from fusenn.kernels import gru, lstm
 
     torch.manual_seed(0)
     gx, h0, c0, w_hh, w_hr = _lstm_inputs(20, 8, 256, 64, torch.bfloat16, torch.device("cuda"))
-    outs = [kernels.lstm_forward(gx, h0, c0, w_hh, w_hr, None, False, True, split=4, cooperative=coop)
+    outs = [lstm.lstm_forward(gx, h0, c0, w_hh, w_hr, None, False, True, split=4, cooperative=coop)
             for coop in (False, True)]
     for a, b in zip(outs[0][:3] + outs[0][3][:2], outs[1][:3] + outs[1][3][:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    gx, h0, w_hh, b_hh = _gru_inputs(20, 8, 256, True, torch.bfloat16, torch.device("cuda"))
+    outs = [gru.gru_forward(gx, h0, w_hh, b_hh, None, True, True, split=4, cooperative=coop) for coop in (False, True)]
+    for a, b in zip(outs[0], outs[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
