@@ -17,7 +17,7 @@ import triton.language as tl
 
 from fusenn.kernels import INTERPRET
 from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, hidden_block, launch_split, load_2d, matmul_acc, phase_sync,
-                                 split_plan, step_slots, store_2d, tanh, valid_rows)
+                                 program_rows, split_plan, step_slots, store_2d, tanh, valid_rows)
 from fusenn.ops import new_output
 
 
@@ -51,13 +51,8 @@ def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, bar_p
                        H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
                        SAVE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                        NSPLIT: tl.constexpr, PHASES: tl.constexpr):
-    split = tl.program_id(1)
-    coop = NSPLIT > 1 and PHASES == 3
-    epoch = 1
-    stuck = 0
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
+    rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
+    epoch, stuck = 1, 0
     k = k_begin
     while k < k_end:  # a while loop: see Specialisation in fusenn.kernels.lstm
         t, before, after = step_slots(k, T, REVERSE, SAVE)
@@ -75,7 +70,7 @@ def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, bar_p
             h = (1.0 - z) * n + z * h_prev
             store_2d(h_out, rows, hc, H, tl.where(valid, h, h_prev), row_ok, h_ok)
             store_2d(y_t, rows, hc, H, tl.where(valid, h, 0.0), row_ok, h_ok)
-        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # h_t is complete before step t+1
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # h_t is complete before step t+1
         k += 1
 
 
@@ -85,13 +80,8 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
                         REVERSE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                         NSPLIT: tl.constexpr, PHASES: tl.constexpr):
     """dh (B, H) enters holding the gradient of h_n and leaves holding that of h0."""
-    split = tl.program_id(1)
-    coop = NSPLIT > 1 and PHASES == 3
-    epoch = 1
-    stuck = 0
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
+    rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
+    epoch, stuck = 1, 0
     k = k_begin
     while k < k_end:
         t, before, after = step_slots(T - 1 - k, T, REVERSE, True)
@@ -120,7 +110,7 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
             store_2d(dg_t + 2 * H, rows, hc, 3 * H, tl.where(valid, dn, 0.0), row_ok, h_ok)
             store_2d(dghn_t, rows, hc, H, tl.where(valid, dn * r, 0.0), row_ok, h_ok)
             store_2d(dh_ptr, rows, hc, H, tl.where(valid, dh * z, dh), row_ok, h_ok)
-        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # all of step t's gate gradients
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # all of step t's gate gradients
         # Phase 2, per hidden tile: dh_{t-1} += [dr, dz, dn * r] W_hh for rows that have step t
         for pp in range(0, H if PHASES & 2 else 0, NSPLIT * BLOCK_H):  # this program's hidden tiles
             pc = pp + split * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -137,7 +127,7 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
                                  load_2d(w_hh_ptr + 2 * H * H, hc, pc, H, 1, h_ok, p_ok), acc, FP32_DOT)
             dh = load_2d(dh_ptr, rows, pc, H, 1, row_ok, p_ok)
             store_2d(dh_ptr, rows, pc, H, dh + tl.where(valid, acc, 0.0), row_ok, p_ok)
-        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # dh_{t-1} is complete before step t-1
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # dh_{t-1} is complete before step t-1
         k += 1
 
 

@@ -113,20 +113,31 @@ def step_slots(k, T, REVERSE: tl.constexpr, SAVE: tl.constexpr):
     return t, before, after
 
 
+@triton.jit
+def program_rows(B, len_ptr, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's batch rows, which of them exist, their lengths (the rows themselves if none), and
+    which of the NSPLIT programs sharing them it is."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
+    return rows, row_ok, lens, tl.program_id(1)
+
+
 MAX_SPINS = tl.constexpr(1 << 22)  # a few seconds: far beyond any real wait at a barrier
 
 
 @triton.jit
-def phase_sync(bar_ptr, epoch, stuck, NSPLIT: tl.constexpr, COOP: tl.constexpr):
+def phase_sync(bar_ptr, epoch, stuck, NSPLIT: tl.constexpr, PHASES: tl.constexpr):
     """End of a phase of a step: every tile this phase wrote is visible to the phase that reads it next.
     Alone on its batch rows (NSPLIT == 1) a program needs only its own threads in step; in the cooperative
-    mode the NSPLIT programs sharing the rows meet at a barrier in global memory (a counter each of them
-    adds 1 to per phase, release/acquire at GPU scope), which needs all of them resident at once, so it is
-    only launched with at most one program per SM, and never under the interpreter. Should they not be (a
+    mode (NSPLIT > 1 in one launch, PHASES == 3) the NSPLIT programs sharing the rows meet at a barrier in
+    global memory (a counter each of them adds 1 to per phase, release/acquire at GPU scope), which needs
+    all of them resident at once, so it is only launched with at most one program per SM, and never under
+    the interpreter. Should they not be (a
     GPU shared with other work), a program gives up waiting after MAX_SPINS polls and never waits again:
     wrong results, which the tests catch, rather than a hung process. Returns (next epoch, stuck)."""
     tl.debug_barrier()
-    if COOP:
+    if NSPLIT > 1 and PHASES == 3:
         tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
         spins = stuck * MAX_SPINS
         while (tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < epoch * NSPLIT) & (spins < MAX_SPINS):
@@ -203,6 +214,14 @@ def seed_words(seed_ptr, USED: tl.constexpr):
     return k0, k1
 
 
+@triton.jit
+def regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr):
+    """(rd_k0, rd_k1, zo_k0, zo_k1): the key words of recurrent dropout's and of sampled zoneout's seeds."""
+    rd_k0, rd_k1 = seed_words(rd_seed_ptr, RDROP)
+    zo_k0, zo_k1 = seed_words(zo_seed_ptr, ZONEOUT == 1)
+    return rd_k0, rd_k1, zo_k0, zo_k1
+
+
 @triton.jit(do_not_specialize=["T", "B"] + _REG_ARGS)
 def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_ptr, y_ptr, bar_ptr, T, B,
                         k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
@@ -211,15 +230,9 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                         SAVE: tl.constexpr, FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
                         NSPLIT: tl.constexpr, PHASES: tl.constexpr):
-    split = tl.program_id(1)
-    coop = NSPLIT > 1 and PHASES == 3
-    epoch = 1
-    stuck = 0
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rd_k0, rd_k1 = seed_words(rd_seed_ptr, RDROP)
-    zo_k0, zo_k1 = seed_words(zo_seed_ptr, ZONEOUT == 1)
-    lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
+    rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
+    epoch, stuck = 1, 0
+    rd_k0, rd_k1, zo_k0, zo_k1 = regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP, ZONEOUT)
     k = k_begin
     while k < k_end:  # see Specialisation above
         t, before, after = step_slots(k, T, REVERSE, SAVE)
@@ -253,7 +266,7 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                     m = u_h * m + (1 - u_h) * h_prev
                 store_2d(h_out, rows, hc, P, tl.where(valid, m, h_prev), row_ok, h_ok)
                 store_2d(y_t, rows, hc, P, tl.where(valid, m, 0.0), row_ok, h_ok)
-        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # this step's m (or h) is complete before it is read
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # this step's m (or h) is complete before it is read
         if HAS_PROJ:
             for pp in range(0, P if PHASES & 2 else 0, NSPLIT * BLOCK_P):  # this program's tiles of P
                 pc = pp + split * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -270,7 +283,7 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                     acc = u_h * acc + (1 - u_h) * h_prev
                 store_2d(h_out, rows, pc, P, tl.where(valid, acc, h_prev), row_ok, p_ok)
                 store_2d(y_t, rows, pc, P, tl.where(valid, acc, 0.0), row_ok, p_ok)
-            epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)
+            epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)
         k += 1
 
 
@@ -283,15 +296,9 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
                          NSPLIT: tl.constexpr, PHASES: tl.constexpr):
     """dh (B, P) and dc (B, H) enter holding the gradients of h_n, c_n and leave holding those of h0, c0."""
-    split = tl.program_id(1)
-    coop = NSPLIT > 1 and PHASES == 3
-    epoch = 1
-    stuck = 0
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rd_k0, rd_k1 = seed_words(rd_seed_ptr, RDROP)
-    zo_k0, zo_k1 = seed_words(zo_seed_ptr, ZONEOUT == 1)
-    lens = tl.load(len_ptr + rows, mask=row_ok, other=0) if HAS_LENGTHS else rows
+    rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
+    epoch, stuck = 1, 0
+    rd_k0, rd_k1, zo_k0, zo_k1 = regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP, ZONEOUT)
     k = k_begin
     while k < k_end:
         t, before, after = step_slots(T - 1 - k, T, REVERSE, True)
@@ -340,7 +347,7 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
             store_2d(dg_t + 2 * H, rows, hc, 4 * H, tl.where(valid, dc * i * (1.0 - g * g), 0.0), row_ok, h_ok)
             store_2d(dg_t + 3 * H, rows, hc, 4 * H, tl.where(valid, dm * tc * o * (1.0 - o), 0.0), row_ok, h_ok)
             store_2d(dc_ptr, rows, hc, H, tl.where(valid, dc_pass + dc * f, dc_next), row_ok, h_ok)
-        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # all of step t's gate gradients are written
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # all of step t's gate gradients are written
         # Phase 2, per tile of P: dh_{t-1} = dgates_t W_hh; rows without step t pass dh through
         for pp in range(0, P if PHASES & 2 else 0, NSPLIT * BLOCK_P):  # this program's tiles of P
             pc = pp + split * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -365,7 +372,7 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
             if HAS_PROJ:  # grad of the projected h_new for grad W_hr = sum_t dh_t^T m_t
                 store_2d(dhs_ptr + t64 * B * P, rows, pc, P, tl.where(valid, dh_new, 0.0), row_ok, p_ok)
             store_2d(dh_ptr, rows, pc, P, tl.where(valid, acc, dh), row_ok, p_ok)
-        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, coop)  # dh_{t-1}, dc_{t-1} are complete before step t-1
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # dh_{t-1}, dc_{t-1} are complete before step t-1
         k += 1
 
 

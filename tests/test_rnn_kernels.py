@@ -224,39 +224,33 @@ def test_float64_goes_to_the_reference_or_says_why(device):
 # Split mode: NSPLIT programs share each block of batch rows, each taking every NSPLIT-th hidden (and P)
 # tile. Under the interpreter each phase of each step is its own launch; on a GPU the same tests run the
 # cooperative single launch, whose programs meet at grid barriers.
-SPLIT_CASES = [
+def _kind(kind, cases):
+    return [pytest.param(kind, *c.values, id=f"{kind}-{c.id}", marks=c.marks) for c in cases]
+
+
+SPLIT_CASES = _kind("lstm", [
     _case(5, 3, 33, proj=7, reverse=True, lengths=[5, 1, 4]),
     _case(3, 2, 70, proj=40, lengths=[3, 2]),
     _case(3, 17, 33, reverse=True, lengths=[3, 1, 2] * 5 + [1, 3]),
     _case(4, 3, 33, "bf16"),
     _case(100, 64, 512, gpu=True),
     _case(50, 8, 1024, "bf16", proj=256, reverse=True, gpu=True),
-]
-
-
-@pytest.mark.parametrize("split", [2, 3])
-@pytest.mark.parametrize(PARAMS, SPLIT_CASES)
-def test_lstm_split_across_programs_matches_reference(rnn_backend, monkeypatch, split, T, B, H, proj, dtype, reverse,
-                                                      lengths, bias):
-    monkeypatch.setenv("FUSENN_RNN_SPLIT", str(split))
-    test_lstm_layer_matches_reference(rnn_backend, T, B, H, proj, dtype, reverse, lengths, bias)
-
-
-GRU_SPLIT_CASES = [
+]) + _kind("gru", [
     _case(5, 3, 33, reverse=True, lengths=[3, 5, 1]),
     _case(3, 17, 70, lengths=[3, 1, 2] * 5 + [1, 3], bias=False),
     _case(4, 3, 33, "bf16"),
     _case(100, 64, 512, gpu=True),
     _case(50, 8, 1024, "bf16", reverse=True, gpu=True),
-]
+])
 
 
 @pytest.mark.parametrize("split", [2, 3])
-@pytest.mark.parametrize(PARAMS, GRU_SPLIT_CASES)
-def test_gru_split_across_programs_matches_reference(rnn_backend, monkeypatch, split, T, B, H, proj, dtype, reverse,
-                                                     lengths, bias):
+@pytest.mark.parametrize("kind," + PARAMS, SPLIT_CASES)
+def test_split_across_programs_matches_reference(rnn_backend, monkeypatch, split, kind, T, B, H, proj, dtype, reverse,
+                                                 lengths, bias):
     monkeypatch.setenv("FUSENN_RNN_SPLIT", str(split))
-    test_gru_layer_matches_reference(rnn_backend, T, B, H, proj, dtype, reverse, lengths, bias)
+    test = test_lstm_layer_matches_reference if kind == "lstm" else test_gru_layer_matches_reference
+    test(rnn_backend, T, B, H, proj, dtype, reverse, lengths, bias)
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])
