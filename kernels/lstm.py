@@ -133,14 +133,15 @@ def phase_sync(bar_ptr, epoch, stuck, NSPLIT: tl.constexpr, PHASES: tl.constexpr
     mode (NSPLIT > 1 in one launch, PHASES == 3) the NSPLIT programs sharing the rows meet at a barrier in
     global memory (a counter each of them adds 1 to per phase, release/acquire at GPU scope), which needs
     all of them resident at once, so it is only launched with at most one program per SM, and never under
-    the interpreter. Should they not be (a
-    GPU shared with other work), a program gives up waiting after MAX_SPINS polls and never waits again:
-    wrong results, which the tests catch, rather than a hung process. Returns (next epoch, stuck)."""
+    the interpreter. Should they not be (a GPU shared with other work), a program gives up waiting after
+    MAX_SPINS polls and never waits again: wrong results, which the tests catch, rather than a hung
+    process. Returns (next epoch, stuck)."""
     tl.debug_barrier()
     if NSPLIT > 1 and PHASES == 3:
-        tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+        counter = bar_ptr + tl.program_id(0)  # one per block of rows: only its NSPLIT programs meet here
+        tl.atomic_add(counter, 1, sem="release", scope="gpu")
         spins = stuck * MAX_SPINS
-        while (tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < epoch * NSPLIT) & (spins < MAX_SPINS):
+        while (tl.atomic_add(counter, 0, sem="acquire", scope="gpu") < epoch * NSPLIT) & (spins < MAX_SPINS):
             spins += 1
         stuck = (spins >= MAX_SPINS).to(tl.int32)
         tl.debug_barrier()
