@@ -37,7 +37,7 @@ def _erf(x):
 @triton.jit
 def _activation(z, ACT: tl.constexpr, slope):
     if ACT == "relu":
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0, 0.0, z)  # NaN stays NaN, as in torch (tl.maximum would drop it)
     elif ACT == "leaky_relu":
         z = tl.where(z >= 0, z, z * slope)
     elif ACT == "gelu":
@@ -135,7 +135,9 @@ def conv_pool2d_kernel(
                 pre = acc + bias[:, None]
                 v = _activation(pre, ACT, slope)
             v = tl.where(valid[None, :], v, float("-inf"))  # -inf pool padding
-            take = v > best  # strict: the first max in scan order wins, as in torch
+            # strict: the first max in scan order wins, as in torch, and so does a NaN (the last one), so
+            # a NaN in the window propagates with its index, as torch's max pooling does
+            take = (v > best) | (v != v)
             best = tl.where(take, v, best)
             best_idx = tl.where(take, widx, best_idx)
             if STORE_ARGMAX and not MONOTONE:

@@ -170,6 +170,36 @@ def test_max_ties_go_to_the_first_max_as_in_torch(kernel_backend, activation, po
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_nan_in_a_window_propagates_as_in_torch(kernel_backend, activation):
+    """A NaN input poisons exactly the pooled outputs whose windows see it, as torch's do, and the gradients
+    likewise, but for one documented difference: with a smooth activation torch's input gradient is also
+    NaN wherever a pre-activation that no window picked is NaN (0 * act'(NaN)); fusenn's backward never
+    forms those products, so there only the weight and bias gradients are compared."""
+    _, device = kernel_backend
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 9, 10, generator=g)
+    x[0, 1, 4, 4] = float("nan")
+    x[1, 0, 0, 9] = float("nan")
+    x, w, b = x.to(device), torch.randn(4, 3, 3, 3, generator=g).to(device), torch.randn(4, generator=g).to(device)
+    options = dict(padding=1, activation=activation, pool_kernel_size=3, pool_stride=2, pool_padding=1)
+    with fusenn.set_backend("reference"):
+        shape = F.conv_pool2d(x, w, b, **options).shape
+    grad = torch.randn(shape, generator=g).to(device)
+
+    def torch_ops(x, w, b):
+        with fusenn.set_backend("reference"):
+            return F.conv_pool2d(x, w, b, **options)
+
+    expected, expected_grads = _run(torch_ops, (x, w, b), grad)
+    out, grads = _run(lambda x, w, b: F.conv_pool2d(x, w, b, **options), (x, w, b), grad)
+    assert expected.isnan().any() and not expected.isnan().all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    start = 1 if activation == "gelu" else 0
+    for got, want in zip(grads[start:], expected_grads[start:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_empty_batch(kernel_backend):
     _, device = kernel_backend
     x = torch.randn(0, 3, 9, 11, device=device, requires_grad=True)

@@ -14,8 +14,11 @@ Backward of the Triton path, and what it keeps from forward:
   activation is 'none' its derivative needs the full-resolution pre-activation, which the backward
   recomputes with one torch convolution rather than keeping it from forward. Kept: x, weight, bias.
 
-Ties in max pooling go to the first maximum in window scan order, as in torch. One difference: torch's
-max pooling propagates a NaN in its window; the kernel's comparisons skip it.
+Ties in max pooling go to the first maximum in window scan order, as in torch, and a NaN in a window
+propagates (with the index of the window's last NaN), as in torch. One difference in backward: with a
+smooth activation (gelu, silu, ...) torch's input gradient is also NaN wherever a pre-activation that no
+window picked is NaN (it multiplies 0 by act'(NaN)); the Triton path applies act' at the window maxima
+only, so those zeros stay zero.
 """
 
 from __future__ import annotations
