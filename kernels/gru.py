@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from fusenn.kernels import INTERPRET
-from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, hidden_block, launch_split, load_2d, matmul_acc, phase_sync,
-                                 program_rows, split_plan, step_slots, store_2d, tanh, valid_rows)
+from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, RUNTIME_ARGS, hidden_block, launch_split, load_2d, matmul_acc,
+                                 phase_sync, program_rows, split_plan, step_slots, store_2d, tanh, valid_rows)
 from fusenn.ops import new_output
 
 
@@ -46,7 +46,7 @@ def gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.cons
     return r, z, n, acc_n
 
 
-@triton.jit(do_not_specialize=["T", "B"])
+@triton.jit(do_not_specialize=RUNTIME_ARGS)
 def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, bar_ptr, T, B, k_begin, k_end,
                        H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
                        SAVE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -74,7 +74,7 @@ def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, bar_p
         k += 1
 
 
-@triton.jit(do_not_specialize=["T", "B"])
+@triton.jit(do_not_specialize=RUNTIME_ARGS)
 def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_ptr, dg_ptr, dghn_ptr, bar_ptr,
                         T, B, k_begin, k_end, H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                         REVERSE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,

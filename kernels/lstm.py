@@ -19,7 +19,7 @@ gradients (which are grad_gx) and carries dh, dc in fp32 buffers; the weight gra
 GEMMs over all T*B rows in torch (ops/rnn.py). Without grad the state buffers shrink to two slots.
 
 Specialisation. H and P are constexpr (one compile per layer size, like an attention head dim: the tile
-loops get constant bounds); T and B are runtime values, never specialised. The time loop is a while loop
+loops get constant bounds); T, B and the step range are runtime values, never specialised. The time loop is a while loop
 because the interpreter (with numpy >= 2.4) cannot range() over a runtime bound.
 
 Precision. fp32 inputs use IEEE fp32 dots (no TF32); fp16/bf16 use tensor-core dots (the fp32 state
@@ -202,6 +202,9 @@ def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P:
     return i, f, g, o
 
 
+# Runtime values a compiled kernel must not be specialised on (Triton would recompile for T == 1, for
+# T % 16 == 0, for each k_begin of the stepwise mode...).
+RUNTIME_ARGS = ["T", "B", "k_begin", "k_end"]
 _REG_ARGS = ["rd_thr", "zo_thr"]
 
 
@@ -223,7 +226,7 @@ def regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP: tl.constexpr, ZONEOUT: tl.
     return rd_k0, rd_k1, zo_k0, zo_k1
 
 
-@triton.jit(do_not_specialize=["T", "B"] + _REG_ARGS)
+@triton.jit(do_not_specialize=RUNTIME_ARGS + _REG_ARGS)
 def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_ptr, y_ptr, bar_ptr, T, B,
                         k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
                         H: tl.constexpr, P: tl.constexpr,
@@ -288,7 +291,7 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
         k += 1
 
 
-@triton.jit(do_not_specialize=["T", "B"] + _REG_ARGS)
+@triton.jit(do_not_specialize=RUNTIME_ARGS + _REG_ARGS)
 def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy_ptr, dh_ptr, dc_ptr, dg_ptr,
                          dhs_ptr, bar_ptr, T, B, k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr,
                          zo_u, H: tl.constexpr, P: tl.constexpr,
