@@ -410,6 +410,11 @@ def test_errors_where_torch_has_no_readable_one():
         gru(x, torch.zeros(1, 3, 7, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="not the same dtype"):
         fusenn.GRUCell(5, 7)(x[0], torch.zeros(3, 7, dtype=torch.float64))
+    # a hand-made PackedSequence whose sorted_indices disagree with batch_sizes (torch reads garbage)
+    packed = pack_padded_sequence(x, [4, 3, 2], enforce_sorted=False)
+    bad = torch.nn.utils.rnn.PackedSequence(packed.data, packed.batch_sizes, torch.tensor([1, 0]), torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match=r"batch_sizes\[0\] is 3 but sorted_indices has 2 entries"):
+        gru(bad)
 
 
 def test_constructor_arguments_are_torchs():

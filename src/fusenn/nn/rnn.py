@@ -44,11 +44,26 @@ def _check_attributes(input: Tensor, hiddens, params) -> None:
                                    f"{input.dtype} and {kind} tensor with {t.dtype}")
 
 
-def _packed_cells(batch_sizes: Tensor, device) -> Tensor:
-    """(T, B) bool: the (step, row) cells a packed batch holds. Its row-major order is the packed order,
-    so padded[mask] packs and a masked index_put unpacks."""
-    rows = torch.arange(int(batch_sizes[0]))
-    return (rows[None, :] < batch_sizes[:, None]).to(device)
+def _packed_batch(batch_sizes: Tensor, sorted_indices: Optional[Tensor]) -> int:
+    """A packed input's batch size: sorted_indices' length when it has them (a shape, so torch.compile
+    traces it), else batch_sizes[0] (data: under torch.compile a graph break, as in torch's own RNNs)."""
+    if sorted_indices is None:
+        return int(batch_sizes[0])
+    batch = sorted_indices.shape[0]
+    if not torch.compiler.is_compiling() and int(batch_sizes[0]) != batch:
+        raise ValueError(f"PackedSequence: batch_sizes[0] is {int(batch_sizes[0])} but sorted_indices has {batch} "
+                         "entries")
+    return batch
+
+
+def _packed_layout(batch_sizes: Tensor, batch: int, numel: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """(steps, rows, lengths): packed element i is element (steps[i], rows[i]) of the time-major padded
+    batch, and row b has lengths[b] steps. Every shape is static (T, batch, numel), so this traces."""
+    T = batch_sizes.shape[0]
+    steps = torch.repeat_interleave(torch.arange(T), batch_sizes, output_size=numel)
+    rows = torch.arange(numel) - (torch.cumsum(batch_sizes, 0) - batch_sizes)[steps]
+    lengths = (batch_sizes[:, None] > torch.arange(batch)).sum(0)
+    return steps.to(device), rows.to(device), lengths
 
 
 class _Convertible:
@@ -171,18 +186,19 @@ class _Recurrent(_Convertible):
                 self._check_hidden_dims(hx, batched)
                 if not batched:
                     hx = self._map_hidden(hx, lambda t: t.unsqueeze(1))
+        batch = _packed_batch(batch_sizes, sorted_indices) if batch_sizes is not None else \
+            x.size(0 if self.batch_first else 1)
         if hx is None:
-            batch = int(batch_sizes[0]) if batch_sizes is not None else x.size(0 if self.batch_first else 1)
             hx = self._zero_hidden(batch, x)
-        self.check_forward_args(x, hx, batch_sizes)
+        # torch's checks read only int(batch_sizes[0]) of a packed input: give them the batch as a shape
+        self.check_forward_args(x, hx, (batch,) if batch_sizes is not None else None)
         _check_attributes(x, self._hidden_tuple(hx), [getattr(self, n) for n in self._flat_weights_names])
         # The user's hx rows follow their batch order; the packed rows are sorted by length.
         hx = self.permute_hidden(hx, sorted_indices)
 
         if batch_sizes is not None:
-            cells = _packed_cells(batch_sizes, x.device)
-            lengths = cells.sum(0)
-            x = x.new_zeros(cells.shape + x.shape[-1:]).index_put((cells,), x)
+            steps, rows, lengths = _packed_layout(batch_sizes, batch, x.shape[0], x.device)
+            x = x.new_zeros((batch_sizes.shape[0], batch, x.shape[-1])).index_put((steps, rows), x)
         else:
             lengths = None
             if self.batch_first:
@@ -193,7 +209,7 @@ class _Recurrent(_Convertible):
         y, hidden = self._run_layers(x, hx, lengths)
 
         if batch_sizes is not None:
-            output = PackedSequence(y[cells], batch_sizes, sorted_indices, unsorted_indices)
+            output = PackedSequence(y[steps, rows], batch_sizes, sorted_indices, unsorted_indices)
         else:
             output = y.transpose(0, 1) if self.batch_first else y
             if not batched:
