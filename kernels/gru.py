@@ -139,7 +139,8 @@ def _consts(gx, nsplit):
 
 def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, split=None, cooperative=True):
     """gx (T, B, 3H), h0 (B, H), w_hh (3H, H), b_hh (3H,) or None, lengths (B,) int64 or None, all
-    contiguous, on one device, in gx's dtype; split, cooperative as for fusenn.kernels.lstm.lstm_forward. Returns y, h_n and, when `save`, the fp32 state buffer
+    contiguous, on one device, in gx's dtype; split, cooperative as for fusenn.kernels.lstm.lstm_forward.
+    Returns y, h_n and, when `save`, the fp32 state buffer
     hs (T+1, B, H) for backward (slot t + reverse holds the state entering step t)."""
     T, B, _ = gx.shape
     slots = T + 1 if save else 2

@@ -270,7 +270,8 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                     m = u_h * m + (1 - u_h) * h_prev
                 store_2d(h_out, rows, hc, P, tl.where(valid, m, h_prev), row_ok, h_ok)
                 store_2d(y_t, rows, hc, P, tl.where(valid, m, 0.0), row_ok, h_ok)
-        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # this step's m (or h) is complete before it is read
+        # this step's m (or h) is complete before it is read
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)
         if HAS_PROJ:
             for pp in range(0, P if PHASES & 2 else 0, NSPLIT * BLOCK_P):  # this program's tiles of P
                 pc = pp + split * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -376,7 +377,8 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
             if HAS_PROJ:  # grad of the projected h_new for grad W_hr = sum_t dh_t^T m_t
                 store_2d(dhs_ptr + t64 * B * P, rows, pc, P, tl.where(valid, dh_new, 0.0), row_ok, p_ok)
             store_2d(dh_ptr, rows, pc, P, tl.where(valid, acc, dh), row_ok, p_ok)
-        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # dh_{t-1}, dc_{t-1} are complete before step t-1
+        # dh_{t-1}, dc_{t-1} are complete before step t-1 reads them
+        epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)
         k += 1
 
 

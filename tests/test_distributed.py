@@ -80,7 +80,8 @@ def test_ddp_matches_single_process(tmp_path, backend):
     x = torch.randn(8, 6, 5, generator=gen)
     y = torch.randn(8, 3, generator=gen)
 
-    workers = mp.spawn(worker, args=(backend, str(tmp_path / "store"), state, x, y, str(tmp_path)), nprocs=WORLD, join=False)
+    workers = mp.spawn(worker, args=(backend, str(tmp_path / "store"), state, x, y, str(tmp_path)), nprocs=WORLD,
+                       join=False)
     deadline = time.monotonic() + DEADLINE
     try:
         while not workers.join(timeout=5):

@@ -40,7 +40,8 @@ def test_philox_compiles_for_sm90():
     compile_in_subprocess(r"""
 from fusenn.kernels import philox
 
-kernel = compile_for_sm90(philox.dropout_mask_kernel, {"BLOCK": 1024}, lambda a: {"out_ptr": "*i8", "seed_ptr": "*i64"}.get(a, "i64"))
+types = {"out_ptr": "*i8", "seed_ptr": "*i64"}
+kernel = compile_for_sm90(philox.dropout_mask_kernel, {"BLOCK": 1024}, lambda a: types.get(a, "i64"))
 assert "mul.hi.u32" in kernel.asm["ptx"] or "mul.wide.u32" in kernel.asm["ptx"], "no 32-bit high multiply"
 print("ok")
 """)

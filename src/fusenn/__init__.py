@@ -7,5 +7,5 @@ from fusenn.patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "ConvPool2d", "GRU", "GRUCell", "LSTM", "LSTMCell", "MultiheadAttention", "PatchReport", "backends",
-           "functional", "get_backend", "patch", "set_backend", "unpatch", "__version__"]
+__all__ = ["BackendError", "ConvPool2d", "GRU", "GRUCell", "LSTM", "LSTMCell", "MultiheadAttention", "PatchReport",
+           "backends", "functional", "get_backend", "patch", "set_backend", "unpatch", "__version__"]

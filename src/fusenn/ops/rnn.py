@@ -97,8 +97,8 @@ def _setup_nothing(ctx, inputs, output):
 
 # The Triton path is four torch.library ops, so torch.compile traces it (their fakes give the shapes) and
 # autograd goes through register_autograd. The regularisers travel as scalars and seed tensors (0-d int64,
-# read by the kernels from device memory): recurrent dropout as (rd_p or None, rd_seed or None), zoneout as (zo_p or None,
-# zo_seed or None: None = the expectation).
+# read by the kernels from device memory): recurrent dropout as (rd_p or None, rd_seed or None), zoneout as
+# (zo_p or None, zo_seed or None: None = the expectation).
 
 
 def _regularisers(rd_p, rd_seed, zo_p, zo_seed, device):
@@ -310,8 +310,8 @@ def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[
         dtype = gx.dtype
         h0, c0, w_hh = h0.to(dtype), c0.to(dtype), w_hh.to(dtype)
         w_hr = w_hr.to(dtype) if w_hr is not None else None
-        rd_p, rd_seed = ((float(recurrent_dropout[0]), seed_tensor(recurrent_dropout[1], gx.device)) if recurrent_dropout
-                         else (None, None))
+        rd_p, rd_seed = ((float(recurrent_dropout[0]), seed_tensor(recurrent_dropout[1], gx.device))
+                         if recurrent_dropout else (None, None))
         zo_p, zo_seed = (float(zoneout[0]), seed_tensor(zoneout[1], gx.device) if zoneout[1] is not None else None) \
             if zoneout else (None, None)
         layer = lstm_layer_forward if torch.compiler.is_compiling() else _LSTMLayer.apply
