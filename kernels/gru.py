@@ -9,6 +9,10 @@ in an fp32 state buffer, written and read across phase_sync.
 Saved for backward: h after every step in fp32, (T+1) x B x H; backward recomputes r, z, n and
 gh_n = h W_hn^T + b_hn from gx and h_{t-1}. It writes the gradient of gx (dr, dz, dn pre-activation) and
 that of gh_n (dn * r, which differs from gx's n part), so grad W_hh and grad b_hh are GEMMs/sums in torch.
+
+Regularisers: recurrent dropout scales the h_{t-1} tiles entering gh (and dh_{t-1}'s recurrent part in
+backward) by the LSTM's time-locked mask; zoneout mixes h_t = u h_new + (1 - u) h_{t-1} with the LSTM's
+h counters. Masks are regenerated from Philox where used, never stored.
 """
 
 import torch
@@ -16,15 +20,17 @@ import triton
 import triton.language as tl
 
 from fusenn.kernels import INTERPRET
-from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, RUNTIME_ARGS, hidden_block, launch_split, load_2d, matmul_acc,
-                                 phase_sync, program_rows, split_plan, step_slots, store_2d, tanh, valid_rows)
+from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, REG_ARGS, RUNTIME_ARGS, hidden_block, launch_split, load_2d,
+                                 matmul_acc, phase_sync, program_rows, recurrent_scale, regulariser_args,
+                                 regulariser_keys, split_plan, step_slots, store_2d, tanh, valid_rows, zoneout_update)
 from fusenn.ops import new_output
 
 
 @triton.jit
 def gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, HAS_BIAS: tl.constexpr,
-              FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """r, z, n and gh_n (h_{t-1} W_hn^T + b_hn) for hidden columns hc, in fp32."""
+              FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+              rd_k0, rd_k1, rd_thr, rd_scale, RDROP: tl.constexpr):
+    """r, z, n and gh_n (h_{t-1} [* r/(1-p)] W_hn^T + b_hn) for hidden columns hc, in fp32."""
     acc_r = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_z = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_n = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
@@ -32,6 +38,8 @@ def gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.cons
         kc = k0 + tl.arange(0, BLOCK_H)
         k_ok = kc < H
         h = load_2d(h_in, rows, kc, H, 1, row_ok, k_ok)
+        if RDROP:
+            h = h * recurrent_scale(rows, kc, H, rd_k0, rd_k1, rd_thr, rd_scale)
         # W_hh^T tiles (BLOCK_H, BLOCK_H) of the three gates' row blocks of w_hh (3H, H)
         acc_r = matmul_acc(h, load_2d(w_hh_ptr, kc, hc, 1, H, k_ok, h_ok), acc_r, FP32_DOT)
         acc_z = matmul_acc(h, load_2d(w_hh_ptr + H * H, kc, hc, 1, H, k_ok, h_ok), acc_z, FP32_DOT)
@@ -46,13 +54,15 @@ def gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.cons
     return r, z, n, acc_n
 
 
-@triton.jit(do_not_specialize=RUNTIME_ARGS)
+@triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
 def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, bar_ptr, T, B, k_begin, k_end,
+                       rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
                        H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
-                       SAVE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                       NSPLIT: tl.constexpr, PHASES: tl.constexpr):
+                       SAVE: tl.constexpr, FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT: tl.constexpr, PHASES: tl.constexpr):
     rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
     epoch, stuck = 1, 0
+    rd_k0, rd_k1, zo_k0, zo_k1 = regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP, ZONEOUT)
     k = k_begin
     while k < k_end:  # a while loop: see Specialisation in fusenn.kernels.lstm
         t, before, after = step_slots(k, T, REVERSE, SAVE)
@@ -65,23 +75,28 @@ def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, bar_p
             hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             r, z, n, gh_n = gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, HAS_BIAS,
-                                      FP32_DOT, BLOCK_B, BLOCK_H)
+                                      FP32_DOT, BLOCK_B, BLOCK_H, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
             h_prev = load_2d(h_in, rows, hc, H, 1, row_ok, h_ok)
             h = (1.0 - z) * n + z * h_prev
+            if ZONEOUT:
+                u = zoneout_update(rows, hc, t, B, H, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
+                h = u * h + (1 - u) * h_prev
             store_2d(h_out, rows, hc, H, tl.where(valid, h, h_prev), row_ok, h_ok)
             store_2d(y_t, rows, hc, H, tl.where(valid, h, 0.0), row_ok, h_ok)
         epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # h_t is complete before step t+1
         k += 1
 
 
-@triton.jit(do_not_specialize=RUNTIME_ARGS)
+@triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
 def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_ptr, dg_ptr, dghn_ptr, bar_ptr,
-                        T, B, k_begin, k_end, H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                        REVERSE: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-                        NSPLIT: tl.constexpr, PHASES: tl.constexpr):
+                        T, B, k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
+                        H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                        REVERSE: tl.constexpr, FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT: tl.constexpr, PHASES: tl.constexpr):
     """dh (B, H) enters holding the gradient of h_n and leaves holding that of h0."""
     rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
     epoch, stuck = 1, 0
+    rd_k0, rd_k1, zo_k0, zo_k1 = regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP, ZONEOUT)
     k = k_begin
     while k < k_end:
         t, before, after = step_slots(T - 1 - k, T, REVERSE, True)
@@ -98,10 +113,13 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
             hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             r, z, n, gh_n = gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, HAS_BIAS,
-                                      FP32_DOT, BLOCK_B, BLOCK_H)
+                                      FP32_DOT, BLOCK_B, BLOCK_H, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
             h_prev = load_2d(h_in, rows, hc, H, 1, row_ok, h_ok)
-            dh = load_2d(dh_ptr, rows, hc, H, 1, row_ok, h_ok) + tl.where(
-                valid, load_2d(dy_t, rows, hc, H, 1, row_ok, h_ok).to(tl.float32), 0.0)
+            dh_in = load_2d(dh_ptr, rows, hc, H, 1, row_ok, h_ok) + tl.where(
+                valid, load_2d(dy_t, rows, hc, H, 1, row_ok, h_ok).to(tl.float32), 0.0)  # reaching h_t
+            dh = dh_in  # reaching h_new: h_t = u h_new + (1 - u) h_{t-1} under zoneout
+            if ZONEOUT:
+                dh = zoneout_update(rows, hc, t, B, H, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT) * dh_in
             dn = dh * (1.0 - z) * (1.0 - n * n)
             dr = dn * gh_n * r * (1.0 - r)
             dz = dh * (h_prev - n) * z * (1.0 - z)
@@ -109,7 +127,8 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
             store_2d(dg_t + H, rows, hc, 3 * H, tl.where(valid, dz, 0.0), row_ok, h_ok)
             store_2d(dg_t + 2 * H, rows, hc, 3 * H, tl.where(valid, dn, 0.0), row_ok, h_ok)
             store_2d(dghn_t, rows, hc, H, tl.where(valid, dn * r, 0.0), row_ok, h_ok)
-            store_2d(dh_ptr, rows, hc, H, tl.where(valid, dh * z, dh), row_ok, h_ok)
+            # dh_{t-1}'s direct part: through z, and past h_new under zoneout; rows without step t pass dh on
+            store_2d(dh_ptr, rows, hc, H, tl.where(valid, dh * z + (dh_in - dh), dh_in), row_ok, h_ok)
         epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # all of step t's gate gradients
         # Phase 2, per hidden tile: dh_{t-1} += [dr, dz, dn * r] W_hh for rows that have step t
         for pp in range(0, H if PHASES & 2 else 0, NSPLIT * BLOCK_H):  # this program's hidden tiles
@@ -125,6 +144,8 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
                                  load_2d(w_hh_ptr + H * H, hc, pc, H, 1, h_ok, p_ok), acc, FP32_DOT)
                 acc = matmul_acc(load_2d(dghn_t, rows, hc, H, 1, row_ok, h_ok),
                                  load_2d(w_hh_ptr + 2 * H * H, hc, pc, H, 1, h_ok, p_ok), acc, FP32_DOT)
+            if RDROP:  # h_{t-1} entered the gates as h * r/(1-p)
+                acc = acc * recurrent_scale(rows, pc, H, rd_k0, rd_k1, rd_thr, rd_scale)
             dh = load_2d(dh_ptr, rows, pc, H, 1, row_ok, p_ok)
             store_2d(dh_ptr, rows, pc, H, dh + tl.where(valid, acc, 0.0), row_ok, p_ok)
         epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # dh_{t-1} is complete before step t-1
@@ -137,9 +158,11 @@ def _consts(gx, nsplit):
                 BLOCK_H=hidden_block(H, nsplit, 32), num_warps=NUM_WARPS)
 
 
-def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, split=None, cooperative=True):
+def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, recurrent_dropout=None, zoneout=None,
+                split=None, cooperative=True):
     """gx (T, B, 3H), h0 (B, H), w_hh (3H, H), b_hh (3H,) or None, lengths (B,) int64 or None, all
-    contiguous, on one device, in gx's dtype; split, cooperative as for fusenn.kernels.lstm.lstm_forward.
+    contiguous, on one device, in gx's dtype; recurrent_dropout, zoneout, split, cooperative as for
+    fusenn.kernels.lstm.lstm_forward.
     Returns y, h_n and, when `save`, the fp32 state buffer
     hs (T+1, B, H) for backward (slot t + reverse holds the state entering step t)."""
     T, B, _ = gx.shape
@@ -152,12 +175,14 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, split=No
         launch_split(gru_forward_kernel, (gx, w_hh, b_hh if b_hh is not None else w_hh,
                                           lengths if lengths is not None else hs, hs, y),
                      T, B, nsplit, cooperative and not INTERPRET, (1,), **_consts(gx, nsplit),
+                     **regulariser_args(recurrent_dropout, zoneout, hs),
                      HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
     return y, hs[last].to(gx.dtype, copy=True), hs if save else None
 
 
-def gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse: bool, hs, split=None, cooperative=True):
+def gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse: bool, hs, recurrent_dropout=None, zoneout=None,
+                 split=None, cooperative=True):
     """Gradients through time given those of y and h_n (contiguous) and gru_forward's saved buffer.
     Returns dg (T, B, 3H) fp32 (the gradient of gx), dghn (T, B, H) fp32 (that of h W_hn^T + b_hn) and
     dh0 (B, H) fp32."""
@@ -170,5 +195,6 @@ def gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse: bool, hs, split=Non
         launch_split(gru_backward_kernel, (gx, w_hh, b_hh if b_hh is not None else w_hh,
                                            lengths if lengths is not None else hs, hs, dy, dh, dg, dghn),
                      T, B, nsplit, cooperative and not INTERPRET, **_consts(gx, nsplit),
+                     **regulariser_args(recurrent_dropout, zoneout, hs),
                      HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dghn, dh

@@ -205,7 +205,7 @@ def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P:
 # Runtime values a compiled kernel must not be specialised on (Triton would recompile for T == 1, for
 # T % 16 == 0, for each k_begin of the stepwise mode...).
 RUNTIME_ARGS = ["T", "B", "k_begin", "k_end"]
-_REG_ARGS = ["rd_thr", "zo_thr"]
+REG_ARGS = ["rd_thr", "zo_thr"]
 
 
 @triton.jit
@@ -226,7 +226,7 @@ def regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP: tl.constexpr, ZONEOUT: tl.
     return rd_k0, rd_k1, zo_k0, zo_k1
 
 
-@triton.jit(do_not_specialize=RUNTIME_ARGS + _REG_ARGS)
+@triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
 def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_ptr, y_ptr, bar_ptr, T, B,
                         k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
                         H: tl.constexpr, P: tl.constexpr,
@@ -292,7 +292,7 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
         k += 1
 
 
-@triton.jit(do_not_specialize=RUNTIME_ARGS + _REG_ARGS)
+@triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
 def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy_ptr, dh_ptr, dc_ptr, dg_ptr,
                          dhs_ptr, bar_ptr, T, B, k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr,
                          zo_u, H: tl.constexpr, P: tl.constexpr,
@@ -433,7 +433,7 @@ def _consts(H, P, dtype, nsplit):
                 BLOCK_H=hidden_block(H, nsplit, 64), BLOCK_P=block_size(P, 32), num_warps=NUM_WARPS)
 
 
-def _reg_args(recurrent_dropout, zoneout, unused):
+def regulariser_args(recurrent_dropout, zoneout, unused):
     """Kernel arguments for the regularisers: (p, seed) or None each, seeds 0-d int64 tensors on the
     kernel's device; zoneout's seed None = expectation. `unused` stands for an absent seed (never read)."""
     from fusenn.reference.philox import dropout_threshold
@@ -475,7 +475,7 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, rec
                                            lengths if lengths is not None else hs, hs, cs,
                                            ms if ms is not None else hs, y),
                      T, B, nsplit, cooperative and not INTERPRET, (1, 2) if w_hr is not None else (1,),
-                     **_consts(H, P, gx.dtype, nsplit), **_reg_args(recurrent_dropout, zoneout, hs),
+                     **_consts(H, P, gx.dtype, nsplit), **regulariser_args(recurrent_dropout, zoneout, hs),
                      HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
     h_n = hs[last].to(gx.dtype, copy=True)
@@ -502,6 +502,6 @@ def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs
                                             lengths if lengths is not None else hs, hs, cs, dy, dh, dc, dg,
                                             dhs if dhs is not None else dg),
                      T, B, nsplit, cooperative and not INTERPRET, **_consts(H, P, gx.dtype, nsplit),
-                     **_reg_args(recurrent_dropout, zoneout, hs),
+                     **regulariser_args(recurrent_dropout, zoneout, hs),
                      HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dh, dc, dhs

@@ -135,9 +135,9 @@ def _opcheck_cases(device):
         r(T, B, 4 * H, grad=False), r(B, H, grad=False), r(B, H, grad=False), r(4 * H, H, grad=False), None, None,
         False, False, None, None, None, None)
     yield "gru_fwd", ops.gru_layer_forward.default, (r(T, B, 3 * H), r(B, H), r(3 * H, H), r(3 * H), lengths, True,
-                                                      True)
+                                                      True, 0.25, seed(7), 0.5, seed(11))
     yield "gru_fwd_nobias", ops.gru_layer_forward.default, (r(T, B, 3 * H), r(B, H), r(3 * H, H), None, None, False,
-                                                             True)
+                                                             True, None, None, 0.3, None)
     # The backward ops have no derivative of their own: check them on inputs that do not require grad.
     gx, h0, c0, w, wr = (r(T, B, 4 * H, grad=False), r(B, P, grad=False), r(B, H, grad=False),
                          r(4 * H, P, grad=False), r(P, H, grad=False))
@@ -149,9 +149,10 @@ def _opcheck_cases(device):
         r(T, B, P, grad=False), r(B, P, grad=False), r(B, H, grad=False), gx, w, wr, lengths, False, hs, cs, ms,
         0.25, seed(7), None, None, False, False)
     gx, h0, w, b = r(T, B, 3 * H, grad=False), r(B, H, grad=False), r(3 * H, H, grad=False), r(3 * H, grad=False)
-    _, _, hs = ops.gru_layer_forward(gx, h0, w, b, None, True, True)
+    _, _, hs = ops.gru_layer_forward(gx, h0, w, b, None, True, True, 0.25, seed(7), 0.5, seed(11))
     yield "gru_bwd", ops.gru_layer_backward.default, (
-        r(T, B, H, grad=False), r(B, H, grad=False), gx, w, b, None, True, hs, True, False)
+        r(T, B, H, grad=False), r(B, H, grad=False), gx, w, b, None, True, hs, 0.25, seed(7), 0.5, seed(11), True,
+        False)
 
 
 @pytest.mark.parametrize("case", ["lstm_fwd", "lstm_fwd_plain", "lstm_fwd_nograd", "gru_fwd", "gru_fwd_nobias",
@@ -292,18 +293,18 @@ def test_sdpa_dropout_fullgraph_matches_eager(seeded_path, backend):
 _ALL_MASKS = dict(dropout=0.3, input_dropout=0.2, output_dropout=0.25, recurrent_dropout=0.35, zoneout=0.2)
 
 
-def _lstm_case(device, **kwargs):
+def _lstm_case(device, mode="LSTM", **kwargs):
     torch.manual_seed(0)
-    m = fusenn.LSTM(3, 4, 2, bidirectional=True, **kwargs).to(device).train()
+    m = getattr(fusenn, mode)(3, 4, 2, bidirectional=True, **kwargs).to(device).train()
     x = torch.randn(3, 2, 3, device=device, requires_grad=True)  # padded input (T, B, I)
     return m, x, [x] + list(m.parameters())
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_lstm_regularisers_fullgraph_matches_eager(allow_rnn, seeded_path, backend):
+@pytest.mark.parametrize("mode,backend", [("LSTM", "eager"), ("LSTM", "aot_eager"), ("GRU", "aot_eager")])
+def test_rnn_regularisers_fullgraph_matches_eager(allow_rnn, seeded_path, mode, backend):
     """Training mode with between-layer, input, output and recurrent dropout and zoneout: one graph, one
     seed drawn in it, outputs and every gradient identical to eager after the same torch.manual_seed."""
-    m, x, inputs = _lstm_case(seeded_path[1], **_ALL_MASKS)
+    m, x, inputs = _lstm_case(seeded_path[1], mode, **_ALL_MASKS)
     compiler, seen = _count_graphs(backend)
     got = _outputs_and_grads(_after_seed(torch.compile(m, fullgraph=True, backend=compiler), x), inputs)
     _assert_identical(got, _outputs_and_grads(_after_seed(m, x), inputs))

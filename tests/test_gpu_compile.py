@@ -67,8 +67,8 @@ print("ok")
 
 
 def test_rnn_kernels_compile_for_sm90():
-    """LSTM (projection, packed, reverse, recurrent dropout, zoneout) and GRU, forward and backward, alone
-    on their rows and split cooperatively."""
+    """LSTM (projection, packed, reverse, recurrent dropout, zoneout) and GRU (bias, packed, reverse, the same
+    regularisers), forward and backward, alone on their rows and split cooperatively."""
     compile_in_subprocess(r"""
 from fusenn.kernels import gru, lstm
 
@@ -94,8 +94,9 @@ for dtype, rdrop, zoneout, nsplit in (("bf16", True, 1, 4), ("fp32", False, 2, 1
                                num_warps=lstm.NUM_WARPS).asm["ptx"]
         assert "atom.global.gpu.release" in ptx or "atom.release.gpu" in ptx, "no release atomic at the barrier"
         assert "acquire" in ptx, "no acquire atomic at the barrier"
-    common = dict(H=H, HAS_BIAS=True, HAS_LENGTHS=True, REVERSE=True, FP32_DOT=dtype == "fp32",
-                  BLOCK_B=gru.BLOCK_B, BLOCK_H=gru.hidden_block(H, nsplit, 32), NSPLIT=nsplit, PHASES=3)
+    common = dict(H=H, HAS_BIAS=True, HAS_LENGTHS=True, REVERSE=True, FP32_DOT=dtype == "fp32", RDROP=rdrop,
+                  ZONEOUT=zoneout, BLOCK_B=gru.BLOCK_B, BLOCK_H=gru.hidden_block(H, nsplit, 32), NSPLIT=nsplit,
+                  PHASES=3)
     compile_for_sm90(gru.gru_forward_kernel, dict(common, SAVE=True), arg_type(dtype), num_warps=gru.NUM_WARPS)
     compile_for_sm90(gru.gru_backward_kernel, common, arg_type(dtype), num_warps=gru.NUM_WARPS)
 print("ok")

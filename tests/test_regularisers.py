@@ -71,8 +71,8 @@ def test_bad_arguments():
         fusenn.LSTM(5, 7, input_dropout=1.5)
     with pytest.raises(ValueError, match="recurrent_dropout must be below 1"):
         fusenn.LSTM(5, 7, recurrent_dropout=1.0)
-    with pytest.raises(ValueError, match="LSTM only"):
-        fusenn.GRU(5, 7, zoneout=0.1)
+    with pytest.raises(ValueError, match="zoneout"):
+        fusenn.GRU(5, 7, zoneout=-0.1)
     with pytest.raises(TypeError):
         fusenn.LSTM(5, 7, 1, True, False, 0.0, False, 0, None, None, 0.5)  # keyword-only
 
@@ -86,6 +86,36 @@ LAYER_CASES = [  # T, B, H, proj, lengths, reverse, recurrent_dropout, zoneout
     pytest.param(5, 3, 33, 7, [5, 1, 4], True, (0.4, 5), (0.3, 77), id="both-proj-packed-reverse"),
     pytest.param(4, 17, 7, None, [3, 1, 2] * 5 + [1, 4], False, (0.4, 2**40 + 5), (0.5, 2**61 + 7), id="both-B17"),
 ]
+
+
+GRU_LAYER_CASES = [  # T, B, H, bias, lengths, reverse, recurrent_dropout, zoneout
+    pytest.param(5, 3, 7, True, None, False, (0.3, 123), None, id="recurrent"),
+    pytest.param(5, 3, 7, True, None, True, None, (0.3, 99), id="zoneout-reverse"),
+    pytest.param(5, 3, 7, False, None, False, None, (0.3, None), id="zoneout-expectation-nobias"),
+    pytest.param(5, 3, 33, True, [5, 1, 4], True, (0.4, 5), (0.3, 77), id="both-packed-reverse"),
+    pytest.param(4, 17, 7, True, [3, 1, 2] * 5 + [1, 4], False, (0.4, 2**40 + 5), (0.5, 2**61 + 7), id="both-B17"),
+]
+
+
+@pytest.mark.parametrize("T,B,H,bias,lengths,reverse,rd,zo", GRU_LAYER_CASES)
+def test_gru_layer_kernel_matches_reference(kernel_backend, T, B, H, bias, lengths, reverse, rd, zo):
+    name, device = kernel_backend
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(T, B, 3 * H, generator=g), torch.randn(B, H, generator=g),
+              torch.randn(3 * H, H, generator=g) * 0.3] + ([torch.randn(3 * H, generator=g)] if bias else [])
+    inputs = [t.to(device).requires_grad_() for t in inputs]
+    b_hh = inputs[3] if bias else None
+    lens = torch.tensor(lengths) if lengths else None
+    results = []
+    for backend in ("reference", name):
+        with fusenn.set_backend(backend):
+            outs = ops.gru_layer(*inputs[:3], b_hh, lens, reverse, recurrent_dropout=rd, zoneout=zo)
+        ups = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(device) for i, o in enumerate(outs)]
+        results.append(list(outs) + list(torch.autograd.grad(outs, inputs, ups)))
+    plain = ops.gru_layer(*inputs[:3], b_hh, lens, reverse)
+    assert not torch.allclose(plain[0], results[0][0])  # the regularisers did something
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6, msg=lambda m: f"result {i}: {m}")
 
 
 @pytest.mark.parametrize("T,B,H,proj,lengths,reverse,rd,zo", LAYER_CASES)
@@ -111,18 +141,19 @@ def test_layer_kernel_matches_reference(kernel_backend, T, B, H, proj, lengths, 
 
 
 MODULE_CASES = [
-    pytest.param(dict(num_layers=2, bidirectional=True), None, id="2layers-bidir"),
-    pytest.param(dict(proj_size=3), [4, 2, 3], id="proj-packed"),
+    pytest.param("LSTM", dict(num_layers=2, bidirectional=True), None, id="lstm-2layers-bidir"),
+    pytest.param("LSTM", dict(proj_size=3), [4, 2, 3], id="lstm-proj-packed"),
+    pytest.param("GRU", dict(num_layers=2, bidirectional=True), [4, 2, 3], id="gru-2layers-bidir-packed"),
 ]
 
 
-@pytest.mark.parametrize("kwargs,lengths", MODULE_CASES)
+@pytest.mark.parametrize("mode,kwargs,lengths", MODULE_CASES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_module_kernel_matches_reference(kernel_backend, kwargs, lengths, training):
+def test_module_kernel_matches_reference(kernel_backend, mode, kwargs, lengths, training):
     _, device = kernel_backend
     torch.manual_seed(0)
     regs = dict(ALL_ON, dropout=ALL_ON["dropout"] if kwargs.get("num_layers", 1) > 1 else 0.0)
-    m = fusenn.LSTM(5, 7, **kwargs, **regs).to(device).train(training)
+    m = getattr(fusenn, mode)(5, 7, **kwargs, **regs).to(device).train(training)
     x = torch.randn(4, 3, 5, device=device)
     if lengths:
         x = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
@@ -229,6 +260,36 @@ def test_zoneout_masks_and_eval_expectation():
         h, c = p * h + (1 - p) * h_new, p * c + (1 - p) * c_new
         ys.append(h)
     torch.testing.assert_close((a[0], a[1][0][0], a[1][1][0]), (torch.stack(ys), h, c))
+
+
+def test_gru_recurrent_dropout_and_zoneout_are_the_lstms():
+    """The GRU's recurrent dropout is h * r entering each step's product, zoneout mixes h with the LSTM's
+    h mask; p = 1 zoneout freezes the state and p = 0 is the plain GRU; eval gives the expectation."""
+    T, B, H, p, seed = 4, 3, 16, 0.3, 42
+    g = torch.Generator().manual_seed(0)
+    gx, w, b = torch.randn(T, B, 3 * H, generator=g), torch.randn(3 * H, H, generator=g) * 0.3, torch.randn(3 * H)
+    h0 = torch.randn(B, H, generator=g)
+    r = dropout_mask(B * H, p, seed).view(B, H).float() / (1 - p)
+    u = reference.zoneout_update(0.2, 9, T, B, H, H, "cpu", torch.float32)[0]
+    y, h_n = reference.gru_layer(gx, h0, w, b, recurrent_dropout=(p, seed), zoneout=(0.2, 9))
+    h, ys = h0, []
+    for t in range(T):  # one plain step at a time: the product sees h * r, then h mixes with u
+        gh = (h * r) @ w.t() + b
+        rr, zz = torch.sigmoid(gx[t, :, :H] + gh[:, :H]), torch.sigmoid(gx[t, :, H:2 * H] + gh[:, H:2 * H])
+        n = torch.tanh(gx[t, :, 2 * H:] + rr * gh[:, 2 * H:])
+        h = u[t] * ((1 - zz) * n + zz * h) + (1 - u[t]) * h
+        ys.append(h)
+    torch.testing.assert_close((y, h_n), (torch.stack(ys), h))
+    torch.testing.assert_close(reference.gru_layer(gx, h0, w, b, zoneout=(1.0, 5)), (h0.expand(T, B, H), h0))
+    torch.testing.assert_close(reference.gru_layer(gx, h0, w, b, zoneout=(0.0, 5)), reference.gru_layer(gx, h0, w, b))
+    m = fusenn.GRU(5, 7, zoneout=p).eval()
+    x = torch.randn(4, 3, 5)
+    gx = F.linear(x, m.weight_ih_l0, m.bias_ih_l0).detach()
+    h, ys = torch.zeros(3, 7), []
+    for t in range(4):  # eval: h = p h_prev + (1 - p) h_new
+        h = p * h + (1 - p) * reference.gru_layer(gx[t:t + 1], h, m.weight_hh_l0.detach(), m.bias_hh_l0.detach())[1]
+        ys.append(h)
+    torch.testing.assert_close(m(x)[0], torch.stack(ys))
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])

@@ -8,8 +8,8 @@ direction is one GEMM projecting the whole input (F.linear) followed by fusenn.o
 on a time-major padded batch with per-row lengths.
 
 Regularisers (keyword-only, all off by default, active only in training mode; see _Recurrent):
-dropout (torch's, between layers), input_dropout, output_dropout, variational, weight_dropout and, for
-LSTM only, recurrent_dropout and zoneout.
+dropout (torch's, between layers), input_dropout, output_dropout, variational, weight_dropout,
+recurrent_dropout and zoneout.
 """
 
 from __future__ import annotations
@@ -139,10 +139,10 @@ class _Recurrent(_Convertible):
       variational: those three masks are locked over time (one per (batch row, feature)), Gal & Ghahramani;
       weight_dropout: DropConnect on every weight_hh, one mask per forward (AWD-LSTM); the parameter is
         untouched, the layer gets mask * W / (1 - p);
-      recurrent_dropout (LSTM): a time-locked mask on h_{t-1} entering h W_hh^T, scaled 1/(1-p);
-      zoneout (LSTM, Krueger et al.): each step and unit keeps its previous h (and, by a separate mask,
-        c) with probability p; in eval mode the expectation h = p h_prev + (1-p) h_new, same for c.
-    recurrent_dropout and zoneout run inside the recurrence (fusenn.reference.rnn.lstm_layer and the Triton
+      recurrent_dropout: a time-locked mask on h_{t-1} entering h W_hh^T, scaled 1/(1-p);
+      zoneout (Krueger et al.): each step and unit keeps its previous h (and, in an LSTM, by a separate
+        mask, c) with probability p; in eval mode the expectation h = p h_prev + (1-p) h_new, same for c.
+    recurrent_dropout and zoneout run inside the recurrence (fusenn.reference.rnn's layers and the Triton
     kernels, which regenerate their masks in backward).
     """
 
@@ -159,8 +159,6 @@ class _Recurrent(_Convertible):
                 raise ValueError(f"{name} should be a number in range [0, 1], got {p!r}")
         if recurrent_dropout == 1.0:
             raise ValueError("recurrent_dropout must be below 1 (its mask is scaled by 1/(1-p))")
-        if (recurrent_dropout or zoneout) and self.mode != "LSTM":
-            raise ValueError(f"recurrent_dropout and zoneout are implemented for LSTM only, not {self.mode}")
         self.input_dropout, self.output_dropout = float(input_dropout), float(output_dropout)
         self.variational = bool(variational)
         self.weight_dropout, self.recurrent_dropout, self.zoneout = (float(weight_dropout), float(recurrent_dropout),
@@ -333,10 +331,11 @@ class GRU(_Recurrent, nn.GRU):
         return states[0]
 
     @staticmethod
-    def _layer(x, state, w, lengths, reverse):
+    def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None):
         # b_hh stays inside the recurrence: the new-gate term is r * (W_hn h + b_hn).
         gx = F.linear(x, w["weight_ih"], w.get("bias_ih"))
-        y, h = ops.gru_layer(gx, state[0], w["weight_hh"], w.get("bias_hh"), lengths, reverse)
+        y, h = ops.gru_layer(gx, state[0], w["weight_hh"], w.get("bias_hh"), lengths, reverse,
+                             recurrent_dropout=recurrent_dropout, zoneout=zoneout)
         return y, (h,)
 
 

@@ -101,6 +101,16 @@ def _setup_nothing(ctx, inputs, output):
 # (zo_p or None, zo_seed or None: None = the expectation).
 
 
+def _entering_product(h_prev: Tensor, recurrent_dropout) -> Tensor:
+    """The states entering each step (T, B, P) as they entered the recurrent product: times r/(1-p)
+    under recurrent dropout (the mask regenerated)."""
+    if recurrent_dropout is None:
+        return h_prev
+    p, seed = recurrent_dropout
+    keep = dropout_mask(h_prev.shape[1:], p, seed, 0, h_prev.device)
+    return h_prev * (keep.to(h_prev.dtype) * (1.0 / (1.0 - p)))
+
+
 def _regularisers(rd_p, rd_seed, zo_p, zo_seed, device):
     """The kernels' (p, seed on `device`) pairs, or None each."""
     return ((rd_p, rd_seed.to(device)) if rd_p is not None else None,
@@ -151,10 +161,7 @@ def lstm_layer_backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, gx: Tensor, w_hh
     T, rev = gx.shape[0], int(reverse)
     d_w_hh, d_w_hr = _empty(gx.device), _empty(gx.device)
     if grad_w_hh:
-        h_prev = hs[rev:T + rev]  # the states entering each step
-        if rd_p is not None:  # as they entered the product: times r/(1-p), regenerated
-            keep = dropout_mask(h_prev.shape[1:], rd_p, recurrent_dropout[1], 0, h_prev.device)
-            h_prev = h_prev * (keep.to(h_prev.dtype) * (1.0 / (1.0 - rd_p)))
+        h_prev = _entering_product(hs[rev:T + rev], recurrent_dropout)
         d_w_hh = _grad_matmul(dg, h_prev, w_hh.dtype)
     if w_hr is not None and grad_w_hr:
         d_w_hr = _grad_matmul(dhs, ms, w_hr.dtype)
@@ -212,17 +219,19 @@ class _LSTMLayer(torch.autograd.Function):
 
 @torch.library.custom_op("fusenn::gru_layer_forward", mutates_args=())
 def gru_layer_forward(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor],
-                      reverse: bool, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+                      reverse: bool, save: bool, rd_p: Optional[float], rd_seed: Optional[Tensor],
+                      zo_p: Optional[float], zo_seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h_n, hs): the outputs and, when `save`, the fp32 state buffer backward needs (else empty)."""
     from fusenn.kernels import gru as kernels
 
     gx, h0, w_hh, b_hh = _contiguous(gx, h0, w_hh, b_hh)
-    y, h_n, hs = kernels.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, save)
+    y, h_n, hs = kernels.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, save,
+                                     *_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device))
     return y, h_n, hs if save else _empty(gx.device)
 
 
 @gru_layer_forward.register_fake
-def _(gx, h0, w_hh, b_hh, lengths, reverse, save):
+def _(gx, h0, w_hh, b_hh, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed):
     T, B, _ = gx.shape
     H = h0.shape[-1]
     hs = gx.new_empty((T + 1, B, H) if save else 0, dtype=torch.float32)
@@ -231,17 +240,19 @@ def _(gx, h0, w_hh, b_hh, lengths, reverse, save):
 
 @torch.library.custom_op("fusenn::gru_layer_backward", mutates_args=())
 def gru_layer_backward(dy: Tensor, dh_n: Tensor, gx: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
-                       lengths: Optional[Tensor], reverse: bool, hs: Tensor, grad_w_hh: bool,
+                       lengths: Optional[Tensor], reverse: bool, hs: Tensor, rd_p: Optional[float],
+                       rd_seed: Optional[Tensor], zo_p: Optional[float], zo_seed: Optional[Tensor], grad_w_hh: bool,
                        grad_b_hh: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d gx, d h0 in gx's dtype, d w_hh, d b_hh in theirs); a gradient not asked for is an empty tensor."""
     from fusenn.kernels import gru as kernels
 
     dy, dh_n = _contiguous(dy, dh_n)
-    dg, dghn, dh0 = kernels.gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs)
+    recurrent_dropout, zoneout = _regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device)
+    dg, dghn, dh0 = kernels.gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, recurrent_dropout, zoneout)
     T, H, rev = gx.shape[0], w_hh.shape[-1], int(reverse)
     d_w_hh, d_b_hh = _empty(gx.device), _empty(gx.device)
     if grad_w_hh:  # gh = h W_hh^T + b_hh gets [dr, dz] from gx's gradient and dn * r for its n part
-        h_prev = hs[rev:T + rev]
+        h_prev = _entering_product(hs[rev:T + rev], recurrent_dropout)
         d_w_hh = torch.cat([_grad_matmul(dg[..., :2 * H], h_prev, w_hh.dtype),
                             _grad_matmul(dghn, h_prev, w_hh.dtype)])
     if b_hh is not None and grad_b_hh:
@@ -250,7 +261,7 @@ def gru_layer_backward(dy: Tensor, dh_n: Tensor, gx: Tensor, w_hh: Tensor, b_hh:
 
 
 @gru_layer_backward.register_fake
-def _(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, grad_w_hh, grad_b_hh):
+def _(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, rd_p, rd_seed, zo_p, zo_seed, grad_w_hh, grad_b_hh):
     empty = gx.new_empty(0, dtype=torch.float32)
     return (gx.new_empty(gx.shape), gx.new_empty((gx.shape[1], w_hh.shape[-1])),
             w_hh.new_empty(w_hh.shape) if grad_w_hh else empty,
@@ -258,21 +269,24 @@ def _(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, grad_w_hh, grad_b_hh):
 
 
 def _gru_setup(ctx, inputs, output):
-    gx, h0, w_hh, b_hh, lengths, reverse, save = inputs
+    gx, h0, w_hh, b_hh, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed = inputs
     ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(gx, w_hh, b_hh, lengths, output[2])
-    ctx.reverse, ctx.saved = reverse, save
+    ctx.save_for_backward(gx, w_hh, b_hh, lengths, output[2], rd_seed, zo_seed)
+    ctx.args = (reverse, rd_p, zo_p)
+    ctx.saved = save
 
 
 def _gru_backward(ctx, dy, dh_n, _hs):
     if not ctx.saved:
         raise RuntimeError("fusenn: gru_layer_forward ran with save=False, so it cannot be differentiated")
-    gx, w_hh, b_hh, lengths, hs = ctx.saved_tensors
+    gx, w_hh, b_hh, lengths, hs, rd_seed, zo_seed = ctx.saved_tensors
+    reverse, rd_p, zo_p = ctx.args
     needs = ctx.needs_input_grad
     has_b = b_hh is not None and needs[3]
-    dg, dh0, d_w_hh, d_b_hh = _GRUBackward.apply(dy, dh_n, gx, w_hh, b_hh, lengths, ctx.reverse, hs, needs[2], has_b)
+    dg, dh0, d_w_hh, d_b_hh = _GRUBackward.apply(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, rd_p, rd_seed, zo_p,
+                                                 zo_seed, needs[2], has_b)
     return (dg if needs[0] else None, dh0 if needs[1] else None, d_w_hh if needs[2] else None,
-            d_b_hh if has_b else None, None, None, None)
+            d_b_hh if has_b else None) + (None,) * 7
 
 
 gru_layer_forward.register_autograd(_gru_backward, setup_context=_gru_setup)
@@ -287,6 +301,14 @@ class _GRULayer(torch.autograd.Function):
     forward = staticmethod(lambda *args: gru_layer_forward(*args))
     setup_context = staticmethod(_gru_setup)
     backward = staticmethod(_gru_backward)
+
+
+def _op_regularisers(recurrent_dropout, zoneout, device) -> tuple:
+    """The ops' (rd_p, rd_seed, zo_p, zo_seed) from the layers' (p, seed) pairs: Nones where absent."""
+    rd = (float(recurrent_dropout[0]), seed_tensor(recurrent_dropout[1], device)) if recurrent_dropout else (None,) * 2
+    zo = (float(zoneout[0]), seed_tensor(zoneout[1], device) if zoneout[1] is not None else None) if zoneout \
+        else (None,) * 2
+    return rd + zo
 
 
 def _check_regularisers(recurrent_dropout, zoneout):
@@ -310,28 +332,28 @@ def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[
         dtype = gx.dtype
         h0, c0, w_hh = h0.to(dtype), c0.to(dtype), w_hh.to(dtype)
         w_hr = w_hr.to(dtype) if w_hr is not None else None
-        rd_p, rd_seed = ((float(recurrent_dropout[0]), seed_tensor(recurrent_dropout[1], gx.device))
-                         if recurrent_dropout else (None, None))
-        zo_p, zo_seed = (float(zoneout[0]), seed_tensor(zoneout[1], gx.device) if zoneout[1] is not None else None) \
-            if zoneout else (None, None)
         layer = lstm_layer_forward if torch.compiler.is_compiling() else _LSTMLayer.apply
         out = layer(gx, h0, c0, w_hh, w_hr, _lengths(lengths, gx.device), bool(reverse),
-                    _needs_grad(gx, h0, c0, w_hh, w_hr), rd_p, rd_seed, zo_p, zo_seed)
+                    _needs_grad(gx, h0, c0, w_hh, w_hr), *_op_regularisers(recurrent_dropout, zoneout, gx.device))
         return out[:3]
     raise AssertionError(name)
 
 
 def gru_layer(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = None,
-              lengths: Optional[Tensor] = None, reverse: bool = False):
+              lengths: Optional[Tensor] = None, reverse: bool = False,
+              recurrent_dropout: Optional[tuple[float, int]] = None,
+              zoneout: Optional[tuple[float, Optional[int]]] = None):
+    _check_regularisers(recurrent_dropout, zoneout)
     reasons = {name: why(gx, h0, w_hh, b_hh) for name, why in GRU_SUPPORT.items()}
     name = dispatch.choose("gru", gx.device, reasons)
     if name == "reference":
-        return reference.gru_layer(gx, h0, w_hh, b_hh, lengths, reverse)
+        return reference.gru_layer(gx, h0, w_hh, b_hh, lengths, reverse, recurrent_dropout, zoneout)
     if name == "triton":
         dtype = gx.dtype
         h0, w_hh = h0.to(dtype), w_hh.to(dtype)
         b_hh = b_hh.to(dtype) if b_hh is not None else None
         layer = gru_layer_forward if torch.compiler.is_compiling() else _GRULayer.apply
-        out = layer(gx, h0, w_hh, b_hh, _lengths(lengths, gx.device), bool(reverse), _needs_grad(gx, h0, w_hh, b_hh))
+        out = layer(gx, h0, w_hh, b_hh, _lengths(lengths, gx.device), bool(reverse), _needs_grad(gx, h0, w_hh, b_hh),
+                    *_op_regularisers(recurrent_dropout, zoneout, gx.device))
         return out[:2]
     raise AssertionError(name)

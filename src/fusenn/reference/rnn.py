@@ -10,8 +10,9 @@ Sequences of unequal length (packed input) come as `lengths` (B,): batch row b r
 0 .. lengths[b]-1 (in reverse when `reverse`), its state is frozen after them and its outputs there are 0.
 Half-precision inputs are computed in float32 and returned in their own dtype; float64 stays float64.
 
-LSTM regularisers inside the recurrence (both optional, masks from fusenn.reference.philox by coordinates,
-so the kernels regenerate the same ones in forward and backward instead of storing them):
+Regularisers inside the recurrence (both optional, masks from fusenn.reference.philox by coordinates,
+so the kernels regenerate the same ones in forward and backward instead of storing them); the GRU takes
+both too, with zoneout on h only:
   recurrent_dropout=(p, seed): h_{t-1} enters h W_hh^T as h * r / (1 - p), r a time-locked mask over
     (row b, unit k) with counter b*P + k (Gal & Ghahramani style, on the recurrent product only).
   zoneout=(p, seed) (Krueger et al.): at each step each unit keeps its previous value with probability p,
@@ -46,15 +47,26 @@ def _valid(lengths: Optional[Tensor], t: int, B: int, device) -> Optional[Tensor
     return (lengths.to(device) > t).view(B, 1)
 
 
-def zoneout_update(p: float, seed: Optional[int], T: int, B: int, H: int, P: int, device, dtype):
-    """(u_h (T, B, P), u_c (T, B, H)): 1 where a unit takes its new value, 0 where it keeps the previous;
-    the expectation 1 - p everywhere when seed is None. See the module docstring for the counters."""
+def _zone(p: float, seed: Optional[int], T: int, B: int, W: int, offset: int, device, dtype) -> Tensor:
+    """(T, B, W): 1 where a unit takes its new value, 0 where it keeps the previous (counters offset +
+    (t*B + b)*W + j), or the expectation 1 - p everywhere when seed is None."""
     if seed is None:
-        return (torch.full((T, B, P), 1.0 - p, dtype=dtype, device=device),
-                torch.full((T, B, H), 1.0 - p, dtype=dtype, device=device))
-    u_h = dropout_mask(T * B * P, p, seed, 0, device).view(T, B, P).to(dtype)
-    u_c = dropout_mask(T * B * H, p, seed, T * B * P, device).view(T, B, H).to(dtype)
-    return u_h, u_c
+        return torch.full((T, B, W), 1.0 - p, dtype=dtype, device=device)
+    return dropout_mask(T * B * W, p, seed, offset, device).view(T, B, W).to(dtype)
+
+
+def zoneout_update(p: float, seed: Optional[int], T: int, B: int, H: int, P: int, device, dtype):
+    """(u_h (T, B, P), u_c (T, B, H)) of the LSTM. See the module docstring for the counters."""
+    return _zone(p, seed, T, B, P, 0, device, dtype), _zone(p, seed, T, B, H, T * B * P, device, dtype)
+
+
+def _recurrent_scale(recurrent_dropout, B: int, P: int, device, dtype) -> Optional[Tensor]:
+    """(B, P) r / (1 - p), time-locked, or None; times the scale rounded to dtype once, as the kernels do,
+    so both agree bit for bit."""
+    if recurrent_dropout is None:
+        return None
+    p, seed = recurrent_dropout
+    return dropout_mask(B * P, p, seed, 0, device).view(B, P).to(dtype) * (1.0 / (1.0 - p))
 
 
 def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor] = None,
@@ -70,11 +82,7 @@ def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[
     gx, w_hh = gx.to(ct), w_hh.to(ct)
     w_hr = w_hr.to(ct) if w_hr is not None else None
     h, c = h0.to(ct), c0.to(ct)
-    r = None
-    if recurrent_dropout is not None:
-        p, seed = recurrent_dropout
-        # times the scale rounded to ct once, as the kernels do, so both agree bit for bit
-        r = dropout_mask(B * P, p, seed, 0, gx.device).view(B, P).to(ct) * (1.0 / (1.0 - p))
+    r = _recurrent_scale(recurrent_dropout, B, P, gx.device, ct)
     u_h = u_c = None
     if zoneout is not None:
         u_h, u_c = zoneout_update(zoneout[0], zoneout[1], T, B, H, P, gx.device, ct)
@@ -101,17 +109,22 @@ def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[
 
 
 def gru_layer(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = None,
-              lengths: Optional[Tensor] = None, reverse: bool = False):
-    """gx (T, B, 3H) with b_ih added; h0 (B, H); w_hh (3H, H); b_hh (3H,) or None.
-    Returns y (T, B, H), h_n (B, H)."""
+              lengths: Optional[Tensor] = None, reverse: bool = False,
+              recurrent_dropout: Optional[tuple[float, int]] = None,
+              zoneout: Optional[tuple[float, Optional[int]]] = None):
+    """gx (T, B, 3H) with b_ih added; h0 (B, H); w_hh (3H, H); b_hh (3H,) or None; recurrent_dropout and
+    zoneout as the LSTM's (zoneout on h only, with h's counters). Returns y (T, B, H), h_n (B, H)."""
     T, B, _ = gx.shape
+    H = h0.shape[-1]
     dtype, ct = gx.dtype, _compute_dtype(gx)
     gx, w_hh = gx.to(ct), w_hh.to(ct)
     b_hh = b_hh.to(ct) if b_hh is not None else None
     h = h0.to(ct)
+    rd = _recurrent_scale(recurrent_dropout, B, H, gx.device, ct)
+    u = _zone(zoneout[0], zoneout[1], T, B, H, 0, gx.device, ct) if zoneout is not None else None
     ys = [None] * T
     for t in _steps(T, reverse):
-        gh = h @ w_hh.t()
+        gh = (h if rd is None else h * rd) @ w_hh.t()
         if b_hh is not None:
             gh = gh + b_hh
         xr, xz, xn = gx[t].chunk(3, dim=-1)
@@ -120,6 +133,8 @@ def gru_layer(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = Non
         z = torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)
         h_new = (1 - z) * n + z * h
+        if u is not None:
+            h_new = u[t] * h_new + (1 - u[t]) * h
         valid = _valid(lengths, t, B, gx.device)
         if valid is not None:
             ys[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
