@@ -97,23 +97,17 @@ GRU_LAYER_CASES = [  # T, B, H, bias, lengths, reverse, recurrent_dropout, zoneo
 ]
 
 
-@pytest.mark.parametrize("T,B,H,bias,lengths,reverse,rd,zo", GRU_LAYER_CASES)
-def test_gru_layer_kernel_matches_reference(kernel_backend, T, B, H, bias, lengths, reverse, rd, zo):
-    name, device = kernel_backend
-    g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(T, B, 3 * H, generator=g), torch.randn(B, H, generator=g),
-              torch.randn(3 * H, H, generator=g) * 0.3] + ([torch.randn(3 * H, generator=g)] if bias else [])
-    inputs = [t.to(device).requires_grad_() for t in inputs]
-    b_hh = inputs[3] if bias else None
-    lens = torch.tensor(lengths) if lengths else None
+def _matches_reference(layer, inputs, kernel, rd, zo):
+    """layer(*inputs, recurrent_dropout=rd, zoneout=zo) on the kernel backend equals the reference, outputs
+    and the gradients of every tensor input, for the same seeds."""
+    wrt = [t for t in inputs if t is not None]
     results = []
-    for backend in ("reference", name):
+    for backend in ("reference", kernel):
         with fusenn.set_backend(backend):
-            outs = ops.gru_layer(*inputs[:3], b_hh, lens, reverse, recurrent_dropout=rd, zoneout=zo)
-        ups = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(device) for i, o in enumerate(outs)]
-        results.append(list(outs) + list(torch.autograd.grad(outs, inputs, ups)))
-    plain = ops.gru_layer(*inputs[:3], b_hh, lens, reverse)
-    assert not torch.allclose(plain[0], results[0][0])  # the regularisers did something
+            outs = layer(*inputs, recurrent_dropout=rd, zoneout=zo)
+        ups = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(o.device) for i, o in enumerate(outs)]
+        results.append(list(outs) + list(torch.autograd.grad(outs, wrt, ups)))
+    assert not torch.allclose(layer(*inputs)[0], results[0][0])  # the regularisers did something
     for i, (a, b) in enumerate(zip(*results)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6, msg=lambda m: f"result {i}: {m}")
 
@@ -124,20 +118,21 @@ def test_layer_kernel_matches_reference(kernel_backend, T, B, H, proj, lengths, 
     g = torch.Generator().manual_seed(0)
     P = proj or H
     inputs = [torch.randn(T, B, 4 * H, generator=g), torch.randn(B, P, generator=g), torch.randn(B, H, generator=g),
-              torch.randn(4 * H, P, generator=g) * 0.3] + ([torch.randn(P, H, generator=g) * 0.3] if proj else [])
-    inputs = [t.to(device).requires_grad_() for t in inputs]
-    w_hr = inputs[4] if proj else None
+              torch.randn(4 * H, P, generator=g) * 0.3] + ([torch.randn(P, H, generator=g) * 0.3] if proj else [None])
+    inputs = [t.to(device).requires_grad_() if t is not None else None for t in inputs]
     lens = torch.tensor(lengths) if lengths else None
-    results = []
-    for backend in ("reference", name):
-        with fusenn.set_backend(backend):
-            outs = ops.lstm_layer(*inputs[:4], w_hr, lens, reverse, recurrent_dropout=rd, zoneout=zo)
-        ups = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(device) for i, o in enumerate(outs)]
-        results.append(list(outs) + list(torch.autograd.grad(outs, inputs, ups)))
-    plain = ops.lstm_layer(*inputs[:4], w_hr, lens, reverse)
-    assert not torch.allclose(plain[0], results[0][0])  # the regularisers did something
-    for i, (a, b) in enumerate(zip(*results)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6, msg=lambda m: f"result {i}: {m}")
+    _matches_reference(lambda *a, **r: ops.lstm_layer(*a, lens, reverse, **r), inputs, name, rd, zo)
+
+
+@pytest.mark.parametrize("T,B,H,bias,lengths,reverse,rd,zo", GRU_LAYER_CASES)
+def test_gru_layer_kernel_matches_reference(kernel_backend, T, B, H, bias, lengths, reverse, rd, zo):
+    name, device = kernel_backend
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(T, B, 3 * H, generator=g), torch.randn(B, H, generator=g),
+              torch.randn(3 * H, H, generator=g) * 0.3] + ([torch.randn(3 * H, generator=g)] if bias else [None])
+    inputs = [t.to(device).requires_grad_() if t is not None else None for t in inputs]
+    lens = torch.tensor(lengths) if lengths else None
+    _matches_reference(lambda *a, **r: ops.gru_layer(*a, lens, reverse, **r), inputs, name, rd, zo)
 
 
 MODULE_CASES = [
