@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from fusenn.kernels import INTERPRET
-from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, REG_ARGS, RUNTIME_ARGS, hidden_block, launch_split, load_2d,
-                                 matmul_acc, phase_sync, program_rows, recurrent_scale, regulariser_args,
+from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, REG_ARGS, RUNTIME_ARGS, emit_state, hidden_block, launch_split,
+                                 load_2d, matmul_acc, phase_sync, program_rows, recurrent_scale, regulariser_args,
                                  regulariser_keys, split_plan, step_slots, store_2d, tanh, valid_rows, zoneout_update)
 from fusenn.ops import new_output
 
@@ -77,12 +77,8 @@ def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, bar_p
             r, z, n, gh_n = gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, HAS_BIAS,
                                       FP32_DOT, BLOCK_B, BLOCK_H, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
             h_prev = load_2d(h_in, rows, hc, H, 1, row_ok, h_ok)
-            h = (1.0 - z) * n + z * h_prev
-            if ZONEOUT:
-                u = zoneout_update(rows, hc, t, B, H, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
-                h = u * h + (1 - u) * h_prev
-            store_2d(h_out, rows, hc, H, tl.where(valid, h, h_prev), row_ok, h_ok)
-            store_2d(y_t, rows, hc, H, tl.where(valid, h, 0.0), row_ok, h_ok)
+            emit_state((1.0 - z) * n + z * h_prev, h_prev, h_out, y_t, rows, hc, H, valid, row_ok, h_ok, t, B,
+                       zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
         epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # h_t is complete before step t+1
         k += 1
 

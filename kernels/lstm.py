@@ -176,6 +176,18 @@ def zoneout_update(rows, cols, t, B, W: tl.constexpr, base, zo_k0, zo_k1, zo_thr
 
 
 @triton.jit
+def emit_state(h_new, h_prev, h_out, y_t, rows, cols, W: tl.constexpr, valid, row_ok, col_ok, t, B,
+               zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT: tl.constexpr):
+    """Store step t's state h (mixed with h_{t-1} under zoneout) and output y for columns `cols` of W;
+    rows without step t keep h_{t-1} and output 0."""
+    if ZONEOUT:
+        u = zoneout_update(rows, cols, t, B, W, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
+        h_new = u * h_new + (1 - u) * h_prev
+    store_2d(h_out, rows, cols, W, tl.where(valid, h_new, h_prev), row_ok, col_ok)
+    store_2d(y_t, rows, cols, W, tl.where(valid, h_new, 0.0), row_ok, col_ok)
+
+
+@triton.jit
 def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P: tl.constexpr, FP32_DOT: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
                rd_k0, rd_k1, rd_thr, rd_scale, RDROP: tl.constexpr):
@@ -264,12 +276,8 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
             if HAS_PROJ:
                 store_2d(m_t, rows, hc, H, m, row_ok, h_ok)
             else:
-                h_prev = load_2d(h_in, rows, hc, P, 1, row_ok, h_ok)
-                if ZONEOUT:
-                    u_h = zoneout_update(rows, hc, t, B, P, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
-                    m = u_h * m + (1 - u_h) * h_prev
-                store_2d(h_out, rows, hc, P, tl.where(valid, m, h_prev), row_ok, h_ok)
-                store_2d(y_t, rows, hc, P, tl.where(valid, m, 0.0), row_ok, h_ok)
+                emit_state(m, load_2d(h_in, rows, hc, P, 1, row_ok, h_ok), h_out, y_t, rows, hc, P, valid, row_ok,
+                           h_ok, t, B, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
         # this step's m (or h) is complete before it is read
         epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)
         if HAS_PROJ:
@@ -282,12 +290,8 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                     h_ok = hc < H
                     m = load_2d(m_t, rows, hc, H, 1, row_ok, h_ok)
                     acc = matmul_acc(m, load_2d(w_hr_ptr, hc, pc, 1, H, h_ok, p_ok), acc, FP32_DOT)  # W_hr^T tile
-                h_prev = load_2d(h_in, rows, pc, P, 1, row_ok, p_ok)
-                if ZONEOUT:
-                    u_h = zoneout_update(rows, pc, t, B, P, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
-                    acc = u_h * acc + (1 - u_h) * h_prev
-                store_2d(h_out, rows, pc, P, tl.where(valid, acc, h_prev), row_ok, p_ok)
-                store_2d(y_t, rows, pc, P, tl.where(valid, acc, 0.0), row_ok, p_ok)
+                emit_state(acc, load_2d(h_in, rows, pc, P, 1, row_ok, p_ok), h_out, y_t, rows, pc, P, valid, row_ok,
+                           p_ok, t, B, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
             epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)
         k += 1
 
