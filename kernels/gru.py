@@ -21,8 +21,9 @@ import triton.language as tl
 
 from fusenn.kernels import INTERPRET
 from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, REG_ARGS, RUNTIME_ARGS, emit_state, hidden_block, launch_split,
-                                 load_2d, matmul_acc, phase_sync, program_rows, recurrent_scale, regulariser_args,
-                                 regulariser_keys, split_plan, step_slots, store_2d, tanh, valid_rows, zoneout_update)
+                                 load_2d, matmul_acc, phase_sync, program_rows, recurrent_input, recurrent_scale,
+                                 regulariser_args, regulariser_keys, split_plan, step_slots, store_2d, tanh,
+                                 valid_rows, zoneout_update)
 from fusenn.ops import new_output
 
 
@@ -37,9 +38,7 @@ def gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.cons
     for k0 in range(0, H, BLOCK_H):
         kc = k0 + tl.arange(0, BLOCK_H)
         k_ok = kc < H
-        h = load_2d(h_in, rows, kc, H, 1, row_ok, k_ok)
-        if RDROP:
-            h = h * recurrent_scale(rows, kc, H, rd_k0, rd_k1, rd_thr, rd_scale)
+        h = recurrent_input(h_in, rows, kc, H, row_ok, k_ok, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
         # W_hh^T tiles (BLOCK_H, BLOCK_H) of the three gates' row blocks of w_hh (3H, H)
         acc_r = matmul_acc(h, load_2d(w_hh_ptr, kc, hc, 1, H, k_ok, h_ok), acc_r, FP32_DOT)
         acc_z = matmul_acc(h, load_2d(w_hh_ptr + H * H, kc, hc, 1, H, k_ok, h_ok), acc_z, FP32_DOT)

@@ -164,6 +164,17 @@ def recurrent_scale(rows, cols, P: tl.constexpr, rd_k0, rd_k1, rd_thr, rd_scale)
 
 
 @triton.jit
+def recurrent_input(h_in, rows, cols, P: tl.constexpr, row_ok, col_ok, rd_k0, rd_k1, rd_thr, rd_scale,
+                    RDROP: tl.constexpr):
+    """The h_{t-1} tile (rows, cols) as it enters the recurrent product: times r/(1-p) under recurrent
+    dropout."""
+    h = load_2d(h_in, rows, cols, P, 1, row_ok, col_ok)
+    if RDROP:
+        h = h * recurrent_scale(rows, cols, P, rd_k0, rd_k1, rd_thr, rd_scale)
+    return h
+
+
+@triton.jit
 def zoneout_update(rows, cols, t, B, W: tl.constexpr, base, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT: tl.constexpr):
     """(len(rows), len(cols)) fp32 u: 1 where a unit takes its new value at step t, 0 where it keeps the old
     (counter base + (t*B + b)*W + j), or the expectation zo_u everywhere when ZONEOUT == 2."""
@@ -199,9 +210,7 @@ def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P:
     for p0 in range(0, P, BLOCK_P):
         pc = p0 + tl.arange(0, BLOCK_P)
         p_ok = pc < P
-        h = load_2d(h_in, rows, pc, P, 1, row_ok, p_ok)
-        if RDROP:
-            h = h * recurrent_scale(rows, pc, P, rd_k0, rd_k1, rd_thr, rd_scale)
+        h = recurrent_input(h_in, rows, pc, P, row_ok, p_ok, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
         # W_hh^T tiles (BLOCK_P, BLOCK_H) of the four gates' row blocks of w_hh (4H, P)
         acc_i = matmul_acc(h, load_2d(w_hh_ptr, pc, hc, 1, P, p_ok, h_ok), acc_i, FP32_DOT)
         acc_f = matmul_acc(h, load_2d(w_hh_ptr + H * P, pc, hc, 1, P, p_ok, h_ok), acc_f, FP32_DOT)
