@@ -95,6 +95,7 @@ def cuda_extension():
         name="fusenn._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=[("FUSENN_WITH_CUDA", None)],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
                             "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
         extra_link_args=extra_link,

@@ -1,6 +1,7 @@
-// The one place where fusenn's CUDA ops meet torch: registers them under torch.ops.fusenn_cuda and
-// checks every input. The stream comes from Python (torch.cuda.current_stream().cuda_stream), which
-// keeps torch's CUDA headers out of the build.
+// The extension's module and its dropout op (the RNN layers' ops are csrc/rnn.cpp's); every op lives in
+// torch.ops.fusenn_cuda and checks every input. Built without FUSENN_WITH_CUDA (a host-only build, as the
+// CPU tests make), only the ops' CPU implementations exist. The stream comes from Python
+// (torch.cuda.current_stream().cuda_stream), which keeps torch's CUDA headers out of the build.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -9,6 +10,7 @@
 namespace fusenn {
 namespace {
 
+#ifdef FUSENN_WITH_CUDA
 void check_launch(int status, const char* what) {
   TORCH_CHECK(status == 0, "fusenn: ", what, " failed: ", cuda_error_string(status));
 }
@@ -29,6 +31,7 @@ void dropout_mask_out(const at::Tensor& out, const at::Tensor& seed, int64_t off
                                    reinterpret_cast<Stream>(stream)),
                "dropout_mask kernel launch");
 }
+#endif
 
 }  // namespace
 }  // namespace fusenn
@@ -37,6 +40,8 @@ TORCH_LIBRARY(fusenn_cuda, m) {
   m.def("dropout_mask_out(Tensor(a!) out, Tensor seed, int offset, int threshold, int stream) -> ()");
 }
 
+#ifdef FUSENN_WITH_CUDA
 TORCH_LIBRARY_IMPL(fusenn_cuda, CUDA, m) { m.impl("dropout_mask_out", &fusenn::dropout_mask_out); }
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "fusenn CUDA kernels; ops live in torch.ops.fusenn_cuda"; }

@@ -1,14 +1,23 @@
 """Shared test setup.
 
 On a machine without a GPU, fusenn.kernels turns on the Triton interpreter, so `kernel_backend` runs the
-Triton kernels on CPU tensors; on a GPU it runs them compiled, and the CUDA extension beside them.
+Triton kernels on CPU tensors; on a GPU it runs them compiled, and the CUDA extension beside them. It also
+runs the C++ RNN layers (csrc/rnn.cpp) on CPU tensors ("cpp-host"): their time loop and element-wise steps
+as plain host loops, from fusenn._C where built, else from a host-only build of csrc/ made here.
 Tests marked `gpu` skip with a reason where torch sees no CUDA device.
 """
+
+import functools
+import os
+import shutil
 
 import pytest
 import torch
 
 import fusenn
+from fusenn import dispatch
+
+CSRC = os.path.join(os.path.dirname(__file__), os.pardir, "csrc")
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -25,19 +34,61 @@ def pytest_collection_modifyitems(config, items):
 def _kernel_params():
     params = [pytest.param(("triton", "cuda" if HAS_GPU else "cpu"), id="triton")]
     params.append(pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu))
+    params.append(pytest.param(("cpp-host", "cpu"), id="cpp-host"))
     return params
 
 
+@functools.lru_cache(maxsize=None)
+def cpp_host_unavailable():
+    """None once the C++ RNN ops' CPU implementations are loaded (fusenn._C's, else a host-only build of
+    csrc/rnn.cpp and csrc/bindings.cpp, cached by torch's extension builder); else the reason."""
+    try:
+        from fusenn import _C  # noqa: F401
+        return None
+    except ImportError:
+        pass
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler to build csrc/ for the host"
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(name="fusenn_host_twin", sources=[os.path.join(CSRC, f) for f in ("rnn.cpp", "bindings.cpp")],
+             extra_include_paths=[CSRC], extra_cflags=["-O1", "-std=c++17"])
+    except Exception as exc:  # noqa: BLE001 - compiler failures come in many types
+        return f"the host-only build of csrc/ failed: {exc}"
+    return None
+
+
+def _run_cpp_layers_on_cpu(monkeypatch):
+    """Under backend "cuda", the LSTM and GRU layers take the C++ path with CPU tensors (which dispatch
+    refuses: the real backend is for GPUs); every other op takes the reference."""
+    original = dispatch.choose
+
+    def choose(op, device, unsupported, *args):
+        if dispatch.get_backend() == "cuda":
+            return "cuda" if op in ("lstm", "gru") else "reference"
+        return original(op, device, unsupported, *args)
+
+    monkeypatch.setattr(dispatch, "choose", choose)
+
+
 @pytest.fixture(params=_kernel_params())
-def kernel_backend(request):
+def kernel_backend(request, monkeypatch):
     """(backend name, device) for each kernel backend that can run here; the backend is set for the test.
     A test module lists the backends its op has in KERNEL_BACKENDS (default: triton only)."""
     name, device = request.param
     if name not in getattr(request.module, "KERNEL_BACKENDS", ("triton",)):
         pytest.skip(f"{request.module.__name__} has no {name} implementation to test")
-    status = fusenn.backends()[name]
-    if not status.usable:
-        pytest.skip(f"{name} backend unusable here: {status.detail}")
+    if name == "cpp-host":
+        why = cpp_host_unavailable()
+        if why:
+            pytest.skip(why)
+        _run_cpp_layers_on_cpu(monkeypatch)
+        name = "cuda"
+    else:
+        status = fusenn.backends()[name]
+        if not status.usable:
+            pytest.skip(f"{name} backend unusable here: {status.detail}")
     with fusenn.set_backend(name):
         yield name, torch.device(device)
 

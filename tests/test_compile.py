@@ -5,6 +5,8 @@ import torch
 
 import fusenn
 
+KERNEL_BACKENDS = ("triton", "cuda", "cpp-host")
+
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
@@ -115,7 +117,7 @@ def test_rnn_packed_input_traces_fullgraph(allow_rnn, kernel_backend, kind, enfo
         _assert_identical(_outputs_and_grads(run(compiled_m), inputs), _outputs_and_grads(run(m), inputs))
 
 
-def _opcheck_cases(device):
+def _opcheck_cases(device, impl):
     T, B, H, P = 2, 3, 3, 2
     g = torch.Generator().manual_seed(0)
 
@@ -128,38 +130,39 @@ def _opcheck_cases(device):
     lengths = torch.tensor([2, 1, 2], device=device)
     ops = torch.ops.fusenn
     yield "lstm_fwd", ops.lstm_layer_forward.default, (
-        r(T, B, 4 * H), r(B, P), r(B, H), r(4 * H, P), r(P, H), lengths, True, True, 0.25, seed(7), 0.5, seed(11))
+        r(T, B, 4 * H), r(B, P), r(B, H), r(4 * H, P), r(P, H), lengths, True, True, 0.25, seed(7), 0.5, seed(11),
+        impl)
     yield "lstm_fwd_plain", ops.lstm_layer_forward.default, (
-        r(T, B, 4 * H), r(B, H), r(B, H), r(4 * H, H), None, None, False, True, None, None, 0.3, None)
+        r(T, B, 4 * H), r(B, H), r(B, H), r(4 * H, H), None, None, False, True, None, None, 0.3, None, impl)
     yield "lstm_fwd_nograd", ops.lstm_layer_forward.default, (
         r(T, B, 4 * H, grad=False), r(B, H, grad=False), r(B, H, grad=False), r(4 * H, H, grad=False), None, None,
-        False, False, None, None, None, None)
+        False, False, None, None, None, None, impl)
     yield "gru_fwd", ops.gru_layer_forward.default, (r(T, B, 3 * H), r(B, H), r(3 * H, H), r(3 * H), lengths, True,
-                                                      True, 0.25, seed(7), 0.5, seed(11))
+                                                      True, 0.25, seed(7), 0.5, seed(11), impl)
     yield "gru_fwd_nobias", ops.gru_layer_forward.default, (r(T, B, 3 * H), r(B, H), r(3 * H, H), None, None, False,
-                                                             True, None, None, 0.3, None)
+                                                             True, None, None, 0.3, None, impl)
     # The backward ops have no derivative of their own: check them on inputs that do not require grad.
     gx, h0, c0, w, wr = (r(T, B, 4 * H, grad=False), r(B, P, grad=False), r(B, H, grad=False),
                          r(4 * H, P, grad=False), r(P, H, grad=False))
-    _, _, _, hs, cs, ms = ops.lstm_layer_forward(gx, h0, c0, w, wr, lengths, False, True, 0.25, seed(7), None, None)
+    _, _, _, hs, cs, ms = ops.lstm_layer_forward(gx, h0, c0, w, wr, lengths, False, True, 0.25, seed(7), None, None, impl)
     yield "lstm_bwd", ops.lstm_layer_backward.default, (
         r(T, B, P, grad=False), r(B, P, grad=False), r(B, H, grad=False), gx, w, wr, lengths, False, hs, cs, ms,
-        0.25, seed(7), None, None, True, True)
+        0.25, seed(7), None, None, True, True, impl)
     yield "lstm_bwd_no_weights", ops.lstm_layer_backward.default, (
         r(T, B, P, grad=False), r(B, P, grad=False), r(B, H, grad=False), gx, w, wr, lengths, False, hs, cs, ms,
-        0.25, seed(7), None, None, False, False)
+        0.25, seed(7), None, None, False, False, impl)
     gx, h0, w, b = r(T, B, 3 * H, grad=False), r(B, H, grad=False), r(3 * H, H, grad=False), r(3 * H, grad=False)
-    _, _, hs = ops.gru_layer_forward(gx, h0, w, b, None, True, True, 0.25, seed(7), 0.5, seed(11))
+    _, _, hs = ops.gru_layer_forward(gx, h0, w, b, None, True, True, 0.25, seed(7), 0.5, seed(11), impl)
     yield "gru_bwd", ops.gru_layer_backward.default, (
         r(T, B, H, grad=False), r(B, H, grad=False), gx, w, b, None, True, hs, 0.25, seed(7), 0.5, seed(11), True,
-        False)
+        False, impl)
 
 
 @pytest.mark.parametrize("case", ["lstm_fwd", "lstm_fwd_plain", "lstm_fwd_nograd", "gru_fwd", "gru_fwd_nobias",
                                   "lstm_bwd", "lstm_bwd_no_weights",
                                   "gru_bwd"])
 def test_rnn_ops_opcheck(kernel_backend, case):
-    op, args = next((op, args) for name, op, args in _opcheck_cases(kernel_backend[1])
+    op, args = next((op, args) for name, op, args in _opcheck_cases(kernel_backend[1], kernel_backend[0])
                     if name == case)
     torch.library.opcheck(op, args)
 

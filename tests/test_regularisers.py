@@ -14,6 +14,8 @@ from fusenn.ops import rnn as ops
 from fusenn.reference import rnn as reference
 from fusenn.reference.philox import dropout_mask
 
+KERNEL_BACKENDS = ("triton", "cuda", "cpp-host")
+
 ALL_ON = dict(dropout=0.3, input_dropout=0.2, output_dropout=0.25, variational=True, weight_dropout=0.3,
               recurrent_dropout=0.35, zoneout=0.2)
 

@@ -1,4 +1,5 @@
-"""The Triton LSTM and GRU layer kernels against the float64 reference: outputs and every gradient.
+"""The LSTM and GRU layer kernels (Triton, and the C++ layers) against the float64 reference: outputs and
+every gradient.
 
 Each case runs fusenn.ops.rnn's layer on the kernel backend (outputs poisoned first), the reference on
 float64 copies of the same inputs, and the reference in the inputs' own dtype for PyTorch's error; the
@@ -17,6 +18,7 @@ from fusenn.ops import rnn as ops
 from fusenn.reference import rnn as reference
 from fusenn.testing import ATOL, assert_close, poisoned_outputs
 
+KERNEL_BACKENDS = ("triton", "cuda", "cpp-host")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -84,6 +86,13 @@ def rnn_backend(kernel_backend):
     if name not in ops.LSTM_SUPPORT or name not in ops.GRU_SUPPORT:
         pytest.skip(f"fusenn.ops.rnn has no {name} implementation")
     return kernel_backend
+
+
+@pytest.fixture
+def split_backend(rnn_backend):
+    if rnn_backend[0] != "triton":
+        pytest.skip("the split mode is the Triton kernels'")
+    return rnn_backend
 
 
 def _uniform(shape, bound, dtype, device):
@@ -246,24 +255,24 @@ SPLIT_CASES = _kind("lstm", [
 
 @pytest.mark.parametrize("split", [2, 3])
 @pytest.mark.parametrize("kind," + PARAMS, SPLIT_CASES)
-def test_split_across_programs_matches_reference(rnn_backend, monkeypatch, split, kind, T, B, H, proj, dtype, reverse,
-                                                 lengths, bias):
+def test_split_across_programs_matches_reference(split_backend, monkeypatch, split, kind, T, B, H, proj, dtype,
+                                                 reverse, lengths, bias):
     monkeypatch.setenv("FUSENN_RNN_SPLIT", str(split))
     test = test_lstm_layer_matches_reference if kind == "lstm" else test_gru_layer_matches_reference
-    test(rnn_backend, T, B, H, proj, dtype, reverse, lengths, bias)
+    test(split_backend, T, B, H, proj, dtype, reverse, lengths, bias)
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])
-def test_bad_split_setting_says_what_it_takes(rnn_backend, monkeypatch, value):
-    _, device = rnn_backend
+def test_bad_split_setting_says_what_it_takes(split_backend, monkeypatch, value):
+    _, device = split_backend
     monkeypatch.setenv("FUSENN_RNN_SPLIT", value)
     with pytest.raises(ValueError, match="FUSENN_RNN_SPLIT must be 'auto' or a positive integer"):
         ops.gru_layer(*_gru_inputs(2, 1, 3, True, torch.float32, device))
 
 
-def test_lstm_split_with_regularisers_matches_reference(rnn_backend, monkeypatch):
+def test_lstm_split_with_regularisers_matches_reference(split_backend, monkeypatch):
     """Recurrent dropout and sampled zoneout regenerate the same masks whichever program owns a tile."""
-    _, device = rnn_backend
+    _, device = split_backend
     monkeypatch.setenv("FUSENN_RNN_SPLIT", "2")
     torch.manual_seed(3)
     T, B, H, P = 4, 3, 33, 20

@@ -11,6 +11,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fusenn
 
+KERNEL_BACKENDS = ("triton", "cuda", "cpp-host")
+
 # torch.nn's LSTM warns that oneDNN lacks projections and falls back; that is torch's business, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 

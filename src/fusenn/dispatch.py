@@ -3,8 +3,9 @@
 Backends: ``reference`` (plain PyTorch, any device), ``triton`` (kernels/ on a GPU, or under the Triton
 interpreter with CPU tensors) and ``cuda`` (the fusenn._C extension built from csrc/).
 The choice comes from ``fusenn.set_backend(name)`` if called, else the FUSENN_BACKEND environment
-variable, else ``auto``: cuda, then triton, for GPU tensors; the reference for CPU tensors. An explicit
-backend that cannot take the call raises BackendError saying why; auto falls back to the reference.
+variable, else ``auto``: cuda, then triton (or the op's own order), for GPU tensors; the reference for CPU
+tensors. An explicit backend that cannot take the call raises BackendError saying why; auto falls back to
+the reference.
 """
 
 from __future__ import annotations
@@ -144,17 +145,17 @@ def _device_reason(name: str, device: torch.device) -> Optional[str]:
 
 
 @torch.compiler.assume_constant_result  # torch.compile bakes the choice into the graph, as eager would make it
-def choose(op: str, device: torch.device, unsupported: Mapping[str, Optional[str]]) -> str:
+def choose(op: str, device: torch.device, unsupported: Mapping[str, Optional[str]],
+           gpu_order: tuple = ("cuda", "triton")) -> str:
     """The backend that runs `op` on `device`.
 
     `unsupported` maps each backend the op is implemented on to None, or to the reason it cannot take
     these particular inputs; backends missing from it do not implement the op. The reference must always
-    be present and None.
+    be present and None. `gpu_order`: the kernel backends `auto` tries, in order, for GPU tensors.
     """
     requested = get_backend()
     reasons: dict[str, str] = {}
-    order = (requested,) if requested != "auto" else (("cuda", "triton") if device.type == "cuda" else ()) + (
-        "reference",)
+    order = (requested,) if requested != "auto" else (gpu_order if device.type == "cuda" else ()) + ("reference",)
     for name in order:
         if name not in unsupported:
             reasons[name] = f"{op} has no {name} implementation"

@@ -34,19 +34,24 @@ from fusenn.ops import seed_tensor
 from fusenn.ops.dropout import dropout_mask
 from fusenn.reference import rnn as reference
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _triton_reason(gx: Tensor, *_) -> Optional[str]:
-    if gx.dtype not in _TRITON_DTYPES:
-        return f"the Triton RNN kernels take float16, bfloat16 or float32 inputs, got {gx.dtype}"
-    return None
+def _kernel_reason(kind: str):
+    def reason(gx: Tensor, *_) -> Optional[str]:
+        if gx.dtype not in _KERNEL_DTYPES:
+            return f"the {kind} RNN kernels take float16, bfloat16 or float32 inputs, got {gx.dtype}"
+        return None
+    return reason
 
 
 # Backends that implement the layers, each mapped to a function giving the reason it cannot take
 # particular inputs (None when it can).
-LSTM_SUPPORT = {"reference": lambda *args: None, "triton": _triton_reason}
-GRU_SUPPORT = {"reference": lambda *args: None, "triton": _triton_reason}
+LSTM_SUPPORT = {"reference": lambda *args: None, "triton": _kernel_reason("Triton"), "cuda": _kernel_reason("C++")}
+GRU_SUPPORT = LSTM_SUPPORT
+# On a GPU under `auto`, the Triton kernels (one persistent launch per layer) come before the C++ layers
+# (a launch and a cuBLAS GEMM per step) until GPU timings say where each wins.
+GPU_ORDER = ("triton", "cuda")
 
 
 def _contiguous(*tensors):
@@ -75,7 +80,7 @@ def _needs_grad(*tensors) -> bool:
 
 def _no_double_backward(name: str):
     def backward(ctx, *grads):
-        raise RuntimeError(f"fusenn: the Triton {name} layer's backward is not differentiable (no double backward, "
+        raise RuntimeError(f"fusenn: the {name} layer kernels' backward is not differentiable (no double backward, "
                            "e.g. torch.autograd.grad(..., create_graph=True) followed by another backward, or "
                            "nested torch.func.grad); run with fusenn.set_backend('reference') for higher-order "
                            "gradients")
@@ -95,20 +100,37 @@ def _setup_nothing(ctx, inputs, output):
     pass
 
 
-# The Triton path is four torch.library ops, so torch.compile traces it (their fakes give the shapes) and
-# autograd goes through register_autograd. The regularisers travel as scalars and seed tensors (0-d int64,
-# read by the kernels from device memory): recurrent dropout as (rd_p or None, rd_seed or None), zoneout as
-# (zo_p or None, zo_seed or None: None = the expectation).
+# The kernel paths are four torch.library ops, so torch.compile traces them (their fakes give the shapes)
+# and autograd goes through register_autograd; `impl` names the kernels: "triton" (fusenn.kernels) or
+# "cuda" (the C++ layers of csrc/rnn.cpp, torch.ops.fusenn_cuda). The regularisers travel as scalars and
+# seed tensors (0-d int64, read by the kernels from device memory): recurrent dropout as (rd_p or None,
+# rd_seed or None), zoneout as (zo_p or None, zo_seed or None: None = the expectation).
+
+
+def _recurrent_scale(B: int, P: int, recurrent_dropout, device) -> Tensor:
+    """(B, P) fp32 r/(1-p) of recurrent dropout's time-locked mask (regenerated wherever needed)."""
+    p, seed = recurrent_dropout
+    return dropout_mask((B, P), p, seed, 0, device).to(torch.float32) * (1.0 / (1.0 - p))
 
 
 def _entering_product(h_prev: Tensor, recurrent_dropout) -> Tensor:
     """The states entering each step (T, B, P) as they entered the recurrent product: times r/(1-p)
-    under recurrent dropout (the mask regenerated)."""
+    under recurrent dropout."""
     if recurrent_dropout is None:
         return h_prev
-    p, seed = recurrent_dropout
-    keep = dropout_mask(h_prev.shape[1:], p, seed, 0, h_prev.device)
-    return h_prev * (keep.to(h_prev.dtype) * (1.0 / (1.0 - p)))
+    return h_prev * _recurrent_scale(*h_prev.shape[1:], recurrent_dropout, h_prev.device)
+
+
+def _cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, B: int, P: int, device) -> tuple:
+    """The C++ layers' trailing arguments (csrc/rnn.cpp): rscale, zoneout's seed, mode, threshold and
+    expectation, and the CUDA stream."""
+    from fusenn.reference.philox import dropout_threshold
+
+    rscale = _recurrent_scale(B, P, (rd_p, rd_seed.to(device)), device) if rd_p is not None else None
+    mode = 0 if zo_p is None else 1 if zo_seed is not None else 2
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return (rscale, zo_seed.to(device) if mode == 1 else None, mode, dropout_threshold(zo_p) if mode == 1 else 0,
+            1.0 - zo_p if mode == 2 else 1.0, stream)
 
 
 def _regularisers(rd_p, rd_seed, zo_p, zo_seed, device):
@@ -120,13 +142,17 @@ def _regularisers(rd_p, rd_seed, zo_p, zo_seed, device):
 @torch.library.custom_op("fusenn::lstm_layer_forward", mutates_args=())
 def lstm_layer_forward(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
                        lengths: Optional[Tensor], reverse: bool, save: bool, rd_p: Optional[float],
-                       rd_seed: Optional[Tensor], zo_p: Optional[float], zo_seed: Optional[Tensor]
+                       rd_seed: Optional[Tensor], zo_p: Optional[float], zo_seed: Optional[Tensor], impl: str
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, h_n, c_n, hs, cs, ms): the outputs and, when `save`, the fp32 buffers backward needs
     (fusenn.kernels.lstm.lstm_forward); empty tensors stand for the buffers not kept."""
+    gx, h0, c0, w_hh, w_hr = _contiguous(gx, h0, c0, w_hh, w_hr)
+    if impl == "cuda":
+        return tuple(torch.ops.fusenn_cuda.lstm_forward(
+            gx, h0, c0, w_hh, w_hr, lengths, reverse, save,
+            *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], h0.shape[-1], gx.device)))
     from fusenn.kernels import lstm as kernels
 
-    gx, h0, c0, w_hh, w_hr = _contiguous(gx, h0, c0, w_hh, w_hr)
     y, h_n, c_n, states = kernels.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, save,
                                                *_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device))
     hs, cs, ms = states if save else (None, None, None)
@@ -134,7 +160,7 @@ def lstm_layer_forward(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: O
 
 
 @lstm_layer_forward.register_fake
-def _(gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed):
+def _(gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed, impl):
     T, B, G = gx.shape
     H, P = G // 4, h0.shape[-1]
     f32 = dict(dtype=torch.float32)
@@ -148,16 +174,21 @@ def _(gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_se
 def lstm_layer_backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, gx: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
                         lengths: Optional[Tensor], reverse: bool, hs: Tensor, cs: Tensor, ms: Tensor,
                         rd_p: Optional[float], rd_seed: Optional[Tensor], zo_p: Optional[float],
-                        zo_seed: Optional[Tensor],
-                        grad_w_hh: bool, grad_w_hr: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        zo_seed: Optional[Tensor], grad_w_hh: bool, grad_w_hr: bool, impl: str
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d gx, d h0, d c0 in gx's dtype, d w_hh, d w_hr in theirs); a weight gradient not asked for (or w_hr
     absent) is an empty tensor."""
-    from fusenn.kernels import lstm as kernels
-
     dy, dh_n, dc_n = _contiguous(dy, dh_n, dc_n)
     recurrent_dropout, zoneout = _regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device)
-    dg, dh0, dc0, dhs = kernels.lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs,
-                                              recurrent_dropout, zoneout)
+    if impl == "cuda":
+        dg, dh0, dc0, dhs = torch.ops.fusenn_cuda.lstm_backward(
+            dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs,
+            *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], hs.shape[-1], gx.device))
+    else:
+        from fusenn.kernels import lstm as kernels
+
+        dg, dh0, dc0, dhs = kernels.lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs,
+                                                  recurrent_dropout, zoneout)
     T, rev = gx.shape[0], int(reverse)
     d_w_hh, d_w_hr = _empty(gx.device), _empty(gx.device)
     if grad_w_hh:
@@ -170,7 +201,7 @@ def lstm_layer_backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, gx: Tensor, w_hh
 
 @lstm_layer_backward.register_fake
 def _(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs, ms, rd_p, rd_seed, zo_p, zo_seed, grad_w_hh,
-      grad_w_hr):
+      grad_w_hr, impl):
     B, H, P = gx.shape[1], gx.shape[2] // 4, w_hh.shape[-1]
     empty = gx.new_empty(0, dtype=torch.float32)
     return (gx.new_empty(gx.shape), gx.new_empty((B, P)), gx.new_empty((B, H)),
@@ -179,11 +210,11 @@ def _(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs, ms, rd_p, rd_see
 
 
 def _lstm_setup(ctx, inputs, output):
-    gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed = inputs
+    gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed, impl = inputs
     _, _, _, hs, cs, ms = output
     ctx.mark_non_differentiable(hs, cs, ms)
     ctx.save_for_backward(gx, w_hh, w_hr, lengths, hs, cs, ms, rd_seed, zo_seed)
-    ctx.args = (reverse, rd_p, zo_p)
+    ctx.args = (reverse, rd_p, zo_p, impl)
     ctx.saved = save
 
 
@@ -191,13 +222,13 @@ def _lstm_backward(ctx, dy, dh_n, dc_n, _hs, _cs, _ms):
     if not ctx.saved:
         raise RuntimeError("fusenn: lstm_layer_forward ran with save=False, so it cannot be differentiated")
     gx, w_hh, w_hr, lengths, hs, cs, ms, rd_seed, zo_seed = ctx.saved_tensors
-    reverse, rd_p, zo_p = ctx.args
+    reverse, rd_p, zo_p, impl = ctx.args
     needs = ctx.needs_input_grad
     dg, dh0, dc0, d_w_hh, d_w_hr = _LSTMBackward.apply(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs, ms,
                                                        rd_p, rd_seed, zo_p, zo_seed, needs[3],
-                                                       w_hr is not None and needs[4])
+                                                       w_hr is not None and needs[4], impl)
     return (dg if needs[0] else None, dh0 if needs[1] else None, dc0 if needs[2] else None,
-            d_w_hh if needs[3] else None, d_w_hr if w_hr is not None and needs[4] else None) + (None,) * 7
+            d_w_hh if needs[3] else None, d_w_hr if w_hr is not None and needs[4] else None) + (None,) * 8
 
 
 lstm_layer_forward.register_autograd(_lstm_backward, setup_context=_lstm_setup)
@@ -220,18 +251,22 @@ class _LSTMLayer(torch.autograd.Function):
 @torch.library.custom_op("fusenn::gru_layer_forward", mutates_args=())
 def gru_layer_forward(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor],
                       reverse: bool, save: bool, rd_p: Optional[float], rd_seed: Optional[Tensor],
-                      zo_p: Optional[float], zo_seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                      zo_p: Optional[float], zo_seed: Optional[Tensor], impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h_n, hs): the outputs and, when `save`, the fp32 state buffer backward needs (else empty)."""
+    gx, h0, w_hh, b_hh = _contiguous(gx, h0, w_hh, b_hh)
+    if impl == "cuda":
+        return tuple(torch.ops.fusenn_cuda.gru_forward(
+            gx, h0, w_hh, b_hh, lengths, reverse, save,
+            *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], h0.shape[-1], gx.device)))
     from fusenn.kernels import gru as kernels
 
-    gx, h0, w_hh, b_hh = _contiguous(gx, h0, w_hh, b_hh)
     y, h_n, hs = kernels.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, save,
                                      *_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device))
     return y, h_n, hs if save else _empty(gx.device)
 
 
 @gru_layer_forward.register_fake
-def _(gx, h0, w_hh, b_hh, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed):
+def _(gx, h0, w_hh, b_hh, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed, impl):
     T, B, _ = gx.shape
     H = h0.shape[-1]
     hs = gx.new_empty((T + 1, B, H) if save else 0, dtype=torch.float32)
@@ -242,13 +277,19 @@ def _(gx, h0, w_hh, b_hh, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed):
 def gru_layer_backward(dy: Tensor, dh_n: Tensor, gx: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
                        lengths: Optional[Tensor], reverse: bool, hs: Tensor, rd_p: Optional[float],
                        rd_seed: Optional[Tensor], zo_p: Optional[float], zo_seed: Optional[Tensor], grad_w_hh: bool,
-                       grad_b_hh: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       grad_b_hh: bool, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d gx, d h0 in gx's dtype, d w_hh, d b_hh in theirs); a gradient not asked for is an empty tensor."""
-    from fusenn.kernels import gru as kernels
-
     dy, dh_n = _contiguous(dy, dh_n)
     recurrent_dropout, zoneout = _regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device)
-    dg, dghn, dh0 = kernels.gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, recurrent_dropout, zoneout)
+    if impl == "cuda":
+        dg, dghn, dh0 = torch.ops.fusenn_cuda.gru_backward(
+            dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs,
+            *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], hs.shape[-1], gx.device))
+    else:
+        from fusenn.kernels import gru as kernels
+
+        dg, dghn, dh0 = kernels.gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, recurrent_dropout,
+                                             zoneout)
     T, H, rev = gx.shape[0], w_hh.shape[-1], int(reverse)
     d_w_hh, d_b_hh = _empty(gx.device), _empty(gx.device)
     if grad_w_hh:  # gh = h W_hh^T + b_hh gets [dr, dz] from gx's gradient and dn * r for its n part
@@ -261,7 +302,7 @@ def gru_layer_backward(dy: Tensor, dh_n: Tensor, gx: Tensor, w_hh: Tensor, b_hh:
 
 
 @gru_layer_backward.register_fake
-def _(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, rd_p, rd_seed, zo_p, zo_seed, grad_w_hh, grad_b_hh):
+def _(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, rd_p, rd_seed, zo_p, zo_seed, grad_w_hh, grad_b_hh, impl):
     empty = gx.new_empty(0, dtype=torch.float32)
     return (gx.new_empty(gx.shape), gx.new_empty((gx.shape[1], w_hh.shape[-1])),
             w_hh.new_empty(w_hh.shape) if grad_w_hh else empty,
@@ -269,10 +310,10 @@ def _(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, rd_p, rd_seed, zo_p, zo_se
 
 
 def _gru_setup(ctx, inputs, output):
-    gx, h0, w_hh, b_hh, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed = inputs
+    gx, h0, w_hh, b_hh, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed, impl = inputs
     ctx.mark_non_differentiable(output[2])
     ctx.save_for_backward(gx, w_hh, b_hh, lengths, output[2], rd_seed, zo_seed)
-    ctx.args = (reverse, rd_p, zo_p)
+    ctx.args = (reverse, rd_p, zo_p, impl)
     ctx.saved = save
 
 
@@ -280,13 +321,13 @@ def _gru_backward(ctx, dy, dh_n, _hs):
     if not ctx.saved:
         raise RuntimeError("fusenn: gru_layer_forward ran with save=False, so it cannot be differentiated")
     gx, w_hh, b_hh, lengths, hs, rd_seed, zo_seed = ctx.saved_tensors
-    reverse, rd_p, zo_p = ctx.args
+    reverse, rd_p, zo_p, impl = ctx.args
     needs = ctx.needs_input_grad
     has_b = b_hh is not None and needs[3]
     dg, dh0, d_w_hh, d_b_hh = _GRUBackward.apply(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, rd_p, rd_seed, zo_p,
-                                                 zo_seed, needs[2], has_b)
+                                                 zo_seed, needs[2], has_b, impl)
     return (dg if needs[0] else None, dh0 if needs[1] else None, d_w_hh if needs[2] else None,
-            d_b_hh if has_b else None) + (None,) * 7
+            d_b_hh if has_b else None) + (None,) * 8
 
 
 gru_layer_forward.register_autograd(_gru_backward, setup_context=_gru_setup)
@@ -325,16 +366,17 @@ def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[
                zoneout: Optional[tuple[float, Optional[int]]] = None):
     _check_regularisers(recurrent_dropout, zoneout)
     reasons = {name: why(gx, h0, w_hh, w_hr) for name, why in LSTM_SUPPORT.items()}
-    name = dispatch.choose("lstm", gx.device, reasons)
+    name = dispatch.choose("lstm", gx.device, reasons, GPU_ORDER)
     if name == "reference":
         return reference.lstm_layer(gx, h0, c0, w_hh, w_hr, lengths, reverse, recurrent_dropout, zoneout)
-    if name == "triton":
+    if name in ("triton", "cuda"):
         dtype = gx.dtype
         h0, c0, w_hh = h0.to(dtype), c0.to(dtype), w_hh.to(dtype)
         w_hr = w_hr.to(dtype) if w_hr is not None else None
         layer = lstm_layer_forward if torch.compiler.is_compiling() else _LSTMLayer.apply
         out = layer(gx, h0, c0, w_hh, w_hr, _lengths(lengths, gx.device), bool(reverse),
-                    _needs_grad(gx, h0, c0, w_hh, w_hr), *_op_regularisers(recurrent_dropout, zoneout, gx.device))
+                    _needs_grad(gx, h0, c0, w_hh, w_hr), *_op_regularisers(recurrent_dropout, zoneout, gx.device),
+                    name)
         return out[:3]
     raise AssertionError(name)
 
@@ -345,15 +387,15 @@ def gru_layer(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = Non
               zoneout: Optional[tuple[float, Optional[int]]] = None):
     _check_regularisers(recurrent_dropout, zoneout)
     reasons = {name: why(gx, h0, w_hh, b_hh) for name, why in GRU_SUPPORT.items()}
-    name = dispatch.choose("gru", gx.device, reasons)
+    name = dispatch.choose("gru", gx.device, reasons, GPU_ORDER)
     if name == "reference":
         return reference.gru_layer(gx, h0, w_hh, b_hh, lengths, reverse, recurrent_dropout, zoneout)
-    if name == "triton":
+    if name in ("triton", "cuda"):
         dtype = gx.dtype
         h0, w_hh = h0.to(dtype), w_hh.to(dtype)
         b_hh = b_hh.to(dtype) if b_hh is not None else None
         layer = gru_layer_forward if torch.compiler.is_compiling() else _GRULayer.apply
         out = layer(gx, h0, w_hh, b_hh, _lengths(lengths, gx.device), bool(reverse), _needs_grad(gx, h0, w_hh, b_hh),
-                    *_op_regularisers(recurrent_dropout, zoneout, gx.device))
+                    *_op_regularisers(recurrent_dropout, zoneout, gx.device), name)
         return out[:2]
     raise AssertionError(name)

@@ -1,0 +1,51 @@
+// The C++ RNN layers' element-wise steps (csrc/rnn.cuh) as CUDA kernels: one thread per element, a
+// grid-stride loop; each launch is one step of one phase of csrc/rnn.cpp's time loop.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "philox.cuh"
+
+namespace fusenn {
+// The 16-bit conversions rnn.cuh needs, declared before it (torch's nvcc flags disable the implicit ones).
+FUSENN_HD float to_float(__half x) { return __half2float(x); }
+FUSENN_HD __half from_float(float x, __half*) { return __float2half_rn(x); }
+FUSENN_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+FUSENN_HD __nv_bfloat16 from_float(float x, __nv_bfloat16*) { return __float2bfloat16_rn(x); }
+}  // namespace fusenn
+
+#include "rnn.cuh"
+
+namespace fusenn {
+
+template <class StepArgs, class T>
+__global__ void step_kernel(const StepArgs args, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    run<T>(args, i);
+  }
+}
+
+template <class StepArgs>
+int launch_step(const StepArgs& step, int64_t n, Dtype dtype, Stream stream) {
+  if (n == 0) return 0;
+  constexpr int threads = 256;
+  const int64_t wanted = (n + threads - 1) / threads;
+  const int blocks = static_cast<int>(wanted < 65535 * 8 ? wanted : 65535 * 8);
+  switch (dtype) {
+    case Dtype::f32: step_kernel<StepArgs, float><<<blocks, threads, 0, stream>>>(step, n); break;
+    case Dtype::f16: step_kernel<StepArgs, __half><<<blocks, threads, 0, stream>>>(step, n); break;
+    case Dtype::bf16: step_kernel<StepArgs, __nv_bfloat16><<<blocks, threads, 0, stream>>>(step, n); break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template int launch_step(const LstmCell&, int64_t, Dtype, Stream);
+template int launch_step(const EmitH&, int64_t, Dtype, Stream);
+template int launch_step(const LstmDh&, int64_t, Dtype, Stream);
+template int launch_step(const LstmCellBackward&, int64_t, Dtype, Stream);
+template int launch_step(const AddRecurrent&, int64_t, Dtype, Stream);
+template int launch_step(const GruCell&, int64_t, Dtype, Stream);
+template int launch_step(const GruCellBackward&, int64_t, Dtype, Stream);
+
+}  // namespace fusenn
