@@ -1,4 +1,4 @@
-// The extension's module and its dropout op (the RNN layers' ops are csrc/rnn.cpp's); every op lives in
+// The extension's module and its dropout op (the RNN layers' ops are csrc/rnn_host.cpp's); every op lives in
 // torch.ops.fusenn_cuda and checks every input. Built without FUSENN_WITH_CUDA (a host-only build, as the
 // CPU tests make), only the ops' CPU implementations exist. The stream comes from Python
 // (torch.cuda.current_stream().cuda_stream), which keeps torch's CUDA headers out of the build.

@@ -1,5 +1,5 @@
 // The C++ RNN layers' element-wise steps (csrc/rnn.cuh) as CUDA kernels: one thread per element, a
-// grid-stride loop; each launch is one step of one phase of csrc/rnn.cpp's time loop.
+// grid-stride loop; each launch is one step of one phase of csrc/rnn_host.cpp's time loop.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -1,5 +1,5 @@
-// The element-wise steps of the C++ LSTM and GRU layers (csrc/rnn.cpp runs the time loop and the GEMMs).
-// Host/device code with no torch headers: csrc/rnn.cu runs each step as a CUDA kernel, csrc/rnn.cpp as a
+// The element-wise steps of the C++ LSTM and GRU layers (csrc/rnn_host.cpp runs the time loop and the GEMMs).
+// Host/device code with no torch headers: csrc/rnn.cu runs each step as a CUDA kernel, csrc/rnn_host.cpp as a
 // plain loop over the same functions on CPU tensors (the twin the CPU tests check against the reference).
 // Equations, gate orders, `lengths` and the Philox counters of zoneout are fusenn.reference.rnn's.
 //

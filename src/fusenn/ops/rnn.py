@@ -102,7 +102,7 @@ def _setup_nothing(ctx, inputs, output):
 
 # The kernel paths are four torch.library ops, so torch.compile traces them (their fakes give the shapes)
 # and autograd goes through register_autograd; `impl` names the kernels: "triton" (fusenn.kernels) or
-# "cuda" (the C++ layers of csrc/rnn.cpp, torch.ops.fusenn_cuda). The regularisers travel as scalars and
+# "cuda" (the C++ layers of csrc/rnn_host.cpp, torch.ops.fusenn_cuda). The regularisers travel as scalars and
 # seed tensors (0-d int64, read by the kernels from device memory): recurrent dropout as (rd_p or None,
 # rd_seed or None), zoneout as (zo_p or None, zo_seed or None: None = the expectation).
 
@@ -122,7 +122,7 @@ def _entering_product(h_prev: Tensor, recurrent_dropout) -> Tensor:
 
 
 def _cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, B: int, P: int, device) -> tuple:
-    """The C++ layers' trailing arguments (csrc/rnn.cpp): rscale, zoneout's seed, mode, threshold and
+    """The C++ layers' trailing arguments (csrc/rnn_host.cpp): rscale, zoneout's seed, mode, threshold and
     expectation, and the CUDA stream."""
     from fusenn.reference.philox import dropout_threshold
 
