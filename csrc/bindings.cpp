@@ -1,6 +1,6 @@
-// The extension's module and its dropout op (the RNN layers' ops are csrc/rnn_host.cpp's); every op lives in
-// torch.ops.fusenn_cuda and checks every input. Built without FUSENN_WITH_CUDA (a host-only build, as the
-// CPU tests make), only the ops' CPU implementations exist. The stream comes from Python
+// The extension's module and its dropout op (the RNN layers' ops are csrc/rnn_host.cpp's); every op
+// lives in torch.ops.fusenn_cuda and checks every input. Built without FUSENN_WITH_CUDA (a host-only
+// build, as the CPU tests make), only the ops' CPU implementations exist. The stream comes from Python
 // (torch.cuda.current_stream().cuda_stream), which keeps torch's CUDA headers out of the build.
 #include <torch/extension.h>
 #include <torch/library.h>

@@ -1,10 +1,11 @@
-// The element-wise steps of the C++ LSTM and GRU layers (csrc/rnn_host.cpp runs the time loop and the GEMMs).
-// Host/device code with no torch headers: csrc/rnn.cu runs each step as a CUDA kernel, csrc/rnn_host.cpp as a
-// plain loop over the same functions on CPU tensors (the twin the CPU tests check against the reference).
+// The element-wise steps of the C++ LSTM and GRU layers (csrc/rnn_host.cpp runs the time loop and the
+// GEMMs). Host/device code with no torch headers: csrc/rnn.cu runs each step as a CUDA kernel,
+// csrc/rnn_host.cpp as a plain loop over the same functions on CPU tensors (what the CPU tests check
+// against the reference).
 // Equations, gate orders, `lengths` and the Philox counters of zoneout are fusenn.reference.rnn's.
 //
 // T is the layer's storage type (float, or a 16-bit float: __half / __nv_bfloat16 in rnn.cu, c10::Half /
-// c10::BFloat16 in rnn.cpp). Whoever includes this file first declares, for each 16-bit T,
+// c10::BFloat16 in rnn_host.cpp). Whoever includes this file first declares, for each 16-bit T,
 // `FUSENN_HD float to_float(T)` and `FUSENN_HD T from_float(float, T*)` (torch's build turns off their
 // implicit conversions). Everything is computed in fp32: gates, cell state, gradients.
 #pragma once

@@ -1,9 +1,10 @@
 """Shared test setup.
 
 On a machine without a GPU, fusenn.kernels turns on the Triton interpreter, so `kernel_backend` runs the
-Triton kernels on CPU tensors; on a GPU it runs them compiled, and the CUDA extension beside them. It also
-runs the C++ RNN layers (csrc/rnn_host.cpp) on CPU tensors ("cpp-host"): their time loop and element-wise steps
-as plain host loops, from fusenn._C where built, else from a host-only build of csrc/ made here.
+Triton kernels on CPU tensors; on a GPU it runs them compiled, and the CUDA extension beside them. It
+also runs the C++ RNN layers (csrc/rnn_host.cpp) on CPU tensors ("cpp-host"): their time loop and
+element-wise steps as plain host loops, from fusenn._C where built, else from a host-only build of csrc/
+made here.
 Tests marked `gpu` skip with a reason where torch sees no CUDA device.
 """
 
@@ -52,8 +53,8 @@ def cpp_host_unavailable():
     from torch.utils.cpp_extension import load
 
     try:
-        load(name="fusenn_host_twin", sources=[os.path.join(CSRC, f) for f in ("rnn_host.cpp", "bindings.cpp")],
-             extra_include_paths=[CSRC], extra_cflags=["-O1", "-std=c++17"])
+        load(name="fusenn_host_twin", extra_include_paths=[CSRC], extra_cflags=["-O1", "-std=c++17"],
+             sources=[os.path.join(CSRC, f) for f in ("rnn_host.cpp", "bindings.cpp")])
     except Exception as exc:  # noqa: BLE001 - compiler failures come in many types
         return f"the host-only build of csrc/ failed: {exc}"
     return None

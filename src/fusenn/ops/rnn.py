@@ -102,9 +102,9 @@ def _setup_nothing(ctx, inputs, output):
 
 # The kernel paths are four torch.library ops, so torch.compile traces them (their fakes give the shapes)
 # and autograd goes through register_autograd; `impl` names the kernels: "triton" (fusenn.kernels) or
-# "cuda" (the C++ layers of csrc/rnn_host.cpp, torch.ops.fusenn_cuda). The regularisers travel as scalars and
-# seed tensors (0-d int64, read by the kernels from device memory): recurrent dropout as (rd_p or None,
-# rd_seed or None), zoneout as (zo_p or None, zo_seed or None: None = the expectation).
+# "cuda" (the C++ layers of csrc/rnn_host.cpp, torch.ops.fusenn_cuda). The regularisers travel as scalars
+# and seed tensors (0-d int64, read by the kernels from device memory): recurrent dropout as (rd_p or
+# None, rd_seed or None), zoneout as (zo_p or None, zo_seed or None: None = the expectation).
 
 
 def _recurrent_scale(B: int, P: int, recurrent_dropout, device) -> Tensor:
