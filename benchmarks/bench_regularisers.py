@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import fusenn
+from benchmarks.bench_rnn import cpp_usable, with_backend
 from benchmarks.registry import Case, Check, Entry, register
 from fusenn.testing import max_error
 
@@ -30,8 +31,8 @@ def _step(module, x, seed):
 
 
 def validate():
-    """The current backend against the reference with the same seed: the same masks, so the same numbers
-    (the GRU too; the timed cases are the LSTM's)."""
+    """The current backend (and the C++ layers where fusenn._C runs) against the reference with the same
+    seed: the same masks, so the same numbers (the GRU too; the timed cases are the LSTM's)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checks = []
     for mode in ("LSTM", "GRU"):
@@ -39,11 +40,14 @@ def validate():
             torch.manual_seed(0)
             m = getattr(fusenn, mode)(5, 7, 2, bidirectional=True, **kwargs).to(device).train()
             x = torch.randn(4, 3, 5, device=device)
-            got = _step(m, x, seed=1)
             with fusenn.set_backend("reference"):
                 ref = _step(m, x, seed=1)
-            error = max(max_error(g, r) for g, r in zip(got, ref))
-            checks.append(Check(f"{mode}-L2-bidir-T4-B3-I5-H7-{name}", error, 1e-4))
+            runs = {"": lambda: _step(m, x, seed=1)}
+            if cpp_usable(device):
+                runs["-cpp"] = with_backend(lambda: _step(m, x, seed=1), "cuda")
+            for suffix, run in runs.items():
+                error = max(max_error(g, r) for g, r in zip(run(), ref))
+                checks.append(Check(f"{mode}-L2-bidir-T4-B3-I5-H7-{name}{suffix}", error, 1e-4))
     return checks
 
 
@@ -112,8 +116,11 @@ def cases(quick):
                     ref.load_state_dict(ours.state_dict())
                     x = torch.randn(T, B, I, device=device, dtype=dtype)
                     base = _baseline(name, kwargs, ref)
-                    return {"fusenn": lambda: ours(x)[0].float().sum().backward(),
-                            "torch": lambda: base(x).float().sum().backward()}
+                    impls = {"fusenn": lambda: ours(x)[0].float().sum().backward(),
+                             "torch": lambda: base(x).float().sum().backward()}
+                    if cpp_usable(torch.device(device).type):
+                        impls["fusenn-cpp"] = with_backend(impls["fusenn"], "cuda")
+                    return impls
 
                 flops = 3 * 2 * T * B * 4 * H * (I + H) * layers
                 out.append(Case(f"{name}-{label}-L{layers}-T{T}-B{B}-H{H}-{str(dtype)[6:]}-train", setup, flops=flops))

@@ -1,4 +1,9 @@
-"""LSTM and GRU: fusenn's modules against cuDNN (torch.nn) and a torch.compile'd cell loop."""
+"""LSTM and GRU: fusenn's modules against cuDNN (torch.nn) and a torch.compile'd cell loop.
+
+fusenn runs three ways where it can: `fusenn` (the backend `auto` picks: the Triton kernels on a GPU),
+`fusenn-split` (the Triton kernels' cooperative split mode) and `fusenn-cpp` (the C++ layers of
+csrc/rnn_host.cpp: a cuBLAS GEMM and a fused kernel per step; needs fusenn._C).
+"""
 
 import os
 
@@ -27,7 +32,8 @@ def _grads(module, x):
 
 def validate():
     """fusenn (current backend, fp32) and torch.nn (fp32) against torch.nn in float64; also in the split
-    mode timed as fusenn-split (cooperative on a GPU, one launch per phase and step on a CPU)."""
+    mode timed as fusenn-split (cooperative on a GPU, one launch per phase and step on a CPU), and the C++
+    layers where fusenn._C runs."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     split = "auto" if device == "cuda" else "2"
     checks = []
@@ -35,7 +41,21 @@ def validate():
         checks.append(_validate_one(kind, T, B, I, H, extra, device))
         check = _with_env(lambda: _validate_one(kind, T, B, I, H, extra, device), FUSENN_RNN_SPLIT=split)()
         checks.append(Check(check.case + f"-split-{split}", check.error, check.allowed))
+        if cpp_usable(device):
+            check = with_backend(lambda: _validate_one(kind, T, B, I, H, extra, device), "cuda")()
+            checks.append(Check(check.case + "-cpp", check.error, check.allowed))
     return checks
+
+
+def cpp_usable(device) -> bool:
+    return device == "cuda" and fusenn.backends()["cuda"].usable
+
+
+def with_backend(fn, name):
+    def run():
+        with fusenn.set_backend(name):
+            return fn()
+    return run
 
 
 def _validate_one(kind, T, B, I, H, extra, device):
@@ -112,6 +132,8 @@ def _setup(kind, T, B, I, H, dtype, train):
                  "compiled-cell-loop": timed(loop)}
         # the cooperative kernels, opt-in until GPU runs show where they win
         impls["fusenn-split"] = _with_env(timed(lambda x: ours(x)[0]), FUSENN_RNN_SPLIT="auto")
+        if cpp_usable(torch.device(device).type):
+            impls["fusenn-cpp"] = with_backend(timed(lambda x: ours(x)[0]), "cuda")
         return impls
     return setup
 

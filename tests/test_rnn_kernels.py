@@ -303,3 +303,26 @@ def test_split_stepwise_on_gpu_matches_cooperative():
     outs = [gru.gru_forward(gx, h0, w_hh, b_hh, None, True, True, split=4, cooperative=coop) for coop in (False, True)]
     for a, b in zip(outs[0], outs[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cpp_layers_check_their_inputs(rnn_backend):
+    """The C++ ops refuse inconsistent inputs with a message naming the argument, not a crash."""
+    name, device = rnn_backend
+    if name != "cuda":
+        pytest.skip("checks of the C++ layers' ops")
+    gx, h0, c0, w_hh, _ = _lstm_inputs(3, 2, 5, None, torch.float32, device)
+    lstm, gru = torch.ops.fusenn_cuda.lstm_forward, torch.ops.fusenn_cuda.gru_forward
+    regs = (None, None, 0, 0, 1.0, 0)
+    with pytest.raises(RuntimeError, match="expected w_hh of dtype Half"):
+        lstm(gx.half(), h0.half(), c0.half(), w_hh, None, None, False, True, *regs)
+    with pytest.raises(RuntimeError, match=r"expected lengths of shape \[2\]"):
+        lstm(gx, h0, c0, w_hh, None, torch.tensor([1, 2, 3], device=device), False, True, *regs)
+    with pytest.raises(RuntimeError, match="sampled zoneout .* needs zo_seed"):
+        lstm(gx, h0, c0, w_hh, None, None, False, True, None, None, 1, 5, 1.0, 0)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        lstm(gx.double(), h0.double(), c0.double(), w_hh.double(), None, None, False, True, *regs)
+    with pytest.raises(RuntimeError, match=r"expected gx of shape \(T, B, 3 \* hidden_size\)"):
+        gru(gx[..., :-1].contiguous(), h0, w_hh[:15], None, None, False, True, *regs)
+    with pytest.raises(RuntimeError, match=r"expected rscale of shape \[2, 5\]"):
+        gru(gx[..., :15].contiguous(), h0, w_hh[:15], None, None, False, True, torch.ones(5, 2, device=device), None, 0,
+            0, 1.0, 0)
