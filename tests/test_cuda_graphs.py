@@ -25,11 +25,14 @@ def call(name, module, x):
     return first(module(x))
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_capture_and_replay(name):
+# The C++ RNN layers (backend "cuda") capture too: their host loop's GEMMs and step kernels.
+@pytest.mark.parametrize("name,backend", [(n, "triton") for n in sorted(CASES)] + [("gru", "cuda"), ("lstm", "cuda")])
+def test_capture_and_replay(name, backend):
     make, shape = CASES[name]
+    if not fusenn.backends()[backend].usable:
+        pytest.skip(f"{backend} backend unusable here: {fusenn.backends()[backend].detail}")
     torch.manual_seed(0)
-    with fusenn.set_backend("triton"):
+    with fusenn.set_backend(backend):
         module = make().cuda().eval()
         static = torch.randn(shape, device="cuda")
         stream = torch.cuda.Stream()
@@ -58,7 +61,7 @@ MASKED = {
     "sdpa": (lambda: None, lambda m, x: fusenn.functional.scaled_dot_product_attention(x, x, x, dropout_p=0.3),
              (2, 4, 33, 16), ("triton",)),
     "lstm": (lambda: fusenn.LSTM(16, 32, 2, input_dropout=0.2, recurrent_dropout=0.3, zoneout=0.2, dropout=0.1),
-             lambda m, x: m(x)[0], (7, 4, 16), ("triton",)),
+             lambda m, x: m(x)[0], (7, 4, 16), ("triton", "cuda")),
 }
 
 
