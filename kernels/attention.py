@@ -11,6 +11,9 @@ diagonal, so fully masked tiles are never loaded.
 Backward: dQ programs own query rows (and first write delta = rowsum(dO * O)); dK/dV programs own key
 rows and walk the query rows of every query head sharing their kv head, so nothing is accumulated with
 atomics and the result is deterministic. Both recompute P = exp2(scores - lse).
+Grid and offsets: one 1-D grid (a program's (tile, n, h) decoded by _tile), so N * heads has no 65535
+limit; offsets are int64 in their n and h parts, and in their row parts too (WIDE) when the host sees a
+view whose offsets within a slice reach 2**31 elements (needs_int64).
 Dropout: the element (n, h, l, s) is kept iff philox_keep(((n*Hq + h)*L + l)*S + s) (fusenn.kernels.philox),
 regenerated in backward; the row sums of the softmax are taken before dropout, as torch does.
 Precision: fp16/bf16 tiles feed tl.dot directly with fp32 accumulation; fp32 inputs use
@@ -22,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusenn.kernels import INTERPRET
+from fusenn.kernels import INTERPRET, device_guard
 from fusenn.kernels.philox import philox_keep, philox_key
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -52,6 +55,24 @@ else:
     @triton.jit
     def _cast(x, dtype: tl.constexpr):
         return x.to(dtype)
+
+
+@triton.jit
+def _span(start, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """Indices start .. start + BLOCK - 1, in int64 when WIDE, so that index * stride cannot wrap around."""
+    idx = start + tl.arange(0, BLOCK)
+    if WIDE:
+        idx = idx.to(tl.int64)
+    return idx
+
+
+@triton.jit
+def _tile(L, BLOCK: tl.constexpr):
+    """(tile index along the L rows, n * heads + h) of this program: the 1-D grid enumerates the tiles of
+    one (n, h) first (programs running side by side share its K and V in L2), and has no 65535 limit."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(L, BLOCK)
+    return pid % tiles, pid // tiles
 
 
 @triton.jit
@@ -95,15 +116,15 @@ def attention_forward_kernel(
         sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, son, soh, sol, sod, smn, smh, sml, sms,
         H, L, S, E, EV, GROUP, qk_scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    nh = tl.program_id(1)
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+        WIDE: tl.constexpr):
+    pid_m, nh = _tile(L, BLOCK_M)
     n = (nh // H).to(tl.int64)
     h = (nh % H).to(tl.int64)
     hk = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
-    dv = tl.arange(0, DV)
+    rows = _span(pid_m * BLOCK_M, BLOCK_M, WIDE)
+    d = _span(0, D, WIDE)
+    dv = _span(0, DV, WIDE)
     q = tl.load(Q + n * sqn + h * sqh + rows[:, None] * sql + d[None, :] * sqd,
                 mask=(rows[:, None] < L) & (d[None, :] < E), other=0.0)
     k_base = K + n * skn + hk * skh
@@ -117,7 +138,7 @@ def attention_forward_kernel(
     if IS_CAUSAL:
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for start in range(0, _bound(hi), BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+        cols = _span(start, BLOCK_N, WIDE)
         k = tl.load(k_base + cols[:, None] * sks + d[None, :] * skd,
                     mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
         s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, DOT_F32)
@@ -149,15 +170,15 @@ def attention_backward_dq_kernel(
         sdn, sdh, sdl, sdd, smn, smh, sml, sms,
         H, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    nh = tl.program_id(1)
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+        WIDE: tl.constexpr):
+    pid_m, nh = _tile(L, BLOCK_M)
     n = (nh // H).to(tl.int64)
     h = (nh % H).to(tl.int64)
     hk = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
-    dv = tl.arange(0, DV)
+    rows = _span(pid_m * BLOCK_M, BLOCK_M, WIDE)
+    d = _span(0, D, WIDE)
+    dv = _span(0, DV, WIDE)
     row_ok = rows < L
     q_mask = row_ok[:, None] & (d[None, :] < E)
     o_mask = row_ok[:, None] & (dv[None, :] < EV)
@@ -176,7 +197,7 @@ def attention_backward_dq_kernel(
     if IS_CAUSAL:
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for start in range(0, _bound(hi), BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+        cols = _span(start, BLOCK_N, WIDE)
         k = tl.load(k_base + cols[:, None] * sks + d[None, :] * skd,
                     mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
         v = tl.load(v_base + cols[:, None] * svs + dv[None, :] * svd,
@@ -198,14 +219,14 @@ def attention_backward_dkdv_kernel(
         sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, sdn, sdh, sdl, sdd, smn, smh, sml, sms,
         H, HKV, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_n = tl.program_id(0)
-    nhk = tl.program_id(1)
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+        WIDE: tl.constexpr):
+    pid_n, nhk = _tile(S, BLOCK_N)
     n = (nhk // HKV).to(tl.int64)
     hk = (nhk % HKV).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D)
-    dv = tl.arange(0, DV)
+    cols = _span(pid_n * BLOCK_N, BLOCK_N, WIDE)
+    d = _span(0, D, WIDE)
+    dv = _span(0, DV, WIDE)
     k_mask = (cols[:, None] < S) & (d[None, :] < E)
     v_mask = (cols[:, None] < S) & (dv[None, :] < EV)
     k = tl.load(K + n * skn + hk * skh + cols[:, None] * sks + d[None, :] * skd, mask=k_mask, other=0.0)
@@ -223,7 +244,7 @@ def attention_backward_dkdv_kernel(
         do_base = DO + n * sdn + h * sdh
         mask_base = MASK + n * smn + h * smh
         for start in range(_bound(lo), _bound(L), BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
+            rows = _span(start, BLOCK_M, WIDE)
             row_ok = rows < L
             q = tl.load(q_base + rows[:, None] * sql + d[None, :] * sqd,
                         mask=row_ok[:, None] & (d[None, :] < E), other=0.0)
@@ -267,6 +288,29 @@ def _config(d: int, dtype: torch.dtype, backward: bool) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
+INT32_LIMIT = 2**31
+
+
+def _slice_extent(t) -> int:
+    """The largest element offset within one (n, h) slice of a 4-D view: what the kernels compute from
+    row and column indices (the n and h parts of every offset are always 64-bit)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return sum((size - 1) * stride for size, stride in zip(t.shape[2:], t.stride()[2:]))
+
+
+def needs_int64(*tensors) -> bool:
+    """Whether the kernels must compute row offsets in int64 (the WIDE flag): some view's offsets within a
+    slice reach 2**31 elements, e.g. MultiheadAttention's per-head views of a packed (L, N, 3E) projection
+    at L 8192, N 64, E 2048. Below that, int32 offsets are cheaper."""
+    return any(_slice_extent(t) >= INT32_LIMIT for t in tensors)
+
+
+def grid(rows: int, block: int, slices: int) -> tuple:
+    """The 1-D grid of programs over `slices` (n, head) pairs of `rows` rows in tiles of `block` (_tile)."""
+    return (triton.cdiv(rows, block) * slices,)
+
+
 def _mask_args(mask, q):
     """(pointer tensor, kind, 4 strides): bools go in as bytes; no mask passes q as a never-read pointer."""
     if mask is None:
@@ -276,7 +320,7 @@ def _mask_args(mask, q):
     return mask, MASK_ADD, mask.stride()
 
 
-def _common(q, k, v, mask, dropout_p, scale, seed):
+def _common(q, k, v, mask, dropout_p, scale, seed, *written):
     from fusenn.reference.philox import dropout_threshold
 
     N, H, L, E = q.shape
@@ -285,43 +329,45 @@ def _common(q, k, v, mask, dropout_p, scale, seed):
     return dict(
         sizes=(N, H, HKV, L, S, E, EV), mask=mask_t, mstrides=mstrides,
         consts=dict(D=_pad(E), DV=_pad(EV), MASK_KIND=kind, DROPOUT=dropout_p > 0.0,
-                    DOT_F32=INTERPRET or q.dtype == torch.float32),
+                    DOT_F32=INTERPRET or q.dtype == torch.float32, WIDE=needs_int64(q, k, v, mask, *written)),
         qk_scale=scale * 1.4426950408889634, drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,
         philox=(seed if seed is not None else q, dropout_threshold(dropout_p)))  # q: never read
 
 
 def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, seed, out, lse):
     """Fill out (N, Hq, L, Ev) and lse (N, Hq, L) float32 (log2 domain); see the module docstring."""
-    c = _common(q, k, v, mask, dropout_p, scale, seed)
+    c = _common(q, k, v, mask, dropout_p, scale, seed, out)
     N, H, HKV, L, S, E, EV = c["sizes"]
     cfg = _config(max(E, EV), q.dtype, backward=False)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), N * H)
-    if grid[0] * grid[1] == 0:
+    programs = grid(L, cfg["BLOCK_M"], N * H)
+    if programs[0] == 0:
         return out, lse
-    attention_forward_kernel[grid](
-        q, k, v, out, lse, c["mask"], *q.stride(), *k.stride(), *v.stride(), *out.stride(), *c["mstrides"],
-        H, L, S, E, EV, H // HKV, c["qk_scale"], c["drop_scale"], *c["philox"],
-        IS_CAUSAL=is_causal, **c["consts"], **cfg)
+    with device_guard(q):
+        attention_forward_kernel[programs](
+            q, k, v, out, lse, c["mask"], *q.stride(), *k.stride(), *v.stride(), *out.stride(), *c["mstrides"],
+            H, L, S, E, EV, H // HKV, c["qk_scale"], c["drop_scale"], *c["philox"],
+            IS_CAUSAL=is_causal, **c["consts"], **cfg)
     return out, lse
 
 
 def attention_backward(grad, q, k, v, out, lse, mask, dropout_p: float, is_causal: bool, scale: float, seed,
                        dq, dk, dv, delta):
     """Fill the contiguous dq, dk, dv (shapes of q, k, v) and the scratch delta (N, Hq, L) float32."""
-    c = _common(q, k, v, mask, dropout_p, scale, seed)
+    c = _common(q, k, v, mask, dropout_p, scale, seed, out, grad, dq, dk, dv)
     N, H, HKV, L, S, E, EV = c["sizes"]
     cfg = _config(max(E, EV), q.dtype, backward=True)
     shared = (*c["mstrides"],)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), N * H)
-    if grid[0] * grid[1]:
-        attention_backward_dq_kernel[grid](
-            q, k, v, out, grad, lse, delta, dq, c["mask"], *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *grad.stride(), *shared, H, L, S, E, EV, H // HKV, c["qk_scale"], scale, c["drop_scale"],
-            *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **cfg)
-    grid = (triton.cdiv(S, cfg["BLOCK_N"]), N * HKV)
-    if grid[0] * grid[1]:
-        attention_backward_dkdv_kernel[grid](
-            q, k, v, grad, lse, delta, dk, dv, c["mask"], *q.stride(), *k.stride(), *v.stride(), *grad.stride(),
-            *shared, H, HKV, L, S, E, EV, H // HKV, c["qk_scale"], scale, c["drop_scale"], *c["philox"],
-            IS_CAUSAL=is_causal, **c["consts"], **cfg)
+    with device_guard(q):
+        programs = grid(L, cfg["BLOCK_M"], N * H)
+        if programs[0]:
+            attention_backward_dq_kernel[programs](
+                q, k, v, out, grad, lse, delta, dq, c["mask"], *q.stride(), *k.stride(), *v.stride(),
+                *out.stride(), *grad.stride(), *shared, H, L, S, E, EV, H // HKV, c["qk_scale"], scale,
+                c["drop_scale"], *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **cfg)
+        programs = grid(S, cfg["BLOCK_N"], N * HKV)
+        if programs[0]:
+            attention_backward_dkdv_kernel[programs](
+                q, k, v, grad, lse, delta, dk, dv, c["mask"], *q.stride(), *k.stride(), *v.stride(),
+                *grad.stride(), *shared, H, HKV, L, S, E, EV, H // HKV, c["qk_scale"], scale, c["drop_scale"],
+                *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **cfg)
     return dq, dk, dv

@@ -27,9 +27,11 @@ rounded to the input dtype as the operand) with fp32 accumulation, fp32 gates an
 the interpreter every dot runs in fp32 (its bf16 tl.dot is wrong).
 
 Regularisers (recurrent_dropout, zoneout; definitions and Philox counters in fusenn.reference.rnn).
-The masks are never stored: forward and backward regenerate each tile's mask with philox_keep from
-(seed, coordinates) where they use it. RDROP multiplies the h_{t-1} tile entering the gate product by
-r / (1 - p), and backward multiplies dh_{t-1}'s recurrent term by the same. ZONEOUT (1: Philox masks,
+Recurrent dropout's mask is locked over time, so each launch draws it once as a (B, P) fp32 tensor of
+r / (1 - p) (recurrent_scale_tensor; B * P * 4 bytes) that the kernels load with each h_{t-1} tile: RDROP
+multiplies the tile entering the gate product by it, and backward multiplies dh_{t-1}'s recurrent term by
+the same. Zoneout's masks change every step and are never stored: forward and backward regenerate each
+tile's mask with philox_keep from (seed, coordinates) where they use it. ZONEOUT (1: Philox masks,
 2: the constant expectation u = 1 - p) mixes h_t = u h_new + (1 - u) h_{t-1} and likewise c; since the
 saved c_t is then the zoned one, backward recomputes c_new = f c_{t-1} + i g for tanh(c_new).
 
@@ -52,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusenn.kernels import INTERPRET
+from fusenn.kernels import INTERPRET, device_guard
 from fusenn.kernels.philox import philox_keep, philox_key
 from fusenn.ops import new_output
 
@@ -157,20 +159,19 @@ def valid_rows(rows, lens, t, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
-def recurrent_scale(rows, cols, P: tl.constexpr, rd_k0, rd_k1, rd_thr, rd_scale):
-    """(len(rows), len(cols)) fp32: r / (1 - p) of the time-locked recurrent-dropout mask (counter b*P + k)."""
-    counter = rows.to(tl.int64)[:, None] * P + cols[None, :]
-    return tl.where(philox_keep(counter, rd_k0, rd_k1, rd_thr), rd_scale, 0.0)
+def recurrent_scale(rd_ptr, rows, cols, P: tl.constexpr, row_ok, col_ok):
+    """(len(rows), len(cols)) fp32: r / (1 - p) of the time-locked recurrent-dropout mask, a (B, P) tensor
+    built once per launch (recurrent_scale_tensor), not regenerated per tile and step."""
+    return load_2d(rd_ptr, rows, cols, P, 1, row_ok, col_ok)
 
 
 @triton.jit
-def recurrent_input(h_in, rows, cols, P: tl.constexpr, row_ok, col_ok, rd_k0, rd_k1, rd_thr, rd_scale,
-                    RDROP: tl.constexpr):
+def recurrent_input(h_in, rows, cols, P: tl.constexpr, row_ok, col_ok, rd_ptr, RDROP: tl.constexpr):
     """The h_{t-1} tile (rows, cols) as it enters the recurrent product: times r/(1-p) under recurrent
     dropout."""
     h = load_2d(h_in, rows, cols, P, 1, row_ok, col_ok)
     if RDROP:
-        h = h * recurrent_scale(rows, cols, P, rd_k0, rd_k1, rd_thr, rd_scale)
+        h = h * recurrent_scale(rd_ptr, rows, cols, P, row_ok, col_ok)
     return h
 
 
@@ -200,8 +201,7 @@ def emit_state(h_new, h_prev, h_out, y_t, rows, cols, W: tl.constexpr, valid, ro
 
 @triton.jit
 def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P: tl.constexpr, FP32_DOT: tl.constexpr,
-               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-               rd_k0, rd_k1, rd_thr, rd_scale, RDROP: tl.constexpr):
+               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, rd_ptr, RDROP: tl.constexpr):
     """Activated gates i, f, g, o for hidden columns hc: gx_t + (h_{t-1} [* r/(1-p)]) W_hh^T, in fp32."""
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
@@ -210,7 +210,7 @@ def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P:
     for p0 in range(0, P, BLOCK_P):
         pc = p0 + tl.arange(0, BLOCK_P)
         p_ok = pc < P
-        h = recurrent_input(h_in, rows, pc, P, row_ok, p_ok, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
+        h = recurrent_input(h_in, rows, pc, P, row_ok, p_ok, rd_ptr, RDROP)
         # W_hh^T tiles (BLOCK_P, BLOCK_H) of the four gates' row blocks of w_hh (4H, P)
         acc_i = matmul_acc(h, load_2d(w_hh_ptr, pc, hc, 1, P, p_ok, h_ok), acc_i, FP32_DOT)
         acc_f = matmul_acc(h, load_2d(w_hh_ptr + H * P, pc, hc, 1, P, p_ok, h_ok), acc_f, FP32_DOT)
@@ -226,7 +226,7 @@ def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P:
 # Runtime values a compiled kernel must not be specialised on (Triton would recompile for T == 1, for
 # T % 16 == 0, for each k_begin of the stepwise mode...).
 RUNTIME_ARGS = ["T", "B", "k_begin", "k_end"]
-REG_ARGS = ["rd_thr", "zo_thr"]
+REG_ARGS = ["zo_thr"]
 
 
 @triton.jit
@@ -240,16 +240,14 @@ def seed_words(seed_ptr, USED: tl.constexpr):
 
 
 @triton.jit
-def regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr):
-    """(rd_k0, rd_k1, zo_k0, zo_k1): the key words of recurrent dropout's and of sampled zoneout's seeds."""
-    rd_k0, rd_k1 = seed_words(rd_seed_ptr, RDROP)
-    zo_k0, zo_k1 = seed_words(zo_seed_ptr, ZONEOUT == 1)
-    return rd_k0, rd_k1, zo_k0, zo_k1
+def regulariser_keys(zo_seed_ptr, ZONEOUT: tl.constexpr):
+    """(zo_k0, zo_k1): the key words of sampled zoneout's seed."""
+    return seed_words(zo_seed_ptr, ZONEOUT == 1)
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
 def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_ptr, y_ptr, bar_ptr, T, B,
-                        k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
+                        k_begin, k_end, rd_ptr, zo_seed_ptr, zo_thr, zo_u,
                         H: tl.constexpr, P: tl.constexpr,
                         HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
                         SAVE: tl.constexpr, FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
@@ -257,7 +255,7 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                         NSPLIT: tl.constexpr, PHASES: tl.constexpr):
     rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
     epoch, stuck = 1, 0
-    rd_k0, rd_k1, zo_k0, zo_k1 = regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP, ZONEOUT)
+    zo_k0, zo_k1 = regulariser_keys(zo_seed_ptr, ZONEOUT)
     k = k_begin
     while k < k_end:  # see Specialisation above
         t, before, after = step_slots(k, T, REVERSE, SAVE)
@@ -274,7 +272,7 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
             hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             i, f, g, o = lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, P, FP32_DOT,
-                                    BLOCK_B, BLOCK_H, BLOCK_P, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
+                                    BLOCK_B, BLOCK_H, BLOCK_P, rd_ptr, RDROP)
             c_prev = load_2d(c_in, rows, hc, H, 1, row_ok, h_ok)
             c = f * c_prev + i * g
             m = o * tanh(c)  # from the new c, before zoneout
@@ -307,8 +305,8 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
 def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy_ptr, dh_ptr, dc_ptr, dg_ptr,
-                         dhs_ptr, bar_ptr, T, B, k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr,
-                         zo_u, H: tl.constexpr, P: tl.constexpr,
+                         dhs_ptr, bar_ptr, T, B, k_begin, k_end, rd_ptr, zo_seed_ptr, zo_thr, zo_u,
+                         H: tl.constexpr, P: tl.constexpr,
                          HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
                          FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -316,7 +314,7 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
     """dh (B, P) and dc (B, H) enter holding the gradients of h_n, c_n and leave holding those of h0, c0."""
     rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
     epoch, stuck = 1, 0
-    rd_k0, rd_k1, zo_k0, zo_k1 = regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP, ZONEOUT)
+    zo_k0, zo_k1 = regulariser_keys(zo_seed_ptr, ZONEOUT)
     k = k_begin
     while k < k_end:
         t, before, after = step_slots(T - 1 - k, T, REVERSE, True)
@@ -333,7 +331,7 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
             hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             i, f, g, o = lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, P, FP32_DOT,
-                                    BLOCK_B, BLOCK_H, BLOCK_P, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
+                                    BLOCK_B, BLOCK_H, BLOCK_P, rd_ptr, RDROP)
             if HAS_PROJ:  # dm = dh_t W_hr over all of P (dh_t times u_h under zoneout)
                 dm = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
                 for p0 in range(0, P, BLOCK_P):
@@ -380,7 +378,7 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
             dh = load_2d(dh_ptr, rows, pc, P, 1, row_ok, p_ok) + tl.where(
                 valid, load_2d(dy_t, rows, pc, P, 1, row_ok, p_ok).to(tl.float32), 0.0)
             if RDROP:  # h_{t-1} entered the gates as h * r/(1-p)
-                acc = acc * recurrent_scale(rows, pc, P, rd_k0, rd_k1, rd_thr, rd_scale)
+                acc = acc * recurrent_scale(rd_ptr, rows, pc, P, row_ok, p_ok)
             if ZONEOUT:  # h_t = u h_new + (1 - u) h_{t-1}
                 u_h = zoneout_update(rows, pc, t, B, P, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
                 acc = acc + (1 - u_h) * dh
@@ -434,11 +432,13 @@ def launch_split(kernel, args: tuple, T: int, B: int, nsplit: int, cooperative: 
                 raise ValueError(f"the cooperative RNN kernels need all {rows * nsplit} programs resident, more "
                                  f"than the {sms} SMs")
         bar = torch.zeros(rows, dtype=torch.int32, device=device) if nsplit > 1 else args[0]  # else never read
-        kernel[(rows, nsplit)](*args, bar, T, B, 0, T, **consts, NSPLIT=nsplit, PHASES=3)
+        with device_guard(args[0]):
+            kernel[(rows, nsplit)](*args, bar, T, B, 0, T, **consts, NSPLIT=nsplit, PHASES=3)
         return
-    for k in range(T):
-        for phase in phases:
-            kernel[(rows, nsplit)](*args, args[0], T, B, k, k + 1, **consts, NSPLIT=nsplit, PHASES=phase)
+    with device_guard(args[0]):
+        for k in range(T):
+            for phase in phases:
+                kernel[(rows, nsplit)](*args, args[0], T, B, k, k + 1, **consts, NSPLIT=nsplit, PHASES=phase)
 
 
 def _consts(H, P, dtype, nsplit):
@@ -446,16 +446,26 @@ def _consts(H, P, dtype, nsplit):
                 BLOCK_H=hidden_block(H, nsplit, 64), BLOCK_P=block_size(P, 32), num_warps=NUM_WARPS)
 
 
-def regulariser_args(recurrent_dropout, zoneout, unused):
-    """Kernel arguments for the regularisers: (p, seed) or None each, seeds 0-d int64 tensors on the
-    kernel's device; zoneout's seed None = expectation. `unused` stands for an absent seed (never read)."""
+def recurrent_scale_tensor(B: int, P: int, p: float, seed) -> torch.Tensor:
+    """(B, P) fp32 r / (1 - p): recurrent dropout's time-locked mask (Philox counter b * P + k, as in
+    fusenn.reference.rnn), drawn once per launch for the kernels to load with h_{t-1}."""
+    from fusenn.kernels.philox import dropout_mask
     from fusenn.reference.philox import dropout_threshold
 
-    args = dict(rd_seed_ptr=unused, rd_thr=0, rd_scale=1.0, zo_seed_ptr=unused, zo_thr=0, zo_u=1.0, RDROP=False,
-                ZONEOUT=0)
+    keep = dropout_mask(torch.empty(B * P, dtype=torch.bool, device=seed.device), 0, seed, dropout_threshold(p))
+    return keep.view(B, P).to(torch.float32) * (1.0 / (1.0 - p))
+
+
+def regulariser_args(recurrent_dropout, zoneout, unused, B: int, P: int):
+    """Kernel arguments for the regularisers: (p, seed) or None each, seeds 0-d int64 tensors on the
+    kernel's device; zoneout's seed None = expectation; B, P: the shape of the recurrent state h.
+    `unused` stands for an absent tensor (never read)."""
+    from fusenn.reference.philox import dropout_threshold
+
+    args = dict(rd_ptr=unused, zo_seed_ptr=unused, zo_thr=0, zo_u=1.0, RDROP=False, ZONEOUT=0)
     if recurrent_dropout is not None:
         p, seed = recurrent_dropout
-        args.update(rd_seed_ptr=seed, rd_thr=dropout_threshold(p), rd_scale=1.0 / (1.0 - p), RDROP=True)
+        args.update(rd_ptr=recurrent_scale_tensor(B, P, p, seed), RDROP=True)
     if zoneout is not None:
         p, seed = zoneout
         if seed is None:
@@ -488,7 +498,7 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, rec
                                            lengths if lengths is not None else hs, hs, cs,
                                            ms if ms is not None else hs, y),
                      T, B, nsplit, cooperative and not INTERPRET, (1, 2) if w_hr is not None else (1,),
-                     **_consts(H, P, gx.dtype, nsplit), **regulariser_args(recurrent_dropout, zoneout, hs),
+                     **_consts(H, P, gx.dtype, nsplit), **regulariser_args(recurrent_dropout, zoneout, hs, B, P),
                      HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
     h_n = hs[last].to(gx.dtype, copy=True)
@@ -515,6 +525,6 @@ def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs
                                             lengths if lengths is not None else hs, hs, cs, dy, dh, dc, dg,
                                             dhs if dhs is not None else dg),
                      T, B, nsplit, cooperative and not INTERPRET, **_consts(H, P, gx.dtype, nsplit),
-                     **regulariser_args(recurrent_dropout, zoneout, hs),
+                     **regulariser_args(recurrent_dropout, zoneout, hs, B, P),
                      HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dh, dc, dhs

@@ -48,7 +48,8 @@ print("ok")
 
 
 def test_attention_compiles_for_sm90():
-    """Forward, dQ and dK/dV with a bool mask, causal and dropout (the Philox path) in bf16."""
+    """Forward, dQ and dK/dV with a bool mask, causal and dropout (the Philox path) in bf16, with int32 and
+    with int64 (WIDE) row offsets; WIDE's row offsets are 64-bit multiplies."""
     compile_in_subprocess(r"""
 from fusenn.kernels import attention as A
 
@@ -58,10 +59,14 @@ types.update(LSE="*fp32", DELTA="*fp32", MASK="*u8", SEED="*i64", qk_scale="fp32
 for name, fn in (("fwd", A.attention_forward_kernel), ("dq", A.attention_backward_dq_kernel),
                  ("dkdv", A.attention_backward_dkdv_kernel)):
     cfg = A._config(64, torch.bfloat16, backward=name != "fwd")
-    consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D=64, DV=64, MASK_KIND=1, IS_CAUSAL=True,
-                  DROPOUT=True, DOT_F32=False)
-    compile_for_sm90(fn, consts, lambda a: types.get(a, "i32"), num_warps=cfg.get("num_warps", 4),
-                     num_stages=cfg.get("num_stages", 2))
+    wides = []
+    for wide in (False, True):
+        consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D=64, DV=64, MASK_KIND=1, IS_CAUSAL=True,
+                      DROPOUT=True, DOT_F32=False, WIDE=wide)
+        ptx = compile_for_sm90(fn, consts, lambda a: types.get(a, "i32"), num_warps=cfg.get("num_warps", 4),
+                               num_stages=cfg.get("num_stages", 2)).asm["ptx"]
+        wides.append(ptx.count("mul.lo.s64") + ptx.count("mul.wide.s32") + ptx.count("mad.lo.s64"))
+    assert wides[1] > wides[0], (name, wides)
 print("ok")
 """)
 
@@ -75,9 +80,9 @@ from fusenn.kernels import gru, lstm
 
 def arg_type(dtype):
     half = {"gx_ptr", "w_hh_ptr", "w_hr_ptr", "b_hh_ptr", "y_ptr", "dy_ptr"}
-    return lambda a: ("*i64" if a in ("len_ptr", "rd_seed_ptr", "zo_seed_ptr") else "*i32" if a == "bar_ptr"
+    return lambda a: ("*i64" if a in ("len_ptr", "zo_seed_ptr") else "*i32" if a == "bar_ptr"
                       else f"*{dtype}" if a in half else "*fp32" if a.endswith("_ptr")
-                      else "fp32" if a in ("rd_scale", "zo_u") else "i32")
+                      else "fp32" if a == "zo_u" else "i32")
 
 
 # bf16 with both regularisers sampled, split cooperatively over 4 programs (grid barriers); fp32 alone on

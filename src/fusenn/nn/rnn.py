@@ -58,12 +58,17 @@ def _packed_batch(batch_sizes: Tensor, sorted_indices: Optional[Tensor]) -> int:
 
 def _packed_layout(batch_sizes: Tensor, batch: int, numel: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """(steps, rows, lengths): packed element i is element (steps[i], rows[i]) of the time-major padded
-    batch, and row b has lengths[b] steps. Every shape is static (T, batch, numel), so this traces."""
+    batch, and row b has lengths[b] steps. Every shape is static (T, batch, numel), so this traces.
+    batch_sizes (kept on the host, as torch keeps it) reaches the device in one non-blocking copy and all
+    three are computed there, so no layer or direction copies (and synchronises) again."""
     T = batch_sizes.shape[0]
-    steps = torch.repeat_interleave(torch.arange(T), batch_sizes, output_size=numel)
-    rows = torch.arange(numel) - (torch.cumsum(batch_sizes, 0) - batch_sizes)[steps]
-    lengths = (batch_sizes[:, None] > torch.arange(batch)).sum(0)
-    return steps.to(device), rows.to(device), lengths
+    if batch_sizes.device != device:
+        pin = device.type == "cuda" and not torch.compiler.is_compiling()
+        batch_sizes = (batch_sizes.pin_memory() if pin else batch_sizes).to(device, non_blocking=True)
+    steps = torch.repeat_interleave(torch.arange(T, device=device), batch_sizes, output_size=numel)
+    rows = torch.arange(numel, device=device) - (torch.cumsum(batch_sizes, 0) - batch_sizes)[steps]
+    lengths = (batch_sizes[:, None] > torch.arange(batch, device=device)).sum(0)
+    return steps, rows, lengths
 
 
 class _Convertible:
