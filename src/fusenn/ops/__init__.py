@@ -62,7 +62,7 @@ def lower_precision_under_autocast(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
-        if not torch.is_autocast_enabled(device_type):
+        if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
             return fn(*args, **kwargs)
         dtype = torch.get_autocast_dtype(device_type)
 
