@@ -11,12 +11,12 @@ from torch import Tensor, nn
 from fusenn.ops.attention import scaled_dot_product_attention
 
 
-def _additive(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+def _additive(mask: Optional[Tensor], dtype: torch.dtype, name: str = "masks") -> Optional[Tensor]:
     """MultiheadAttention's masks say True = masked out; as an additive float mask, as torch converts them."""
     if mask is None or mask.is_floating_point():
         return mask
     if mask.dtype != torch.bool:
-        raise AssertionError(f"only bool and floating types of masks are supported, got {mask.dtype}")
+        raise AssertionError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 
 
@@ -84,9 +84,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                "module method `generate_square_subsequent_mask` to create this mask.")
-        key_padding_mask = _additive(key_padding_mask, query.dtype)
+        key_padding_mask = _additive(key_padding_mask, query.dtype, "key_padding_mask")
         # As torch: the causal hint replaces attn_mask unless a padding mask has to be merged with it.
-        attn_mask = None if is_causal and key_padding_mask is None else _additive(attn_mask, query.dtype)
+        attn_mask = None if is_causal and key_padding_mask is None else _additive(attn_mask, query.dtype, "attn_mask")
         is_causal = is_causal and attn_mask is None
 
         batched = query.dim() == 3

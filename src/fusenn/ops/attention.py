@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fusenn import dispatch
-from fusenn.ops import draw_seed_tensor, lower_precision_under_autocast, new_output, seed_tensor
+from fusenn.ops import draw_seed_tensor, lower_precision_under_autocast, new_output, seed_tensor, type_name
 from fusenn.reference import attention as reference
 
 MAX_HEAD_DIM = 256
@@ -42,16 +42,19 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal):
     dropout, as in torch."""
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
-                           f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
+                           f"{type_name(query.dtype)} key.dtype: {type_name(key.dtype)} and value.dtype: "
+                           f"{type_name(value.dtype)} instead.")
     if not query.is_floating_point():
-        raise RuntimeError(f"expected query, key and value of a floating point type, but found {query.dtype}")
+        raise RuntimeError(f"expected query, key and value of a floating point type, but found "
+                           f"{type_name(query.dtype)}")
     if not (query.device == key.device == value.device):
         raise RuntimeError(f"Expected query, key, and value to have the same device type, but got query.device: "
                            f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
-                               f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
+                               f"attn_mask.dtype: {type_name(attn_mask.dtype)} and query.dtype: "
+                               f"{type_name(query.dtype)} instead.")
         if attn_mask.device != query.device:
             raise RuntimeError(f"Tensor on device {attn_mask.device} is not on the expected device {query.device}!")
     if is_causal and attn_mask is not None:

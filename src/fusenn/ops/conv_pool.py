@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusenn import dispatch
-from fusenn.ops import lower_precision_under_autocast, new_output
+from fusenn.ops import lower_precision_under_autocast, new_output, type_name
 from fusenn.reference import conv_pool as reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -173,9 +173,10 @@ def _check(x, weight, bias, stride, padding, dilation, groups, pool, pool_kernel
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                f"{x.device} and {t.device}! (input and {name})")
         if t is not None and t.dtype != x.dtype:
-            raise RuntimeError(f"Input type ({x.dtype}) and {name} type ({t.dtype}) should be the same")
+            raise RuntimeError(f"Input type ({type_name(x.dtype)}) and {name} type ({type_name(t.dtype)}) should be "
+                               "the same")
     if not x.is_floating_point():
-        raise RuntimeError(f"conv2d: expected a floating point input, got {x.dtype}")
+        raise RuntimeError(f"conv2d: expected a floating point input, got {type_name(x.dtype)}")
     if weight.dim() != 4:
         raise RuntimeError(f"Expected 4-dimensional weight for 4-dimensional input {list(x.shape)}, but got "
                            f"{weight.dim()}-dimensional weight of size {list(weight.shape)} instead")
@@ -184,7 +185,7 @@ def _check(x, weight, bias, stride, padding, dilation, groups, pool, pool_kernel
     if any(p < 0 for p in padding):
         raise RuntimeError("negative padding is not supported")
     if any(d <= 0 for d in dilation):
-        raise RuntimeError("dilation should be greater than zero")
+        raise RuntimeError("non-positive dilation is not supported")
     if groups <= 0 or weight.size(0) % groups:
         raise RuntimeError(f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, but "
                            f"got weight of size {list(weight.shape)} instead")
@@ -204,10 +205,12 @@ def _check(x, weight, bias, stride, padding, dilation, groups, pool, pool_kernel
     if any(k <= 0 for k in pool_kernel):
         raise RuntimeError(f"{name}: kernel_size must be greater than zero, but got {pool_kernel}")
     if any(s <= 0 for s in pool_stride):
-        raise RuntimeError(f"{name}: stride must be greater than zero, but got {pool_stride}")
-    if any(2 * p > k for p, k in zip(pool_padding, pool_kernel)):
-        raise RuntimeError(f"pad should be at most half of effective kernel size, but got pad={pool_padding}, "
-                           f"kernel_size={pool_kernel} and dilation=1")
+        raise RuntimeError("stride should not be zero" if 0 in pool_stride else
+                           f"{name}: stride must be greater than zero, but got {pool_stride}")
+    for p, k in zip(pool_padding, pool_kernel):
+        if 2 * p > k:
+            raise RuntimeError(f"pad should be at most half of effective kernel size, but got pad={p}, kernel_size={k} "
+                               "and dilation=1")
     conv, pooled = _pooled_shape(x, weight, stride, padding, dilation, pool_kernel, pool_stride, pool_padding,
                                  ceil_mode)
     if min(pooled) < 1:

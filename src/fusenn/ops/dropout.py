@@ -78,6 +78,8 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed=None) -
     if p == 1.0:
         return x * 0  # x's dtype, as torch's; NaN and inf give NaN
     if not x.is_floating_point():  # the scaled result cannot be stored in x's type, as torch says
-        raise RuntimeError(f"result type Float can't be cast to the desired output type {x.dtype}")
+        scalar = {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+                  torch.uint8: "Byte", torch.bool: "Bool"}.get(x.dtype, str(x.dtype))
+        raise RuntimeError(f"result type Float can't be cast to the desired output type {scalar}")
     seed = draw_seed_tensor(device=x.device) if seed is None else seed_tensor(seed, x.device)
     return _Dropout.apply(x, float(p), seed)
