@@ -269,6 +269,8 @@ SDPA_ENTRIES = [
     ("mask-all-masked-row", lambda d: (*_qkv(d), dict(attn_mask=_with(torch.ones(3, 4, dtype=torch.bool), 1, False)
                                                       .to(d)))),
     ("mask-float", lambda d: (*_qkv(d), dict(attn_mask=_randn(2, 3, 4, device=d)))),
+    ("mask-strided", lambda d: (*_qkv(d), dict(attn_mask=_randn(2, 8, 3, device=d).transpose(1, 2)[:, :, ::2]))),
+    ("mask-expanded", lambda d: (*_qkv(d, n=2), dict(attn_mask=_randn(1, 1, 1, 4, device=d).expand(2, 2, 3, 4)))),
     ("causal-and-mask", lambda d: (*_qkv(d), dict(is_causal=True, attn_mask=torch.ones(3, 4, dtype=torch.bool,
                                                                                          device=d)))),
     ("causal", lambda d: (*_qkv(d, L=5, S=3), dict(is_causal=True))),
@@ -352,6 +354,10 @@ CONV_ENTRIES = [
     ("1e30", lambda d: (_randn(1, 3, 6, 6, device=d, scale=1e30), *_w(d), dict(pool="avg", activation="none"))),
     ("noncontiguous", lambda d: (_randn(1, 3, 7, 6, device=d).transpose(2, 3), *_w(d), {})),
     ("channels_last", lambda d: (_randn(2, 3, 6, 7, device=d).to(memory_format=torch.channels_last), *_w(d), {})),
+    ("strided-slices", lambda d: (_randn(2, 6, 6, 13, device=d)[:, ::2, :, ::2], _randn(3, 4, 3, 3, device=d)
+                                  .transpose(0, 1), _randn(8, device=d)[::2], {})),
+    ("channels_last-weight", lambda d: (_randn(1, 3, 6, 6, device=d),
+                                        _w(d)[0].to(memory_format=torch.channels_last), _w(d)[1], {})),
     ("odd-sizes", lambda d: (_randn(3, 3, 9, 7, device=d), *_w(d, out=5), dict(
         stride=2, padding=1, dilation=1, pool_kernel_size=3, pool_stride=2, pool_padding=1, ceil_mode=True,
         activation="gelu"))),

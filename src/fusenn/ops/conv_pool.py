@@ -87,6 +87,7 @@ def _conv_pool2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list
     out, argmax, pre = _outputs(x, weight, stride, padding, dilation, pool_kernel, pool_stride, pool_padding,
                                 ceil_mode, keep_argmax)
     if out.numel():
+        bias = bias.contiguous() if bias is not None else None  # the kernel reads bias with unit stride
         kernels.conv_pool2d(x, weight, bias, out, argmax if keep_argmax else None, pre, stride, padding, dilation,
                             groups, activation, negative_slope, reference.is_monotone(activation, negative_slope),
                             pool, pool_kernel, pool_stride, pool_padding, count_include_pad,
