@@ -33,7 +33,7 @@ def torch_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=No
     """torch's math SDPA, with fusenn's dropout mask for `seed`."""
     keep = None
     if dropout_p > 0.0:
-        batch, hq, _ = ref.attention_shapes(q, k, v, enable_gqa)
+        batch, hq, _, _ = ref.attention_shapes(q, k, v, enable_gqa)
         keep = ref.dropout_keep(batch + (hq, q.size(-2), k.size(-2)), dropout_p, seed, q.device)
     return torch.ops.aten._scaled_dot_product_attention_math(
         q, k, v, attn_mask, dropout_p, is_causal, keep, scale=scale, enable_gqa=enable_gqa)[0]
@@ -172,9 +172,9 @@ def test_auto_backend_and_reasons():
     with fusenn.set_backend("triton"), pytest.raises(fusenn.BackendError, match="head dims up to 256"):
         SDPA(q, k, v)
     check_sdpa(q, k, v)  # auto: the reference takes it
-    with pytest.raises(ValueError, match="attn_mask should not be set when is_causal"):
+    with pytest.raises(RuntimeError, match="attn_mask should not be set when is_causal"):  # torch's type
         SDPA(q, k, v, torch.ones(3, 4, dtype=torch.bool), is_causal=True)
-    with pytest.raises(ValueError, match="must be equal and divide"):
+    with pytest.raises(RuntimeError, match="must divide the number of heads in query"):
         SDPA(*qkv(1, 3, 3, 4, 8, Hkv=2), enable_gqa=True)
 
 

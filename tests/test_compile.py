@@ -35,7 +35,8 @@ def test_lstm_fullgraph_without_dynamo_settings():
     """No Dynamo setting: fusenn.LSTM is an nn.RNNBase, which Dynamo does not refuse as it does nn.LSTM."""
     m = fusenn.LSTM(5, 7, 2, bidirectional=True)
     x = torch.randn(3, 2, 5)
-    torch.testing.assert_close(compiled(m)(x)[0], m(x)[0])
+    with fusenn.set_backend("reference"):
+        torch.testing.assert_close(compiled(m)(x)[0], m(x)[0])
 
 
 # The Triton RNN path: the layers are torch.library ops (fusenn::lstm_layer_* / gru_layer_*), so
@@ -449,23 +450,25 @@ class _FlattensAndChecks(torch.nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_flatten_parameters_and_rnnbase_checks_trace(kind):
+def test_flatten_parameters_and_rnnbase_checks_trace(seeded_path, kind):
+    _, device = seeded_path
     torch.manual_seed(0)
-    model = _FlattensAndChecks(getattr(torch.nn, kind)(3, 4))
+    model = _FlattensAndChecks(getattr(torch.nn, kind)(3, 4)).to(device)
     fusenn.patch(model)
-    x = torch.randn(2, 1, 3)
+    x = torch.randn(2, 1, 3, device=device)
     want = model(x)
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), want)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0 and not explanation.break_reasons, explanation.break_reasons
 
 
-def test_torch_rnns_in_the_same_program_are_left_to_dynamo():
+def test_torch_rnns_in_the_same_program_are_left_to_dynamo(seeded_path):
     """fusenn sets no Dynamo flag: torch's own nn.LSTM beside a fusenn one still gets Dynamo's own handling
     (a graph break where allow_rnn is off, as in torch 2.11 to 2.13) and the right answer."""
+    _, device = seeded_path
     torch.manual_seed(0)
-    model = _TwoLSTMs()
-    x = torch.randn(2, 1, 3)
+    model = _TwoLSTMs().to(device)
+    x = torch.randn(2, 1, 3, device=device)
     want = model(x)
     torch.testing.assert_close(torch.compile(model, backend="eager")(x), want)
     torch._dynamo.reset()

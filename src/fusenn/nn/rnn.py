@@ -10,17 +10,17 @@ Why LSTM and GRU subclass nn.RNNBase, not nn.LSTM / nn.GRU: Dynamo (torch/_dynam
 wrap_module, the same test in torch 2.11 to 2.13) refuses any module for which isinstance(m, (nn.RNN, nn.GRU,
 nn.LSTM)) holds unless torch._dynamo.config.allow_rnn is set, so a subclass of nn.LSTM cannot be compiled with
 fullgraph=True without a private setting. nn.RNNBase is not in that tuple (and traces whatever a later torch
-defaults allow_rnn to). The class takes torch's own LSTM
-methods (get_expected_cell_size, check_forward_args, permute_hidden; none calls super()), so everything but
-isinstance(m, nn.LSTM) answers as torch's does: isinstance(m, nn.RNNBase), m.mode == "LSTM", flatten_parameters,
-_flat_weights, all_weights, state_dict, repr. fusenn.patch says so in its report. Options weighed and dropped:
+defaults allow_rnn to). LSTM takes torch's own LSTM methods (get_expected_cell_size, check_forward_args,
+permute_hidden; none calls super()), so all but isinstance(m, nn.LSTM) answers as torch's: isinstance(m,
+nn.RNNBase), m.mode == "LSTM", flatten_parameters, _flat_weights, all_weights, state_dict, repr; fusenn.patch's
+report names each swapped module where isinstance(m, nn.LSTM) no longer holds. Weighed and dropped:
 - setting allow_rnn from fusenn: the flag is global and read when Dynamo meets each module, before any fusenn
-  code runs, so it cannot be scoped to fusenn's modules; it would make Dynamo trace torch's own RNNs in the
-  same program too, and on torch 2.13 a compiled torch nn.LSTM then fails in backward (aot_eager / inductor),
-  where without the flag it graph-breaks and works;
+  code runs, so it cannot be scoped to fusenn's modules; torch's own RNNs in the same program would be traced
+  too, and on torch 2.13 a compiled torch nn.LSTM then fails in backward (aot_eager, the AOT path inductor
+  takes), where without the flag it graph-breaks and works;
 - a __class__ property answering nn.LSTM: isinstance consults __class__, so Dynamo's test refuses it as well,
-  and pickle / copy.deepcopy rebuild from __class__, turning a saved or copied fusenn.LSTM into torch's;
-- an ABC registration: nn.LSTM's metaclass is type, which has no registry, and changing torch's classes is not
+  and pickle (torch.save of the module) refuses such an object;
+- an ABC registration: nn.LSTM's metaclass is type, which has no registry; changing torch's classes is not
   fusenn's to do.
 LSTMCell and GRUCell stay subclasses of nn.LSTMCell / nn.GRUCell: Dynamo traces those without a setting.
 Under torch.compile, flatten_parameters (which only packs the weights for cuDNN, which fusenn never calls) is a

@@ -360,11 +360,40 @@ def _check_regularisers(recurrent_dropout, zoneout):
         raise ValueError(f"zoneout probability must be in [0, 1], got {zoneout[0]}")
 
 
+def _check_layer(op: str, gates: int, gx: Tensor, states: dict, weights: dict, lengths: Optional[Tensor]) -> None:
+    """Shapes, dtypes and devices of one layer call, for every backend before any kernel (the modules check their
+    own inputs in torch's words first; this guards direct callers): gx (T, B, gates * H) floating; each entry of
+    `states` / `weights` maps a name to (tensor or None, the size it must have); lengths (B,) integers, any
+    device (their values are not read here: that would synchronise)."""
+    if gx.dim() != 3 or gx.size(-1) % gates:
+        raise RuntimeError(f"{op}: expected gx of size (T, B, {gates} * hidden_size), got {list(gx.shape)}")
+    if not gx.is_floating_point():
+        raise RuntimeError(f"{op}: expected a floating point gx, got {gx.dtype}")
+    for kind, named in (("hidden", states), ("parameter", weights)):
+        for name, (t, size) in named.items():
+            if t is None:
+                continue
+            if t.device != gx.device:
+                raise RuntimeError(f"Input and {kind} tensors are not at the same device, found input tensor at "
+                                   f"{gx.device} and {kind} tensor at {t.device}")
+            if not t.is_floating_point():
+                raise RuntimeError(f"{op}: expected a floating point {name}, got {t.dtype}")
+            if tuple(t.shape) != size:
+                raise RuntimeError(f"{op}: expected {name} of size {list(size)}, got {list(t.shape)}")
+    if lengths is not None and (lengths.shape != (gx.size(1),) or lengths.is_floating_point()):
+        raise RuntimeError(f"{op}: expected integer lengths of size [{gx.size(1)}], got {lengths.dtype} of size "
+                           f"{list(lengths.shape)}")
+
+
 def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor] = None,
                lengths: Optional[Tensor] = None, reverse: bool = False,
                recurrent_dropout: Optional[tuple[float, int]] = None,
                zoneout: Optional[tuple[float, Optional[int]]] = None):
     _check_regularisers(recurrent_dropout, zoneout)
+    B, H = gx.size(1) if gx.dim() == 3 else 0, gx.size(-1) // 4 if gx.dim() else 0
+    P = w_hr.size(0) if w_hr is not None and w_hr.dim() == 2 else H
+    _check_layer("lstm_layer", 4, gx, dict(h0=(h0, (B, P)), c0=(c0, (B, H))),
+                 dict(w_hh=(w_hh, (4 * H, P)), w_hr=(w_hr, (P, H))), lengths)
     reasons = {name: why(gx, h0, w_hh, w_hr) for name, why in LSTM_SUPPORT.items()}
     name = dispatch.choose("lstm", gx.device, reasons, GPU_ORDER)
     if name == "reference":
@@ -386,6 +415,9 @@ def gru_layer(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = Non
               recurrent_dropout: Optional[tuple[float, int]] = None,
               zoneout: Optional[tuple[float, Optional[int]]] = None):
     _check_regularisers(recurrent_dropout, zoneout)
+    B, H = gx.size(1) if gx.dim() == 3 else 0, gx.size(-1) // 3 if gx.dim() else 0
+    _check_layer("gru_layer", 3, gx, dict(h0=(h0, (B, H))), dict(w_hh=(w_hh, (3 * H, H)), b_hh=(b_hh, (3 * H,))),
+                 lengths)
     reasons = {name: why(gx, h0, w_hh, b_hh) for name, why in GRU_SUPPORT.items()}
     name = dispatch.choose("gru", gx.device, reasons, GPU_ORDER)
     if name == "reference":
