@@ -235,68 +235,109 @@ FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, c
   }
 }
 
+// Tensor-core fragments of 16 x 16 x 16 tiles (A row-major, B column-major, fp32 accumulator): wmma's on the
+// GPU; on the host plain arrays with fp32 FMA accumulation, so the grid's emulation runs the MMA path's
+// tiling, K-split and reduction on the same fp16/bf16 operands.
 #if defined(__CUDA_ARCH__)
-// The 16-bit tile product on tensor cores: warp w takes the 16-column tile w % tiles of the N rows and
-// every splits-th 16-wide K block; the splits' partial sums are added after.
 template <class T>
-__device__ __forceinline__ void tile_product_mma(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l,
-                                                 T* st, float* acc, int tid) {
-  using namespace nvcuda;
-  const int warp = tid / 32;
-  const int tiles = static_cast<int>(l.Np / 16), splits = static_cast<int>(l.splits);
-  const bool active = warp < tiles * splits;
-  const int nt16 = warp % tiles, ks = warp / tiles;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-  wmma::fill_fragment(c, 0.0f);
-  for (int64_t c0 = 0; c0 < l.Kp; c0 += l.chunk) {
-    __syncthreads();  // the previous chunk's readers are done with the staging buffer
-    stage(A, rows, b0, c0, st, l, tid, kThreads);
-    __syncthreads();
-    const int64_t width = min64(l.chunk, l.Kp - c0);
-    if (active) {
-      for (int64_t kk = ks * 16; kk < width; kk += l.splits * 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, st + kk, static_cast<unsigned>(l.lda));
-        wmma::load_matrix_sync(fb, w + nt16 * 16 * l.ldw + c0 + kk, static_cast<unsigned>(l.ldw));
-        wmma::mma_sync(c, fa, fb, c);
+struct Mma {
+  using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
+  using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
+  using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  static __device__ __forceinline__ void zero(C& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
+  static __device__ __forceinline__ void load_a(A& a, const T* p, int64_t ld) {
+    nvcuda::wmma::load_matrix_sync(a, p, static_cast<unsigned>(ld));
+  }
+  static __device__ __forceinline__ void load_b(B& b, const T* p, int64_t ld) {
+    nvcuda::wmma::load_matrix_sync(b, p, static_cast<unsigned>(ld));
+  }
+  static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) { nvcuda::wmma::mma_sync(c, a, b, c); }
+  static __device__ __forceinline__ void store(float* p, const C& c, int64_t ld) {
+    nvcuda::wmma::store_matrix_sync(p, c, static_cast<unsigned>(ld), nvcuda::wmma::mem_row_major);
+  }
+};
+constexpr int kWarpSlots = 1;  // a warp's one (tile, split) item
+#else
+template <class T>
+struct Mma {
+  struct A {
+    float v[16][16];  // [row][k]
+  };
+  struct B {
+    float v[16][16];  // [k][column]
+  };
+  struct C {
+    float v[16][16];  // [row][column]
+  };
+  static void zero(C& c) {
+    for (auto& r : c.v) for (float& x : r) x = 0.0f;
+  }
+  static void load_a(A& a, const T* p, int64_t ld) {
+    for (int r = 0; r < 16; ++r) for (int k = 0; k < 16; ++k) a.v[r][k] = to_float(p[r * ld + k]);
+  }
+  static void load_b(B& b, const T* p, int64_t ld) {
+    for (int n = 0; n < 16; ++n) for (int k = 0; k < 16; ++k) b.v[k][n] = to_float(p[n * ld + k]);
+  }
+  static void mma(C& c, const A& a, const B& b) {
+    for (int r = 0; r < 16; ++r) {
+      for (int n = 0; n < 16; ++n) {
+        float s = c.v[r][n];
+        for (int k = 0; k < 16; ++k) s = fmaf(a.v[r][k], b.v[k][n], s);
+        c.v[r][n] = s;
       }
     }
   }
-  if (active) {
-    wmma::store_matrix_sync(acc + ks * kTileB * l.Np + nt16 * 16, c, static_cast<unsigned>(l.Np),
-                            wmma::mem_row_major);
+  static void store(float* p, const C& c, int64_t ld) {
+    for (int r = 0; r < 16; ++r) for (int n = 0; n < 16; ++n) p[r * ld + n] = c.v[r][n];
   }
-  __syncthreads();
+};
+constexpr int kWarpSlots = kWarps;  // the host plays every warp in turn
+#endif
+
+// The 16-bit tile product: warp w takes item w = (16-column tile w % tiles of the N rows, K-split w / tiles:
+// every splits-th 16-wide K block); the splits' partial sums are added after. On the host one thread plays
+// all the warps' items.
+template <class T>
+FUSENN_HD void tile_product_mma(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
+                                int tid, int nt) {
+  using M = Mma<T>;
+  const int tiles = static_cast<int>(l.Np / 16), splits = static_cast<int>(l.splits), items = tiles * splits;
+#if defined(__CUDA_ARCH__)
+  const int first = tid / 32, stride = kWarps;
+#else
+  const int first = 0, stride = 1;
+#endif
+  typename M::C c[kWarpSlots];
+  for (int slot = 0; slot < kWarpSlots; ++slot) M::zero(c[slot]);
+  for (int64_t c0 = 0; c0 < l.Kp; c0 += l.chunk) {
+    FUSENN_SYNC();  // the previous chunk's readers are done with the staging buffer
+    stage(A, rows, b0, c0, st, l, tid, nt);
+    FUSENN_SYNC();
+    const int64_t width = min64(l.chunk, l.Kp - c0);
+    for (int item = first, slot = 0; item < items; item += stride, ++slot) {
+      const int nt16 = item % tiles, ks = item / tiles;
+      for (int64_t kk = ks * 16; kk < width; kk += splits * 16) {
+        typename M::A fa;
+        typename M::B fb;
+        M::load_a(fa, st + kk, l.lda);
+        M::load_b(fb, w + nt16 * 16 * l.ldw + c0 + kk, l.ldw);
+        M::mma(c[kWarpSlots == 1 ? 0 : slot], fa, fb);
+      }
+    }
+  }
+  for (int item = first, slot = 0; item < items; item += stride, ++slot) {
+    const int nt16 = item % tiles, ks = item / tiles;
+    M::store(acc + ks * kTileB * l.Np + nt16 * 16, c[kWarpSlots == 1 ? 0 : slot], l.Np);
+  }
+  FUSENN_SYNC();
   if (l.splits > 1) {
-    for (int64_t idx = tid; idx < kTileB * l.Np; idx += kThreads) {
+    for (int64_t idx = tid; idx < kTileB * l.Np; idx += nt) {
       float s = acc[idx];
       for (int64_t p = 1; p < l.splits; ++p) s += acc[p * kTileB * l.Np + idx];
       acc[idx] = s;
     }
   }
-  __syncthreads();
-}
-#endif
-
-template <class T>
-FUSENN_HD void tile_product_fma(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
-                                int tid, int nt);
-
-// acc[b][n] = sum_k A[b0 + b][k] w[n][k] for the batch tile at b0, fp32 accumulation. 16-bit on the GPU:
-// tensor cores. Otherwise (fp32 anywhere, every dtype on the host) exact fp32 FMA in k order on the same
-// T operands: the products of fp16/bf16 operands are exact in fp32, as in the MMA.
-template <class T>
-FUSENN_HD void tile_product(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
-                            int tid, int nt) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (sizeof(T) == 2) {
-    tile_product_mma(A, rows, b0, w, l, st, acc, tid);
-  } else
-#endif
-  {
-    tile_product_fma(A, rows, b0, w, l, st, acc, tid, nt);
-  }
+  FUSENN_SYNC();
 }
 
 template <class T>
@@ -319,6 +360,18 @@ FUSENN_HD void tile_product_fma(const T* A, int64_t rows, int64_t b0, const T* w
     }
   }
   FUSENN_SYNC();
+}
+
+// acc[b][n] = sum_k A[b0 + b][k] w[n][k] for the batch tile at b0, fp32 accumulation: fp16/bf16 on the MMA
+// path (tensor cores on the GPU), fp32 by exact FMA in k order.
+template <class T>
+FUSENN_HD void tile_product(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
+                            int tid, int nt) {
+  if constexpr (sizeof(T) == 2) {
+    tile_product_mma(A, rows, b0, w, l, st, acc, tid, nt);
+  } else {
+    tile_product_fma(A, rows, b0, w, l, st, acc, tid, nt);
+  }
 }
 
 // The number of units CTA c owns.

@@ -81,6 +81,8 @@ FORWARD_CASES = [
     _case(3, 3, 33, "bf16", reverse=True, lengths=[2, 3, 1]),
     _case(2, 3, 129, "bf16", grid=5),  # 26 units per CTA
     _case(1, 17, 7, "bf16"),
+    _case(3, 3, 33, "bf16", grid=33),  # one unit per CTA: one MMA tile of rows, K split over all 8 warps
+    _case(3, 3, 33, "fp16", grid=2),  # 17 units: 5 MMA tiles of rows, no K split
     _case(2, 3, 1000, "bf16"),
     _case(4, 3, 33, regs=True, lengths=[4, 2, 3]),
     _case(4, 3, 33, "bf16", reverse=True, regs=True),
@@ -114,10 +116,11 @@ def test_persist_forward_op_matches_reference(twin, kind, T, B, H, dtype, revers
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32"])
 def test_persist_partition_does_not_change_a_bit(twin, kind, dtype):
-    """Each gate product is one CTA's dot product in k order whatever the partition: 2, 3, 5, the plan's
-    and one CTA per unit give bit-identical outputs, states and gradients."""
+    """In fp32 each gate product is one CTA's dot product in k order whatever the partition: 2, 3, 5, the
+    plan's and one CTA per unit give bit-identical outputs, states and gradients (fp16/bf16 split K by the
+    number of MMA tiles, so their sums' order depends on the partition)."""
     torch.manual_seed(1)
     T, B, H = 3, 5, 33
     lens = torch.tensor([3, 1, 2, 3, 2])
