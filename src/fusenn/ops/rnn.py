@@ -24,7 +24,6 @@ a graph break and a CUDA-graph replay draws fresh masks.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -36,6 +35,12 @@ from fusenn.ops.dropout import dropout_mask
 from fusenn.reference import rnn as reference
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+try:
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+except ImportError:  # older torch: shapes are concrete where the layers are traced
+    def guard_or_false(condition):
+        return bool(condition)
 
 
 def _kernel_reason(kind: str):
@@ -52,16 +57,22 @@ PERSIST_MAX_BATCH = 128
 _PERSIST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc's Dtype
 
 
-@torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
+_PERSIST_REASONS: dict[tuple, str] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile bakes the answer in, as for dispatch.choose
 def _persist_plan_reason(device: int, dtype: int, gates: int, H: int, training: bool) -> str:
     """The launcher's reason (csrc/rnn_persist.cu) it cannot take hidden_size H, or ''; '' when fusenn_cuda's
-    ops are not loaded (then the backend itself is unusable and says so)."""
-    try:
-        reason = torch.ops.fusenn_cuda.persist_reason
-    except (AttributeError, RuntimeError):
-        return ""
-    return reason(device, dtype, gates, False, H, 0) or (reason(device, dtype, gates, True, H, 0) if training else "")
+    ops are not loaded (then the backend itself is unusable and says so). Cached per argument tuple."""
+    key = (device, dtype, gates, H, training)
+    if key not in _PERSIST_REASONS:
+        try:
+            reason = torch.ops.fusenn_cuda.persist_reason
+        except (AttributeError, RuntimeError):
+            return ""
+        _PERSIST_REASONS[key] = reason(device, dtype, gates, False, H, 0) or (
+            reason(device, dtype, gates, True, H, 0) if training else "")
+    return _PERSIST_REASONS[key]
 
 
 def _persist_reason(gates: int):
@@ -73,12 +84,13 @@ def _persist_reason(gates: int):
             return "the persistent LSTM has no projection (proj_size); the other C++ and Triton kernels have"
         if gx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return "it checks its grid barrier's flag with a host sync, which CUDA graph capture forbids"
-        if gx.shape[1] > PERSIST_MAX_BATCH:
+        if guard_or_false(gx.shape[1] > PERSIST_MAX_BATCH):  # packed input traced: a data-dependent batch
             return f"batch {gx.shape[1]} > {PERSIST_MAX_BATCH}, where the per-step GEMM scheme is expected to win"
         device = -1 if gx.device.type != "cuda" else torch.cuda.current_device() if gx.device.index is None \
             else gx.device.index
         training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gx, h0, w_hh, extra))
-        return _persist_plan_reason(device, _PERSIST_DTYPES[gx.dtype], gates, gx.shape[-1] // gates, training) or None
+        H = int(gx.shape[-1]) // gates
+        return _persist_plan_reason(device, _PERSIST_DTYPES[gx.dtype], gates, H, training) or None
     return reason
 
 
