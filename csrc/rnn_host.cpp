@@ -416,6 +416,10 @@ void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t gr
     Tensor sync = at::zeros({2}, like.options().dtype(at::kInt));  // arrivals, error flag
     a.barrier = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
     a.error = sync.data_ptr<int>() + 1;
+    // no step takes seconds; FUSENN_PERSIST_TIMEOUT_S raises the bound (e.g. under compute-sanitizer)
+    const char* timeout = std::getenv("FUSENN_PERSIST_TIMEOUT_S");
+    const double seconds = timeout != nullptr ? std::atof(timeout) : 0.0;
+    a.timeout_ns = static_cast<uint64_t>((seconds > 0.0 ? seconds : 10.0) * 1e9);
     std::string why;
     const int status =
         persist::launch_persist(a, dtype_of(like), backward, grid, reinterpret_cast<Stream>(stream), &why);

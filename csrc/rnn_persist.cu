@@ -26,8 +26,6 @@ FUSENN_HD __nv_bfloat16 from_float(float x, __nv_bfloat16*) { return __float2bfl
 namespace fusenn {
 namespace persist {
 
-constexpr unsigned long long kBarrierTimeoutNs = 2000000000ull;  // no step takes seconds
-
 __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -55,7 +53,7 @@ __device__ __forceinline__ bool grid_barrier(const Args& a, unsigned target) {
         bad = 1;
         break;
       }
-      if (now_ns() - start > kBarrierTimeoutNs) {
+      if (now_ns() - start > a.timeout_ns) {
         atomicExch(a.error, 1);
         bad = 1;
         break;

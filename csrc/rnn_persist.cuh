@@ -161,9 +161,10 @@ struct Args {
   float* dg;         // (T, B, gates H) fp32
   float* dghn;       // (T, B, H) fp32 (GRU)
   void* dg_op;       // (2, B, gates H) T: dgates as the operand of dgates W_hh
-  // grid barrier (device only): arrival counter and error flag
+  // grid barrier (device only): arrival counter, error flag, how long a barrier may wait
   unsigned* barrier;
   int* error;
+  uint64_t timeout_ns;
 };
 
 // The state slots entering and leaving step t, processed k-th (as csrc/rnn_host.cpp's slots()).

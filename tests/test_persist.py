@@ -367,6 +367,28 @@ def test_persist_gpu_matches_reference_with_gradients(on_gpu, kind, case):
                      ("gx", "h0", "w_hh", "b_hh"))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_persist_gpu_small(on_gpu, kind, dtype):
+    """Small shapes with everything on (lengths, reverse, both regularisers): what benchmarks/device_run.sh
+    also runs under compute-sanitizer's memcheck, racecheck and synccheck."""
+    torch.manual_seed(5)
+    T, B, H = 3, 3, 33
+    kw = dict(lengths=torch.tensor([3, 1, 2]), reverse=True, recurrent_dropout=(0.3, 3), zoneout=(0.2, 4))
+    if kind == "lstm":
+        inputs = _lstm_inputs(T, B, H, None, DTYPES[dtype], on_gpu)
+        upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu),
+                    torch.randn(B, H, device=on_gpu)]
+        _check_layer(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs,
+                     upstream, ("gx", "h0", "c0", "w_hh", "w_hr"))
+    else:
+        inputs = _gru_inputs(T, B, H, True, DTYPES[dtype], on_gpu)
+        upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu)]
+        _check_layer(lambda *a: ops.gru_layer(*a, **kw), lambda *a: reference.gru_layer(*a, **kw), inputs,
+                     upstream, ("gx", "h0", "w_hh", "b_hh"))
+
+
 def _gpu_lstm_run(device, regs=True):
     torch.manual_seed(0)
     inputs = [x.requires_grad_() for x in _lstm_inputs(60, 16, 512, None, torch.bfloat16, device)[:4]]
