@@ -161,6 +161,8 @@ LAYER_CASES = [
     _layer_case(1, 17, 7, "bf16"),
     _layer_case(0, 3, 7),
     _layer_case(4, 0, 7),
+    _layer_case(1, 1, 1000),
+    _layer_case(2, 3, 1000, "bf16", reverse=True),
 ]
 
 
