@@ -278,6 +278,9 @@ def test_persist_support_reasons(twin):
     assert dispatch.NAMES[-1] == "persistent" and ops.GPU_ORDER[0] == "persistent"
     with fusenn.set_backend("persistent"), pytest.raises(fusenn.BackendError, match="persistent: "):
         ops.lstm_layer(gx, h0, c0, w_hh, w_hr)  # CPU tensors: the backend says why it cannot run them
+    with fusenn.set_backend("persistent"), pytest.raises(fusenn.BackendError, match="cuda: "):
+        # the recurrent-dropout masks of a persistent layer come from fusenn._C's other kernels
+        dispatch.choose("dropout_mask", torch.device("cpu"), {"reference": None, "cuda": None})
 
 
 # ---- static: the kernels compiled for sm_90a, ptxas's numbers against the launcher's plan ----

@@ -2,7 +2,7 @@
 
 Backends: ``reference`` (plain PyTorch, any device), ``triton`` (kernels/ on a GPU, or under the Triton
 interpreter with CPU tensors), ``cuda`` (the fusenn._C extension built from csrc/) and ``persistent`` (its
-persistent LSTM / GRU kernels, csrc/rnn_persist.cu).
+persistent LSTM / GRU kernels, csrc/rnn_persist.cu; ops without such kernels take ``cuda``'s under it).
 The choice comes from ``fusenn.set_backend(name)`` if called, else the FUSENN_BACKEND environment
 variable, else ``auto``: cuda, then triton (or the op's own order), for GPU tensors; the reference for CPU
 tensors. An explicit backend that cannot take the call raises BackendError saying why; auto falls back to
@@ -159,6 +159,8 @@ def choose(op: str, device: torch.device, unsupported: Mapping[str, Optional[str
     requested = get_backend()
     reasons: dict[str, str] = {}
     order = (requested,) if requested != "auto" else (gpu_order if device.type == "cuda" else ()) + ("reference",)
+    if requested == "persistent" and "persistent" not in unsupported:
+        order = ("cuda",)  # both are fusenn._C: ops without persistent kernels (dropout masks) take its others
     for name in order:
         if name not in unsupported:
             reasons[name] = f"{op} has no {name} implementation"
