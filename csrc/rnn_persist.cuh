@@ -62,10 +62,11 @@ FUSENN_HD Layout layout(int64_t N, int64_t K, int elem) {
   l.Np = elem == 2 ? round_up(N, 16) : N;  // MMA tiles of 16 weight rows; the FMA path needs no padding
   l.K = K;
   l.Kp = round_up(K, 16);
-  const int64_t pad = elem == 2 ? 8 : 1;  // 16-bit: wmma needs ldm % 8 == 0; fp32: an odd stride, no bank conflicts
-  l.ldw = l.Kp + pad;
+  // weights: 16-bit rows padded by 8 (wmma needs ldm % 8 == 0), fp32 rows by 1 (an odd stride: no bank conflicts);
+  // the staged chunk's rows stay 16-byte aligned for vector stores (and 4 floats apart in banks for fp32)
+  l.ldw = l.Kp + (elem == 2 ? 8 : 1);
   l.chunk = min64(l.Kp, kChunk);
-  l.lda = l.chunk + pad;
+  l.lda = l.chunk + (elem == 2 ? 8 : 4);
   const int64_t tiles = l.Np / 16;
   l.splits = (elem == 2 && tiles < kWarps) ? kWarps / tiles : 1;
   l.w_off = 0;
@@ -224,10 +225,43 @@ FUSENN_HD void load_weights(const Args& a, bool backward, int64_t cta, T* w, con
   }
 }
 
-// Rows b0 .. b0 + kTileB of A (rows x K, T) from column c0 into the staging buffer, zero past the ends.
+// 16 bytes of data other CTAs wrote before the last grid barrier (past L1 on the GPU), p 16-byte aligned.
+struct alignas(16) Vec16 {
+  uint32_t w[4];
+};
+
+FUSENN_HD Vec16 load_fresh16(const void* p) {
+#if defined(__CUDA_ARCH__)
+  const uint4 v = __ldcg(static_cast<const uint4*>(p));
+  return Vec16{{v.x, v.y, v.z, v.w}};
+#else
+  Vec16 v;
+  memcpy(&v, p, 16);
+  return v;
+#endif
+}
+
+// Rows b0 .. b0 + kTileB of A (rows x K, T) from column c0 into the staging buffer, zero past the ends:
+// 16 bytes at a time when K allows (rows 16-byte aligned), else element by element.
 template <class T>
 FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, const Layout& l, int tid, int nt) {
-  const int64_t width = min64(l.chunk, l.Kp - c0);
+  const int64_t width = min64(l.chunk, l.Kp - c0);  // a multiple of 16
+  constexpr int64_t V = 16 / sizeof(T);
+  if (l.K % V == 0) {
+    const int64_t vectors = width / V;
+    for (int64_t idx = tid; idx < kTileB * vectors; idx += nt) {
+      int64_t b, kv;
+      divmod(idx, vectors, &b, &kv);
+      const int64_t gb = b0 + b, gk = c0 + kv * V;
+      const Vec16 v = (gb < rows && gk < l.K) ? load_fresh16(A + gb * l.K + gk) : Vec16{{0u, 0u, 0u, 0u}};
+#if defined(__CUDA_ARCH__)
+      *reinterpret_cast<Vec16*>(dst + b * l.lda + kv * V) = v;  // +0.0 is all-zero bits in every T
+#else
+      memcpy(dst + b * l.lda + kv * V, &v, 16);
+#endif
+    }
+    return;
+  }
   for (int64_t idx = tid; idx < kTileB * width; idx += nt) {
     int64_t b, k;
     divmod(idx, width, &b, &k);
