@@ -387,7 +387,7 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
 template <class T>
 void emulate_grid(const persist::Args& a, bool backward) {
   using namespace persist;
-  const Layout l = layout_for(a.gates, backward, static_cast<int>(sizeof(T)), a.H, a.units);
+  const Layout l = layout_for(a.gates, backward, static_cast<int>(sizeof(T)), a.H, a.units, a.chunk);
   std::vector<std::vector<T>> w(a.grid, std::vector<T>(l.Np * l.ldw));  // each CTA's shared-memory slice
   std::vector<T> st(kTileB * l.lda);
   std::vector<float> acc(l.splits * kTileB * l.Np);
@@ -439,6 +439,7 @@ void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t gr
   TORCH_CHECK(p.why.empty(), "fusenn_cuda::", op, ": ", p.why);
   a.grid = static_cast<int32_t>(p.grid);
   a.units = static_cast<int32_t>(p.units);
+  a.chunk = static_cast<int32_t>(p.chunk);
   switch (dtype_of(like)) {
     case Dtype::f32: emulate_grid<float>(a, backward); break;
     case Dtype::f16: emulate_grid<c10::Half>(a, backward); break;

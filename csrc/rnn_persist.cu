@@ -170,7 +170,8 @@ int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_
   Args a = args;
   a.grid = static_cast<int32_t>(p.grid);
   a.units = static_cast<int32_t>(p.units);
-  Layout l = layout_for(a.gates, backward, elem_of(dtype), a.H, a.units);
+  a.chunk = static_cast<int32_t>(p.chunk);
+  Layout l = layout_for(a.gates, backward, elem_of(dtype), a.H, a.units, a.chunk);
   void* params[] = {&a, &l};
   return static_cast<int>(cudaLaunchCooperativeKernel(kernel_of(dtype, backward), dim3(static_cast<unsigned>(p.grid)),
                                                       dim3(kThreads), params, static_cast<size_t>(p.smem), stream));

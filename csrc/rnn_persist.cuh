@@ -35,7 +35,8 @@ namespace persist {
 constexpr int kThreads = 256;  // 8 warps per CTA
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kTileB = 16;     // batch rows per MMA tile
-constexpr int64_t kChunk = 256;    // K columns of the activation operand staged at once
+constexpr int64_t kChunk = 256;    // K columns of the activation operand staged at once, at least
+constexpr int64_t kWideChunk = 1024;  // and at most, where shared memory allows (fewer rounds per step)
 constexpr int64_t kMaxRows = 128;  // weight rows (forward) / columns (backward) one CTA's warps cover
 
 FUSENN_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -56,7 +57,7 @@ struct Layout {
   int64_t w_off, a_off, acc_off, bytes;
 };
 
-FUSENN_HD Layout layout(int64_t N, int64_t K, int elem) {
+FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk) {
   Layout l{};
   l.N = N;
   l.Np = elem == 2 ? round_up(N, 16) : N;  // MMA tiles of 16 weight rows; the FMA path needs no padding
@@ -65,7 +66,7 @@ FUSENN_HD Layout layout(int64_t N, int64_t K, int elem) {
   // weights: 16-bit rows padded by 8 (wmma needs ldm % 8 == 0), fp32 rows by 1 (an odd stride: no bank conflicts);
   // the staged chunk's rows stay 16-byte aligned for vector stores (and 4 floats apart in banks for fp32)
   l.ldw = l.Kp + (elem == 2 ? 8 : 1);
-  l.chunk = min64(l.Kp, kChunk);
+  l.chunk = min64(l.Kp, chunk);  // a multiple of 16
   l.lda = l.chunk + (elem == 2 ? 8 : 4);
   const int64_t tiles = l.Np / 16;
   l.splits = (elem == 2 && tiles < kWarps) ? kWarps / tiles : 1;
@@ -77,8 +78,8 @@ FUSENN_HD Layout layout(int64_t N, int64_t K, int elem) {
 }
 
 // Forward: N = gates x U rows over K = H; backward: N = U columns over K = gates x H.
-FUSENN_HD Layout layout_for(int gates, bool backward, int elem, int64_t H, int64_t U) {
-  return backward ? layout(U, gates * H, elem) : layout(gates * U, H, elem);
+FUSENN_HD Layout layout_for(int gates, bool backward, int elem, int64_t H, int64_t U, int64_t chunk) {
+  return backward ? layout(U, gates * H, elem, chunk) : layout(gates * U, H, elem, chunk);
 }
 
 // What one machine offers a CTA: SMs, shared memory a block may opt into and an SM holds, registers and
@@ -91,7 +92,7 @@ constexpr Machine kH200{132, 232448, 233472, 65536, 2048, 32};
 constexpr int64_t kReservedSmem = 1024;  // per block, sm_80 and later
 
 struct Plan {
-  int64_t grid, units, smem, per_sm;
+  int64_t grid, units, smem, per_sm, chunk;
   std::string why;  // empty when the launch can go ahead
 };
 
@@ -107,7 +108,8 @@ inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m
   }
   p.units = grid_req > 0 ? (H + grid_req - 1) / grid_req : round_up((H + m.sms - 1) / m.sms, 4);
   p.grid = (H + p.units - 1) / p.units;
-  const Layout l = layout_for(gates, backward, elem, H, p.units);
+  p.chunk = kChunk;
+  const Layout l = layout_for(gates, backward, elem, H, p.units, p.chunk);
   p.smem = l.bytes;
   const char* what = backward ? "backward" : "forward";
   if (elem == 2 && l.Np > kMaxRows) {
@@ -123,9 +125,22 @@ inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m
             std::to_string(m.smem_block);
     return p;
   }
-  int64_t per_sm = min64(m.blocks_sm, m.threads_sm / kThreads);
-  per_sm = min64(per_sm, m.smem_sm / (p.smem + static_smem + kReservedSmem));
-  if (regs > 0) per_sm = min64(per_sm, m.regs_sm / (round_up(regs, 8) * kThreads));
+  const auto per_sm_for = [&](int64_t smem) {
+    int64_t n = min64(m.blocks_sm, m.threads_sm / kThreads);
+    n = min64(n, m.smem_sm / (smem + static_smem + kReservedSmem));
+    return regs > 0 ? min64(n, m.regs_sm / (round_up(regs, 8) * kThreads)) : n;
+  };
+  int64_t per_sm = per_sm_for(p.smem);
+  // a wider staged chunk where the grid still fits: fewer staging rounds (and barriers inside the CTA) a step
+  for (int64_t chunk = kWideChunk; per_sm * m.sms >= p.grid && chunk > kChunk; chunk /= 2) {
+    const int64_t smem = layout_for(gates, backward, elem, H, p.units, chunk).bytes;
+    if (smem + static_smem <= m.smem_block && per_sm_for(smem) * m.sms >= p.grid) {
+      p.chunk = chunk;
+      p.smem = smem;
+      per_sm = per_sm_for(smem);
+      break;
+    }
+  }
   p.per_sm = per_sm;
   if (per_sm * m.sms < p.grid) {
     p.why = "the persistent " + std::string(what) + " kernel needs " + std::to_string(p.grid) +
@@ -139,7 +154,7 @@ inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m
 // Everything a launch needs. Tensors are contiguous; T is the layer's dtype, state and gradients fp32.
 struct Args {
   int64_t T, B, H;
-  int32_t gates, grid, units;  // gates: 4 LSTM, 3 GRU; units per CTA
+  int32_t gates, grid, units, chunk;  // gates: 4 LSTM, 3 GRU; units per CTA; K columns staged at once (Plan)
   bool reverse, save;
   const void* gx;     // (T, B, gates H) T
   const void* w_hh;   // (gates H, H) T

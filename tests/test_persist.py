@@ -84,7 +84,7 @@ FORWARD_CASES = [
     _case(3, 3, 33, "bf16", grid=33),  # one unit per CTA: one MMA tile of rows, K split over all 8 warps
     _case(3, 3, 33, "fp16", grid=2),  # 17 units: 5 MMA tiles of rows, no K split
     _case(3, 5, 64, "fp16", lengths=[3, 2, 1, 3, 3]),  # K % 8 == 0: h staged 16 bytes at a time
-    _case(2, 3, 520, "bf16", grid=65),  # three K chunks, the last one partial
+    _case(2, 3, 520, "bf16", grid=65),  # 8 units per CTA, h staged in one wide chunk
     _case(2, 3, 1000, "bf16"),
     _case(4, 3, 33, regs=True, lengths=[4, 2, 3]),
     _case(4, 3, 33, "bf16", reverse=True, regs=True),
@@ -164,6 +164,7 @@ LAYER_CASES = [
     _layer_case(0, 3, 7),
     _layer_case(4, 0, 7),
     _layer_case(1, 1, 1000),
+    _layer_case(2, 3, 300, "fp16"),  # backward stages K = 4H = 1200 in two chunks, the second partial
     _layer_case(2, 3, 1000, "bf16", reverse=True),
 ]
 
