@@ -36,7 +36,7 @@ def _grads(module, x):
 def validate():
     """fusenn (current backend, fp32) and torch.nn (fp32) against torch.nn in float64; also in the split
     mode timed as fusenn-split (cooperative on a GPU, one launch per phase and step on a CPU), and the C++
-    layers where fusenn._C runs."""
+    layers (stepwise and persistent) where fusenn._C runs."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     split = "auto" if device == "cuda" else "2"
     checks = []
@@ -47,6 +47,9 @@ def validate():
         if cpp_usable(device):
             check = with_backend(lambda: _validate_one(kind, T, B, I, H, extra, device), "cuda")()
             checks.append(Check(check.case + "-cpp", check.error, check.allowed))
+            if "proj_size" not in extra:  # the persistent LSTM has no projection
+                check = with_backend(lambda: _validate_one(kind, T, B, I, H, extra, device), "persistent")()
+                checks.append(Check(check.case + "-persistent", check.error, check.allowed))
     return checks
 
 
