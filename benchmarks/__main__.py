@@ -99,12 +99,15 @@ def time_case(case, device):
 def benchmark(entries, quick, out_dir, env):
     device = torch.device("cuda")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-").lower()
-    table = []
+    table, bounds = [], []
     for entry in entries:
         records = []
         for case in entry.cases(quick):
             timings = time_case(case, device)
-            records.append({"case": case.name, "flops": case.flops, "bytes": case.bytes, "timings": timings})
+            records.append({"case": case.name, "flops": case.flops, "bytes": case.bytes, "bound": case.bound,
+                            "timings": timings})
+            if case.bound:
+                bounds.append((case.name, case.bound))
             ours = timings.get("fusenn", {}).get("ms")
             for impl, t in timings.items():
                 ratio = (t["ms"] / ours) if ours and "ms" in t else None
@@ -123,6 +126,9 @@ def benchmark(entries, quick, out_dir, env):
             print(f"{op:<18} {case:<50} {impl:<22} {'n/a':>9}  {err[:60]}")
             continue
         print(f"{op:<18} {case:<50} {impl:<22} {ms:>9.4f} {rate or 0:>13.2f} {ratio or 0:>9.2f}x")
+    for case, bound in bounds:
+        print(f"bound {case:<50} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in bound.items()))
 
 
 def main(argv=None):

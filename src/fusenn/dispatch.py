@@ -1,7 +1,8 @@
 """Which backends exist here, why the others do not, and the one place where an op's backend is chosen.
 
 Backends: ``reference`` (plain PyTorch, any device), ``triton`` (kernels/ on a GPU, or under the Triton
-interpreter with CPU tensors) and ``cuda`` (the fusenn._C extension built from csrc/).
+interpreter with CPU tensors), ``cuda`` (the fusenn._C extension built from csrc/) and ``persistent`` (its
+persistent LSTM / GRU kernels, csrc/rnn_persist.cu; ops without such kernels take ``cuda``'s under it).
 The choice comes from ``fusenn.set_backend(name)`` if called, else the FUSENN_BACKEND environment
 variable, else ``auto``: cuda, then triton (or the op's own order), for GPU tensors; the reference for CPU
 tensors. An explicit backend that cannot take the call raises BackendError saying why; auto falls back to
@@ -18,7 +19,7 @@ from typing import Mapping, Optional
 
 import torch
 
-NAMES = ("reference", "triton", "cuda")
+NAMES = ("reference", "triton", "cuda", "persistent")
 CHOICES = ("auto",) + NAMES
 
 
@@ -84,6 +85,8 @@ def backends() -> dict[str, Backend]:
         "reference": Backend("reference", True, "plain PyTorch on any device"),
         "triton": Backend("triton", t_ok, t_detail),
         "cuda": Backend("cuda", c_ok, c_detail),
+        "persistent": Backend("persistent", c_ok, f"{c_detail} (its persistent LSTM / GRU kernels)" if c_ok
+                              else c_detail),
     }
 
 
@@ -135,7 +138,7 @@ def _device_reason(name: str, device: torch.device) -> Optional[str]:
     status = backends()[name]
     if not status.usable:
         return status.detail
-    if name == "cuda" and device.type != "cuda":
+    if name in ("cuda", "persistent") and device.type != "cuda":
         return f"it needs CUDA tensors, got {device.type} tensors"
     if name == "triton":
         if triton_interpreting() and device.type != "cpu":
@@ -158,6 +161,8 @@ def choose(op: str, device: torch.device, unsupported: Mapping[str, Optional[str
     requested = get_backend()
     reasons: dict[str, str] = {}
     order = (requested,) if requested != "auto" else (gpu_order if device.type == "cuda" else ()) + ("reference",)
+    if requested == "persistent" and "persistent" not in unsupported:
+        order = ("cuda",)  # both are fusenn._C: ops without persistent kernels (dropout masks) take its others
     for name in order:
         if name not in unsupported:
             reasons[name] = f"{op} has no {name} implementation"
