@@ -291,10 +291,10 @@ _HALF = {
     ("dkdv", 64): (64, 64, 4, 2), ("dkdv", 128): (128, 64, 8, 1), ("dkdv", 256): (128, 64, 8, 1),
 }
 _HALF_DROPOUT = {("fwd", 64): (128, 64, 8, 3), ("dkdv", 64): (128, 64, 8, 2)}
-_FP32 = {
-    ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 4, 2), ("fwd", 256): (64, 16, 4, 1),
-    ("dq", 64): (64, 32, 4, 2), ("dq", 128): (64, 32, 4, 1), ("dq", 256): (64, 16, 4, 1),
-    ("dkdv", 64): (32, 64, 4, 2), ("dkdv", 128): (32, 64, 4, 1), ("dkdv", 256): (16, 64, 4, 1),
+_FP32 = {  # tf32x3 needs three products' operands live: small tiles, dK and dV in two launches
+    ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 4, 1), ("fwd", 256): (64, 32, 4, 1),
+    ("dq", 64): (64, 32, 4, 2), ("dq", 128): (32, 32, 4, 1), ("dq", 256): (32, 32, 4, 1),
+    ("dkdv", 64): (32, 32, 4, 1), ("dkdv", 128): (32, 32, 4, 1), ("dkdv", 256): (32, 32, 4, 1),
 }
 _SPLIT_DKDV = {256}  # head dims whose dK and dV accumulators do not both fit in one program's registers
 
@@ -312,7 +312,7 @@ def _config(d: int, dtype: torch.dtype, kernel: str, dropout: bool) -> dict:
         tile = (_HALF_DROPOUT.get((kernel, bucket)) if dropout and dtype != torch.float32 else None) \
             or table[(kernel, bucket)]
         cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
-        split = bucket in _SPLIT_DKDV
+        split = bucket in _SPLIT_DKDV or dtype == torch.float32
     if kernel == "dkdv":
         cfg["SPLIT_DKDV"] = split
     return cfg

@@ -148,11 +148,13 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
     report_stuck(bar_ptr, stuck, NSPLIT, PHASES)
 
 
-def _consts(gx, nsplit):
+def _consts(gx, nsplit, backward: bool, regularised: bool):
+    """Tiles, warps and stages as the static sm_90a report chose them (see fusenn.kernels.lstm._consts):
+    the regularised backward pipelines nothing (ptxas spills otherwise)."""
     H = gx.shape[-1] // 3
     block_h = hidden_block(H, nsplit, 32)
-    return dict(H=H, FP32_DOT=fp32_dot(gx.dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h,
-                num_warps=dot_warps(block_h))
+    return dict(H=H, FP32_DOT=fp32_dot(gx.dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, num_warps=dot_warps(block_h),
+                num_stages=1 if backward and regularised else 3)
 
 
 def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, recurrent_dropout=None, zoneout=None,
@@ -171,7 +173,8 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, recurren
         nsplit = split_plan(B, gx.shape[-1] // 3, gx.device, split)
         launch_split(gru_forward_kernel, (gx, w_hh, b_hh if b_hh is not None else w_hh,
                                           lengths if lengths is not None else hs, hs, y),
-                     T, B, nsplit, cooperative and not INTERPRET, (1,), **_consts(gx, nsplit),
+                     T, B, nsplit, cooperative and not INTERPRET, (1,),
+                     **_consts(gx, nsplit, False, recurrent_dropout is not None or zoneout is not None),
                      **regulariser_args(recurrent_dropout, zoneout, hs, B, h0.shape[-1]),
                      HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
@@ -191,7 +194,8 @@ def gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse: bool, hs, recurrent
         nsplit = split_plan(B, G // 3, gx.device, split)
         launch_split(gru_backward_kernel, (gx, w_hh, b_hh if b_hh is not None else w_hh,
                                            lengths if lengths is not None else hs, hs, dy, dh, dg, dghn),
-                     T, B, nsplit, cooperative and not INTERPRET, **_consts(gx, nsplit),
+                     T, B, nsplit, cooperative and not INTERPRET,
+                     **_consts(gx, nsplit, True, recurrent_dropout is not None or zoneout is not None),
                      **regulariser_args(recurrent_dropout, zoneout, hs, B, G // 3),
                      HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dghn, dh

@@ -47,8 +47,8 @@ with other streams) whose programs meet at a barrier in global memory after each
 program that still times out at a barrier sets an error flag that the launcher checks and raises on
 (check_barriers), so a sync that cannot complete never returns numbers. The interpreter, which runs
 programs one after another, runs the same kernel one launch per phase per step (PHASES = 1 or 2), the
-launch boundaries standing in for the barriers, so the CPU tests cover all of the split indexing. The split mode (here and in fusenn.kernels.gru) is opt-in (FUSENN_RNN_SPLIT) until GPU
-runs show where it wins.
+launch boundaries standing in for the barriers, so the CPU tests cover all of the split indexing. The
+split mode (here and in fusenn.kernels.gru) is opt-in (FUSENN_RNN_SPLIT) until GPU runs show where it wins.
 """
 
 import os
@@ -502,12 +502,23 @@ def fp32_dot(dtype) -> str:
     return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def _consts(H, P, dtype, nsplit, projection: bool):
-    """Tiles and warps; the dots are 16 x BLOCK_H (gates), and 16 x BLOCK_P with a projection or in
-    backward (phase 2)."""
-    block_h, block_p = hidden_block(H, nsplit, 64), block_size(P, 32)
-    return dict(H=H, P=P, FP32_DOT=fp32_dot(dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h,
-                BLOCK_P=block_p, num_warps=dot_warps(block_h, block_p) if projection else dot_warps(block_h))
+def _consts(H, P, dtype, nsplit, projection: bool, backward: bool, regularised: bool, save: bool = True):
+    """Tiles, warps and stages; the dots are 16 x BLOCK_H (gates), and 16 x BLOCK_P with a projection or in
+    backward (phase 2). The choices are the static sm_90a report's (benchmarks/static.py): no dot
+    replicated across warps, no spill at the benchmark shapes. Backward takes 64-wide tiles of P on 8
+    warps, except regularised in fp16/bf16 (4 warps on 32-wide tiles, one stage); the regularised forward
+    pipelines less (ptxas spills a few bytes otherwise)."""
+    half = dtype != torch.float32
+    block_h = hidden_block(H, nsplit, 64)
+    narrow = regularised and half
+    block_p = block_size(P, 64 if backward and not narrow else 32)
+    if backward:
+        stages = 1 if narrow else 2
+    else:
+        stages = (2 if save and half else 1) if regularised else 3
+    return dict(H=H, P=P, FP32_DOT=fp32_dot(dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_P=block_p,
+                num_warps=dot_warps(block_h, block_p) if projection or backward else dot_warps(block_h),
+                num_stages=stages)
 
 
 def recurrent_scale_tensor(B: int, P: int, p: float, seed) -> torch.Tensor:
@@ -562,7 +573,8 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, rec
                                            lengths if lengths is not None else hs, hs, cs,
                                            ms if ms is not None else hs, y),
                      T, B, nsplit, cooperative and not INTERPRET, (1, 2) if w_hr is not None else (1,),
-                     **_consts(H, P, gx.dtype, nsplit, w_hr is not None),
+                     **_consts(H, P, gx.dtype, nsplit, w_hr is not None, False,
+                               recurrent_dropout is not None or zoneout is not None, save),
                      **regulariser_args(recurrent_dropout, zoneout, hs, B, P),
                      HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
@@ -589,7 +601,9 @@ def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs
         launch_split(lstm_backward_kernel, (gx, w_hh, w_hr if w_hr is not None else w_hh,
                                             lengths if lengths is not None else hs, hs, cs, dy, dh, dc, dg,
                                             dhs if dhs is not None else dg),
-                     T, B, nsplit, cooperative and not INTERPRET, **_consts(H, P, gx.dtype, nsplit, True),
+                     T, B, nsplit, cooperative and not INTERPRET,
+                     **_consts(H, P, gx.dtype, nsplit, w_hr is not None, True,
+                               recurrent_dropout is not None or zoneout is not None),
                      **regulariser_args(recurrent_dropout, zoneout, hs, B, P),
                      HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dh, dc, dhs
