@@ -2,7 +2,8 @@
 time each case against its baselines and write results/<gpu>/<op>.json.
 
 On a CPU-only machine the Triton kernels run under the interpreter and only validation runs.
-Options: --quick (fewer timed sizes), --only OP[,OP], --validate-only, --out DIR.
+Options: --quick (fewer timed sizes), --only OP[,OP], --validate-only, --out DIR; --static [--scope ci]: the
+sm_90a compile report of benchmarks/static.py instead.
 """
 
 import argparse
@@ -138,7 +139,14 @@ def main(argv=None):
     parser.add_argument("--only", default="", help="comma-separated op names")
     parser.add_argument("--validate-only", action="store_true")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--static", action="store_true", help="the sm_90a compile report (benchmarks/static.py)")
+    args, rest = parser.parse_known_args(argv)
+    if args.static:
+        from benchmarks import static
+
+        return static.main(rest + ["--out", os.path.join(args.out, "static-sm90a")])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     load_entries()
     wanted = [s for s in args.only.split(",") if s]

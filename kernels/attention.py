@@ -16,9 +16,10 @@ limit; offsets are int64 in their n and h parts, and in their row parts too (WID
 view whose offsets within a slice reach 2**31 elements (needs_int64).
 Dropout: the element (n, h, l, s) is kept iff philox_keep(((n*Hq + h)*L + l)*S + s) (fusenn.kernels.philox),
 regenerated in backward; the row sums of the softmax are taken before dropout, as torch does.
-Precision: fp16/bf16 tiles feed tl.dot directly with fp32 accumulation; fp32 inputs use
-input_precision="ieee" (no tf32), trading tensor-core speed for fp32 accuracy. The interpreter computes
-every product in fp32 (its bf16 dot is wrong).
+Precision: fp16/bf16 tiles feed tl.dot directly with fp32 accumulation; fp32 inputs take what torch's
+SDPA does for fp32 on a GPU (its memory-efficient kernel's fp32-accurate "fast fp32" products): Triton's
+tf32x3, three TF32 tensor-core products per dot (f32_dot). The interpreter computes every product in IEEE
+fp32 (its bf16 dot is wrong).
 """
 
 import torch
@@ -76,19 +77,19 @@ def _tile(L, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr):
+def _dot(a, b, F32_DOT: tl.constexpr):
     """a @ b with fp32 accumulation; `a` (probabilities, score gradients) is rounded to b's dtype first
-    unless the product runs in fp32."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    unless the product runs in fp32 (F32_DOT: its input precision, "ieee" or "tf32x3"; "none": b's dtype)."""
+    if F32_DOT != "none":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=F32_DOT)
     return tl.dot(a.to(b.dtype), b)
 
 
 @triton.jit
 def _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale,
-            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_F32: tl.constexpr):
+            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, F32_DOT: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of (q k^T * scale + mask) * log2(e); -inf where the key is not visible."""
-    s = _dot(q, tl.trans(k), DOT_F32) * qk_scale
+    s = _dot(q, tl.trans(k), F32_DOT) * qk_scale
     in_bounds = (rows[:, None] < L) & (cols[None, :] < S)
     visible = in_bounds
     if IS_CAUSAL:
@@ -116,7 +117,7 @@ def attention_forward_kernel(
         sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, son, soh, sol, sod, smn, smh, sml, sms,
         H, L, S, E, EV, GROUP, qk_scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
         WIDE: tl.constexpr):
     pid_m, nh = _tile(L, BLOCK_M)
     n = (nh // H).to(tl.int64)
@@ -141,7 +142,7 @@ def attention_forward_kernel(
         cols = _span(start, BLOCK_N, WIDE)
         k = tl.load(k_base + cols[:, None] * sks + d[None, :] * skd,
                     mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
-        s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, DOT_F32)
+        s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, F32_DOT)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep exp2 away from NaN
         alpha = tl.exp2(m_i - m_ref)
@@ -151,7 +152,7 @@ def attention_forward_kernel(
             p = tl.where(_keep(nh, rows, cols, L, S, SEED, threshold), p, 0.0)
         v = tl.load(v_base + cols[:, None] * svs + dv[None, :] * svd,
                     mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p, v, DOT_F32)
+        acc = acc * alpha[:, None] + _dot(p, v, F32_DOT)
         m_i = m_new
 
     empty = l_i == 0.0  # every key masked out: torch returns zeros there
@@ -170,7 +171,7 @@ def attention_backward_dq_kernel(
         sdn, sdh, sdl, sdd, smn, smh, sml, sms,
         H, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
         WIDE: tl.constexpr):
     pid_m, nh = _tile(L, BLOCK_M)
     n = (nh // H).to(tl.int64)
@@ -202,13 +203,13 @@ def attention_backward_dq_kernel(
                     mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
         v = tl.load(v_base + cols[:, None] * svs + dv[None, :] * svd,
                     mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
-        s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, DOT_F32)
+        s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, F32_DOT)
         p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), DOT_F32)
+        dp = _dot(do, tl.trans(v), F32_DOT)
         if DROPOUT:
             dp = tl.where(_keep(nh, rows, cols, L, S, SEED, threshold), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds, k, DOT_F32)
+        dq += _dot(ds, k, F32_DOT)
     tl.store(DQ + nh.to(tl.int64) * L * E + rows[:, None] * E + d[None, :], _cast(dq * scale, DQ.dtype.element_ty),
              mask=q_mask)
 
@@ -219,8 +220,10 @@ def attention_backward_dkdv_kernel(
         sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, sdn, sdh, sdl, sdd, smn, smh, sml, sms,
         H, HKV, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr,
-        WIDE: tl.constexpr):
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
+        WIDE: tl.constexpr, PART: tl.constexpr):
+    """PART 0: dK and dV; 1: dV alone; 2: dK alone (two launches where one program cannot hold both
+    accumulators in registers: _config's SPLIT_DKDV)."""
     pid_n, nhk = _tile(S, BLOCK_N)
     n = (nhk // HKV).to(tl.int64)
     hk = (nhk % HKV).to(tl.int64)
@@ -251,41 +254,68 @@ def attention_backward_dkdv_kernel(
             do = tl.load(do_base + rows[:, None] * sdl + dv[None, :] * sdd,
                          mask=row_ok[:, None] & (dv[None, :] < EV), other=0.0)
             lse = tl.load(LSE + nh * L + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + nh * L + rows, mask=row_ok, other=0.0)
-            s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, DOT_F32)
+            s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, F32_DOT)
             p = tl.exp2(s - lse[:, None])
-            dp = _dot(do, tl.trans(v), DOT_F32)
             if DROPOUT:
                 keep = _keep(nh, rows, cols, L, S, SEED, threshold)
-                dv_acc += _dot(tl.trans(tl.where(keep, p * drop_scale, 0.0)), do, DOT_F32)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            else:
-                dv_acc += _dot(tl.trans(p), do, DOT_F32)
-            ds = p * (dp - delta[:, None])
-            dk += _dot(tl.trans(ds), q, DOT_F32)
+            if PART != 2:  # dV += P_dropped^T dO
+                if DROPOUT:
+                    dv_acc += _dot(tl.trans(tl.where(keep, p * drop_scale, 0.0)), do, F32_DOT)
+                else:
+                    dv_acc += _dot(tl.trans(p), do, F32_DOT)
+            if PART != 1:  # dK += dS^T Q
+                delta = tl.load(DELTA + nh * L + rows, mask=row_ok, other=0.0)
+                dp = _dot(do, tl.trans(v), F32_DOT)
+                if DROPOUT:
+                    dp = tl.where(keep, dp * drop_scale, 0.0)
+                ds = p * (dp - delta[:, None])
+                dk += _dot(tl.trans(ds), q, F32_DOT)
     out = nhk.to(tl.int64) * S
-    tl.store(DK + (out + cols[:, None]) * E + d[None, :], _cast(dk * scale, DK.dtype.element_ty), mask=k_mask)
-    tl.store(DV_OUT + (out + cols[:, None]) * EV + dv[None, :], _cast(dv_acc, DV_OUT.dtype.element_ty), mask=v_mask)
+    if PART != 1:
+        tl.store(DK + (out + cols[:, None]) * E + d[None, :], _cast(dk * scale, DK.dtype.element_ty), mask=k_mask)
+    if PART != 2:
+        tl.store(DV_OUT + (out + cols[:, None]) * EV + dv[None, :], _cast(dv_acc, DV_OUT.dtype.element_ty),
+                 mask=v_mask)
 
 
 def _pad(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def _config(d: int, dtype: torch.dtype, backward: bool) -> dict:
-    """Tile sizes and launch settings. Small tiles under the interpreter (many partial tiles get tested,
-    and its cost is per operation); on the GPU, tiles sized so the fp32 accumulators fit in registers."""
+# GPU tiles (BLOCK_M query rows, BLOCK_N key rows, num_warps, num_stages) per kernel, head dim bucket and
+# dtype, chosen from the static sm_90a report (benchmarks/static.py): no spills, wgmma for fp16/bf16 (at
+# least 64 rows per warpgroup: 128 rows on 8 warps, 64 on 4), no dot replicated across warps.
+_HALF = {
+    ("fwd", 64): (128, 64, 4, 3), ("fwd", 128): (128, 64, 8, 2), ("fwd", 256): (128, 32, 8, 2),
+    ("dq", 64): (64, 64, 4, 2), ("dq", 128): (128, 64, 8, 2), ("dq", 256): (128, 64, 8, 1),
+    ("dkdv", 64): (64, 64, 4, 2), ("dkdv", 128): (128, 64, 8, 1), ("dkdv", 256): (128, 64, 8, 1),
+}
+_HALF_DROPOUT = {("fwd", 64): (128, 64, 8, 3), ("dkdv", 64): (128, 64, 8, 2)}
+_FP32 = {  # tf32x3 needs three products' operands live: small tiles, dK and dV in two launches
+    ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 4, 1), ("fwd", 256): (64, 32, 4, 1),
+    ("dq", 64): (64, 32, 4, 2), ("dq", 128): (32, 32, 4, 1), ("dq", 256): (32, 32, 4, 1),
+    ("dkdv", 64): (32, 32, 4, 1), ("dkdv", 128): (32, 32, 4, 1), ("dkdv", 256): (32, 32, 4, 1),
+}
+_SPLIT_DKDV = {256}  # head dims whose dK and dV accumulators do not both fit in one program's registers
+
+
+def _config(d: int, dtype: torch.dtype, kernel: str, dropout: bool) -> dict:
+    """Tile sizes and launch settings of `kernel` ("fwd", "dq", "dkdv"). Small tiles under the interpreter
+    (many partial tiles get tested, and its cost is per operation), dK/dV split there from head dim 65 up
+    so that the tests cover both forms; on the GPU, the tables above."""
+    bucket = 64 if d <= 64 else 128 if d <= 128 else 256
     if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=16)
-    wide = dtype == torch.float32  # twice the shared memory per tile
-    if backward:
-        block = 64 if d <= 64 or (d <= 128 and not wide) else 32
-        return dict(BLOCK_M=block, BLOCK_N=block, num_warps=4 if d <= 64 else 8, num_stages=2 if d <= 128 else 1)
-    if d <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if d <= 128:
-        return dict(BLOCK_M=128 if not wide else 64, BLOCK_N=64 if not wide else 32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        cfg = dict(BLOCK_M=16, BLOCK_N=16)
+        split = d > 64
+    else:
+        table = _FP32 if dtype == torch.float32 else _HALF
+        tile = (_HALF_DROPOUT.get((kernel, bucket)) if dropout and dtype != torch.float32 else None) \
+            or table[(kernel, bucket)]
+        cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
+        split = bucket in _SPLIT_DKDV or dtype == torch.float32
+    if kernel == "dkdv":
+        cfg["SPLIT_DKDV"] = split
+    return cfg
 
 
 INT32_LIMIT = 2**31
@@ -311,6 +341,15 @@ def grid(rows: int, block: int, slices: int) -> tuple:
     return (triton.cdiv(rows, block) * slices,)
 
 
+def f32_dot(dtype) -> str:
+    """How the products run: fp16/bf16 on tensor cores in their dtype; fp32 as torch's SDPA runs it on a
+    GPU (its memory-efficient kernel, the one that takes fp32: fp32-accurate products from three TF32
+    ones), here Triton's tf32x3; the interpreter computes every product in IEEE fp32."""
+    if INTERPRET:
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "none"
+
+
 def _mask_args(mask, q):
     """(pointer tensor, kind, 4 strides): bools go in as bytes; no mask passes q as a never-read pointer."""
     if mask is None:
@@ -329,7 +368,7 @@ def _common(q, k, v, mask, dropout_p, scale, seed, *written):
     return dict(
         sizes=(N, H, HKV, L, S, E, EV), mask=mask_t, mstrides=mstrides,
         consts=dict(D=_pad(E), DV=_pad(EV), MASK_KIND=kind, DROPOUT=dropout_p > 0.0,
-                    DOT_F32=INTERPRET or q.dtype == torch.float32, WIDE=needs_int64(q, k, v, mask, *written)),
+                    F32_DOT=f32_dot(q.dtype), WIDE=needs_int64(q, k, v, mask, *written)),
         qk_scale=scale * 1.4426950408889634, drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,
         philox=(seed if seed is not None else q, dropout_threshold(dropout_p)))  # q: never read
 
@@ -338,7 +377,7 @@ def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: f
     """Fill out (N, Hq, L, Ev) and lse (N, Hq, L) float32 (log2 domain); see the module docstring."""
     c = _common(q, k, v, mask, dropout_p, scale, seed, out)
     N, H, HKV, L, S, E, EV = c["sizes"]
-    cfg = _config(max(E, EV), q.dtype, backward=False)
+    cfg = _config(max(E, EV), q.dtype, "fwd", dropout_p > 0.0)
     programs = grid(L, cfg["BLOCK_M"], N * H)
     if programs[0] == 0:
         return out, lse
@@ -355,7 +394,9 @@ def attention_backward(grad, q, k, v, out, lse, mask, dropout_p: float, is_causa
     """Fill the contiguous dq, dk, dv (shapes of q, k, v) and the scratch delta (N, Hq, L) float32."""
     c = _common(q, k, v, mask, dropout_p, scale, seed, out, grad, dq, dk, dv)
     N, H, HKV, L, S, E, EV = c["sizes"]
-    cfg = _config(max(E, EV), q.dtype, backward=True)
+    cfg = _config(max(E, EV), q.dtype, "dq", dropout_p > 0.0)
+    dkdv_cfg = _config(max(E, EV), q.dtype, "dkdv", dropout_p > 0.0)
+    split = dkdv_cfg.pop("SPLIT_DKDV")
     shared = (*c["mstrides"],)
     with device_guard(q):
         programs = grid(L, cfg["BLOCK_M"], N * H)
@@ -364,10 +405,11 @@ def attention_backward(grad, q, k, v, out, lse, mask, dropout_p: float, is_causa
                 q, k, v, out, grad, lse, delta, dq, c["mask"], *q.stride(), *k.stride(), *v.stride(),
                 *out.stride(), *grad.stride(), *shared, H, L, S, E, EV, H // HKV, c["qk_scale"], scale,
                 c["drop_scale"], *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **cfg)
-        programs = grid(S, cfg["BLOCK_N"], N * HKV)
-        if programs[0]:
-            attention_backward_dkdv_kernel[programs](
-                q, k, v, grad, lse, delta, dk, dv, c["mask"], *q.stride(), *k.stride(), *v.stride(),
-                *grad.stride(), *shared, H, HKV, L, S, E, EV, H // HKV, c["qk_scale"], scale, c["drop_scale"],
-                *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **cfg)
+        programs = grid(S, dkdv_cfg["BLOCK_N"], N * HKV)
+        for part in (1, 2) if split else (0,):
+            if programs[0]:
+                attention_backward_dkdv_kernel[programs](
+                    q, k, v, grad, lse, delta, dk, dv, c["mask"], *q.stride(), *k.stride(), *v.stride(),
+                    *grad.stride(), *shared, H, HKV, L, S, E, EV, H // HKV, c["qk_scale"], scale, c["drop_scale"],
+                    *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **dkdv_cfg, PART=part)
     return dq, dk, dv

@@ -174,24 +174,30 @@ def conv_pool2d_kernel(
         tl.store(pre_ptr + out_offs, best_pre.to(pre_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _gpu_configs():
-    # Tiles that ptxas (sm_90a, triton 3.6) fits in registers with at most ~200 bytes of spills; the
-    # gathered im2col addresses are costly, so 128 x 128 tiles and 64-wide K steps on 64 x 64 tiles spill KBs.
-    shapes = [(16, 64, 32, 4), (32, 128, 32, 8), (64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8),
-              (128, 64, 64, 8)]
+# (BLOCK_CO, BLOCK_P, BLOCK_K, num_warps, num_stages) that ptxas (sm_90a, triton 3.6) fits in registers with
+# no spill at the benchmark layers (the static report, benchmarks/static.py, checks every one): the
+# gathered im2col addresses cost many registers, so K steps are short, and fp32 (tf32 operands twice the
+# size) gets fewer tiles and stages.
+HALF_TILES = [(16, 64, 32, 4), (32, 32, 32, 4), (32, 128, 16, 8), (64, 32, 16, 4), (64, 64, 16, 4), (128, 64, 16, 8)]
+HALF_CONFIGS = [tile + (stages,) for tile in HALF_TILES for stages in (2, 3)]
+FP32_CONFIGS = [(16, 64, 16, 4, 2), (32, 64, 16, 4, 2), (32, 128, 16, 8, 2), (64, 32, 16, 4, 2), (64, 32, 16, 4, 3),
+                (128, 64, 16, 8, 2)]
+
+
+def _gpu_configs(half: bool) -> list:
     return [triton.Config({"BLOCK_CO": co, "BLOCK_P": p, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
-            for co, p, k, warps in shapes for stages in (3, 4)]
+            for co, p, k, warps, stages in (HALF_CONFIGS if half else FP32_CONFIGS)]
 
 
-DEFAULT_TILE = {"BLOCK_CO": 64, "BLOCK_P": 64, "BLOCK_K": 32}  # taken while a CUDA graph is being captured
+DEFAULT_TILE = {"BLOCK_CO": 64, "BLOCK_P": 32, "BLOCK_K": 16}  # taken while a CUDA graph is being captured
 
 
-def candidates(C_out_g: int, K: int) -> list:
-    """The configs worth timing for C_out_g output channels per group and a reduction of K: tiles far
-    larger than the channel or reduction extent they would cover are dropped."""
+def candidates(C_out_g: int, K: int, half: bool = True) -> list:
+    """The configs worth timing for C_out_g output channels per group and a reduction of K, in fp16/bf16
+    (`half`) or fp32: tiles far larger than the channel or reduction extent they would cover are dropped."""
     c_out = max(16, triton.next_power_of_2(C_out_g))
     k = max(16, triton.next_power_of_2(K))
-    configs = _gpu_configs()
+    configs = _gpu_configs(half)
     kept = [c for c in configs if c.kwargs["BLOCK_CO"] <= c_out and c.kwargs["BLOCK_K"] <= k]
     return kept or configs[:1]
 
@@ -283,8 +289,8 @@ def conv_pool2d(x, weight, bias, out, argmax, pre, stride, padding, dilation, gr
                                                     num_stages=config.num_stages)
 
         with device_guard(x):
-            configs = candidates(C_out_g, C_in_g * KH * KW)
-            config = choose_config(tuning_key(x.dtype, C_out_g, num_p, meta), configs, run,
-                                   torch.cuda.is_current_stream_capturing())
+            configs = candidates(C_out_g, C_in_g * KH * KW, x.dtype != torch.float32)
+            capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            config = choose_config(tuning_key(x.dtype, C_out_g, num_p, meta), configs, run, capturing)
             run(config)
     return out

@@ -20,10 +20,10 @@ import triton
 import triton.language as tl
 
 from fusenn.kernels import INTERPRET
-from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, REG_ARGS, RUNTIME_ARGS, emit_state, hidden_block, launch_split,
-                                 load_2d, matmul_acc, phase_sync, program_rows, recurrent_input, recurrent_scale,
-                                 regulariser_args, regulariser_keys, split_plan, step_slots, store_2d, tanh,
-                                 valid_rows, zoneout_update)
+from fusenn.kernels.lstm import (BLOCK_B, REG_ARGS, RUNTIME_ARGS, dot_warps, emit_state, fp32_dot, hidden_block,
+                                 launch_split, load_2d, matmul_acc, phase_sync, program_rows, recurrent_input,
+                                 recurrent_scale, regulariser_args, regulariser_keys, report_stuck, split_plan,
+                                 step_slots, store_2d, tanh, valid_rows, zoneout_update)
 from fusenn.ops import new_output
 
 
@@ -79,6 +79,7 @@ def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, bar_p
                        zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
         epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # h_t is complete before step t+1
         k += 1
+    report_stuck(bar_ptr, stuck, NSPLIT, PHASES)
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
@@ -144,12 +145,16 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
             store_2d(dh_ptr, rows, pc, H, dh + tl.where(valid, acc, 0.0), row_ok, p_ok)
         epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # dh_{t-1} is complete before step t-1
         k += 1
+    report_stuck(bar_ptr, stuck, NSPLIT, PHASES)
 
 
-def _consts(gx, nsplit):
+def _consts(gx, nsplit, backward: bool, regularised: bool):
+    """Tiles, warps and stages as the static sm_90a report chose them (see fusenn.kernels.lstm._consts):
+    the regularised backward pipelines nothing (ptxas spills otherwise)."""
     H = gx.shape[-1] // 3
-    return dict(H=H, FP32_DOT=INTERPRET or gx.dtype == torch.float32, BLOCK_B=BLOCK_B,
-                BLOCK_H=hidden_block(H, nsplit, 32), num_warps=NUM_WARPS)
+    block_h = hidden_block(H, nsplit, 32)
+    return dict(H=H, FP32_DOT=fp32_dot(gx.dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, num_warps=dot_warps(block_h),
+                num_stages=1 if backward and regularised else 3)
 
 
 def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, recurrent_dropout=None, zoneout=None,
@@ -168,7 +173,8 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, recurren
         nsplit = split_plan(B, gx.shape[-1] // 3, gx.device, split)
         launch_split(gru_forward_kernel, (gx, w_hh, b_hh if b_hh is not None else w_hh,
                                           lengths if lengths is not None else hs, hs, y),
-                     T, B, nsplit, cooperative and not INTERPRET, (1,), **_consts(gx, nsplit),
+                     T, B, nsplit, cooperative and not INTERPRET, (1,),
+                     **_consts(gx, nsplit, False, recurrent_dropout is not None or zoneout is not None),
                      **regulariser_args(recurrent_dropout, zoneout, hs, B, h0.shape[-1]),
                      HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
@@ -188,7 +194,8 @@ def gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse: bool, hs, recurrent
         nsplit = split_plan(B, G // 3, gx.device, split)
         launch_split(gru_backward_kernel, (gx, w_hh, b_hh if b_hh is not None else w_hh,
                                            lengths if lengths is not None else hs, hs, dy, dh, dg, dghn),
-                     T, B, nsplit, cooperative and not INTERPRET, **_consts(gx, nsplit),
+                     T, B, nsplit, cooperative and not INTERPRET,
+                     **_consts(gx, nsplit, True, recurrent_dropout is not None or zoneout is not None),
                      **regulariser_args(recurrent_dropout, zoneout, hs, B, G // 3),
                      HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dghn, dh

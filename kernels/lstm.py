@@ -22,7 +22,8 @@ Specialisation. H and P are constexpr (one compile per layer size, like an atten
 loops get constant bounds); T, B and the step range are runtime values, never specialised. The time loop is a while loop
 because the interpreter (with numpy >= 2.4) cannot range() over a runtime bound.
 
-Precision. fp32 inputs use IEEE fp32 dots (no TF32); fp16/bf16 use tensor-core dots (the fp32 state
+Precision. fp32 inputs follow torch.backends.cudnn.allow_tf32 as cuDNN's nn.LSTM does: TF32 tensor-core
+dots when set (torch's default), else IEEE fp32 (fp32_dot); fp16/bf16 use tensor-core dots (the fp32 state
 rounded to the input dtype as the operand) with fp32 accumulation, fp32 gates and fp32 cell state. Under
 the interpreter every dot runs in fp32 (its bf16 tl.dot is wrong).
 
@@ -37,15 +38,17 @@ saved c_t is then the zoned one, backward recomputes c_new = f c_{t-1} + i g for
 
 GPU speed limits, and the split mode. One program per 16 batch rows means a batch of 64 occupies 4 of an
 H100's 132 SMs, and every step re-reads W_hh (4H x P) from L2: for large H this is bandwidth- and
-latency-bound at a few percent of peak; fp32 inputs also forgo tensor cores (IEEE dots). The split mode
+latency-bound at a few percent of peak. The split mode
 (NSPLIT > 1, chosen by split_plan) lets NSPLIT programs share each block of rows, each taking every
 NSPLIT-th hidden tile in phase 1 of a step and every NSPLIT-th tile of P in phase 2, so a step's work
 (and its share of W_hh, which stays in L2) spreads over up to one program per SM. On a GPU it is one
-cooperative launch whose programs meet at a barrier in global memory after each phase (phase_sync); the
-interpreter, which runs programs one after another, runs the same kernel one launch per phase per step
-(PHASES = 1 or 2), the launch boundaries standing in for the barriers, so the CPU tests cover all of the
-split indexing. The split mode (here and in fusenn.kernels.gru) is opt-in (FUSENN_RNN_SPLIT) until GPU
-runs show where it wins.
+cooperative launch (CUDA's: every program resident at once, or the launch fails, however busy the GPU is
+with other streams) whose programs meet at a barrier in global memory after each phase (phase_sync); a
+program that still times out at a barrier sets an error flag that the launcher checks and raises on
+(check_barriers), so a sync that cannot complete never returns numbers. The interpreter, which runs
+programs one after another, runs the same kernel one launch per phase per step (PHASES = 1 or 2), the
+launch boundaries standing in for the barriers, so the CPU tests cover all of the split indexing. The
+split mode (here and in fusenn.kernels.gru) is opt-in (FUSENN_RNN_SPLIT) until GPU runs show where it wins.
 """
 
 import os
@@ -59,7 +62,13 @@ from fusenn.kernels.philox import philox_keep, philox_key
 from fusenn.ops import new_output
 
 BLOCK_B = 16  # tl.dot needs every dimension >= 16
-NUM_WARPS = 8  # with the tiles below, keeps ptxas (sm_90) from spilling much at H = 1000
+
+
+def dot_warps(*widths: int) -> int:
+    """num_warps for a kernel whose dots are BLOCK_B = 16 rows by `widths` columns: one mma.sync m16n8
+    instruction gives a warp 8 columns, so more than min(widths) / 8 warps would compute the same
+    products on several warps (the static report's replicated dots); at most 8."""
+    return max(1, min(8, min(widths) // 8))
 
 
 def block_size(n: int, cap: int) -> int:
@@ -75,9 +84,10 @@ def tanh(x):
 
 @triton.jit
 def matmul_acc(a, b, acc, FP32_DOT: tl.constexpr):
-    """acc + a @ b, accumulated in fp32: IEEE fp32 when FP32_DOT, else tensor cores in b's dtype."""
-    if FP32_DOT:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    """acc + a @ b, accumulated in fp32: fp32 operands at FP32_DOT's precision ("ieee" or "tf32"), or with
+    FP32_DOT "none" tensor cores in b's dtype."""
+    if FP32_DOT != "none":
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_DOT)
     else:
         acc = tl.dot(a.to(b.dtype), b, acc)
     return acc
@@ -136,8 +146,9 @@ def phase_sync(bar_ptr, epoch, stuck, NSPLIT: tl.constexpr, PHASES: tl.constexpr
     global memory (a counter each of them adds 1 to per phase, release/acquire at GPU scope), which needs
     all of them resident at once, so it is only launched with at most one program per SM, and never under
     the interpreter. Should they not be (a GPU shared with other work), a program gives up waiting after
-    MAX_SPINS polls and never waits again: wrong results, which the tests catch, rather than a hung
-    process. Returns (next epoch, stuck)."""
+    MAX_SPINS polls and never waits again, and the kernel ends by raising the error flag (report_stuck),
+    which the launcher checks: an error, never a hung process or stale numbers. Returns (next epoch,
+    stuck)."""
     tl.debug_barrier()
     if NSPLIT > 1 and PHASES == 3:
         counter = bar_ptr + tl.program_id(0)  # one per block of rows: only its NSPLIT programs meet here
@@ -148,6 +159,14 @@ def phase_sync(bar_ptr, epoch, stuck, NSPLIT: tl.constexpr, PHASES: tl.constexpr
         stuck = (spins >= MAX_SPINS).to(tl.int32)
         tl.debug_barrier()
     return epoch + 1, stuck
+
+
+@triton.jit
+def report_stuck(bar_ptr, stuck, NSPLIT: tl.constexpr, PHASES: tl.constexpr):
+    """At the end of a cooperative kernel: a program that gave up at a barrier sets the error flag after
+    the row blocks' counters (launch_split checks it after the launch)."""
+    if NSPLIT > 1 and PHASES == 3:
+        tl.atomic_max(bar_ptr + tl.num_programs(0), stuck)
 
 
 @triton.jit
@@ -301,6 +320,7 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                            p_ok, t, B, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
             epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)
         k += 1
+    report_stuck(bar_ptr, stuck, NSPLIT, PHASES)
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
@@ -391,6 +411,7 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
         # dh_{t-1}, dc_{t-1} are complete before step t-1 reads them
         epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)
         k += 1
+    report_stuck(bar_ptr, stuck, NSPLIT, PHASES)
 
 
 def split_plan(B: int, H: int, device, split=None) -> int:
@@ -404,7 +425,15 @@ def split_plan(B: int, H: int, device, split=None) -> int:
         return int(choice)
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return auto_split(B, H, sm_count(device))
+
+
+def sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def auto_split(B: int, H: int, sms: int) -> int:
+    """FUSENN_RNN_SPLIT=auto's NSPLIT: up to one program per SM, at least 16 hidden units each."""
     return max(1, min(sms // triton.cdiv(B, BLOCK_B), triton.cdiv(H, 16)))
 
 
@@ -427,13 +456,16 @@ def launch_split(kernel, args: tuple, T: int, B: int, nsplit: int, cooperative: 
         if nsplit > 1:
             if INTERPRET:
                 raise ValueError("the cooperative RNN kernels cannot run under the Triton interpreter")
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            sms = sm_count(device)
             if rows * nsplit > sms:
                 raise ValueError(f"the cooperative RNN kernels need all {rows * nsplit} programs resident, more "
                                  f"than the {sms} SMs")
-        bar = torch.zeros(rows, dtype=torch.int32, device=device) if nsplit > 1 else args[0]  # else never read
+        bar = barrier_buffer(rows, device) if nsplit > 1 else args[0]  # else never read
+        coop = dict(launch_cooperative_grid=True) if nsplit > 1 else {}
         with device_guard(args[0]):
-            kernel[(rows, nsplit)](*args, bar, T, B, 0, T, **consts, NSPLIT=nsplit, PHASES=3)
+            kernel[(rows, nsplit)](*args, bar, T, B, 0, T, **consts, NSPLIT=nsplit, PHASES=3, **coop)
+        if nsplit > 1:
+            check_barriers(bar[rows:])
         return
     with device_guard(args[0]):
         for k in range(T):
@@ -441,9 +473,52 @@ def launch_split(kernel, args: tuple, T: int, B: int, nsplit: int, cooperative: 
                 kernel[(rows, nsplit)](*args, args[0], T, B, k, k + 1, **consts, NSPLIT=nsplit, PHASES=phase)
 
 
-def _consts(H, P, dtype, nsplit):
-    return dict(H=H, P=P, FP32_DOT=INTERPRET or dtype == torch.float32, BLOCK_B=BLOCK_B,
-                BLOCK_H=hidden_block(H, nsplit, 64), BLOCK_P=block_size(P, 32), num_warps=NUM_WARPS)
+def barrier_buffer(rows: int, device) -> torch.Tensor:
+    """int32 [one barrier counter per block of rows..., the error flag]: all zero."""
+    return torch.zeros(rows + 1, dtype=torch.int32, device=device)
+
+
+def check_barriers(flag: torch.Tensor) -> None:
+    """Raise if a cooperative launch's programs gave up waiting at a barrier (report_stuck): its results
+    are wrong. Eagerly this reads the flag (a synchronisation, once per launch of the opt-in split mode);
+    inside CUDA-graph capture it becomes an asynchronous device assertion."""
+    if flag.device.type == "meta":  # nothing ran (the static report records launches on meta tensors)
+        return
+    if flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        torch._assert_async(flag[0] == 0, "fusenn: the cooperative RNN kernel's programs were not all resident")
+    elif int(flag[0]):
+        raise RuntimeError("fusenn: the cooperative RNN kernel's programs were not all resident (a barrier timed "
+                           "out), so its results are wrong; run without FUSENN_RNN_SPLIT")
+
+
+def fp32_dot(dtype) -> str:
+    """The dots' precision: fp16/bf16 on tensor cores ("none"); fp32 as cuDNN runs nn.LSTM / nn.GRU, TF32
+    tensor cores when torch.backends.cudnn.allow_tf32 (torch's default) and IEEE fp32 otherwise; IEEE
+    fp32 for every dtype under the interpreter (its bf16 tl.dot is wrong)."""
+    if INTERPRET:
+        return "ieee"
+    if dtype != torch.float32:
+        return "none"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _consts(H, P, dtype, nsplit, projection: bool, backward: bool, regularised: bool, save: bool = True):
+    """Tiles, warps and stages; the dots are 16 x BLOCK_H (gates), and 16 x BLOCK_P with a projection or in
+    backward (phase 2). The choices are the static sm_90a report's (benchmarks/static.py): no dot
+    replicated across warps, no spill at the benchmark shapes. Backward takes 64-wide tiles of P on 8
+    warps, except regularised in fp16/bf16 (4 warps on 32-wide tiles, one stage); the regularised forward
+    pipelines less (ptxas spills a few bytes otherwise)."""
+    half = dtype != torch.float32
+    block_h = hidden_block(H, nsplit, 64)
+    narrow = regularised and half
+    block_p = block_size(P, 64 if backward and not narrow else 32)
+    if backward:
+        stages = 1 if narrow else 2
+    else:
+        stages = (2 if save and half else 1) if regularised else 3
+    return dict(H=H, P=P, FP32_DOT=fp32_dot(dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_P=block_p,
+                num_warps=dot_warps(block_h, block_p) if projection or backward else dot_warps(block_h),
+                num_stages=stages)
 
 
 def recurrent_scale_tensor(B: int, P: int, p: float, seed) -> torch.Tensor:
@@ -498,7 +573,9 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, rec
                                            lengths if lengths is not None else hs, hs, cs,
                                            ms if ms is not None else hs, y),
                      T, B, nsplit, cooperative and not INTERPRET, (1, 2) if w_hr is not None else (1,),
-                     **_consts(H, P, gx.dtype, nsplit), **regulariser_args(recurrent_dropout, zoneout, hs, B, P),
+                     **_consts(H, P, gx.dtype, nsplit, w_hr is not None, False,
+                               recurrent_dropout is not None or zoneout is not None, save),
+                     **regulariser_args(recurrent_dropout, zoneout, hs, B, P),
                      HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
     h_n = hs[last].to(gx.dtype, copy=True)
@@ -524,7 +601,9 @@ def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs
         launch_split(lstm_backward_kernel, (gx, w_hh, w_hr if w_hr is not None else w_hh,
                                             lengths if lengths is not None else hs, hs, cs, dy, dh, dc, dg,
                                             dhs if dhs is not None else dg),
-                     T, B, nsplit, cooperative and not INTERPRET, **_consts(H, P, gx.dtype, nsplit),
+                     T, B, nsplit, cooperative and not INTERPRET,
+                     **_consts(H, P, gx.dtype, nsplit, w_hr is not None, True,
+                               recurrent_dropout is not None or zoneout is not None),
                      **regulariser_args(recurrent_dropout, zoneout, hs, B, P),
                      HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dh, dc, dhs

@@ -75,7 +75,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     `seed` (a Python int or a 0-d integer tensor; drawn from torch's generator when None, so
     torch.manual_seed repeats a run, compiled or not): element
     (..., l, s) of the (*batch, Hq, L, S) weights is kept as fusenn.reference.attention.dropout_keep says,
-    on every backend. The Triton kernel takes fp16, bf16 and fp32 (no tf32) with head dims up to 256.
+    on every backend. The Triton kernel takes fp16, bf16 and fp32 (products as torch's SDPA computes fp32 ones:
+    fp32-accurate, from three TF32 products) with head dims up to 256.
     """
     _check(query, key, value, attn_mask, dropout_p, is_causal)
     batch, hq, hk, hv = reference.attention_shapes(query, key, value, enable_gqa)
