@@ -170,7 +170,19 @@ class _Recurrent(_Convertible):
             extra.append("variational=True")
         return ", ".join([super().extra_repr()] + extra)
 
+    def _native(self) -> Optional[str]:
+        """None when this forward computes what torch's own module does (so the "torch" backend can run
+        it); else the fusenn-only regularisers that make it differ."""
+        on = [n for n in self._regularisers if getattr(self, n, 0.0)] if self.training else []
+        if not self.training and self.zoneout:
+            on = ["zoneout (its expectation in eval mode)"]
+        return f"fusenn-only regularisers: {', '.join(on)}" if on else None
+
     def forward(self, input, hx=None):
+        backend = ops.module_backend("lstm" if isinstance(self, nn.LSTM) else "gru",
+                                     input.data if isinstance(input, PackedSequence) else input, self._native())
+        if backend == "torch":  # torch's own forward on these parameters (auto's choice for CPU tensors)
+            return super().forward(input, hx)
         if isinstance(input, PackedSequence):
             x, batch_sizes, sorted_indices, unsorted_indices = input
             batched = True
@@ -204,7 +216,7 @@ class _Recurrent(_Convertible):
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        y, hidden = self._run_layers(x, hx, lengths)
+        y, hidden = self._run_layers(x, hx, lengths, backend)
 
         if batch_sizes is not None:
             output = PackedSequence(y[steps, rows], batch_sizes, sorted_indices, unsorted_indices)
@@ -215,7 +227,7 @@ class _Recurrent(_Convertible):
                 hidden = self._map_hidden(hidden, lambda t: t.squeeze(1))
         return output, self.permute_hidden(hidden, unsorted_indices)
 
-    def _run_layers(self, x: Tensor, hx, lengths: Optional[Tensor]):
+    def _run_layers(self, x: Tensor, hx, lengths: Optional[Tensor], backend: Optional[str] = None):
         """x (T, B, I) time-major; returns the last layer's output (T, B, D*P) and the final states."""
         directions = 2 if self.bidirectional else 1
         states = self._hidden_tuple(hx)
@@ -243,7 +255,7 @@ class _Recurrent(_Convertible):
                 if self.zoneout:  # eval mode: the expectation (seed None)
                     inside["zoneout"] = (self.zoneout, _sub_seed(seed, _ZONEOUT, k) if seed is not None else None)
                 y, final = self._layer(x, [s[k] for s in states], weights, lengths, reverse=direction == 1,
-                                       **inside)
+                                       backend=backend, **inside)
                 ys.append(y)
                 finals.append(final)
             x = torch.cat(ys, dim=-1) if directions == 2 else ys[0]
@@ -299,12 +311,12 @@ class LSTM(_Recurrent, nn.LSTM):
         return states
 
     @staticmethod
-    def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None):
+    def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None, backend=None):
         # Both biases fold into the one input GEMM; the recurrence then needs no bias.
         bias = w["bias_ih"] + w["bias_hh"] if "bias_ih" in w else None
         gx = F.linear(x, w["weight_ih"], bias)
         y, h, c = ops.lstm_layer(gx, state[0], state[1], w["weight_hh"], w.get("weight_hr"), lengths, reverse,
-                                 recurrent_dropout=recurrent_dropout, zoneout=zoneout)
+                                 recurrent_dropout=recurrent_dropout, zoneout=zoneout, backend=backend)
         return y, (h, c)
 
 
@@ -331,11 +343,11 @@ class GRU(_Recurrent, nn.GRU):
         return states[0]
 
     @staticmethod
-    def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None):
+    def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None, backend=None):
         # b_hh stays inside the recurrence: the new-gate term is r * (W_hn h + b_hn).
         gx = F.linear(x, w["weight_ih"], w.get("bias_ih"))
         y, h = ops.gru_layer(gx, state[0], w["weight_hh"], w.get("bias_hh"), lengths, reverse,
-                             recurrent_dropout=recurrent_dropout, zoneout=zoneout)
+                             recurrent_dropout=recurrent_dropout, zoneout=zoneout, backend=backend)
         return y, (h,)
 
 
@@ -368,6 +380,9 @@ class LSTMCell(_Convertible, nn.LSTMCell):
     _config = ("input_size", "hidden_size", "bias")
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        backend = ops.module_backend("lstm", input, None)
+        if backend == "torch":
+            return super().forward(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
@@ -385,7 +400,7 @@ class LSTMCell(_Convertible, nn.LSTMCell):
         _check_cell(self, input, hx)
         bias = self.bias_ih + self.bias_hh if self.bias else None
         gx = _cell_gates(F.linear(input, self.weight_ih, bias), hx)
-        _, h, c = ops.lstm_layer(gx, hx[0], hx[1], self.weight_hh)
+        _, h, c = ops.lstm_layer(gx, hx[0], hx[1], self.weight_hh, backend=backend)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -396,6 +411,9 @@ class GRUCell(_Convertible, nn.GRUCell):
     _config = ("input_size", "hidden_size", "bias")
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        backend = ops.module_backend("gru", input, None)
+        if backend == "torch":
+            return super().forward(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx.dim() not in (1, 2):
@@ -409,5 +427,5 @@ class GRUCell(_Convertible, nn.GRUCell):
             hx = hx.unsqueeze(0)
         _check_cell(self, input, (hx,))
         gx = _cell_gates(F.linear(input, self.weight_ih, self.bias_ih), (hx,))
-        _, h = ops.gru_layer(gx, hx, self.weight_hh, self.bias_hh)
+        _, h = ops.gru_layer(gx, hx, self.weight_hh, self.bias_hh, backend=backend)
         return h if batched else h.squeeze(0)

@@ -47,11 +47,27 @@ def _kernel_reason(kind: str):
 
 # Backends that implement the layers, each mapped to a function giving the reason it cannot take
 # particular inputs (None when it can).
-LSTM_SUPPORT = {"reference": lambda *args: None, "triton": _kernel_reason("Triton"), "cuda": _kernel_reason("C++")}
+LSTM_SUPPORT = {"reference": lambda *args: None, "triton": _kernel_reason("Triton"), "cuda": _kernel_reason("C++"),
+                "cpp": _kernel_reason("C++")}
 GRU_SUPPORT = LSTM_SUPPORT
 # On a GPU under `auto`, the Triton kernels (one persistent launch per layer) come before the C++ layers
 # (a launch and a cuBLAS GEMM per step) until GPU timings say where each wins.
 GPU_ORDER = ("triton", "cuda")
+
+
+def module_backend(op: str, x: Tensor, native: Optional[str]) -> str:
+    """The backend for one forward of a whole module (op "lstm" or "gru": fusenn.LSTM / GRU / their cells)
+    with input x. `native` is None when torch's own module computes what this one does (no fusenn-only
+    regulariser), else why not: the "torch" backend (auto's first choice for CPU tensors) then runs torch's
+    module forward; any other backend runs fusenn's layers, which the module then tells which one."""
+    reasons = {name: why(x) for name, why in (LSTM_SUPPORT if op == "lstm" else GRU_SUPPORT).items()}
+    reasons["torch"] = native
+    return dispatch.choose(op, x.device, reasons, GPU_ORDER)
+
+
+def _impl(name: str) -> str:
+    """The ops' `impl` for a backend: "cpp" (CPU tensors) and "cuda" are the same C++ ops (torch.ops.fusenn_cuda)."""
+    return "cuda" if name == "cpp" else name
 
 
 def _contiguous(*tensors):
@@ -363,20 +379,21 @@ def _check_regularisers(recurrent_dropout, zoneout):
 def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor] = None,
                lengths: Optional[Tensor] = None, reverse: bool = False,
                recurrent_dropout: Optional[tuple[float, int]] = None,
-               zoneout: Optional[tuple[float, Optional[int]]] = None):
+               zoneout: Optional[tuple[float, Optional[int]]] = None, backend: Optional[str] = None):
+    """`backend`: the one the calling module chose (module_backend) for its whole forward; else chosen here."""
     _check_regularisers(recurrent_dropout, zoneout)
-    reasons = {name: why(gx, h0, w_hh, w_hr) for name, why in LSTM_SUPPORT.items()}
-    name = dispatch.choose("lstm", gx.device, reasons, GPU_ORDER)
+    reasons = None if backend else {n: why(gx, h0, w_hh, w_hr) for n, why in LSTM_SUPPORT.items()}
+    name = backend or dispatch.choose("lstm", gx.device, reasons, GPU_ORDER)
     if name == "reference":
         return reference.lstm_layer(gx, h0, c0, w_hh, w_hr, lengths, reverse, recurrent_dropout, zoneout)
-    if name in ("triton", "cuda"):
+    if name in ("triton", "cuda", "cpp"):
         dtype = gx.dtype
         h0, c0, w_hh = h0.to(dtype), c0.to(dtype), w_hh.to(dtype)
         w_hr = w_hr.to(dtype) if w_hr is not None else None
         layer = lstm_layer_forward if torch.compiler.is_compiling() else _LSTMLayer.apply
         out = layer(gx, h0, c0, w_hh, w_hr, _lengths(lengths, gx.device), bool(reverse),
                     _needs_grad(gx, h0, c0, w_hh, w_hr), *_op_regularisers(recurrent_dropout, zoneout, gx.device),
-                    name)
+                    _impl(name))
         return out[:3]
     raise AssertionError(name)
 
@@ -384,18 +401,18 @@ def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[
 def gru_layer(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = None,
               lengths: Optional[Tensor] = None, reverse: bool = False,
               recurrent_dropout: Optional[tuple[float, int]] = None,
-              zoneout: Optional[tuple[float, Optional[int]]] = None):
+              zoneout: Optional[tuple[float, Optional[int]]] = None, backend: Optional[str] = None):
     _check_regularisers(recurrent_dropout, zoneout)
-    reasons = {name: why(gx, h0, w_hh, b_hh) for name, why in GRU_SUPPORT.items()}
-    name = dispatch.choose("gru", gx.device, reasons, GPU_ORDER)
+    reasons = None if backend else {n: why(gx, h0, w_hh, b_hh) for n, why in GRU_SUPPORT.items()}
+    name = backend or dispatch.choose("gru", gx.device, reasons, GPU_ORDER)
     if name == "reference":
         return reference.gru_layer(gx, h0, w_hh, b_hh, lengths, reverse, recurrent_dropout, zoneout)
-    if name in ("triton", "cuda"):
+    if name in ("triton", "cuda", "cpp"):
         dtype = gx.dtype
         h0, w_hh = h0.to(dtype), w_hh.to(dtype)
         b_hh = b_hh.to(dtype) if b_hh is not None else None
         layer = gru_layer_forward if torch.compiler.is_compiling() else _GRULayer.apply
         out = layer(gx, h0, w_hh, b_hh, _lengths(lengths, gx.device), bool(reverse), _needs_grad(gx, h0, w_hh, b_hh),
-                    *_op_regularisers(recurrent_dropout, zoneout, gx.device), name)
+                    *_op_regularisers(recurrent_dropout, zoneout, gx.device), _impl(name))
         return out[:2]
     raise AssertionError(name)
