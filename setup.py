@@ -1,16 +1,23 @@
-"""Build fusenn: the Python package always; the CUDA extension fusenn._C when it can be built.
+"""Build fusenn: the Python package always; the C++ extension fusenn._C when it can be built.
 
-FUSENN_CUDA=auto (default) builds fusenn._C when torch is a CUDA build and a CUDA toolkit (nvcc) is
-found; 0 never builds it; 1 requires it, and against a CPU build of torch compiles and links it anyway
-(a compile check: such a build cannot run). TORCH_CUDA_ARCH_LIST is honoured (default 8.0;9.0a), and
-MAX_JOBS is chosen from cores and memory when unset.
+FUSENN_CUDA=auto (default) builds fusenn._C with its CUDA kernels when torch is a CUDA build and a CUDA
+toolkit (nvcc) is found, and else host-only (the C++ RNN layers' CPU implementations, no CUDA); 0 builds it
+host-only; 1 requires the CUDA build, and against a CPU build of torch compiles and links it anyway (a compile
+check: such a build cannot run). FUSENN_CPP=0 skips the extension altogether. TORCH_CUDA_ARCH_LIST is
+honoured (default 8.0;9.0a), MAX_JOBS is chosen from cores and memory when unset, and the C++ standard is the
+one the installed torch's headers need. A failed build under auto installs the package without fusenn._C and
+says so loudly, with the compiler's first error line; src/fusenn/_build.json records what happened, written
+only once the build has succeeded or failed.
 """
 
 import glob
+import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -30,6 +37,34 @@ def find_nvcc():
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
 
 
+def cxx_std():
+    spec = importlib.util.spec_from_file_location("fusenn_cxx", os.path.join(ROOT, "src", "fusenn", "_cxx.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cxx_std()
+
+
+def first_error_line(log_text):
+    """The compiler's first error line in a build log (or its last non-empty line)."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    for line in lines:
+        if re.search(r"(^|[\s:])(fatal )?error\b", line, re.IGNORECASE) and not line.startswith("FAILED:"):
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def shout(msg):
+    """A warning that survives pip's quiet mode: pip hides a build's output unless -v, so it also goes to the
+    terminal where there is one (python -m fusenn.info and dev.py repeat it)."""
+    banner = "\n" + "!" * 100 + f"\nfusenn: WARNING: {msg}\n" + "!" * 100 + "\n"
+    print(banner, file=sys.stderr, flush=True)
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(banner)
+    except OSError:
+        pass
+
+
 def default_max_jobs():
     cores = os.cpu_count() or 1
     try:
@@ -39,13 +74,45 @@ def default_max_jobs():
     return max(1, min(cores, int(mem_gib // 3)))  # nvcc with templates takes 2-3 GiB a job
 
 
-def cuda_extension():
-    """The fusenn._C extension and the build command for it, or (None, reason) when skipped."""
+def cuda_reason(mode, torch):
+    """None when the CUDA build is to be made, else why not (FUSENN_CUDA=1 turns that into an error)."""
+    if mode == "0":
+        return "FUSENN_CUDA=0"
+    reason = None
+    if find_nvcc() is None:
+        reason = "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+    elif torch.version.cuda is None and mode == "auto":
+        reason = f"torch {torch.__version__} is a CPU build"
+    if reason and mode == "1":
+        raise SystemExit(f"fusenn: FUSENN_CUDA=1 but {reason}")
+    return reason
+
+
+def drop_cuda_libraries(cpp_extension, cuda_home):
+    """Compile check against the CPU wheel: it ships no c10_cuda/torch_cuda."""
+    original = cpp_extension.library_paths
+
+    def library_paths(*args, **kwargs):
+        return [p for p in original(*args, **kwargs) if "cuda" not in os.path.basename(p)]
+
+    cpp_extension.library_paths = library_paths
+    original_ext = cpp_extension.CUDAExtension
+
+    def cuda_ext(*args, **kwargs):
+        ext = original_ext(*args, **kwargs)
+        ext.libraries = [lib for lib in ext.libraries if lib not in ("c10_cuda", "torch_cuda")]
+        return ext
+
+    cpp_extension.CUDAExtension = cuda_ext
+    log("building fusenn._C against a CPU build of torch: a compile check, it cannot run here")
+    return [f"-L{os.path.join(cuda_home, 'lib64')}", "-lcudart"]
+
+
+def extension():
+    """(the fusenn._C extension, its build command, what it is), or (None, None, why none is built)."""
     mode = os.environ.get("FUSENN_CUDA", "auto").strip().lower()
     if mode not in ("0", "1", "auto"):
         raise SystemExit(f"fusenn: FUSENN_CUDA must be 0, 1 or auto, got {mode!r}")
-    if mode == "0":
-        return None, "FUSENN_CUDA=0"
     try:
         import torch
         from torch.utils import cpp_extension
@@ -53,91 +120,96 @@ def cuda_extension():
         if mode == "1":
             raise SystemExit("fusenn: FUSENN_CUDA=1 but torch is not importable (install torch first and "
                              "build with --no-build-isolation)")
-        return None, "torch is not importable in the build environment (use --no-build-isolation)"
-    cuda_home = find_nvcc()
-    cpu_torch = torch.version.cuda is None
-    reason = None
-    if cuda_home is None:
-        reason = "no CUDA toolkit (nvcc) found; set CUDA_HOME"
-    elif cpu_torch and mode == "auto":
-        reason = f"torch {torch.__version__} is a CPU build"
-    if reason:
-        if mode == "1":
-            raise SystemExit(f"fusenn: FUSENN_CUDA=1 but {reason}")
-        return None, reason
-
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        return None, None, "torch is not importable in the build environment (use --no-build-isolation)"
+    no_cuda = cuda_reason(mode, torch)
+    if os.environ.get("FUSENN_CPP", "1").strip() == "0":
+        return None, None, "FUSENN_CPP=0"
+    std = f"-std={cxx_std()}"
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
-    # torch finds its toolkit from `which nvcc` when CUDA_HOME is unset, and a wrapper script on the PATH
-    # (/usr/local/bin/nvcc) then points it at a directory without lib64/libcudart: use the one found here.
-    cpp_extension.CUDA_HOME = cuda_home
-    extra_link = []
-    if cpu_torch:
-        # Compile check against the CPU wheel: it ships no c10_cuda/torch_cuda.
-        extra_link = [f"-L{os.path.join(cuda_home, 'lib64')}", "-lcudart"]
-        original = cpp_extension.library_paths
-
-        def library_paths(*args, **kwargs):
-            return [p for p in original(*args, **kwargs) if "cuda" not in os.path.basename(p)]
-
-        cpp_extension.library_paths = library_paths
-        original_ext = cpp_extension.CUDAExtension
-
-        def cuda_ext(*args, **kwargs):
-            ext = original_ext(*args, **kwargs)
-            ext.libraries = [lib for lib in ext.libraries if lib not in ("c10_cuda", "torch_cuda")]
-            return ext
-
-        cpp_extension.CUDAExtension = cuda_ext
-        log("building fusenn._C against a CPU build of torch: a compile check, it cannot run here")
-    sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
-    ext = cpp_extension.CUDAExtension(
-        name="fusenn._C",
-        sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=[("FUSENN_WITH_CUDA", None)],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
-        extra_link_args=extra_link,
-    )
-    log(f"building fusenn._C for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
-        f"with MAX_JOBS={os.environ['MAX_JOBS']} (CUDA at {cuda_home})")
+    if no_cuda:
+        kind = f"host-only (the C++ RNN layers on CPU tensors; no CUDA kernels: {no_cuda})"
+        ext = cpp_extension.CppExtension(name="fusenn._C", sources=sorted(glob.glob("csrc/*.cpp")),
+                                         include_dirs=[os.path.join(ROOT, "csrc")],
+                                         extra_compile_args=["-O3", std])
+    else:
+        cuda_home = find_nvcc()
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        # torch finds its toolkit from `which nvcc` when CUDA_HOME is unset, and a wrapper script on the PATH
+        # (/usr/local/bin/nvcc) then points it at a directory without lib64/libcudart: use the one found here.
+        cpp_extension.CUDA_HOME = cuda_home
+        extra_link = drop_cuda_libraries(cpp_extension, cuda_home) if torch.version.cuda is None else []
+        kind = f"CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (CUDA at {cuda_home})"
+        ext = cpp_extension.CUDAExtension(
+            name="fusenn._C",
+            sources=sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp")),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=[("FUSENN_WITH_CUDA", None)],
+            extra_compile_args={"cxx": ["-O3", std], "nvcc": ["-O3", std, "-lineinfo"]},
+            extra_link_args=extra_link,
+        )
+    log(f"building fusenn._C: {kind}, {std}, MAX_JOBS={os.environ['MAX_JOBS']}")
     base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
 
     class BuildExtension(base):
-        """Under FUSENN_CUDA=auto a failed build leaves the package installed without fusenn._C, saying why."""
+        """Records the outcome in _build.json; under FUSENN_CUDA=auto a failed build leaves the package installed
+        without fusenn._C, with a loud warning carrying the compiler's first error line."""
 
         def build_extensions(self):
-            try:
-                super().build_extensions()
-            except Exception as exc:  # noqa: BLE001 - compiler and linker failures come in many types
-                if mode == "1":
-                    raise
-                reason = f"the build failed ({type(exc).__name__}: {str(exc)[:300]}); rebuild with FUSENN_CUDA=1 " \
-                         "and pip install -v to see the compiler's output"
-                log(f"CUDA extension skipped: {reason}")
-                write_build_info(None, reason)
-                self.extensions = []
+            with tempfile.TemporaryFile(mode="w+") as captured:
+                saved = os.dup(1), os.dup(2)
+                sys.stdout.flush(), sys.stderr.flush()
+                os.dup2(captured.fileno(), 1), os.dup2(captured.fileno(), 2)
+                try:
+                    super().build_extensions()
+                    failure = None
+                except Exception as exc:  # noqa: BLE001 - compiler and linker failures come in many types
+                    failure = exc
+                finally:
+                    sys.stdout.flush(), sys.stderr.flush()
+                    os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+                    os.close(saved[0]), os.close(saved[1])
+                captured.seek(0)
+                output = captured.read()
+            sys.stderr.write(output)  # pip install -v still shows the compiler's whole output
+            if failure is None:
+                write_build_info(kind, None)
+                return
+            reason = (f"the build of fusenn._C ({kind.split(' (')[0]}) failed: {first_error_line(output)} "
+                      "(pip install -v shows the whole compiler output)")
+            write_build_info(None, reason)
+            if mode == "1":
+                raise failure
+            shout(f"{reason}. fusenn is installed WITHOUT its C++ extension; the Triton and reference "
+                  "backends remain.")
+            self.extensions = []
 
-    return (ext, BuildExtension), None
+    return ext, BuildExtension, kind
 
 
 def write_build_info(built, skipped):
     """What this build did, for `python -m fusenn.info` (pip hides setup's log unless run with -v)."""
-    with open(os.path.join(ROOT, "src", "fusenn", "_build.json"), "w") as f:
-        json.dump({"cuda_extension": built is not None, "skipped_because": skipped,
-                   "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if built else None}, f)
+    try:
+        import torch
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    with open(BUILD_INFO, "w") as f:
+        json.dump({"extension": built, "cuda_extension": bool(built) and built.startswith("CUDA"),
+                   "skipped_because": skipped, "torch": torch_version}, f)
 
 
-built, skipped = cuda_extension()
-if skipped:
-    log(f"CUDA extension skipped: {skipped}; the Triton and reference backends remain")
-write_build_info(built, skipped)
+BUILD_INFO = os.path.join(ROOT, "src", "fusenn", "_build.json")
+built, build_cmd, skipped = extension()
+if os.path.exists(BUILD_INFO):
+    os.remove(BUILD_INFO)  # written again once the build has succeeded or failed
+if built is None:
+    log(f"C++ extension skipped: {skipped}; the Triton and reference backends remain")
+    write_build_info(None, skipped)
 
 setup(
     package_dir={"fusenn": "src/fusenn", "fusenn.kernels": "kernels"},
     packages=["fusenn", "fusenn.nn", "fusenn.ops", "fusenn.reference", "fusenn.kernels"],
     package_data={"fusenn": ["_build.json"]},
-    ext_modules=[built[0]] if built else [],
-    cmdclass={"build_ext": built[1]} if built else {},
+    ext_modules=[built] if built else [],
+    cmdclass={"build_ext": build_cmd} if built else {},
 )

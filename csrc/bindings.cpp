@@ -44,4 +44,11 @@ TORCH_LIBRARY(fusenn_cuda, m) {
 TORCH_LIBRARY_IMPL(fusenn_cuda, CUDA, m) { m.impl("dropout_mask_out", &fusenn::dropout_mask_out); }
 #endif
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "fusenn CUDA kernels; ops live in torch.ops.fusenn_cuda"; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fusenn CUDA kernels; ops live in torch.ops.fusenn_cuda";
+#ifdef FUSENN_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;  // host-only: the RNN layers' CPU implementations
+#endif
+}

@@ -18,6 +18,7 @@ from dataclasses import asdict
 import torch
 
 import fusenn
+import fusenn.info
 
 
 def load(name: str):
@@ -73,7 +74,9 @@ def main(example, name: str, accuracy_label: str, argv=None) -> dict:
     log = {"example": name, "size": args.size, "config": asdict(cfg), "device": str(device),
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "torch": torch.__version__, "fusenn": fusenn.__version__, "runs": {}}
-    for impl in ("fusenn", "torch") if args.compare else (args.impl,):
+    impls = ("fusenn", "torch") if args.compare else (args.impl,)
+    print(fusenn.info.summary(device, " and ".join(impls)), flush=True)
+    for impl in impls:
         run = log["runs"][impl] = train(example, impl, cfg, args.steps or cfg.steps, device, args.seed)
         speed = f", {run['samples_per_sec']:.0f} samples/s" if run["samples_per_sec"] else ""
         print(f"{impl:6s} loss {run['losses'][0]:.3f} -> {run['losses'][-1]:.3f}, "

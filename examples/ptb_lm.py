@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import fusenn
+import fusenn.info
 
 
 @dataclass
@@ -94,16 +95,27 @@ class LanguageModel(nn.Module):
         return self.decoder(y), state
 
 
-def evaluate(model, data, cfg, device):
+def show_progress(label, b, batches, count, total, start):
+    """One progress bar for training and evaluation: batches done, perplexity so far, words per second."""
+    wps = count / max(time.perf_counter() - start, 1e-9)
+    done = int(30 * (b + 1) / batches)
+    print(f"\r  {label:5s} [{'#' * done}{'.' * (30 - done)}] {b + 1}/{batches} ppl {math.exp(total / count):8.2f} "
+          f"{wps:8.0f} wps", end="\n" if b == batches - 1 else "", file=sys.stderr, flush=True)
+
+
+def evaluate(model, data, cfg, device, label="eval", progress=True):
     model.eval()
-    total, count, state = 0.0, 0, None
+    total, count, state, start = 0.0, 0, None, time.perf_counter()
+    starts = range(0, data.size(0) - 1, cfg.unroll)
     with torch.no_grad():
-        for i in range(0, data.size(0) - 1, cfg.unroll):
+        for b, i in enumerate(starts):
             n = min(cfg.unroll, data.size(0) - 1 - i)
             x, y = data[i:i + n].to(device), data[i + 1:i + 1 + n].to(device)
             logits, state = model(x, state)
             total += nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             count += y.numel()
+            if progress and (b % 50 == 0 or b == len(starts) - 1):
+                show_progress(label, b, len(starts), count, total, start)
     return math.exp(total / count)
 
 
@@ -129,12 +141,7 @@ def train_epoch(model, data, cfg, lr, device, progress=True):
         total += loss.item() * y.numel()
         count += y.numel()
         if progress and (b % 50 == 0 or b == batches - 1):
-            wps = count / (time.perf_counter() - start)
-            done = int(30 * (b + 1) / batches)
-            print(f"\r  [{'#' * done}{'.' * (30 - done)}] {b + 1}/{batches} ppl {math.exp(total / count):8.2f} "
-                  f"{wps:8.0f} wps", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+            show_progress("train", b, batches, count, total, start)
     elapsed = time.perf_counter() - start
     return math.exp(total / count), count / elapsed, elapsed
 
@@ -145,7 +152,8 @@ def main(argv=None):
     parser.add_argument("--size", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--lstm", choices=("fusenn", "torch"), default="fusenn")
     parser.add_argument("--epochs", type=int, help="override the paper's epoch count")
-    parser.add_argument("--max-batches", type=int, help="truncate the training data (smoke runs)")
+    parser.add_argument("--max-batches", type=int,
+                        help="truncate the training, validation and test data to this many batches (smoke runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log", help="write the per-epoch log as JSON here")
@@ -157,8 +165,9 @@ def main(argv=None):
     (train, valid, test), vocab = load_corpus(args.data)
     train, valid, test = (batchify(d, cfg.batch) for d in (train, valid, test))
     if args.max_batches:
-        train = train[: args.max_batches * cfg.unroll + 1]
+        train, valid, test = (d[: args.max_batches * cfg.unroll + 1] for d in (train, valid, test))
     device = torch.device(args.device)
+    print(fusenn.info.summary(device, "fusenn.LSTM" if args.lstm == "fusenn" else "torch.nn.LSTM"), flush=True)
     lstm_cls = fusenn.LSTM if args.lstm == "fusenn" else nn.LSTM
     model = LanguageModel(len(vocab), cfg, lstm_cls).to(device)
     log = {"config": asdict(cfg), "size": args.size, "lstm": args.lstm, "device": str(device),
@@ -167,7 +176,7 @@ def main(argv=None):
     lr = cfg.lr
     for epoch in range(1, (args.epochs or cfg.epochs) + 1):
         train_ppl, wps, seconds = train_epoch(model, train, cfg, lr, device, progress=not args.no_progress)
-        valid_ppl = evaluate(model, valid, cfg, device)
+        valid_ppl = evaluate(model, valid, cfg, device, "valid", progress=not args.no_progress)
         log["epochs"].append({"epoch": epoch, "lr": lr, "train_ppl": train_ppl, "valid_ppl": valid_ppl,
                               "words_per_sec": wps, "seconds": seconds})
         print(f"epoch {epoch:3d} lr {lr:.4f} train ppl {train_ppl:8.2f} valid ppl {valid_ppl:8.2f} "
@@ -177,7 +186,7 @@ def main(argv=None):
         if args.log:
             with open(args.log, "w") as f:
                 json.dump(log, f, indent=1)
-    log["test_ppl"] = evaluate(model, test, cfg, device)
+    log["test_ppl"] = evaluate(model, test, cfg, device, "test", progress=not args.no_progress)
     print(f"test ppl {log['test_ppl']:.2f}")
     if args.log:
         with open(args.log, "w") as f:

@@ -42,7 +42,8 @@ def _kernel_params():
 @functools.lru_cache(maxsize=None)
 def cpp_host_unavailable():
     """None once the C++ RNN ops' CPU implementations are loaded (fusenn._C's, else a host-only build of
-    csrc/rnn_host.cpp and csrc/bindings.cpp, cached by torch's extension builder); else the reason."""
+    csrc/rnn_host.cpp and csrc/bindings.cpp, cached by torch's extension builder); else the one-line reason
+    they cannot be: a skip only where no C++ compiler exists; our own code failing to build (BUILD_FAILED) fails."""
     try:
         from fusenn import _C  # noqa: F401
         return None
@@ -52,12 +53,30 @@ def cpp_host_unavailable():
         return "no C++ compiler to build csrc/ for the host"
     from torch.utils.cpp_extension import load
 
+    from fusenn._cxx import cxx_std
+
     try:
-        load(name="fusenn_host_twin", extra_include_paths=[CSRC], extra_cflags=["-O1", "-std=c++17"],
+        load(name="fusenn_host_twin", extra_include_paths=[CSRC], extra_cflags=["-O1", f"-std={cxx_std()}"],
              sources=[os.path.join(CSRC, f) for f in ("rnn_host.cpp", "bindings.cpp")])
     except Exception as exc:  # noqa: BLE001 - compiler failures come in many types
-        return f"the host-only build of csrc/ failed: {exc}"
+        lines = str(exc).splitlines()
+        first = next((line for line in lines if "error:" in line), lines[0] if lines else type(exc).__name__)
+        return BUILD_FAILED + first.strip()[:300]
     return None
+
+
+BUILD_FAILED = "the host-only build of csrc/ failed: "
+
+
+def require_backend(name):
+    """Skip where backend `name` cannot exist on this machine (the CUDA backend without a GPU); fail where it
+    should run and does not (Triton, a dependency, must at least interpret; fusenn._C must build on a GPU box)."""
+    status = fusenn.backends()[name]
+    if status.usable:
+        return
+    if name == "cuda" and not HAS_GPU:
+        pytest.skip("the cuda backend needs a CUDA GPU; torch sees none here")
+    pytest.fail(f"{name} backend unusable here: {status.detail}", pytrace=False)
 
 
 def _run_cpp_layers_on_cpu(monkeypatch):
@@ -82,14 +101,14 @@ def kernel_backend(request, monkeypatch):
         pytest.skip(f"{request.module.__name__} has no {name} implementation to test")
     if name == "cpp-host":
         why = cpp_host_unavailable()
+        if why and why.startswith(BUILD_FAILED):
+            pytest.fail(why, pytrace=False)
         if why:
             pytest.skip(why)
         _run_cpp_layers_on_cpu(monkeypatch)
         name = "cuda"
     else:
-        status = fusenn.backends()[name]
-        if not status.usable:
-            pytest.skip(f"{name} backend unusable here: {status.detail}")
+        require_backend(name)
     with fusenn.set_backend(name):
         yield name, torch.device(device)
 

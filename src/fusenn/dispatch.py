@@ -74,9 +74,11 @@ def _why_no_extension(exc: Exception) -> str:
 @functools.lru_cache(maxsize=None)
 def _cuda_status() -> tuple[bool, str]:
     try:
-        from fusenn import _C  # noqa: F401
+        from fusenn import _C
     except ImportError as exc:
         return False, _why_no_extension(exc)
+    if not getattr(_C, "with_cuda", False):
+        return False, "fusenn._C is a host-only build (no CUDA kernels; its C++ RNN layers run on CPU tensors)"
     if not torch.cuda.is_available():
         return False, "fusenn._C is built but no CUDA GPU is visible"
     return True, f"fusenn._C on {torch.cuda.get_device_name()}"
