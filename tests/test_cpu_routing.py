@@ -94,22 +94,52 @@ def test_cells_run_torch(choices, no_reference, mode):
     assert [c[:2] for c in choices()] == [("lstm" if mode == "LSTMCell" else "gru", "torch")]
 
 
-REGULARISED = [dict(zoneout=0.1), dict(recurrent_dropout=0.25), dict(weight_dropout=0.5), dict(input_dropout=0.2),
-               dict(output_dropout=0.2), dict(dropout=0.3, input_dropout=0.2, variational=True)]
+INSIDE = [dict(zoneout=0.1), dict(recurrent_dropout=0.25), dict(recurrent_dropout=0.25, input_dropout=0.2)]
+OUTSIDE = [dict(weight_dropout=0.5), dict(input_dropout=0.2), dict(output_dropout=0.2),
+           dict(dropout=0.3, input_dropout=0.2, variational=True)]
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-@pytest.mark.parametrize("kwargs", REGULARISED, ids=lambda kw: "-".join(kw))
-def test_regularised_rnn_passes_torch_over_and_says_why(choices, mode, kwargs):
+@pytest.mark.parametrize("kwargs", INSIDE, ids=lambda kw: "-".join(kw))
+def test_regularisers_inside_the_recurrence_pass_torch_over_and_say_why(choices, mode, kwargs):
     m = getattr(fusenn, mode)(5, 7, 2, **kwargs)
     m(torch.randn(4, 3, 5))
     made = [c for c in choices() if c[0] == mode.lower()]
     want = "cpp" if fusenn.backends()["cpp"].usable else "reference"
     assert [c[1] for c in made] == [want]
-    assert "torch: fusenn-only regularisers: " in made[0][2]
-    assert all(k in made[0][2] for k in kwargs if k not in ("dropout", "variational"))
+    assert "torch: fusenn-only regularisers inside the recurrence: " in made[0][2]
+    assert all(k in made[0][2] for k in kwargs if k in ("recurrent_dropout", "zoneout"))
     if want == "reference":
         assert "cpp: " in made[0][2]
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("kwargs", OUTSIDE, ids=lambda kw: "-".join(kw))
+def test_regularisers_outside_the_recurrence_run_torch_layer_by_layer(choices, monkeypatch, mode, kwargs):
+    """torch's kernel per layer (all directions in one call), fusenn's masks between: the reference's
+    numbers for the same seed, and torch's module forward is not what ran."""
+    torch.manual_seed(0)
+    m = getattr(fusenn, mode)(5, 7, 2, bidirectional=True, **kwargs)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    results = []
+    for backend in ("auto", "reference"):
+        with fusenn.set_backend(backend):
+            torch.manual_seed(4)
+            y, final = m(x)
+            loss = y.square().sum() + sum(f.sum() for f in (final if isinstance(final, tuple) else (final,)))
+            results.append([y] + list(torch.autograd.grad(loss, [x] + list(m.parameters()))))
+    assert [c[1] for c in choices() if c[0] == mode.lower()] == ["torch", "reference"]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(getattr(nn, mode), "forward", lambda *a: pytest.fail("torch's module forward ran"))
+    m(x)
+
+
+def test_regularisers_on_packed_input_pass_torch_over(choices):
+    packed = pack_padded_sequence(torch.randn(4, 3, 5), [4, 2, 1])
+    fusenn.LSTM(5, 7, input_dropout=0.2)(packed)
+    made = [c for c in choices() if c[0] == "lstm"]
+    assert made[0][1] != "torch" and "torch: fusenn's dropout masks on a PackedSequence input" in made[0][2]
 
 
 def test_regularised_rnn_falls_back_without_cpp(choices, monkeypatch):
@@ -118,8 +148,8 @@ def test_regularised_rnn_falls_back_without_cpp(choices, monkeypatch):
     fusenn.LSTM(5, 7, recurrent_dropout=0.2)(torch.randn(4, 3, 5))
     made = [c for c in choices() if c[0] == "lstm"]
     assert [c[1] for c in made] == ["reference"]
-    assert made[0][2] == ("torch: fusenn-only regularisers: recurrent_dropout; cpp: fusenn._C was not built: a test "
-                          "says so")
+    assert made[0][2] == ("torch: fusenn-only regularisers inside the recurrence: recurrent_dropout; cpp: fusenn._C "
+                          "was not built: a test says so")
 
 
 def test_regularisers_off_in_eval_run_torch_but_zoneout_does_not(choices):
@@ -142,7 +172,7 @@ def test_explicit_backends():
     x = torch.randn(4, 3, 5)
     with fusenn.set_backend("torch"):
         fusenn.LSTM(5, 7)(x)
-        with pytest.raises(fusenn.BackendError, match="torch: fusenn-only regularisers: zoneout"):
+        with pytest.raises(fusenn.BackendError, match="torch: fusenn-only regularisers inside the recurrence: zo"):
             fusenn.LSTM(5, 7, zoneout=0.1)(x)
         with pytest.raises(fusenn.BackendError, match="dropout_mask has no torch implementation"):
             fusenn.functional.dropout_mask((4,), 0.5, seed=1)
@@ -302,6 +332,22 @@ def test_torch_path_traces_fullgraph(choices):
     torch._dynamo.reset()
 
 
+def test_torch_layer_by_layer_path_traces_fullgraph(choices):
+    """Masks outside the recurrence, torch's kernel per layer: one graph, the eager numbers for the same seed."""
+    torch._dynamo.reset()
+    m = fusenn.LSTM(5, 7, 2, input_dropout=0.2, dropout=0.3, variational=True, weight_dropout=0.4)
+    x = torch.randn(4, 3, 5)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(m, fullgraph=True, backend="eager")
+        torch.manual_seed(2)
+        got = compiled(x)
+    torch.manual_seed(2)
+    want = m(x)
+    assert {c[:2] for c in choices() if c[0] == "lstm"} == {("lstm", "torch")}
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 # The C++ layers' host code for regularised configurations
 
 def test_regularised_rnn_runs_cpp_where_loaded(choices):
@@ -324,3 +370,17 @@ def test_regularised_rnn_runs_cpp_where_loaded(choices):
         assert [c[1] for c in choices() if c[0] == mode.lower()] == ["cpp", "reference"]
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("numel,p,seed,offset", [(1, 0.5, 0, 0), (40000, 0.1, 7, 3), (4097, 0.9, 2**40 + 1, 2**32 - 5),
+                                                 (0, 0.3, 1, 0), (33, 1.0, 2**62 + 9, 0)])
+def test_cpp_dropout_mask_is_the_reference_bit_for_bit(choices, numel, p, seed, offset):
+    from fusenn.reference import philox
+
+    why = _cpp_loaded()
+    if why is not None and "no C++ compiler" in why:
+        pytest.skip(why)
+    with fusenn.set_backend("cpp"):
+        got = fusenn.functional.dropout_mask((numel,), p, seed, offset)
+    assert [c[:2] for c in choices()] == [("dropout_mask", "cpp")]
+    assert torch.equal(got, philox.dropout_mask(numel, p, seed, offset))

@@ -84,7 +84,7 @@ def _cuda_status() -> tuple[bool, str]:
     return True, f"fusenn._C on {torch.cuda.get_device_name()}"
 
 
-_CPP_OPS = ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward")
+_CPP_OPS = ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "dropout_mask_out")
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,8 +102,8 @@ def _cpp_status() -> tuple[bool, str]:
     host-only build of csrc/ loaded with torch.utils.cpp_extension (as the tests do without fusenn._C)."""
     why = _import_extension()
     if all(_has_cpu_kernel(f"fusenn_cuda::{op}") for op in _CPP_OPS):
-        return True, "the C++ RNN layers' host code (torch.ops.fusenn_cuda CPU kernels): CPU tensors"
-    return False, why or "fusenn._C has no CPU kernels for the RNN layers"
+        return True, "the C++ RNN layers' and dropout mask's host code (torch.ops.fusenn_cuda CPU kernels): CPU tensors"
+    return False, why or "fusenn._C has no CPU kernels for the RNN layers and the dropout mask"
 
 
 def _has_cpu_kernel(op: str) -> bool:

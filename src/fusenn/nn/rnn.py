@@ -10,6 +10,11 @@ on a time-major padded batch with per-row lengths.
 Regularisers (keyword-only, all off by default, active only in training mode; see _Recurrent):
 dropout (torch's, between layers), input_dropout, output_dropout, variational, weight_dropout,
 recurrent_dropout and zoneout.
+
+Each forward first asks fusenn.ops.rnn.module_backend for its backend. The "torch" backend (auto's first
+choice for CPU tensors) runs torch's own module forward when no fusenn regulariser is on (dropout between
+layers is then torch's own), or torch's kernel layer by layer with fusenn's masks between when only
+regularisers outside the recurrence are on; any other backend runs fusenn's layers as above.
 """
 
 from __future__ import annotations
@@ -170,18 +175,29 @@ class _Recurrent(_Convertible):
             extra.append("variational=True")
         return ", ".join([super().extra_repr()] + extra)
 
-    def _native(self) -> Optional[str]:
-        """None when this forward computes what torch's own module does (so the "torch" backend can run
-        it); else the fusenn-only regularisers that make it differ."""
-        on = [n for n in self._regularisers if getattr(self, n, 0.0)] if self.training else []
+    def _native(self, packed: bool) -> Optional[str]:
+        """None when torch's kernels can run this forward (the "torch" backend): with no fusenn regulariser
+        on, torch's own module forward; with only those outside the recurrence (input, output, between-layer,
+        variational dropout, DropConnect) on padded input, torch's kernel layer by layer with fusenn's masks
+        between. Else why not: recurrent dropout and zoneout live inside the recurrence."""
+        inside = [n for n in ("recurrent_dropout", "zoneout") if getattr(self, n, 0.0)] if self.training else []
         if not self.training and self.zoneout:
-            on = ["zoneout (its expectation in eval mode)"]
-        return f"fusenn-only regularisers: {', '.join(on)}" if on else None
+            inside = ["zoneout (its expectation in eval mode)"]
+        if inside:
+            return f"fusenn-only regularisers inside the recurrence: {', '.join(inside)}"
+        if packed and self._drawing():
+            return "fusenn's dropout masks on a PackedSequence input"
+        return None
+
+    def _drawing(self) -> bool:
+        """Whether this forward draws a seed for fusenn's own regularisers."""
+        return self.training and any(getattr(self, n, 0.0) for n in self._regularisers)
 
     def forward(self, input, hx=None):
-        backend = ops.module_backend("lstm" if isinstance(self, nn.LSTM) else "gru",
-                                     input.data if isinstance(input, PackedSequence) else input, self._native())
-        if backend == "torch":  # torch's own forward on these parameters (auto's choice for CPU tensors)
+        packed = isinstance(input, PackedSequence)
+        backend = ops.module_backend("lstm" if isinstance(self, nn.LSTM) else "gru", input.data if packed else input,
+                                     self._native(packed))
+        if backend == "torch" and not self._drawing():  # torch's own forward on these parameters
             return super().forward(input, hx)
         if isinstance(input, PackedSequence):
             x, batch_sizes, sorted_indices, unsorted_indices = input
@@ -233,14 +249,13 @@ class _Recurrent(_Convertible):
         states = self._hidden_tuple(hx)
         # Only with a regulariser on does forward draw a seed of its own, so the default module consumes
         # torch's generator exactly as before (dropout between layers draws its seeds itself).
-        drawing = self.training and any(getattr(self, n, 0.0) for n in self._regularisers)
-        seed = draw_seed_tensor(device=x.device) if drawing else None
+        seed = draw_seed_tensor(device=x.device) if self._drawing() else None
         x = self._drop(x, self.input_dropout, seed, _INPUT)
         finals = []
         for layer in range(self.num_layers):
             if layer > 0:
                 x = self._drop(x, self.dropout, seed, _BETWEEN, layer)
-            ys = []
+            ys, flat = [], []
             for direction in range(directions):
                 k = layer * directions + direction
                 weights = self._layer_weights(k)
@@ -249,6 +264,9 @@ class _Recurrent(_Convertible):
                     mask = dropout_mask(w.shape, self.weight_dropout, _sub_seed(seed, _WEIGHT, k), 0, w.device)
                     weights["weight_hh"] = w * mask.to(w.dtype) * (1.0 / (1.0 - self.weight_dropout)) \
                         if self.weight_dropout < 1.0 else w * 0.0
+                if backend == "torch":  # in torch's order: weight_ih, weight_hh, bias_ih, bias_hh, weight_hr
+                    flat += [weights[name.split("_l")[0]] for name in self._all_weights[k]]
+                    continue
                 inside = {}
                 if self.recurrent_dropout and seed is not None:
                     inside["recurrent_dropout"] = (self.recurrent_dropout, _sub_seed(seed, _RECURRENT, k))
@@ -258,6 +276,11 @@ class _Recurrent(_Convertible):
                                        backend=backend, **inside)
                 ys.append(y)
                 finals.append(final)
+            if backend == "torch":  # every direction of the layer in one call of torch's kernel
+                x, final = self._native_layer(x, [s[layer * directions:(layer + 1) * directions] for s in states],
+                                              flat)
+                finals += [tuple(f[d] for f in final) for d in range(directions)]
+                continue
             x = torch.cat(ys, dim=-1) if directions == 2 else ys[0]
         x = self._drop(x, self.output_dropout, seed, _OUTPUT)
         # finals holds per (layer, direction) a tuple of states; stack each kind into (L*D, B, ·).
@@ -310,6 +333,10 @@ class LSTM(_Recurrent, nn.LSTM):
     def _from_tuple(states):
         return states
 
+    def _native_layer(self, x, state, flat):
+        y, h, c = torch._VF.lstm(x, tuple(state), flat, self.bias, 1, 0.0, self.training, self.bidirectional, False)
+        return y, (h, c)
+
     @staticmethod
     def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None, backend=None):
         # Both biases fold into the one input GEMM; the recurrence then needs no bias.
@@ -341,6 +368,10 @@ class GRU(_Recurrent, nn.GRU):
     @staticmethod
     def _from_tuple(states):
         return states[0]
+
+    def _native_layer(self, x, state, flat):
+        y, h = torch._VF.gru(x, state[0], flat, self.bias, 1, 0.0, self.training, self.bidirectional, False)
+        return y, (h,)
 
     @staticmethod
     def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None, backend=None):
