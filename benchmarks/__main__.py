@@ -1,9 +1,11 @@
-"""python -m benchmarks: validate every registered op's kernels against its reference, then (on a GPU)
-time each case against its baselines and write results/<gpu>/<op>.json.
+"""python -m benchmarks: validate every registered op's kernels against its reference, then time each case
+against its baselines and write results/<gpu>/<op>.json (on a GPU) or results/cpu-<processor>/<op>.json.
 
-On a CPU-only machine the Triton kernels run under the interpreter and only validation runs.
-Options: --quick (fewer timed sizes), --only OP[,OP], --validate-only, --out DIR; --static [--scope ci]: the
-sm_90a compile report of benchmarks/static.py instead.
+On a CPU-only machine the Triton kernels are validated under the interpreter, then each op's CPU path (what
+backend auto runs for CPU tensors) is timed against torch's own module or function: one thread, the
+implementations interleaved, the minimum of repeats; the table gives fusenn's time over each baseline's.
+Options: --quick (fewer timed sizes), --only OP[,OP], --validate-only, --out DIR, --threads N (CPU timing);
+--static [--scope ci]: the sm_90a compile report of benchmarks/static.py instead.
 """
 
 import argparse
@@ -132,6 +134,80 @@ def benchmark(entries, quick, out_dir, env):
                                                 for k, v in bound.items()))
 
 
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux), else platform's answer."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def time_cpu_case(case, repeats, min_s, max_rounds=200):
+    """{impl: {"ms": min over rounds, "runs": rounds}}, the implementations interleaved (each round runs every
+    one once, so load that comes and goes hits all alike): at least `repeats` rounds after a warm-up, more
+    until min_s seconds have passed (short cases get many rounds, so the minimum finds a quiet moment)."""
+    import time
+
+    fns = case.setup(torch.device("cpu"))
+    times, errors = {impl: [] for impl in fns}, {}
+    start = time.perf_counter()
+    for r in range(-1, max_rounds):  # -1: the warm-up round, not counted
+        for impl, fn in fns.items():
+            if impl in errors:
+                continue
+            try:
+                t0 = time.perf_counter()
+                fn()
+                took = time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001 - a baseline that cannot run this case is reported as such
+                errors[impl] = repr(exc)[:200]
+                continue
+            if r >= 0:
+                times[impl].append(took * 1e3)
+        if r + 1 >= repeats and time.perf_counter() - start > min_s:
+            break
+    return {impl: {"error": errors[impl]} if impl in errors else {"ms": min(t), "runs": len(t)}
+            for impl, t in times.items()}
+
+
+def benchmark_cpu(entries, quick, out_dir, env, threads):
+    torch.set_num_threads(threads)
+    env = dict(env, processor=cpu_name(), machine=platform.machine(), threads=threads,
+               backends={name: b.detail for name, b in fusenn.backends().items() if name in ("torch", "cpp")})
+    slug = "cpu-" + re.sub(r"[^A-Za-z0-9]+", "-", env["processor"]).strip("-").lower()
+    table = []
+    for entry in entries:
+        records = []
+        for case in entry.cpu_cases(quick):
+            timings = time_cpu_case(case, repeats=3 if quick else 5, min_s=0.5 if quick else 3.0)
+            records.append({"case": case.name, "flops": case.flops, "bytes": case.bytes, "timings": timings})
+            ours = timings.get("fusenn", {}).get("ms")
+            for impl, t in timings.items():
+                if impl != "fusenn":
+                    ratio = ours / t["ms"] if ours and "ms" in t else None
+                    table.append((entry.op, case.name, impl, ours, t.get("ms"), ratio, t.get("error")))
+            print(f"timed {entry.op} {case.name}", file=sys.stderr, flush=True)
+        if not records:
+            continue
+        path = os.path.join(out_dir, slug, f"{entry.op}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"environment": env, "op": entry.op, "quick": quick, "results": records}, f, indent=1)
+        print(f"wrote {path}", file=sys.stderr)
+    print(f"\nCPU ({env['processor']}, {threads} thread{'s' * (threads > 1)}): fusenn's time / the baseline's")
+    print(f"{'op':<18} {'case':<44} {'baseline':<16} {'fusenn ms':>10} {'base ms':>10} {'ratio':>7}")
+    for op, case, impl, ours, base, ratio, err in table:
+        if err or ratio is None:
+            print(f"{op:<18} {case:<44} {impl:<16} {'n/a':>10}  {(err or 'fusenn failed')[:60]}")
+            continue
+        print(f"{op:<18} {case:<44} {impl:<16} {ours:>10.2f} {base:>10.2f} {ratio:>7.2f}")
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +215,7 @@ def main(argv=None):
     parser.add_argument("--only", default="", help="comma-separated op names")
     parser.add_argument("--validate-only", action="store_true")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the CPU timing (default 1)")
     parser.add_argument("--static", action="store_true", help="the sm_90a compile report (benchmarks/static.py)")
     args, rest = parser.parse_known_args(argv)
     if args.static:
@@ -169,8 +246,10 @@ def main(argv=None):
 
     if torch.cuda.is_available() and not args.validate_only:
         benchmark(entries, args.quick, args.out, env)
-    elif not torch.cuda.is_available():
-        print("no GPU: timing skipped (validation only)")
+    elif not args.validate_only:
+        benchmark_cpu(entries, args.quick, args.out, env, args.threads)
+    else:
+        print("timing skipped (--validate-only)")
     return 1 if failed else 0
 
 

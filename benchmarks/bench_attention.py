@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fusenn
-from benchmarks.registry import Case, Check, Entry, register
+from benchmarks.registry import REGISTRY, Case, Check, Entry, register
 from fusenn.reference import attention as reference
 from fusenn.testing import ATOL, max_error
 
@@ -105,3 +105,61 @@ def cases(quick):
 
 
 register(Entry(op="attention", baselines=tuple(SDPA_BACKENDS), validate=validate, cases=cases))
+
+
+# CPU timing (python -m benchmarks without a GPU): fusenn under auto against torch's own SDPA and
+# nn.MultiheadAttention, fp32.
+
+def _cpu_sdpa(B, H, L, D, causal, train):
+    def setup(device):
+        q, k, v = (torch.randn(B, H, L, D, requires_grad=train) for _ in range(3))
+
+        def step(attend):
+            if train:
+                return lambda: attend(q, k, v, is_causal=causal).sum().backward()
+
+            def infer():
+                with torch.no_grad():
+                    attend(q, k, v, is_causal=causal)
+            return infer
+        return {"fusenn": step(fusenn.functional.scaled_dot_product_attention),
+                "torch": step(F.scaled_dot_product_attention)}
+    return setup
+
+
+def _cpu_mha(B, L, E, H, train):
+    def setup(device):
+        ours = fusenn.MultiheadAttention(E, H, batch_first=True).train(train)
+        theirs = torch.nn.MultiheadAttention(E, H, batch_first=True).train(train)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(B, L, E, requires_grad=train)
+
+        def step(module):
+            if train:
+                return lambda: module(x, x, x, need_weights=False)[0].sum().backward()
+
+            def infer():
+                with torch.no_grad():
+                    module(x, x, x, need_weights=False)
+            return infer
+        return {"fusenn": step(ours), "torch": step(theirs)}
+    return setup
+
+
+def cpu_cases(quick):
+    out = []
+    for L in ([512] if quick else [256, 512, 1024]):
+        B, H, D = 4, 8, 64
+        for causal, train in ((True, True), (False, False)):
+            flops = 4 * B * H * L * L * D * (0.5 if causal else 1.0) * (3.5 if train else 1.0)
+            out.append(Case(f"sdpa-B{B}-H{H}-L{L}-D{D}" + ("-causal" if causal else "") + ("-train" if train else ""),
+                            _cpu_sdpa(B, H, L, D, causal, train), flops=flops))
+    for train in (True, False):
+        B, L, E, H = 16, 128, 256, 8
+        flops = (8 * B * L * E * E + 4 * B * L * L * E) * (3 if train else 1)
+        out.append(Case(f"mha-B{B}-L{L}-E{E}-H{H}" + ("-train" if train else "-eval"), _cpu_mha(B, L, E, H, train),
+                        flops=flops))
+    return out
+
+
+REGISTRY["attention"].cpu_cases = cpu_cases

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fusenn
-from benchmarks.registry import Case, Check, Entry, register
+from benchmarks.registry import REGISTRY, Case, Check, Entry, register
 from fusenn.testing import ATOL, max_error
 
 # (name, batch, c_in, c_out, size, kernel, stride, padding, pool_kernel, pool_stride, pool_padding)
@@ -109,3 +109,42 @@ def cases(quick):
 
 register(Entry(op="conv_pool2d", baselines=("eager-cudnn", "compile", "compile-max-autotune"), validate=validate,
                cases=cases))
+
+
+# CPU timing (python -m benchmarks without a GPU): ConvPool2d under auto against the nn.Sequential it
+# replaces, fp32. (batch, c_in, c_out, size, activation, pool)
+CPU_LAYERS = [(16, 3, 32, 64, "relu", "max"), (16, 32, 64, 32, "gelu", "avg"), (8, 64, 128, 16, "relu", "max")]
+
+
+def _cpu_setup(batch, c_in, c_out, size, activation, pool, train):
+    def setup(device):
+        ours = fusenn.ConvPool2d(c_in, c_out, 3, padding=1, activation=activation, pool=pool, pool_kernel_size=2)
+        act = {"relu": nn.ReLU(), "gelu": nn.GELU()}[activation]
+        theirs = nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), act,
+                               nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2))
+        theirs[0].load_state_dict(ours.state_dict())
+        x = torch.randn(batch, c_in, size, size, requires_grad=train)
+
+        def step(model):
+            if train:
+                return lambda: model(x).sum().backward()
+
+            def infer():
+                with torch.no_grad():
+                    model(x)
+            return infer
+        return {"fusenn": step(ours), "torch": step(theirs)}
+    return setup
+
+
+def cpu_cases(quick):
+    out = []
+    for batch, c_in, c_out, size, activation, pool in CPU_LAYERS[:2] if quick else CPU_LAYERS:
+        for train in (False, True):
+            flops = 2 * batch * c_out * c_in * 9 * size * size * (3 if train else 1)
+            name = f"B{batch}-C{c_in}-{c_out}-{size}x{size}-{activation}-{pool}-{'train' if train else 'infer'}"
+            out.append(Case(name, _cpu_setup(batch, c_in, c_out, size, activation, pool, train), flops=flops))
+    return out
+
+
+REGISTRY["conv_pool2d"].cpu_cases = cpu_cases

@@ -3,7 +3,7 @@
 import torch
 
 import fusenn
-from benchmarks.registry import Case, Check, Entry, register
+from benchmarks.registry import REGISTRY, Case, Check, Entry, register
 from fusenn.reference import philox as ref
 
 SMALL = [(1, 0.5, 0, 0), (1000, 0.1, 7, 3), (4097, 0.9, 2**40 + 1, 2**32 - 5)]
@@ -34,3 +34,18 @@ def cases(quick):
 
 
 register(Entry(op="dropout", baselines=("torch",), validate=validate, cases=cases))
+
+
+def cpu_cases(quick):
+    """CPU timing: fusenn's Philox dropout (the mask from fusenn._C's host loop where built) against torch's."""
+    out = []
+    for n in [1 << 22] if quick else [1 << 20, 1 << 22, 1 << 24]:
+        def setup(device, n=n):
+            x = torch.randn(n)
+            return {"fusenn": lambda: fusenn.functional.dropout(x, 0.1),
+                    "torch": lambda: torch.nn.functional.dropout(x, 0.1)}
+        out.append(Case(f"N{n}-float32-p0.1", setup, bytes=8 * n))
+    return out
+
+
+REGISTRY["dropout"].cpu_cases = cpu_cases

@@ -7,7 +7,7 @@ from torch import nn
 
 import fusenn
 from benchmarks.bench_rnn import cpp_usable, with_backend
-from benchmarks.registry import Case, Check, Entry, register
+from benchmarks.registry import REGISTRY, Case, Check, Entry, register
 from fusenn.testing import max_error
 
 REGULARISERS = {
@@ -128,3 +128,74 @@ def cases(quick):
 
 
 register(Entry(op="lstm_regularisers", baselines=("torch",), validate=validate, cases=cases))
+
+
+# CPU timing (python -m benchmarks without a GPU). Baselines: the LSTMCell loop with the same kinds of masks
+# that a user writes today (torch's own cell kernel per step), and torch's plain nn.LSTM of the same size.
+CPU_REGULARISERS = {
+    "variational+weight_dropout": dict(dropout=0.3, input_dropout=0.3, output_dropout=0.3, variational=True,
+                                       weight_dropout=0.5),
+    "recurrent_dropout": dict(recurrent_dropout=0.25),
+    "zoneout": dict(zoneout=0.1),
+    "recurrent_dropout+zoneout+variational": dict(recurrent_dropout=0.25, zoneout=0.1, input_dropout=0.3,
+                                                  output_dropout=0.3, variational=True),
+}
+
+
+def _masked_cell_loop(cells, kwargs):
+    """A user's training forward with every mask of `kwargs`: per layer and step torch's LSTMCell kernel."""
+    p_in, p_out, p_mid = (kwargs.get(k, 0.0) for k in ("input_dropout", "output_dropout", "dropout"))
+    p_w, p_rec, p_zo = (kwargs.get(k, 0.0) for k in ("weight_dropout", "recurrent_dropout", "zoneout"))
+    locked = kwargs.get("variational", False)
+
+    def drop(x, p):
+        if not p:
+            return x
+        return x * _locked(x.shape[1], x.shape[2], p, x.device, x.dtype) if locked else nn.functional.dropout(x, p)
+
+    def run(x):
+        T, B, _ = x.shape
+        x = drop(x, p_in)
+        for layer, cell in enumerate(cells):
+            if layer:
+                x = drop(x, p_mid)
+            w_hh = nn.functional.dropout(cell.weight_hh, p_w) if p_w else cell.weight_hh
+            rmask = _locked(B, cell.hidden_size, p_rec, x.device, x.dtype) if p_rec else None
+            h = c = x.new_zeros(B, cell.hidden_size)
+            ys = []
+            for t in range(T):
+                h_new, c_new = torch._VF.lstm_cell(x[t], (h * rmask if p_rec else h, c), cell.weight_ih, w_hh,
+                                                   cell.bias_ih, cell.bias_hh)
+                if p_zo:
+                    keep_h = (torch.rand(B, cell.hidden_size) < p_zo).to(x.dtype)
+                    keep_c = (torch.rand(B, cell.hidden_size) < p_zo).to(x.dtype)
+                    h_new, c_new = keep_h * h + (1 - keep_h) * h_new, keep_c * c + (1 - keep_c) * c_new
+                h, c = h_new, c_new
+                ys.append(h)
+            x = torch.stack(ys)
+        return drop(x, p_out)
+    return run
+
+
+def cpu_cases(quick):
+    sizes = [(50, 32, 256, 256)] + ([] if quick else [(35, 20, 650, 650)])
+    out = []
+    for name, kwargs in CPU_REGULARISERS.items():
+        for T, B, I, H in sizes:
+            def setup(device, kwargs=kwargs, T=T, B=B, I=I, H=H):
+                ours = fusenn.LSTM(I, H, 2, **kwargs).train()
+                plain = nn.LSTM(I, H, 2)
+                plain.load_state_dict(ours.state_dict())
+                cells = [nn.LSTMCell(I if layer == 0 else H, H) for layer in range(2)]
+                loop = _masked_cell_loop(cells, kwargs)
+                x = torch.randn(T, B, I, requires_grad=True)
+                return {"fusenn": lambda: ours(x)[0].sum().backward(),
+                        "torch-cell-loop": lambda: loop(x).sum().backward(),
+                        "torch-plain": lambda: plain(x)[0].sum().backward()}
+
+            flops = 3 * 2 * T * B * 4 * H * (I + H) * 2
+            out.append(Case(f"{name}-L2-T{T}-B{B}-H{H}-train", setup, flops=flops))
+    return out
+
+
+REGISTRY["lstm_regularisers"].cpu_cases = cpu_cases

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fusenn
-from benchmarks.registry import Case, Check, Entry, register
+from benchmarks.registry import REGISTRY, Case, Check, Entry, register
 from fusenn.testing import ATOL, max_error
 
 # (module, T, B, I, H, extra constructor arguments) validated on any machine at small sizes.
@@ -221,3 +221,55 @@ def cases(quick):
 
 
 register(Entry(op="rnn", baselines=("cudnn", "compiled-cell-loop"), validate=validate, cases=cases))
+
+
+# CPU timing (python -m benchmarks without a GPU): fusenn's modules under auto against torch.nn's, fp32.
+
+def _cpu_setup(kind, T, B, I, H, train, layers=1, bidirectional=False, cell=False):
+    def setup(device):
+        name, kwargs = (kind + "Cell", {}) if cell else (kind, dict(num_layers=layers, bidirectional=bidirectional))
+        ours = getattr(fusenn, name)(I, H, **kwargs)
+        theirs = getattr(nn, name)(I, H, **kwargs)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(T, B, I, requires_grad=train)
+
+        def forward(module):
+            if not cell:
+                return module(x)[0]
+            state, ys = None, []
+            for t in range(T):  # a decode loop: one cell call per step
+                state = module(x[t], state)
+                ys.append(state[0] if kind == "LSTM" else state)
+            return torch.stack(ys)
+
+        def step(module):
+            if train:
+                return lambda: forward(module).sum().backward()
+
+            def infer():
+                with torch.no_grad():
+                    forward(module)
+            return infer
+
+        return {"fusenn": step(ours), "torch": step(theirs)}
+    return setup
+
+
+def cpu_cases(quick):
+    specs = [("LSTM", 50, 32, 256, 256, False, 2, False, False), ("LSTM", 50, 32, 256, 256, True, 2, False, False),
+             ("LSTM", 35, 20, 650, 650, True, 2, False, False), ("LSTM", 50, 32, 128, 128, True, 1, True, False),
+             ("GRU", 50, 32, 256, 256, True, 2, False, False), ("GRU", 50, 32, 256, 256, False, 1, True, False),
+             ("LSTM", 50, 32, 256, 256, False, 1, False, True), ("GRU", 50, 32, 256, 256, False, 1, False, True)]
+    if not quick:
+        specs += [("LSTM", 50, 32, H, H, True, 1, False, False) for H in (64, 128, 512)]
+        specs += [("GRU", 50, 32, 256, 256, False, 2, False, False), ("GRU", 50, 32, 128, 128, True, 1, True, False)]
+    out = []
+    for kind, T, B, I, H, train, layers, bidir, cell in specs:
+        label = f"{kind}Cell-decode" if cell else f"{kind}-L{layers}" + ("-bidir" if bidir else "")
+        flops = _flops(kind, T, B, I, H, train) * layers * (2 if bidir else 1)
+        out.append(Case(f"{label}-T{T}-B{B}-I{I}-H{H}-{'train' if train else 'infer'}",
+                        _cpu_setup(kind, T, B, I, H, train, layers, bidir, cell), flops=flops))
+    return out
+
+
+REGISTRY["rnn"].cpu_cases = cpu_cases

@@ -5,6 +5,8 @@ Each op family has one module benchmarks/bench_<family>.py that calls `register(
   reference on small fresh random inputs and returns one Check per case.
 - `cases(quick)` lists the timed cases; each Case's `setup(device)` returns a dict of zero-argument
   callables, fusenn's first (key "fusenn"), then each baseline a user would pick instead.
+- `cpu_cases(quick)` lists the cases timed on a machine without a GPU (CPU tensors, sizes that take
+  seconds), in the same form.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Entry:
     baselines: tuple[str, ...]
     validate: Callable[[], list[Check]]
     cases: Callable[[bool], list[Case]] = field(default=lambda quick: [])
+    cpu_cases: Callable[[bool], list[Case]] = field(default=lambda quick: [])
 
 
 REGISTRY: dict[str, Entry] = {}

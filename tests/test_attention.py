@@ -220,7 +220,7 @@ def mha_inputs(case, N, L, S, E):
 
 @pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "need_weights"])
 @pytest.mark.parametrize("case", list(MHA_CASES))
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "torch"])
 def test_multihead_attention_matches_torch(case, need_weights, backend, device):
     if not fusenn.backends()[backend].usable:
         pytest.skip(fusenn.backends()[backend].detail)

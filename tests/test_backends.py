@@ -13,12 +13,12 @@ from fusenn import dispatch
 
 def test_table_lists_every_backend_with_a_reason():
     table = fusenn.backends()
-    assert set(table) == {"reference", "triton", "cuda", "persistent"}
+    assert set(table) == {"reference", "triton", "cuda", "persistent", "torch", "cpp"}
     assert table["reference"].usable
     for b in table.values():
         assert b.detail, f"{b.name} gives no detail"
     if not torch.cuda.is_available():
-        assert not table["cuda"].usable and ("GPU" in table["cuda"].detail or "built" in table["cuda"].detail)
+        assert not table["cuda"].usable and any(w in table["cuda"].detail for w in ("GPU", "built", "host-only"))
 
 
 def test_set_backend_directly_and_as_context_manager(monkeypatch):

@@ -16,6 +16,16 @@ KERNEL_BACKENDS = ("triton", "cuda", "cpp-host")
 # torch.nn's LSTM warns that oneDNN lacks projections and falls back; that is torch's business, not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    """These tests check fusenn's own recurrence against torch.nn. Under auto, CPU tensors in a plain
+    configuration run torch's own module (tests/test_cpu_routing.py checks that), so the reference is set
+    here unless a test sets another backend itself (kernel_backend)."""
+    with fusenn.set_backend("reference"):
+        yield
+
+
 TWINS = {"LSTM": (fusenn.LSTM, nn.LSTM), "GRU": (fusenn.GRU, nn.GRU),
          "LSTMCell": (fusenn.LSTMCell, nn.LSTMCell), "GRUCell": (fusenn.GRUCell, nn.GRUCell)}
 

@@ -1,26 +1,35 @@
 """Which backends exist here, why the others do not, and the one place where an op's backend is chosen.
 
 Backends: ``reference`` (plain PyTorch, any device), ``triton`` (kernels/ on a GPU, or under the Triton
-interpreter with CPU tensors), ``cuda`` (the fusenn._C extension built from csrc/) and ``persistent`` (its
-persistent LSTM / GRU kernels, csrc/rnn_persist.cu; ops without such kernels take ``cuda``'s under it).
+interpreter with CPU tensors), ``cuda`` (the fusenn._C extension built from csrc/), ``persistent`` (its
+persistent LSTM / GRU kernels, csrc/rnn_persist.cu; ops without such kernels take ``cuda``'s under it),
+``torch`` (torch's own module or function where it computes the same thing: plain configurations, no
+fusenn-only regulariser or seed) and ``cpp`` (the host code of the C++ RNN layers, on CPU tensors: fusenn._C's
+CPU kernels).
 The choice comes from ``fusenn.set_backend(name)`` if called, else the FUSENN_BACKEND environment
-variable, else ``auto``: cuda, then triton (or the op's own order), for GPU tensors; the reference for CPU
-tensors. An explicit backend that cannot take the call raises BackendError saying why; auto falls back to
-the reference.
+variable, else ``auto``: cuda, then triton (or the op's own order), for GPU tensors; torch, then cpp, for
+CPU tensors; then the reference. An explicit backend that cannot take the call raises BackendError saying
+why; auto falls back to the reference.
+
+``fusenn.set_logging(True)`` or FUSENN_LOG=1 logs each choice (logger "fusenn", to stderr unless the
+program configures logging): the op, the backend chosen and why each backend tried before it was passed
+over, once per distinct choice.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
 
-NAMES = ("reference", "triton", "cuda", "persistent")
+NAMES = ("reference", "triton", "cuda", "persistent", "torch", "cpp")
 CHOICES = ("auto",) + NAMES
+CPU_ORDER = ("torch", "cpp")  # what auto tries for CPU tensors, before the reference
 
 
 class BackendError(RuntimeError):
@@ -77,17 +86,51 @@ def _cuda_status() -> tuple[bool, str]:
     return True, f"fusenn._C on {torch.cuda.get_device_name()}"
 
 
+_CPP_OPS = ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward", "dropout_mask_out")
+
+
+@functools.lru_cache(maxsize=None)
+def _import_extension() -> Optional[str]:
+    """None once fusenn._C is imported (registering its ops), else why not."""
+    try:
+        from fusenn import _C  # noqa: F401
+    except ImportError as exc:
+        return _why_no_extension(exc)
+    return None
+
+
+def _cpp_status() -> tuple[bool, str]:
+    """The C++ RNN layers' CPU kernels: registered by fusenn._C (any build: they are host code), or by a
+    host-only build of csrc/ loaded with torch.utils.cpp_extension (as the tests do without fusenn._C)."""
+    why = _import_extension()
+    if all(_has_cpu_kernel(f"fusenn_cuda::{op}") for op in _CPP_OPS):
+        return True, "the C++ RNN layers' and dropout mask's host code (torch.ops.fusenn_cuda CPU kernels): CPU tensors"
+    return False, why or "fusenn._C has no CPU kernels for the RNN layers and the dropout mask"
+
+
+def _has_cpu_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel(op) and torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
+
+
+def _persistent_status() -> tuple[bool, str]:
+    ok, detail = _cuda_status()
+    return ok, f"{detail} (its persistent LSTM / GRU kernels)" if ok else detail
+
+
+_STATUS = {
+    "reference": lambda: (True, "plain PyTorch on any device"),
+    "triton": lambda: _triton_status()[:2],
+    "cuda": _cuda_status,
+    "persistent": _persistent_status,
+    "torch": lambda: (True, f"torch {torch.__version__}'s own modules and functions, where they compute the same "
+                            "thing (plain configurations)"),
+    "cpp": _cpp_status,
+}
+
+
 def backends() -> dict[str, Backend]:
     """Each backend, whether it is usable here and why (not)."""
-    t_ok, t_detail, _ = _triton_status()
-    c_ok, c_detail = _cuda_status()
-    return {
-        "reference": Backend("reference", True, "plain PyTorch on any device"),
-        "triton": Backend("triton", t_ok, t_detail),
-        "cuda": Backend("cuda", c_ok, c_detail),
-        "persistent": Backend("persistent", c_ok, f"{c_detail} (its persistent LSTM / GRU kernels)" if c_ok
-                              else c_detail),
-    }
+    return {name: Backend(name, *status()) for name, status in _STATUS.items()}
 
 
 def triton_interpreting() -> bool:
@@ -135,11 +178,13 @@ class set_backend:
 
 def _device_reason(name: str, device: torch.device) -> Optional[str]:
     """Why backend `name` cannot run on `device` at all (None when it can)."""
-    status = backends()[name]
-    if not status.usable:
-        return status.detail
+    usable, detail = _STATUS[name]()
+    if not usable:
+        return detail
     if name in ("cuda", "persistent") and device.type != "cuda":
         return f"it needs CUDA tensors, got {device.type} tensors"
+    if name == "cpp" and device.type != "cpu":
+        return f"it runs on CPU tensors, got {device.type} tensors"
     if name == "triton":
         if triton_interpreting() and device.type != "cpu":
             return f"the Triton interpreter (TRITON_INTERPRET=1) runs on CPU tensors, got {device.type} tensors"
@@ -160,7 +205,8 @@ def choose(op: str, device: torch.device, unsupported: Mapping[str, Optional[str
     """
     requested = get_backend()
     reasons: dict[str, str] = {}
-    order = (requested,) if requested != "auto" else (gpu_order if device.type == "cuda" else ()) + ("reference",)
+    kernels = gpu_order if device.type == "cuda" else CPU_ORDER if device.type == "cpu" else ()
+    order = (requested,) if requested != "auto" else kernels + ("reference",)
     if requested == "persistent" and "persistent" not in unsupported:
         order = ("cuda",)  # both are fusenn._C: ops without persistent kernels (dropout masks) take its others
     for name in order:
@@ -169,7 +215,40 @@ def choose(op: str, device: torch.device, unsupported: Mapping[str, Optional[str
             continue
         why = _device_reason(name, device) or unsupported[name]
         if why is None:
+            if _logging:
+                _log(op, device, requested, name, reasons)
             return name
         reasons[name] = why
     listed = "; ".join(f"{k}: {v}" for k, v in reasons.items())
     raise BackendError(f"fusenn: {op} cannot run on the requested backend ({listed})")
+
+
+_logging = os.environ.get("FUSENN_LOG", "0").strip().lower() not in ("", "0", "false", "no", "off")
+_logged: set = set()
+logger = logging.getLogger("fusenn")
+
+
+def set_logging(enabled: bool = True) -> None:
+    """Log each backend choice from now on (or stop): the op, its device, the backend chosen and why each
+    backend tried before it was passed over, once per distinct choice (enabling starts afresh). Records go
+    to the logger "fusenn" at level INFO; it prints them to stderr unless the program has configured
+    logging. The environment variable FUSENN_LOG=1 turns it on at import. Under torch.compile a choice is
+    made, and logged, when the function is traced."""
+    global _logging
+    _logging = bool(enabled)
+    _logged.clear()
+
+
+def _log(op: str, device: torch.device, requested: str, name: str, reasons: Mapping[str, str]) -> None:
+    key = (op, device.type, requested, name, tuple(reasons.items()))
+    if key in _logged:
+        return
+    _logged.add(key)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    passed = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+    logger.info(f"{op} on {device.type} ({requested}): {name}" + (f" (passed over {passed})" if passed else ""))

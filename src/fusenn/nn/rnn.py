@@ -29,6 +29,11 @@ no-op, so a forward that calls it still traces whole on a GPU.
 Regularisers (keyword-only, all off by default, active only in training mode; see _Recurrent):
 dropout (torch's, between layers), input_dropout, output_dropout, variational, weight_dropout,
 recurrent_dropout and zoneout.
+
+Each forward first asks fusenn.ops.rnn.module_backend for its backend. The "torch" backend (auto's first
+choice for CPU tensors) runs torch's own module forward when no fusenn regulariser is on (dropout between
+layers is then torch's own), or torch's kernel layer by layer with fusenn's masks between when only
+regularisers outside the recurrence are on; any other backend runs fusenn's layers as above.
 """
 
 from __future__ import annotations
@@ -202,7 +207,29 @@ class _Recurrent(_Convertible):
             extra.append("variational=True")
         return ", ".join([super().extra_repr()] + extra)
 
+    def _native(self, packed: bool) -> Optional[str]:
+        """None when torch's kernels can run this forward (the "torch" backend): with no fusenn regulariser
+        on, torch's own module forward; with only those outside the recurrence (input, output, between-layer,
+        variational dropout, DropConnect) on padded input, torch's kernel layer by layer with fusenn's masks
+        between. Else why not: recurrent dropout and zoneout live inside the recurrence."""
+        inside = [n for n in ("recurrent_dropout", "zoneout") if getattr(self, n, 0.0)] if self.training else []
+        if not self.training and self.zoneout:
+            inside = ["zoneout (its expectation in eval mode)"]
+        if inside:
+            return f"fusenn-only regularisers inside the recurrence: {', '.join(inside)}"
+        if packed and self._drawing():
+            return "fusenn's dropout masks on a PackedSequence input"
+        return None
+
+    def _drawing(self) -> bool:
+        """Whether this forward draws a seed for fusenn's own regularisers."""
+        return self.training and any(getattr(self, n, 0.0) for n in self._regularisers)
+
     def forward(self, input, hx=None):
+        packed = isinstance(input, PackedSequence)
+        backend = ops.module_backend(self.mode.lower(), input.data if packed else input, self._native(packed))
+        if backend == "torch" and not self._drawing():  # torch's own forward on these parameters
+            return self._torch_class.forward(self, input, hx)
         if isinstance(input, PackedSequence):
             x, batch_sizes, sorted_indices, unsorted_indices = input
             batched = True
@@ -236,7 +263,7 @@ class _Recurrent(_Convertible):
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        y, hidden = self._run_layers(x, hx, lengths)
+        y, hidden = self._run_layers(x, hx, lengths, backend)
 
         if batch_sizes is not None:
             output = PackedSequence(y[steps, rows], batch_sizes, sorted_indices, unsorted_indices)
@@ -247,20 +274,19 @@ class _Recurrent(_Convertible):
                 hidden = self._map_hidden(hidden, lambda t: t.squeeze(1))
         return output, self.permute_hidden(hidden, unsorted_indices)
 
-    def _run_layers(self, x: Tensor, hx, lengths: Optional[Tensor]):
+    def _run_layers(self, x: Tensor, hx, lengths: Optional[Tensor], backend: Optional[str] = None):
         """x (T, B, I) time-major; returns the last layer's output (T, B, D*P) and the final states."""
         directions = 2 if self.bidirectional else 1
         states = self._hidden_tuple(hx)
         # Only with a regulariser on does forward draw a seed of its own, so the default module consumes
         # torch's generator exactly as before (dropout between layers draws its seeds itself).
-        drawing = self.training and any(getattr(self, n, 0.0) for n in self._regularisers)
-        seed = draw_seed_tensor(device=x.device) if drawing else None
+        seed = draw_seed_tensor(device=x.device) if self._drawing() else None
         x = self._drop(x, self.input_dropout, seed, _INPUT)
         finals = []
         for layer in range(self.num_layers):
             if layer > 0:
                 x = self._drop(x, self.dropout, seed, _BETWEEN, layer)
-            ys = []
+            ys, flat = [], []
             for direction in range(directions):
                 k = layer * directions + direction
                 weights = self._layer_weights(k)
@@ -269,15 +295,23 @@ class _Recurrent(_Convertible):
                     mask = dropout_mask(w.shape, self.weight_dropout, _sub_seed(seed, _WEIGHT, k), 0, w.device)
                     weights["weight_hh"] = w * mask.to(w.dtype) * (1.0 / (1.0 - self.weight_dropout)) \
                         if self.weight_dropout < 1.0 else w * 0.0
+                if backend == "torch":  # in torch's order: weight_ih, weight_hh, bias_ih, bias_hh, weight_hr
+                    flat += [weights[name.split("_l")[0]] for name in self._all_weights[k]]
+                    continue
                 inside = {}
                 if self.recurrent_dropout and seed is not None:
                     inside["recurrent_dropout"] = (self.recurrent_dropout, _sub_seed(seed, _RECURRENT, k))
                 if self.zoneout:  # eval mode: the expectation (seed None)
                     inside["zoneout"] = (self.zoneout, _sub_seed(seed, _ZONEOUT, k) if seed is not None else None)
                 y, final = self._layer(x, [s[k] for s in states], weights, lengths, reverse=direction == 1,
-                                       **inside)
+                                       backend=backend, **inside)
                 ys.append(y)
                 finals.append(final)
+            if backend == "torch":  # every direction of the layer in one call of torch's kernel
+                x, final = self._native_layer(x, [s[layer * directions:(layer + 1) * directions] for s in states],
+                                              flat)
+                finals += [tuple(f[d] for f in final) for d in range(directions)]
+                continue
             x = torch.cat(ys, dim=-1) if directions == 2 else ys[0]
         x = self._drop(x, self.output_dropout, seed, _OUTPUT)
         # finals holds per (layer, direction) a tuple of states; stack each kind into (L*D, B, ·).
@@ -337,13 +371,17 @@ class LSTM(_Recurrent, nn.RNNBase):
     def _from_tuple(states):
         return states
 
+    def _native_layer(self, x, state, flat):
+        y, h, c = torch._VF.lstm(x, tuple(state), flat, self.bias, 1, 0.0, self.training, self.bidirectional, False)
+        return y, (h, c)
+
     @staticmethod
-    def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None):
+    def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None, backend=None):
         # Both biases fold into the one input GEMM; the recurrence then needs no bias.
         bias = w["bias_ih"] + w["bias_hh"] if "bias_ih" in w else None
         gx = F.linear(x, w["weight_ih"], bias)
         y, h, c = ops.lstm_layer(gx, state[0], state[1], w["weight_hh"], w.get("weight_hr"), lengths, reverse,
-                                 recurrent_dropout=recurrent_dropout, zoneout=zoneout)
+                                 recurrent_dropout=recurrent_dropout, zoneout=zoneout, backend=backend)
         return y, (h, c)
 
 
@@ -376,12 +414,16 @@ class GRU(_Recurrent, nn.RNNBase):
     def _from_tuple(states):
         return states[0]
 
+    def _native_layer(self, x, state, flat):
+        y, h = torch._VF.gru(x, state[0], flat, self.bias, 1, 0.0, self.training, self.bidirectional, False)
+        return y, (h,)
+
     @staticmethod
-    def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None):
+    def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None, backend=None):
         # b_hh stays inside the recurrence: the new-gate term is r * (W_hn h + b_hn).
         gx = F.linear(x, w["weight_ih"], w.get("bias_ih"))
         y, h = ops.gru_layer(gx, state[0], w["weight_hh"], w.get("bias_hh"), lengths, reverse,
-                             recurrent_dropout=recurrent_dropout, zoneout=zoneout)
+                             recurrent_dropout=recurrent_dropout, zoneout=zoneout, backend=backend)
         return y, (h,)
 
 
@@ -414,6 +456,9 @@ class LSTMCell(_Convertible, nn.LSTMCell):
     _config = ("input_size", "hidden_size", "bias")
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        backend = ops.module_backend("lstm", input, None)
+        if backend == "torch":
+            return super().forward(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
@@ -431,7 +476,7 @@ class LSTMCell(_Convertible, nn.LSTMCell):
         _check_cell(self, input, hx)
         bias = self.bias_ih + self.bias_hh if self.bias else None
         gx = _cell_gates(F.linear(input, self.weight_ih, bias), hx)
-        _, h, c = ops.lstm_layer(gx, hx[0], hx[1], self.weight_hh)
+        _, h, c = ops.lstm_layer(gx, hx[0], hx[1], self.weight_hh, backend=backend)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -442,6 +487,9 @@ class GRUCell(_Convertible, nn.GRUCell):
     _config = ("input_size", "hidden_size", "bias")
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        backend = ops.module_backend("gru", input, None)
+        if backend == "torch":
+            return super().forward(input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx.dim() not in (1, 2):
@@ -455,5 +503,5 @@ class GRUCell(_Convertible, nn.GRUCell):
             hx = hx.unsqueeze(0)
         _check_cell(self, input, (hx,))
         gx = _cell_gates(F.linear(input, self.weight_ih, self.bias_ih), (hx,))
-        _, h = ops.gru_layer(gx, hx, self.weight_hh, self.bias_hh)
+        _, h = ops.gru_layer(gx, hx, self.weight_hh, self.bias_hh, backend=backend)
         return h if batched else h.squeeze(0)

@@ -16,6 +16,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fusenn import dispatch
@@ -75,17 +76,22 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     `seed` (a Python int or a 0-d integer tensor; drawn from torch's generator when None, so
     torch.manual_seed repeats a run, compiled or not): element
     (..., l, s) of the (*batch, Hq, L, S) weights is kept as fusenn.reference.attention.dropout_keep says,
-    on every backend. The Triton kernel takes fp16, bf16 and fp32 (products as torch's SDPA computes fp32 ones:
-    fp32-accurate, from three TF32 products) with head dims up to 256.
+    on every backend but `torch` (auto's choice for CPU tensors unless a seed is given), which is torch's own
+    function, dropout included. The Triton kernel takes fp16, bf16 and fp32 (products as torch's SDPA computes
+    fp32 ones: fp32-accurate, from three TF32 products) with head dims up to 256.
     """
     _check(query, key, value, attn_mask, dropout_p, is_causal)
     batch, hq, hk, hv = reference.attention_shapes(query, key, value, enable_gqa)
     dropout_p = max(float(dropout_p), 0.0)
+    name = dispatch.choose("attention", query.device, {
+        "reference": None, "triton": _triton_reason(query, value, attn_mask),
+        "torch": "a seed asks for fusenn's Philox dropout mask" if dropout_p > 0.0 and seed is not None else None})
+    if name == "torch":  # torch's own kernels, after fusenn's checks (torch's CPU fast path skips some of them)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
     seed = (draw_seed_tensor(device=query.device) if seed is None else seed_tensor(seed, query.device)) \
         if dropout_p > 0.0 else None
     scale = reference.default_scale(query, scale)
-    name = dispatch.choose("attention", query.device,
-                           {"reference": None, "triton": _triton_reason(query, value, attn_mask)})
     if name == "reference":
         return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                       enable_gqa, seed)

@@ -256,8 +256,9 @@ def conv_pool2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride
     options = (stride, padding, dilation, groups, activation, float(negative_slope), pool, pool_kernel, pool_stride,
                pool_padding, bool(ceil_mode), bool(count_include_pad))
 
-    name = dispatch.choose("conv_pool2d", x.device, {"reference": None, "triton": _triton_reason(x, weight, bias)})
-    if name == "reference":
+    name = dispatch.choose("conv_pool2d", x.device, {"reference": None, "torch": None,
+                                                     "triton": _triton_reason(x, weight, bias)})
+    if name in ("reference", "torch"):  # the reference is torch's own conv, activation and pool, in that order
         return reference.conv_pool2d(x, weight, bias, *options)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return _conv_pool2d(x, weight, bias, *options, keep_argmax=grads and pool == "max")[0]

@@ -15,7 +15,8 @@ from fusenn import dispatch
 from fusenn.ops import draw_seed_tensor, new_output, seed_tensor
 from fusenn.reference import philox as reference
 
-SUPPORTED = {"reference": None, "triton": None, "cuda": None}
+# cpp: fusenn._C's host loop (CPU tensors), the mask the C++ RNN layers' CPU path draws.
+SUPPORTED = {"reference": None, "triton": None, "cuda": None, "cpp": None}
 
 
 @torch.library.custom_op("fusenn::dropout_mask", mutates_args=())
@@ -32,7 +33,8 @@ def dropout_mask_flat(numel: int, p: float, seed: torch.Tensor, offset: int, dev
         from fusenn.kernels import philox
 
         return philox.dropout_mask(out, offset, seed, threshold)
-    torch.ops.fusenn_cuda.dropout_mask_out(out, seed, offset, threshold, torch.cuda.current_stream(device).cuda_stream)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    torch.ops.fusenn_cuda.dropout_mask_out(out, seed, offset, threshold, stream)
     return out
 
 

@@ -97,7 +97,7 @@ def _persist_reason(gates: int):
 # Backends that implement the layers, each mapped to a function giving the reason it cannot take
 # particular inputs (None when it can).
 LSTM_SUPPORT = {"reference": lambda *args: None, "triton": _kernel_reason("Triton"), "cuda": _kernel_reason("C++"),
-                "persistent": _persist_reason(4)}
+                "persistent": _persist_reason(4), "cpp": _kernel_reason("C++")}
 GRU_SUPPORT = dict(LSTM_SUPPORT, persistent=_persist_reason(3))
 # On a GPU under `auto`: the persistent C++ layers (W_hh on chip, one launch) wherever they take the inputs,
 # then the Triton kernels (one persistent launch per layer, W_hh through L2 each step), then the C++ layers
@@ -112,6 +112,25 @@ def _cpp(impl: str, name: str):
         op = getattr(torch.ops.fusenn_cuda, name.replace("_", "_persist_", 1))
         return lambda *args: op(*args, 0)
     return getattr(torch.ops.fusenn_cuda, name)
+
+
+def module_backend(op: str, x: Tensor, native: Optional[str]) -> Optional[str]:
+    """The backend for one forward of a whole module (op "lstm" or "gru": fusenn.LSTM / GRU / their cells)
+    with input x. `native` is None when torch's own module computes what this one does (no fusenn-only
+    regulariser), else why not: the "torch" backend (auto's first choice for CPU tensors) then runs torch's
+    module forward; any other backend runs fusenn's layers, which the module then tells which one."""
+    # The persistent kernels' reasons need the weights and state, per layer: a GPU kernel backend chosen here
+    # returns None, and each layer then chooses among the GPU kernels itself.
+    reasons = {name: None if name == "persistent" else why(x)
+               for name, why in (LSTM_SUPPORT if op == "lstm" else GRU_SUPPORT).items()}
+    reasons["torch"] = native
+    name = dispatch.choose(op, x.device, reasons, GPU_ORDER)
+    return None if name in GPU_ORDER else name
+
+
+def _impl(name: str) -> str:
+    """The ops' `impl` for a backend: "cpp" (CPU tensors) and "cuda" are the same C++ ops (torch.ops.fusenn_cuda)."""
+    return "cuda" if name == "cpp" else name
 
 
 def _contiguous(*tensors):
@@ -448,24 +467,25 @@ def _check_layer(op: str, gates: int, gx: Tensor, states: dict, weights: dict, l
 def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor] = None,
                lengths: Optional[Tensor] = None, reverse: bool = False,
                recurrent_dropout: Optional[tuple[float, int]] = None,
-               zoneout: Optional[tuple[float, Optional[int]]] = None):
+               zoneout: Optional[tuple[float, Optional[int]]] = None, backend: Optional[str] = None):
+    """`backend`: the one the calling module chose (module_backend) for its whole forward; else chosen here."""
     _check_regularisers(recurrent_dropout, zoneout)
     B, H = gx.size(1) if gx.dim() == 3 else 0, gx.size(-1) // 4 if gx.dim() else 0
     P = w_hr.size(0) if w_hr is not None and w_hr.dim() == 2 else H
     _check_layer("lstm_layer", 4, gx, dict(h0=(h0, (B, P)), c0=(c0, (B, H))),
                  dict(w_hh=(w_hh, (4 * H, P)), w_hr=(w_hr, (P, H))), lengths)
-    reasons = {name: why(gx, h0, w_hh, w_hr) for name, why in LSTM_SUPPORT.items()}
-    name = dispatch.choose("lstm", gx.device, reasons, GPU_ORDER)
+    reasons = None if backend else {n: why(gx, h0, w_hh, w_hr) for n, why in LSTM_SUPPORT.items()}
+    name = backend or dispatch.choose("lstm", gx.device, reasons, GPU_ORDER)
     if name == "reference":
         return reference.lstm_layer(gx, h0, c0, w_hh, w_hr, lengths, reverse, recurrent_dropout, zoneout)
-    if name in ("triton", "cuda", "persistent"):
+    if name in ("triton", "cuda", "persistent", "cpp"):
         dtype = gx.dtype
         h0, c0, w_hh = h0.to(dtype), c0.to(dtype), w_hh.to(dtype)
         w_hr = w_hr.to(dtype) if w_hr is not None else None
         layer = lstm_layer_forward if torch.compiler.is_compiling() else _LSTMLayer.apply
         out = layer(gx, h0, c0, w_hh, w_hr, _lengths(lengths, gx.device), bool(reverse),
                     _needs_grad(gx, h0, c0, w_hh, w_hr), *_op_regularisers(recurrent_dropout, zoneout, gx.device),
-                    name)
+                    _impl(name))
         return out[:3]
     raise AssertionError(name)
 
@@ -473,21 +493,21 @@ def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[
 def gru_layer(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = None,
               lengths: Optional[Tensor] = None, reverse: bool = False,
               recurrent_dropout: Optional[tuple[float, int]] = None,
-              zoneout: Optional[tuple[float, Optional[int]]] = None):
+              zoneout: Optional[tuple[float, Optional[int]]] = None, backend: Optional[str] = None):
     _check_regularisers(recurrent_dropout, zoneout)
     B, H = gx.size(1) if gx.dim() == 3 else 0, gx.size(-1) // 3 if gx.dim() else 0
     _check_layer("gru_layer", 3, gx, dict(h0=(h0, (B, H))), dict(w_hh=(w_hh, (3 * H, H)), b_hh=(b_hh, (3 * H,))),
                  lengths)
-    reasons = {name: why(gx, h0, w_hh, b_hh) for name, why in GRU_SUPPORT.items()}
-    name = dispatch.choose("gru", gx.device, reasons, GPU_ORDER)
+    reasons = None if backend else {n: why(gx, h0, w_hh, b_hh) for n, why in GRU_SUPPORT.items()}
+    name = backend or dispatch.choose("gru", gx.device, reasons, GPU_ORDER)
     if name == "reference":
         return reference.gru_layer(gx, h0, w_hh, b_hh, lengths, reverse, recurrent_dropout, zoneout)
-    if name in ("triton", "cuda", "persistent"):
+    if name in ("triton", "cuda", "persistent", "cpp"):
         dtype = gx.dtype
         h0, w_hh = h0.to(dtype), w_hh.to(dtype)
         b_hh = b_hh.to(dtype) if b_hh is not None else None
         layer = gru_layer_forward if torch.compiler.is_compiling() else _GRULayer.apply
         out = layer(gx, h0, w_hh, b_hh, _lengths(lengths, gx.device), bool(reverse), _needs_grad(gx, h0, w_hh, b_hh),
-                    *_op_regularisers(recurrent_dropout, zoneout, gx.device), name)
+                    *_op_regularisers(recurrent_dropout, zoneout, gx.device), _impl(name))
         return out[:2]
     raise AssertionError(name)

@@ -1,0 +1,386 @@
+"""CPU routing under `auto`: plain configurations run torch's own kernels (backend "torch"), regularised RNNs
+the C++ layers' host code ("cpp") where its CPU kernels are registered, else the reference; the choice is
+visible through fusenn.set_logging. The torch path gives torch.nn's results exactly (outputs, states,
+gradients, state_dicts both ways). No timings here: benchmarks/ measures speed."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fusenn
+from fusenn import dispatch
+from fusenn.reference import attention as reference_attention
+from fusenn.reference import rnn as reference_rnn
+
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+
+
+@pytest.fixture
+def choices(caplog, monkeypatch):
+    """The backend choices made while the test runs, as (op, backend, passed-over text) from fusenn's log."""
+    monkeypatch.delenv("FUSENN_BACKEND", raising=False)
+    fusenn.set_logging(True)
+    caplog.set_level(logging.INFO, logger="fusenn")
+    seen = []
+
+    def read():
+        seen.clear()
+        for record in caplog.records:
+            if record.name == "fusenn":
+                head, _, passed = record.getMessage().partition(" (passed over ")
+                op, _, name = head.partition(": ")
+                seen.append((op.split(" ")[0], name, passed[:-1]))  # the text inside "(passed over ...)"
+        caplog.clear()
+        fusenn.set_logging(True)  # each later choice is logged again, even one already seen
+        return list(seen)
+
+    yield read
+    fusenn.set_logging(False)
+
+
+@pytest.fixture
+def no_reference(monkeypatch):
+    """The reference RNN layers and attention raise if called: proof that another implementation ran."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference ran")
+
+    for name in ("lstm_layer", "gru_layer"):
+        monkeypatch.setattr(reference_rnn, name, refuse)
+    monkeypatch.setattr(reference_attention, "scaled_dot_product_attention", refuse)
+
+
+def _cpp_loaded():
+    """Loads the C++ layers' CPU kernels as the tests do (fusenn._C, else a host-only build); None or why not."""
+    from conftest import cpp_host_unavailable
+
+    return cpp_host_unavailable()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpp_kernels():
+    """Every test here sees the C++ kernels loaded wherever they can be (so routing does not depend on test
+    order); test_regularised_rnn_falls_back_without_cpp hides them."""
+    _cpp_loaded()
+
+
+def test_backends_table_lists_torch_and_cpp():
+    table = fusenn.backends()
+    assert table["torch"].usable and "torch" in table["torch"].detail
+    assert table["cpp"].detail
+    assert dispatch.CPU_ORDER == ("torch", "cpp")
+
+
+# Which implementation runs
+
+RNNS = [("LSTM", dict(num_layers=2)), ("LSTM", dict(bidirectional=True, proj_size=3)), ("GRU", dict(num_layers=2)),
+        ("GRU", dict(bidirectional=True, batch_first=True))]
+
+
+@pytest.mark.parametrize("mode,kwargs", RNNS, ids=lambda v: str(v))
+def test_plain_rnn_runs_torch(choices, no_reference, mode, kwargs):
+    m = getattr(fusenn, mode)(5, 7, dropout=0.3 if kwargs.get("num_layers") else 0.0, **kwargs)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    m(x)[0].sum().backward()
+    m.eval()(x)
+    assert {c[:2] for c in choices()} == {(mode.lower(), "torch")}
+
+
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell"])
+def test_cells_run_torch(choices, no_reference, mode):
+    getattr(fusenn, mode)(5, 7)(torch.randn(3, 5))
+    assert [c[:2] for c in choices()] == [("lstm" if mode == "LSTMCell" else "gru", "torch")]
+
+
+INSIDE = [dict(zoneout=0.1), dict(recurrent_dropout=0.25), dict(recurrent_dropout=0.25, input_dropout=0.2)]
+OUTSIDE = [dict(weight_dropout=0.5), dict(input_dropout=0.2), dict(output_dropout=0.2),
+           dict(dropout=0.3, input_dropout=0.2, variational=True)]
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("kwargs", INSIDE, ids=lambda kw: "-".join(kw))
+def test_regularisers_inside_the_recurrence_pass_torch_over_and_say_why(choices, mode, kwargs):
+    m = getattr(fusenn, mode)(5, 7, 2, **kwargs)
+    m(torch.randn(4, 3, 5))
+    made = [c for c in choices() if c[0] == mode.lower()]
+    want = "cpp" if fusenn.backends()["cpp"].usable else "reference"
+    assert [c[1] for c in made] == [want]
+    assert "torch: fusenn-only regularisers inside the recurrence: " in made[0][2]
+    assert all(k in made[0][2] for k in kwargs if k in ("recurrent_dropout", "zoneout"))
+    if want == "reference":
+        assert "cpp: " in made[0][2]
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("kwargs", OUTSIDE, ids=lambda kw: "-".join(kw))
+def test_regularisers_outside_the_recurrence_run_torch_layer_by_layer(choices, monkeypatch, mode, kwargs):
+    """torch's kernel per layer (all directions in one call), fusenn's masks between: the reference's
+    numbers for the same seed, and torch's module forward is not what ran."""
+    torch.manual_seed(0)
+    m = getattr(fusenn, mode)(5, 7, 2, bidirectional=True, **kwargs)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    results = []
+    for backend in ("auto", "reference"):
+        with fusenn.set_backend(backend):
+            torch.manual_seed(4)
+            y, final = m(x)
+            loss = y.square().sum() + sum(f.sum() for f in (final if isinstance(final, tuple) else (final,)))
+            results.append([y] + list(torch.autograd.grad(loss, [x] + list(m.parameters()))))
+    assert [c[1] for c in choices() if c[0] == mode.lower()] == ["torch", "reference"]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(getattr(nn, mode), "forward", lambda *a: pytest.fail("torch's module forward ran"))
+    m(x)
+
+
+def test_regularisers_on_packed_input_pass_torch_over(choices):
+    packed = pack_padded_sequence(torch.randn(4, 3, 5), [4, 2, 1])
+    fusenn.LSTM(5, 7, input_dropout=0.2)(packed)
+    made = [c for c in choices() if c[0] == "lstm"]
+    assert made[0][1] != "torch" and "torch: fusenn's dropout masks on a PackedSequence input" in made[0][2]
+
+
+def test_regularised_rnn_falls_back_without_cpp(choices, monkeypatch):
+    monkeypatch.setitem(dispatch._STATUS, "cpp", lambda: (False, "fusenn._C was not built: a test says so"))
+    assert not fusenn.backends()["cpp"].usable
+    fusenn.LSTM(5, 7, recurrent_dropout=0.2)(torch.randn(4, 3, 5))
+    made = [c for c in choices() if c[0] == "lstm"]
+    assert [c[1] for c in made] == ["reference"]
+    assert made[0][2] == ("torch: fusenn-only regularisers inside the recurrence: recurrent_dropout; cpp: fusenn._C "
+                          "was not built: a test says so")
+
+
+def test_regularisers_off_in_eval_run_torch_but_zoneout_does_not(choices):
+    fusenn.LSTM(5, 7, 2, input_dropout=0.2, recurrent_dropout=0.3, weight_dropout=0.5).eval()(torch.randn(4, 3, 5))
+    assert [c[:2] for c in choices()] == [("lstm", "torch")]
+    fusenn.GRU(5, 7, zoneout=0.2).eval()(torch.randn(4, 3, 5))
+    made = choices()
+    assert made[0][1] != "torch" and "zoneout (its expectation in eval mode)" in made[0][2]
+
+
+def test_float64_regularised_rnn_takes_the_reference(choices):
+    fusenn.LSTM(5, 7, zoneout=0.1, dtype=torch.float64)(torch.randn(4, 3, 5, dtype=torch.float64))
+    made = choices()
+    assert made[0][1] == "reference"
+    if fusenn.backends()["cpp"].usable:
+        assert "cpp: the C++ RNN kernels take float16, bfloat16 or float32 inputs, got torch.float64" in made[0][2]
+
+
+def test_explicit_backends():
+    x = torch.randn(4, 3, 5)
+    with fusenn.set_backend("torch"):
+        fusenn.LSTM(5, 7)(x)
+        with pytest.raises(fusenn.BackendError, match="torch: fusenn-only regularisers inside the recurrence: zo"):
+            fusenn.LSTM(5, 7, zoneout=0.1)(x)
+        with pytest.raises(fusenn.BackendError, match="dropout_mask has no torch implementation"):
+            fusenn.functional.dropout_mask((4,), 0.5, seed=1)
+    with fusenn.set_backend("cpp"):
+        if not fusenn.backends()["cpp"].usable:
+            with pytest.raises(fusenn.BackendError, match="lstm cannot run on the requested backend \\(cpp: "):
+                fusenn.LSTM(5, 7)(x)
+
+
+def test_reference_stays_selectable(choices, monkeypatch):
+    calls = []
+    original = reference_rnn.lstm_layer
+    monkeypatch.setattr(reference_rnn, "lstm_layer", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with fusenn.set_backend("reference"):
+        fusenn.LSTM(5, 7, 2)(torch.randn(4, 3, 5))
+    assert len(calls) == 2 and [c[:2] for c in choices()] == [("lstm", "reference")]
+
+
+def test_each_distinct_choice_is_logged_once(choices):
+    m = fusenn.LSTM(5, 7)
+    for _ in range(3):
+        m(torch.randn(4, 3, 5))
+    assert len(choices()) == 1
+    m(torch.randn(4, 3, 5))
+    fusenn.LSTM(5, 7, zoneout=0.1)(torch.randn(4, 3, 5))
+    fusenn.LSTM(5, 7, zoneout=0.1)(torch.randn(4, 3, 5))
+    assert [c[1] for c in choices() if c[0] == "lstm"] == ["torch", "cpp" if fusenn.backends()["cpp"].usable
+                                                           else "reference"]
+
+
+def test_logging_switch_from_the_environment():
+    import subprocess
+    import sys
+
+    code = "import torch, fusenn\nfusenn.LSTM(3, 4)(torch.randn(2, 1, 3))\n"
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "FUSENN_LOG": "1"},
+                         capture_output=True, text=True, check=True)
+    assert "fusenn: lstm on cpu (auto): torch" in out.stderr
+    quiet = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "FUSENN_LOG": "0"},
+                           capture_output=True, text=True, check=True)
+    assert "fusenn:" not in quiet.stderr
+
+
+def test_attention_and_conv_pool_routing(choices, no_reference):
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    fusenn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    fusenn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.2)  # torch's own dropout
+    fusenn.MultiheadAttention(16, 2, batch_first=True)(*(torch.randn(2, 5, 16),) * 3, need_weights=False)
+    fusenn.ConvPool2d(3, 4, 3)(torch.randn(1, 3, 9, 9))
+    assert {c[:2] for c in choices()} == {("attention", "torch"), ("conv_pool2d", "torch")}
+
+
+def test_attention_with_a_seed_keeps_fusenns_mask(choices):
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    got = fusenn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, seed=5)
+    made = choices()
+    assert made[0][1] == "reference" and "torch: a seed asks for fusenn's Philox dropout mask" in made[0][2]
+    with fusenn.set_backend("reference"):
+        assert torch.equal(got, fusenn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, seed=5))
+
+
+def test_attention_still_raises_where_torchs_cpu_kernel_answers():
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 7, 8)
+    with pytest.raises(ValueError, match="key has 6 positions, value 7"):
+        fusenn.functional.scaled_dot_product_attention(q, k, v)
+
+
+# The torch path gives torch.nn's results exactly
+
+def _leaves_and_grads(module, inp, hx, leaves):
+    out, final = module(inp, hx)
+    outs = [out.data if hasattr(out, "batch_sizes") else out] + list(final if isinstance(final, tuple) else [final])
+    gen = torch.Generator().manual_seed(3)
+    sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in outs).backward()
+    return outs, [t.grad for t in leaves] + [p.grad for p in module.parameters()]
+
+
+EXACT = [("LSTM", dict(num_layers=2, bidirectional=True, proj_size=3), "packed"),
+         ("LSTM", dict(num_layers=3, dropout=0.4), "padded"),
+         ("LSTM", dict(batch_first=True, bias=False), "padded"),
+         ("LSTM", dict(num_layers=2), "unbatched"),
+         ("GRU", dict(num_layers=2, bidirectional=True, dropout=0.4), "packed"),
+         ("GRU", dict(batch_first=True), "padded"),
+         ("GRU", dict(num_layers=2, dtype=torch.float64), "padded")]
+
+
+@pytest.mark.parametrize("mode,kwargs,form", EXACT, ids=lambda v: str(v))
+def test_torch_path_equals_torch_nn(mode, kwargs, form):
+    """Outputs, final states and every gradient bitwise equal to torch.nn's with the same state_dict and
+    the same generator state (so torch's between-layer dropout draws the same masks)."""
+    dtype = kwargs.get("dtype", torch.float32)
+    theirs = getattr(nn, mode)(5, 7, **kwargs)
+    mine = getattr(fusenn, mode)(5, 7, **kwargs)
+    mine.load_state_dict(theirs.state_dict())
+    bf = kwargs.get("batch_first", False)
+    x = torch.randn((6, 5) if form == "unbatched" else (3, 6, 5) if bf else (6, 3, 5), dtype=dtype)
+    layers = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+    rows = () if form == "unbatched" else (3,)
+    sizes = [kwargs.get("proj_size") or 7] + [7] * (mode == "LSTM")
+    hidden = [torch.randn((layers, *rows, s), dtype=dtype) for s in sizes]
+    results = []
+    for module in (mine, theirs):
+        leaves = [x.clone().requires_grad_()] + [h.clone().requires_grad_() for h in hidden]
+        inp = leaves[0] if form != "packed" else pack_padded_sequence(leaves[0], [6, 2, 4], enforce_sorted=False)
+        hx = tuple(leaves[1:]) if mode == "LSTM" else leaves[1]
+        torch.manual_seed(9)
+        results.append(_leaves_and_grads(module, inp, hx, leaves))
+    (outs, grads), (ref_outs, ref_grads) = results
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        assert torch.equal(a, b)
+    theirs.load_state_dict(mine.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell"])
+def test_torch_path_cells_equal_torch_nn(mode):
+    theirs = getattr(nn, mode)(5, 7)
+    mine = getattr(fusenn, mode).from_torch(theirs)
+    x = torch.randn(3, 5)
+    got, want = [], []
+    for module, sink in ((mine, got), (theirs, want)):
+        leaf = x.clone().requires_grad_()
+        out = module(leaf)
+        (out[0] * 2 + out[1] if isinstance(out, tuple) else out).sum().backward()
+        sink += list(out) if isinstance(out, tuple) else [out]
+        sink += [leaf.grad] + [p.grad for p in module.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_torch_path_sdpa_and_conv_pool_equal_torch():
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(2, 4, 9, 16, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 9, 9) > 0.3
+    for kwargs in (dict(is_causal=True), dict(attn_mask=mask), dict(scale=0.2)):
+        got = fusenn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+        want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)),
+                                                      torch.autograd.grad(want.sum(), (q, k, v))))
+    conv = fusenn.ConvPool2d(3, 4, 3, padding=1, activation="gelu", pool="avg", pool_kernel_size=2)
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.AvgPool2d(2))
+    seq[0].load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, 10, 11, requires_grad=True)
+    got, want = conv(x), seq(x)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+
+
+def test_torch_path_traces_fullgraph(choices):
+    torch._dynamo.reset()
+    m = fusenn.GRU(5, 7, 2)
+    x = torch.randn(4, 3, 5)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        got = torch.compile(m, fullgraph=True, backend="eager")(x)
+    assert [c[:2] for c in choices()] == [("gru", "torch")]
+    torch.testing.assert_close(got, nn.GRU.forward(m, x), rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_torch_layer_by_layer_path_traces_fullgraph(choices):
+    """Masks outside the recurrence, torch's kernel per layer: one graph, the eager numbers for the same seed."""
+    torch._dynamo.reset()
+    m = fusenn.LSTM(5, 7, 2, input_dropout=0.2, dropout=0.3, variational=True, weight_dropout=0.4)
+    x = torch.randn(4, 3, 5)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(m, fullgraph=True, backend="eager")
+        torch.manual_seed(2)
+        got = compiled(x)
+    torch.manual_seed(2)
+    want = m(x)
+    assert {c[:2] for c in choices() if c[0] == "lstm"} == {("lstm", "torch")}
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+# The C++ layers' host code for regularised configurations
+
+def test_regularised_rnn_runs_cpp_where_loaded(choices):
+    why = _cpp_loaded()
+    if why is not None and "no C++ compiler" in why:
+        pytest.skip(why)
+    assert why is None, why
+    assert fusenn.backends()["cpp"].usable
+    for mode in ("LSTM", "GRU"):
+        torch.manual_seed(0)
+        m = getattr(fusenn, mode)(5, 7, 2, bidirectional=True, zoneout=0.1, recurrent_dropout=0.2,
+                                  input_dropout=0.2, weight_dropout=0.3)
+        x = torch.randn(4, 3, 5, requires_grad=True)
+        results = []
+        for backend in ("auto", "reference"):
+            with fusenn.set_backend(backend):
+                torch.manual_seed(4)
+                y = m(x)[0]
+                results.append([y] + list(torch.autograd.grad(y.square().sum(), [x] + list(m.parameters()))))
+        assert [c[1] for c in choices() if c[0] == mode.lower()] == ["cpp", "reference"]
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("numel,p,seed,offset", [(1, 0.5, 0, 0), (40000, 0.1, 7, 3), (4097, 0.9, 2**40 + 1, 2**32 - 5),
+                                                 (0, 0.3, 1, 0), (33, 1.0, 2**62 + 9, 0)])
+def test_cpp_dropout_mask_is_the_reference_bit_for_bit(choices, numel, p, seed, offset):
+    from fusenn.reference import philox
+
+    why = _cpp_loaded()
+    if why is not None and "no C++ compiler" in why:
+        pytest.skip(why)
+    with fusenn.set_backend("cpp"):
+        got = fusenn.functional.dropout_mask((numel,), p, seed, offset)
+    assert [c[:2] for c in choices()] == [("dropout_mask", "cpp")]
+    assert torch.equal(got, philox.dropout_mask(numel, p, seed, offset))
