@@ -582,7 +582,7 @@ def _row(r: dict) -> str:
     if "error" in r:
         return f"{r['family']:<10} {r['kernel'][:28]:<28} {r['case'][:44]:<44} ERROR {r['error'][:80]}"
     cfg = r["config"]
-    tile = "x".join(str(cfg[k]) for k in sorted(cfg) if k.startswith("BLOCK")) or str(cfg.get("threads", ""))
+    tile = "x".join(str(cfg[k]) for k in cfg if k.startswith("BLOCK")) or str(cfg.get("threads", ""))
     occ = f"{r['programs_per_sm']}/{r['occupancy']:.2f}"
     sms = f"{r['sms_covered']}" if r["sms_covered"] is not None else "-"
     spill = f"{r['spill_stores']}/{r['spill_loads']}"
