@@ -10,7 +10,9 @@ log2 domain) per row. Causal (top-left: key s is visible to row l iff s <= l) st
 diagonal, so fully masked tiles are never loaded.
 Backward: dQ programs own query rows (and first write delta = rowsum(dO * O)); dK/dV programs own key
 rows and walk the query rows of every query head sharing their kv head, so nothing is accumulated with
-atomics and the result is deterministic. Both recompute P = exp2(scores - lse).
+atomics and the result is deterministic. Both recompute P = exp2(scores - lse). Where one program cannot
+hold both the dK and the dV accumulators in registers (d256, fp32), dK and dV are two launches (PART).
+Tiles per kernel, head dim and dtype (_config) come from the static sm_90a report (benchmarks/static.py).
 Grid and offsets: one 1-D grid (a program's (tile, n, h) decoded by _tile), so N * heads has no 65535
 limit; offsets are int64 in their n and h parts, and in their row parts too (WIDE) when the host sees a
 view whose offsets within a slice reach 2**31 elements (needs_int64).
@@ -293,8 +295,8 @@ _HALF = {
 _HALF_DROPOUT = {("fwd", 64): (128, 64, 8, 3), ("dkdv", 64): (128, 64, 8, 2)}
 _FP32 = {  # tf32x3 needs three products' operands live: small tiles, dK and dV in two launches
     ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 4, 1), ("fwd", 256): (64, 32, 4, 1),
-    ("dq", 64): (64, 32, 4, 2), ("dq", 128): (32, 32, 4, 1), ("dq", 256): (32, 32, 4, 1),
-    ("dkdv", 64): (32, 32, 4, 1), ("dkdv", 128): (32, 32, 4, 1), ("dkdv", 256): (32, 32, 4, 1),
+    ("dq", 64): (64, 32, 4, 2), ("dq", 128): (16, 32, 4, 1), ("dq", 256): (16, 32, 4, 1),
+    ("dkdv", 64): (16, 32, 4, 1), ("dkdv", 128): (16, 32, 4, 1), ("dkdv", 256): (16, 16, 4, 1),
 }
 _SPLIT_DKDV = {256}  # head dims whose dK and dV accumulators do not both fit in one program's registers
 

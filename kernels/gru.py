@@ -148,13 +148,17 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
     report_stuck(bar_ptr, stuck, NSPLIT, PHASES)
 
 
-def _consts(gx, nsplit, backward: bool, regularised: bool):
+def _consts(gx, nsplit, backward: bool, regularised: bool, save: bool = True):
     """Tiles, warps and stages as the static sm_90a report chose them (see fusenn.kernels.lstm._consts):
-    the regularised backward pipelines nothing (ptxas spills otherwise)."""
+    the stages at which ptxas spills nothing at the benchmark shapes."""
     H = gx.shape[-1] // 3
     block_h = hidden_block(H, nsplit, 32)
+    if backward:
+        stages = 1 if regularised else 3
+    else:
+        stages = 2 if gx.dtype != torch.float32 or (regularised and save) else 1
     return dict(H=H, FP32_DOT=fp32_dot(gx.dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, num_warps=dot_warps(block_h),
-                num_stages=1 if backward and regularised else 3)
+                num_stages=stages)
 
 
 def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, recurrent_dropout=None, zoneout=None,
@@ -174,7 +178,7 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, recurren
         launch_split(gru_forward_kernel, (gx, w_hh, b_hh if b_hh is not None else w_hh,
                                           lengths if lengths is not None else hs, hs, y),
                      T, B, nsplit, cooperative and not INTERPRET, (1,),
-                     **_consts(gx, nsplit, False, recurrent_dropout is not None or zoneout is not None),
+                     **_consts(gx, nsplit, False, recurrent_dropout is not None or zoneout is not None, save),
                      **regulariser_args(recurrent_dropout, zoneout, hs, B, h0.shape[-1]),
                      HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2

@@ -344,3 +344,30 @@ def test_sdpa_view_into_a_buffer_past_2_31_elements_on_gpu():
         want = F.scaled_dot_product_attention(q[n:n + 1, h:h + 1], k[n:n + 1, h:h + 1], v[n:n + 1, h:h + 1],
                                               is_causal=True)
         torch.testing.assert_close(out[n:n + 1, h:h + 1], want, atol=2e-2, rtol=2e-2)
+
+
+GRID_LENGTHS = [1, 63, 65, 127, 129, 1000]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 80, 128, 256])
+@pytest.mark.parametrize("S", GRID_LENGTHS)
+@pytest.mark.parametrize("L", GRID_LENGTHS)
+def test_sdpa_shape_grid_on_gpu(L, S, D):
+    """Every tile edge at every head dim the GPU configs bucket: causal (also with L != S), GQA, dropout."""
+    torch.manual_seed(L * 10007 + S * 101 + D)
+    with fusenn.set_backend("triton"):
+        q, k, v = qkv(2, 4, L, S, D, D, torch.bfloat16, "cuda", Hkv=2)
+        check_sdpa(q, k, v, is_causal=(L + S) % 2 == 0, enable_gqa=True)
+        q, k, v = qkv(1, 2, L, S, D, D, torch.bfloat16, "cuda")
+        check_sdpa(q, k, v, dropout_p=0.2, seed=L + S, is_causal=L >= S)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_sdpa_every_dtype_and_head_dim_bucket_on_gpu(dtype, D):
+    """The tile tables' every (dtype, head dim) entry, with dropout (its own tiles at d64) and without."""
+    with fusenn.set_backend("triton"):
+        for p in (0.0, 0.1):
+            check_sdpa(*qkv(2, 3, 129, 257, D, D, dtype, "cuda"), dropout_p=p, seed=5, is_causal=True)

@@ -15,7 +15,7 @@ import triton
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusenn
-from fusenn.kernels import attention, conv_pool, gru, lstm, philox
+from fusenn.kernels import attention, conv_pool, lstm, philox
 from fusenn.nn.rnn import _packed_layout
 from fusenn.ops import rnn as rnn_ops
 
@@ -159,3 +159,12 @@ def test_packed_input_never_synchronises():
             lstm_(packed)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_a_barrier_timeout_flag_raises():
+    """The host side of the cooperative RNN launch's error flag (the kernel side is a GPU test)."""
+    lstm.check_barriers(torch.zeros(1, dtype=torch.int32))
+    lstm.check_barriers(torch.ones(1, dtype=torch.int32, device="meta"))  # a recorded launch: nothing ran
+    with pytest.raises(RuntimeError, match="not all resident"):
+        lstm.check_barriers(torch.ones(1, dtype=torch.int32))
+    assert lstm.barrier_buffer(3, "cpu").tolist() == [0, 0, 0, 0]  # three counters and the flag
