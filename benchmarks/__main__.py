@@ -4,7 +4,8 @@ against its baselines and write results/<gpu>/<op>.json (on a GPU) or results/cp
 On a CPU-only machine the Triton kernels are validated under the interpreter, then each op's CPU path (what
 backend auto runs for CPU tensors) is timed against torch's own module or function: one thread, the
 implementations interleaved, the minimum of repeats; the table gives fusenn's time over each baseline's.
-Options: --quick (fewer timed sizes), --only OP[,OP], --validate-only, --out DIR, --threads N (CPU timing).
+Options: --quick (fewer timed sizes), --only OP[,OP], --validate-only, --out DIR, --threads N (CPU timing);
+--static [--scope ci]: the sm_90a compile report of benchmarks/static.py instead.
 """
 
 import argparse
@@ -101,12 +102,15 @@ def time_case(case, device):
 def benchmark(entries, quick, out_dir, env):
     device = torch.device("cuda")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-").lower()
-    table = []
+    table, bounds = [], []
     for entry in entries:
         records = []
         for case in entry.cases(quick):
             timings = time_case(case, device)
-            records.append({"case": case.name, "flops": case.flops, "bytes": case.bytes, "timings": timings})
+            records.append({"case": case.name, "flops": case.flops, "bytes": case.bytes, "bound": case.bound,
+                            "timings": timings})
+            if case.bound:
+                bounds.append((case.name, case.bound))
             ours = timings.get("fusenn", {}).get("ms")
             for impl, t in timings.items():
                 ratio = (t["ms"] / ours) if ours and "ms" in t else None
@@ -125,6 +129,9 @@ def benchmark(entries, quick, out_dir, env):
             print(f"{op:<18} {case:<50} {impl:<22} {'n/a':>9}  {err[:60]}")
             continue
         print(f"{op:<18} {case:<50} {impl:<22} {ms:>9.4f} {rate or 0:>13.2f} {ratio or 0:>9.2f}x")
+    for case, bound in bounds:
+        print(f"bound {case:<50} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in bound.items()))
 
 
 def cpu_name() -> str:
@@ -209,7 +216,14 @@ def main(argv=None):
     parser.add_argument("--validate-only", action="store_true")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the CPU timing (default 1)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--static", action="store_true", help="the sm_90a compile report (benchmarks/static.py)")
+    args, rest = parser.parse_known_args(argv)
+    if args.static:
+        from benchmarks import static
+
+        return static.main(rest + ["--out", os.path.join(args.out, "static-sm90a")])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     load_entries()
     wanted = [s for s in args.only.split(",") if s]

@@ -1,8 +1,11 @@
 """LSTM and GRU: fusenn's modules against cuDNN (torch.nn) and a torch.compile'd cell loop.
 
-fusenn runs three ways where it can: `fusenn` (the backend `auto` picks: the Triton kernels on a GPU),
-`fusenn-split` (the Triton kernels' cooperative split mode) and `fusenn-cpp` (the C++ layers of
-csrc/rnn_host.cpp: a cuBLAS GEMM and a fused kernel per step; needs fusenn._C).
+fusenn runs several ways where it can: `fusenn` (the backend `auto` picks on a GPU: the persistent kernels
+where they take the inputs, else the Triton kernels),
+`fusenn-split` (the Triton kernels' cooperative split mode), `fusenn-cpp` (the C++ layers of
+csrc/rnn_host.cpp: a cuBLAS GEMM and a fused kernel per step; needs fusenn._C) and `fusenn-persistent`
+(csrc/rnn_persist.cu: W_hh on chip, one cooperative launch per layer; needs fusenn._C), each case with the
+persistent design's analytic bound (persist_bound) beside it.
 """
 
 import os
@@ -33,7 +36,7 @@ def _grads(module, x):
 def validate():
     """fusenn (current backend, fp32) and torch.nn (fp32) against torch.nn in float64; also in the split
     mode timed as fusenn-split (cooperative on a GPU, one launch per phase and step on a CPU), and the C++
-    layers where fusenn._C runs."""
+    layers (stepwise and persistent) where fusenn._C runs."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     split = "auto" if device == "cuda" else "2"
     checks = []
@@ -44,6 +47,9 @@ def validate():
         if cpp_usable(device):
             check = with_backend(lambda: _validate_one(kind, T, B, I, H, extra, device), "cuda")()
             checks.append(Check(check.case + "-cpp", check.error, check.allowed))
+            if "proj_size" not in extra:  # the persistent LSTM has no projection
+                check = with_backend(lambda: _validate_one(kind, T, B, I, H, extra, device), "persistent")()
+                checks.append(Check(check.case + "-persistent", check.error, check.allowed))
     return checks
 
 
@@ -134,6 +140,8 @@ def _setup(kind, T, B, I, H, dtype, train):
         impls["fusenn-split"] = _with_env(timed(lambda x: ours(x)[0]), FUSENN_RNN_SPLIT="auto")
         if cpp_usable(torch.device(device).type):
             impls["fusenn-cpp"] = with_backend(timed(lambda x: ours(x)[0]), "cuda")
+            # the persistent kernels; an input they refuse is reported with the reason BackendError gives
+            impls["fusenn-persistent"] = with_backend(timed(lambda x: ours(x)[0]), "persistent")
         return impls
     return setup
 
@@ -160,6 +168,35 @@ def _flops(kind, T, B, I, H, train):
     return fwd * (3 if train else 1)
 
 
+# What the persistent kernels' bound assumes of an H100 / H200 (to be replaced by measured numbers): L2
+# bandwidth, tensor-core and FMA peaks, one grid-wide barrier.
+L2_BYTES_PER_S = 5.5e12
+MMA_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 60e12}
+GRID_SYNC_S = 2e-6
+
+
+def persist_bound(kind, T, B, H, dtype, train):
+    """The persistent kernels' analytic bound per layer (csrc/rnn_persist.cuh): per step, every CTA reads
+    the whole h_{t-1} (B x H) through L2 (the broadcast) besides its own gx, state and outputs; the gate
+    products are 2 B gates H^2 FLOPs; one grid sync a step in forward and one in backward. The grid is the
+    launcher's plan for 132 SMs. Backward adds the gates' recomputation and the weight gradient, one GEMM
+    each over T*B rows, counted at the MMA peak."""
+    gates = 4 if kind == "LSTM" else 3
+    e = torch.finfo(dtype).bits // 8
+    units = -(-(-(-H // 132)) // 4) * 4  # ceil(H / 132) rounded up to a multiple of 4
+    grid = -(-H // units)
+    state = 2 * 4 * B * H * (2 if gates == 4 else 1)  # fp32 h (and c) slots read and written
+    step_bytes = grid * B * H * e + B * H * 2 * e + B * gates * H * (e + 8) + state
+    step_flops = 2 * B * gates * H * H
+    steps = T * (2 if train else 1)
+    syncs = steps
+    gemm_flops = (2 * 2 * T * B * gates * H * H) if train else 0
+    seconds = steps * (max(step_bytes / L2_BYTES_PER_S, step_flops / MMA_FLOPS[dtype]) + GRID_SYNC_S)
+    seconds += gemm_flops / MMA_FLOPS[dtype]
+    return {"grid": grid, "l2_bytes_per_step": float(step_bytes), "flops_per_step": float(step_flops),
+            "grid_syncs": syncs, "bound_ms": seconds * 1e3}
+
+
 def cases(quick):
     sizes = [("fastrnns", 100, 64, 512, 512)]
     if not quick:
@@ -174,10 +211,12 @@ def cases(quick):
                 for train in (True, False):
                     mode = "train" if train else "infer"
                     out.append(Case(f"{kind}-{label}-T{T}-B{B}-I{I}-H{H}-{dname}-{mode}",
-                                    _setup(kind, T, B, I, H, dtype, train), flops=_flops(kind, T, B, I, H, train)))
+                                    _setup(kind, T, B, I, H, dtype, train), flops=_flops(kind, T, B, I, H, train),
+                                    bound=persist_bound(kind, T, B, H, dtype, train)))
             for label, T, B, I, H in small_batch[:1] if quick else small_batch:
                 out.append(Case(f"{kind}-{label}-T{T}-B{B}-I{I}-H{H}-{dname}-infer",
-                                _setup(kind, T, B, I, H, dtype, False), flops=_flops(kind, T, B, I, H, False)))
+                                _setup(kind, T, B, I, H, dtype, False), flops=_flops(kind, T, B, I, H, False),
+                                bound=persist_bound(kind, T, B, H, dtype, False)))
     return out
 
 

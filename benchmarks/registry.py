@@ -32,6 +32,7 @@ class Case:
     setup: Callable  # (device) -> {"fusenn": fn, "cudnn": fn, ...}, each fn() runs one step
     flops: Optional[float] = None  # per step, for TFLOP/s
     bytes: Optional[float] = None  # fewest bytes one step must move, for GB/s
+    bound: Optional[dict] = None  # an analytic bound shown beside the case (e.g. bytes through L2, grid syncs)
 
 
 @dataclass

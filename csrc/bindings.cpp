@@ -49,6 +49,7 @@ void dropout_mask_out(const at::Tensor& out, const at::Tensor& seed, int64_t off
               seed.scalar_type(), " of ", seed.numel(), " elements on ", seed.device());
   TORCH_CHECK(offset >= 0, "fusenn_cuda::dropout_mask_out: offset must be non-negative");
   TORCH_CHECK(threshold >= 0 && threshold <= (1 << 24), "fusenn_cuda::dropout_mask_out: threshold out of range");
+  const DeviceGuard device(out.get_device());
   check_launch(launch_dropout_mask(out.data_ptr<bool>(), out.numel(), seed.data_ptr<int64_t>(),
                                    static_cast<uint64_t>(offset), static_cast<uint32_t>(threshold),
                                    reinterpret_cast<Stream>(stream)),

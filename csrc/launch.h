@@ -15,4 +15,17 @@ int launch_dropout_mask(bool* out, int64_t numel, const int64_t* seed, uint64_t 
                         Stream stream);
 const char* cuda_error_string(int status);
 
+// Makes `device` the current CUDA device for the guard's lifetime, then restores the previous one, so an
+// op on tensors of cuda:1 launches its kernels there (defined in csrc/philox.cu, CUDA builds only).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_;
+};
+
 }  // namespace fusenn

@@ -28,4 +28,14 @@ int launch_dropout_mask(bool* out, int64_t numel, const int64_t* seed, uint64_t 
 
 const char* cuda_error_string(int status) { return cudaGetErrorString(static_cast<cudaError_t>(status)); }
 
+DeviceGuard::DeviceGuard(int device) : previous_(-1) {
+  if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+  if (previous_ != device) cudaSetDevice(device);
+}
+
+DeviceGuard::~DeviceGuard() {
+  int now = -1;
+  if (previous_ >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+}
+
 }  // namespace fusenn

@@ -8,6 +8,8 @@
 // c10::BFloat16 in rnn_host.cpp). Whoever includes this file first declares, for each 16-bit T,
 // `FUSENN_HD float to_float(T)` and `FUSENN_HD T from_float(float, T*)` (torch's build turns off their
 // implicit conversions). Everything is computed in fp32: gates, cell state, gradients.
+// run_at<T>(step, b, j) does element (b, j) of a step, run<T>(step, i) element i of its flattened (B, W)
+// (csrc/rnn_persist.cuh calls run_at, which spares the GPU a 64-bit division).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -30,7 +32,15 @@ FUSENN_HD void store(void* p, int64_t i, float v) {
   static_cast<T*>(p)[i] = from_float(v, static_cast<T*>(nullptr));
 }
 
-FUSENN_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+// On the GPU without the IEEE division's slow-path subroutine (a call, and spills around it, in every kernel):
+// __fdividef is within 2 ulp on [1, 2^126] and gives 0 above, where the sigmoid is below 2^-126 anyway.
+FUSENN_HD float sigmoid(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(1.0f, 1.0f + expf(-x));
+#else
+  return 1.0f / (1.0f + expf(-x));
+#endif
+}
 
 // Zoneout: mode 0 off; 1 Philox masks keyed by *seed (u = 1 where the unit takes its new value); 2 the
 // expectation u everywhere (eval mode).
@@ -104,8 +114,8 @@ struct LstmCell {
 };
 
 template <class T>
-FUSENN_HD void run(const LstmCell& a, int64_t idx) {
-  const int64_t b = idx / a.H, j = idx % a.H;
+FUSENN_HD void run_at(const LstmCell& a, int64_t b, int64_t j) {
+  const int64_t idx = b * a.H + j;
   float i, f, g, o;
   lstm_gates<T>(a.gx, a.gh, a.H, b, j, &i, &f, &g, &o);
   const float c_prev = a.c_in[idx];
@@ -122,6 +132,11 @@ FUSENN_HD void run(const LstmCell& a, int64_t idx) {
   } else {
     emit_h<T>(a.s, a.P, b, j, m, a.h_in, a.h_out, a.y, a.op);
   }
+}
+
+template <class T>
+FUSENN_HD void run(const LstmCell& a, int64_t idx) {
+  run_at<T>(a, idx / a.H, idx % a.H);
 }
 
 // h_t from its pre-zoneout value h_new (B, W) fp32: the LSTM's projection output.
@@ -155,8 +170,8 @@ struct LstmDh {
 };
 
 template <class T>
-FUSENN_HD void run(const LstmDh& a, int64_t idx) {
-  const int64_t b = idx / a.P, k = idx % a.P;
+FUSENN_HD void run_at(const LstmDh& a, int64_t b, int64_t k) {
+  const int64_t idx = b * a.P + k;
   const bool valid = has_step(a.s, b);
   const float dh = a.dh[idx] + (valid ? load<T>(a.dy, idx) : 0.0f);
   const float u = a.s.zo.mode ? zoneout_u(a.s.zo, static_cast<uint64_t>((a.s.t * a.s.B + b) * a.P + k)) : 1.0f;
@@ -164,6 +179,11 @@ FUSENN_HD void run(const LstmDh& a, int64_t idx) {
   if (a.dhz_op != nullptr) store<T>(a.dhz_op, idx, u * dh);
   if (a.dhs != nullptr) a.dhs[idx] = valid ? u * dh : 0.0f;
   a.dh[idx] = valid ? (1.0f - u) * dh : dh;
+}
+
+template <class T>
+FUSENN_HD void run(const LstmDh& a, int64_t idx) {
+  run_at<T>(a, idx / a.P, idx % a.P);
 }
 
 // LSTM backward, element (b, j) of B x H: gate gradients dg (= grad gx_t, fp32 and as T for the GEMM giving
@@ -182,8 +202,8 @@ struct LstmCellBackward {
 };
 
 template <class T>
-FUSENN_HD void run(const LstmCellBackward& a, int64_t idx) {
-  const int64_t b = idx / a.H, j = idx % a.H, H = a.H;
+FUSENN_HD void run_at(const LstmCellBackward& a, int64_t b, int64_t j) {
+  const int64_t idx = b * a.H + j, H = a.H;
   float i, f, g, o;
   lstm_gates<T>(a.gx, a.gh, H, b, j, &i, &f, &g, &o);
   const float c_prev = a.c_in[idx], dc_next = a.dc[idx], dm = a.dm[idx];
@@ -206,6 +226,11 @@ FUSENN_HD void run(const LstmCellBackward& a, int64_t idx) {
     store<T>(a.dg_op, at, valid ? grads[q] : 0.0f);
   }
   a.dc[idx] = valid ? dc_pass + dc * f : dc_next;
+}
+
+template <class T>
+FUSENN_HD void run(const LstmCellBackward& a, int64_t idx) {
+  run_at<T>(a, idx / a.H, idx % a.H);
 }
 
 // dh_{t-1} += its recurrent part acc = dgates_t W_hh (times r/(1-p): h_{t-1} entered the product scaled),
@@ -248,12 +273,17 @@ struct GruCell {
 };
 
 template <class T>
-FUSENN_HD void run(const GruCell& a, int64_t idx) {
-  const int64_t b = idx / a.H, j = idx % a.H;
+FUSENN_HD void run_at(const GruCell& a, int64_t b, int64_t j) {
+  const int64_t idx = b * a.H + j;
   float r, z, n, gh_n;
   gru_gates<T>(a.gx, a.gh, a.b_hh, a.H, b, j, &r, &z, &n, &gh_n);
   const float h_prev = a.h_in[idx];
   emit_h<T>(a.s, a.H, b, j, (1.0f - z) * n + z * h_prev, a.h_in, a.h_out, a.y, a.op);
+}
+
+template <class T>
+FUSENN_HD void run(const GruCell& a, int64_t idx) {
+  run_at<T>(a, idx / a.H, idx % a.H);
 }
 
 // GRU backward, element (b, j) of B x H: dg = grad gx_t (dr, dz, dn), dghn = grad (h W_hn^T + b_hn) = dn r,
@@ -274,8 +304,8 @@ struct GruCellBackward {
 };
 
 template <class T>
-FUSENN_HD void run(const GruCellBackward& a, int64_t idx) {
-  const int64_t b = idx / a.H, j = idx % a.H, H = a.H;
+FUSENN_HD void run_at(const GruCellBackward& a, int64_t b, int64_t j) {
+  const int64_t idx = b * a.H + j, H = a.H;
   float r, z, n, gh_n;
   gru_gates<T>(a.gx, a.gh, a.b_hh, H, b, j, &r, &z, &n, &gh_n);
   const bool valid = has_step(a.s, b);
@@ -291,6 +321,11 @@ FUSENN_HD void run(const GruCellBackward& a, int64_t idx) {
   }
   a.dghn[idx] = valid ? dn * r : 0.0f;
   a.dh[idx] = valid ? dh * z + (dh_in - dh) : dh_in;
+}
+
+template <class T>
+FUSENN_HD void run(const GruCellBackward& a, int64_t idx) {
+  run_at<T>(a, idx / a.H, idx % a.H);
 }
 
 enum class Dtype : int32_t { f32 = 0, f16 = 1, bf16 = 2 };

@@ -17,7 +17,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
 
+#include "launch.h"
 #include "philox.cuh"
 
 namespace fusenn {
@@ -35,13 +39,26 @@ inline float tanhf(float x) {
 }
 }  // namespace fusenn
 
-#include "rnn.cuh"
+#include "rnn_persist.cuh"
 
 namespace fusenn {
 namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+
+// The CUDA device of `t` made current for the op's launches (nothing for CPU tensors or host-only builds).
+struct OpDevice {
+  explicit OpDevice(const Tensor& t) {
+#ifdef FUSENN_WITH_CUDA
+    if (t.is_cuda()) guard.emplace(t.get_device());
+#endif
+    (void)t;
+  }
+#ifdef FUSENN_WITH_CUDA
+  std::optional<DeviceGuard> guard;
+#endif
+};
 
 Dtype dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
@@ -179,6 +196,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     const OptTensor& lengths, bool reverse, bool save, const OptTensor& rscale, const OptTensor& zo_seed,
     int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream) {
   constexpr const char* op = "lstm_forward";
+  const OpDevice device(gx);
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, P), got ", h0.sizes());
   const int64_t P = h0.size(1);
   const Regularisers regs =
@@ -232,6 +250,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
     const OptTensor& rscale, const OptTensor& zo_seed, int64_t zo_mode, int64_t zo_threshold, double zo_u,
     int64_t stream) {
   constexpr const char* op = "lstm_backward";
+  const OpDevice device(gx);
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, P), got ", hs.sizes());
   const int64_t P = hs.size(2);
   const Regularisers regs =
@@ -282,6 +301,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h
                                                const OptTensor& rscale, const OptTensor& zo_seed, int64_t zo_mode,
                                                int64_t zo_threshold, double zo_u, int64_t stream) {
   constexpr const char* op = "gru_forward";
+  const OpDevice device(gx);
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, H), got ", h0.sizes());
   const int64_t H = h0.size(1);
   const Regularisers regs =
@@ -319,6 +339,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dy_in, const Tenso
                                                 const OptTensor& zo_seed, int64_t zo_mode, int64_t zo_threshold,
                                                 double zo_u, int64_t stream) {
   constexpr const char* op = "gru_backward";
+  const OpDevice device(gx);
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, H), got ", hs.sizes());
   const int64_t H = hs.size(2);
   const Regularisers regs =
@@ -353,6 +374,286 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dy_in, const Tenso
   return {dg, dghn, dh};
 }
 
+
+// ---- The persistent layers (csrc/rnn_persist.cuh): one cooperative launch per layer and direction on a
+// GPU; on CPU tensors the grid's emulation through the same per-CTA functions. Same inputs and results as
+// the ops above (no projection), plus `grid`: the CTAs asked for (0: the launcher's plan; on the host, the
+// plan for an H200). ----
+
+persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, const OptTensor& b_hh,
+                           const OptTensor& lengths, bool reverse, bool save, const Regularisers& regs) {
+  persist::Args a{};
+  a.T = gx.size(0);
+  a.B = gx.size(1);
+  a.H = gx.size(2) / gates;
+  a.gates = gates;
+  a.reverse = reverse;
+  a.save = save;
+  a.gx = gx.data_ptr();
+  a.w_hh = w_hh.data_ptr();
+  a.b_hh = b_hh ? b_hh->data_ptr() : nullptr;
+  a.lengths = data_or_null<int64_t>(lengths);
+  a.rscale = regs.rscale;
+  a.zo = regs.zo;
+  return a;
+}
+
+// Every CTA's slice of a step in turn, then the next step: the kernels' loop with the barrier a no-op.
+template <class T>
+void emulate_grid(const persist::Args& a, bool backward) {
+  using namespace persist;
+  const Layout l = layout_for(a.gates, backward, static_cast<int>(sizeof(T)), a.H, a.units, a.chunk);
+  std::vector<std::vector<T>> w(a.grid, std::vector<T>(l.Np * l.ldw));  // each CTA's shared-memory slice
+  std::vector<T> st(kTileB * l.lda);
+  std::vector<float> acc(l.splits * kTileB * l.Np);
+  for (int64_t c = 0; c < a.grid; ++c) load_weights<T>(a, backward, c, w[c].data(), l, 0, 1);
+  for (int64_t k = 0; k < a.T; ++k) {
+    for (int64_t c = 0; c < a.grid; ++c) {
+      if (!backward) {
+        forward_step<T>(a, c, k, w[c].data(), st.data(), acc.data(), l, 0, 1);
+      } else {
+        if (k > 0) backward_recurrent<T>(a, c, k - 1, w[c].data(), st.data(), acc.data(), l, 0, 1);
+        backward_cells<T>(a, c, k, 0, 1);
+      }
+    }
+  }
+  if (backward && a.T > 0) {
+    for (int64_t c = 0; c < a.grid; ++c) {
+      backward_recurrent<T>(a, c, a.T - 1, w[c].data(), st.data(), acc.data(), l, 0, 1);
+    }
+  }
+}
+
+void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t grid, int64_t stream, const char* op) {
+  TORCH_CHECK(grid >= 0, "fusenn_cuda::", op, ": grid must be non-negative, got ", grid);
+  if (like.is_cuda()) {
+#ifdef FUSENN_WITH_CUDA
+    Tensor sync = at::zeros({2}, like.options().dtype(at::kInt));  // arrivals, error flag
+    a.barrier = reinterpret_cast<unsigned*>(sync.data_ptr<int>());
+    a.error = sync.data_ptr<int>() + 1;
+    // no step takes seconds; FUSENN_PERSIST_TIMEOUT_S raises the bound (e.g. under compute-sanitizer)
+    const char* timeout = std::getenv("FUSENN_PERSIST_TIMEOUT_S");
+    const double seconds = timeout != nullptr ? std::atof(timeout) : 0.0;
+    a.timeout_ns = static_cast<uint64_t>((seconds > 0.0 ? seconds : 10.0) * 1e9);
+    std::string why;
+    const int status =
+        persist::launch_persist(a, dtype_of(like), backward, grid, reinterpret_cast<Stream>(stream), &why);
+    TORCH_CHECK(why.empty(), "fusenn_cuda::", op, ": ", why);
+    TORCH_CHECK(status == 0, "fusenn_cuda::", op, ": the persistent kernel's launch failed: ",
+                cuda_error_string(status));
+    TORCH_CHECK(sync[1].item<int>() == 0, "fusenn_cuda::", op,
+                ": a grid-wide barrier of the persistent kernel timed out (its CTAs were not all resident); "
+                "its results are invalid");
+#else
+    TORCH_CHECK(false, "fusenn_cuda::", op, ": this build of the C++ RNN layers has no CUDA kernels");
+#endif
+    return;
+  }
+  const persist::Plan p =
+      persist::plan(a.gates, backward, static_cast<int>(like.element_size()), a.H, persist::kH200, 0, 0, grid);
+  TORCH_CHECK(p.why.empty(), "fusenn_cuda::", op, ": ", p.why);
+  a.grid = static_cast<int32_t>(p.grid);
+  a.units = static_cast<int32_t>(p.units);
+  a.chunk = static_cast<int32_t>(p.chunk);
+  switch (dtype_of(like)) {
+    case Dtype::f32: emulate_grid<float>(a, backward); break;
+    case Dtype::f16: emulate_grid<c10::Half>(a, backward); break;
+    case Dtype::bf16: emulate_grid<c10::BFloat16>(a, backward); break;
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_persist_forward(
+    const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh_in, const OptTensor& w_hr,
+    const OptTensor& lengths, bool reverse, bool save, const OptTensor& rscale, const OptTensor& zo_seed,
+    int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream, int64_t grid) {
+  constexpr const char* op = "lstm_persist_forward";
+  const OpDevice device(gx);
+  TORCH_CHECK(!w_hr.has_value(), "fusenn_cuda::", op, ": the persistent LSTM has no projection (proj_size); "
+              "lstm_forward takes w_hr");
+  TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, H), got ", h0.sizes());
+  const int64_t H = h0.size(1);
+  const Regularisers regs = check_common(op, gx, 4, w_hh_in, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
+  const int64_t T = gx.size(0), B = gx.size(1);
+  TORCH_CHECK(gx.size(2) == 4 * H, "fusenn_cuda::", op, ": expected gx of shape (T, B, 4 * ", H, "), got ", gx.sizes());
+  expect(op, "h0", h0, {B, H}, gx.scalar_type(), gx, false);
+  expect(op, "c0", c0, {B, H}, gx.scalar_type(), gx, false);
+  const Tensor w_hh = w_hh_in.contiguous();
+
+  const int64_t slot_count = save ? T + 1 : 2, first = (save && reverse) ? T : 0;
+  Tensor hs = new_output({slot_count, B, H}, at::kFloat, gx), cs = new_output({slot_count, B, H}, at::kFloat, gx);
+  hs[first].copy_(h0);
+  cs[first].copy_(c0);
+  Tensor y = new_output({T, B, H}, gx.scalar_type(), gx);
+  if (T > 0 && B > 0) {
+    Tensor op_h = at::zeros({2, B, H}, gx.options());
+    op_h[0].copy_(rscale ? hs[first] * *rscale : hs[first]);
+    Tensor gh = at::empty({B, 4 * H}, gx.options().dtype(at::kFloat));
+    persist::Args a = persist_args(4, gx, w_hh, std::nullopt, lengths, reverse, save, regs);
+    a.hs = hs.data_ptr<float>();
+    a.cs = cs.data_ptr<float>();
+    a.y = y.data_ptr();
+    a.op = op_h.data_ptr();
+    a.gh = gh.data_ptr<float>();
+    run_persist(a, gx, false, grid, stream, op);
+  }
+  const int64_t last = save ? (reverse ? 0 : T) : T % 2;
+  return {y, hs[last].to(gx.scalar_type(), false, true), cs[last].to(gx.scalar_type(), false, true),
+          save ? hs : none(gx), save ? cs : none(gx), none(gx)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_persist_backward(
+    const Tensor& dy_in, const Tensor& dh_n, const Tensor& dc_n, const Tensor& gx, const Tensor& w_hh_in,
+    const OptTensor& w_hr, const OptTensor& lengths, bool reverse, const Tensor& hs, const Tensor& cs,
+    const OptTensor& rscale, const OptTensor& zo_seed, int64_t zo_mode, int64_t zo_threshold, double zo_u,
+    int64_t stream, int64_t grid) {
+  constexpr const char* op = "lstm_persist_backward";
+  const OpDevice device(gx);
+  TORCH_CHECK(!w_hr.has_value(), "fusenn_cuda::", op, ": the persistent LSTM has no projection (proj_size); "
+              "lstm_backward takes w_hr");
+  TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, H), got ", hs.sizes());
+  const int64_t H = hs.size(2);
+  const Regularisers regs = check_common(op, gx, 4, w_hh_in, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
+  const int64_t T = gx.size(0), B = gx.size(1);
+  TORCH_CHECK(gx.size(2) == 4 * H, "fusenn_cuda::", op, ": expected gx of shape (T, B, 4 * ", H, "), got ", gx.sizes());
+  expect(op, "hs", hs, {T + 1, B, H}, at::kFloat, gx);
+  expect(op, "cs", cs, {T + 1, B, H}, at::kFloat, gx);
+  expect(op, "dy", dy_in, {T, B, H}, dy_in.scalar_type(), gx, false);
+  expect(op, "dh_n", dh_n, {B, H}, dh_n.scalar_type(), gx, false);
+  expect(op, "dc_n", dc_n, {B, H}, dc_n.scalar_type(), gx, false);
+  const Tensor w_hh = w_hh_in.contiguous();
+
+  const Tensor dy = dy_in.to(gx.scalar_type()).contiguous();
+  Tensor dh = dh_n.to(at::kFloat, false, true).contiguous(), dc = dc_n.to(at::kFloat, false, true).contiguous();
+  Tensor dg = new_output({T, B, 4 * H}, at::kFloat, gx);
+  if (T > 0 && B > 0) {
+    const auto f32 = gx.options().dtype(at::kFloat);
+    Tensor gh = at::empty({T * B, 4 * H}, f32);
+    mm_f32(gh, entering_product(hs, T, reverse, rscale, gx), w_hh.t());
+    Tensor dhz = at::empty({B, H}, f32), dg_op = at::zeros({2, B, 4 * H}, gx.options());
+    persist::Args a = persist_args(4, gx, w_hh, std::nullopt, lengths, reverse, true, regs);
+    a.cs = cs.data_ptr<float>();
+    a.ghs = gh.data_ptr<float>();
+    a.dy = dy.data_ptr();
+    a.dh = dh.data_ptr<float>();
+    a.dc = dc.data_ptr<float>();
+    a.dhz = dhz.data_ptr<float>();
+    a.dg = dg.data_ptr<float>();
+    a.dg_op = dg_op.data_ptr();
+    run_persist(a, gx, true, grid, stream, op);
+  }
+  return {dg, dh, dc, none(gx)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_persist_forward(const Tensor& gx, const Tensor& h0, const Tensor& w_hh_in,
+                                                       const OptTensor& b_hh, const OptTensor& lengths, bool reverse,
+                                                       bool save, const OptTensor& rscale, const OptTensor& zo_seed,
+                                                       int64_t zo_mode, int64_t zo_threshold, double zo_u,
+                                                       int64_t stream, int64_t grid) {
+  constexpr const char* op = "gru_persist_forward";
+  const OpDevice device(gx);
+  TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, H), got ", h0.sizes());
+  const int64_t H = h0.size(1);
+  const Regularisers regs = check_common(op, gx, 3, w_hh_in, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
+  const int64_t T = gx.size(0), B = gx.size(1);
+  expect(op, "h0", h0, {B, H}, gx.scalar_type(), gx, false);
+  if (b_hh) expect(op, "b_hh", *b_hh, {3 * H}, gx.scalar_type(), gx);
+  const Tensor w_hh = w_hh_in.contiguous();
+
+  const int64_t slot_count = save ? T + 1 : 2, first = (save && reverse) ? T : 0;
+  Tensor hs = new_output({slot_count, B, H}, at::kFloat, gx);
+  hs[first].copy_(h0);
+  Tensor y = new_output({T, B, H}, gx.scalar_type(), gx);
+  if (T > 0 && B > 0) {
+    Tensor op_h = at::zeros({2, B, H}, gx.options());
+    op_h[0].copy_(rscale ? hs[first] * *rscale : hs[first]);
+    Tensor gh = at::empty({B, 3 * H}, gx.options().dtype(at::kFloat));
+    persist::Args a = persist_args(3, gx, w_hh, b_hh, lengths, reverse, save, regs);
+    a.hs = hs.data_ptr<float>();
+    a.y = y.data_ptr();
+    a.op = op_h.data_ptr();
+    a.gh = gh.data_ptr<float>();
+    run_persist(a, gx, false, grid, stream, op);
+  }
+  const int64_t last = save ? (reverse ? 0 : T) : T % 2;
+  return {y, hs[last].to(gx.scalar_type(), false, true), save ? hs : none(gx)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_persist_backward(const Tensor& dy_in, const Tensor& dh_n, const Tensor& gx,
+                                                        const Tensor& w_hh_in, const OptTensor& b_hh,
+                                                        const OptTensor& lengths, bool reverse, const Tensor& hs,
+                                                        const OptTensor& rscale, const OptTensor& zo_seed,
+                                                        int64_t zo_mode, int64_t zo_threshold, double zo_u,
+                                                        int64_t stream, int64_t grid) {
+  constexpr const char* op = "gru_persist_backward";
+  const OpDevice device(gx);
+  TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, H), got ", hs.sizes());
+  const int64_t H = hs.size(2);
+  const Regularisers regs = check_common(op, gx, 3, w_hh_in, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
+  const int64_t T = gx.size(0), B = gx.size(1);
+  expect(op, "hs", hs, {T + 1, B, H}, at::kFloat, gx);
+  expect(op, "dy", dy_in, {T, B, H}, dy_in.scalar_type(), gx, false);
+  expect(op, "dh_n", dh_n, {B, H}, dh_n.scalar_type(), gx, false);
+  if (b_hh) expect(op, "b_hh", *b_hh, {3 * H}, gx.scalar_type(), gx);
+  const Tensor w_hh = w_hh_in.contiguous();
+
+  const Tensor dy = dy_in.to(gx.scalar_type()).contiguous();
+  Tensor dh = dh_n.to(at::kFloat, false, true).contiguous();
+  Tensor dg = new_output({T, B, 3 * H}, at::kFloat, gx), dghn = new_output({T, B, H}, at::kFloat, gx);
+  if (T > 0 && B > 0) {
+    const auto f32 = gx.options().dtype(at::kFloat);
+    Tensor gh = at::empty({T * B, 3 * H}, f32);
+    mm_f32(gh, entering_product(hs, T, reverse, rscale, gx), w_hh.t());
+    Tensor dg_op = at::zeros({2, B, 3 * H}, gx.options());
+    persist::Args a = persist_args(3, gx, w_hh, b_hh, lengths, reverse, true, regs);
+    a.hs = hs.data_ptr<float>();
+    a.ghs = gh.data_ptr<float>();
+    a.dy = dy.data_ptr();
+    a.dh = dh.data_ptr<float>();
+    a.dg = dg.data_ptr<float>();
+    a.dghn = dghn.data_ptr<float>();
+    a.dg_op = dg_op.data_ptr();
+    run_persist(a, gx, true, grid, stream, op);
+  }
+  return {dg, dghn, dh};
+}
+
+// The persistent launch's plan for a machine (grid, units per CTA, dynamic shared memory per CTA, CTAs per
+// SM, and the reason it cannot launch or ""): machine = [SMs, shared memory per block (opt-in), per SM,
+// registers per SM, threads per SM, blocks per SM], empty for an H200's; regs: registers per thread of the
+// kernel (0: unknown). What the static test evaluates with ptxas's numbers.
+std::tuple<int64_t, int64_t, int64_t, int64_t, std::string> persist_plan(int64_t gates, bool backward, int64_t elem,
+                                                                          int64_t H, int64_t grid,
+                                                                          at::IntArrayRef machine, int64_t regs,
+                                                                          int64_t static_smem) {
+  TORCH_CHECK(gates == 3 || gates == 4, "fusenn_cuda::persist_plan: gates must be 3 (GRU) or 4 (LSTM), got ", gates);
+  TORCH_CHECK(elem == 2 || elem == 4, "fusenn_cuda::persist_plan: elem must be 2 or 4 bytes, got ", elem);
+  TORCH_CHECK(machine.empty() || machine.size() == 6, "fusenn_cuda::persist_plan: machine takes 6 numbers, got ",
+              machine.size());
+  const persist::Machine m = machine.empty() ? persist::kH200
+                                             : persist::Machine{machine[0], machine[1], machine[2],
+                                                                machine[3], machine[4], machine[5]};
+  const persist::Plan p = persist::plan(static_cast<int>(gates), backward, static_cast<int>(elem), H, m, regs,
+                                        static_smem, grid);
+  return {p.grid, p.units, p.smem, p.per_sm, p.why};
+}
+
+// Why the persistent kernel cannot take hidden_size H in dtype (0 fp32, 1 fp16, 2 bf16) on CUDA device
+// `device` (its limits, the kernel's registers, the occupancy API), or ""; device -1: the host emulation's
+// plan for an H200.
+std::string persist_reason(int64_t device, int64_t dtype, int64_t gates, bool backward, int64_t H, int64_t grid) {
+  TORCH_CHECK(dtype >= 0 && dtype <= 2, "fusenn_cuda::persist_reason: dtype must be 0, 1 or 2, got ", dtype);
+  TORCH_CHECK(gates == 3 || gates == 4, "fusenn_cuda::persist_reason: gates must be 3 or 4, got ", gates);
+  if (device < 0) {
+    return persist::plan(static_cast<int>(gates), backward, dtype == 0 ? 4 : 2, H, persist::kH200, 0, 0, grid).why;
+  }
+#ifdef FUSENN_WITH_CUDA
+  DeviceGuard guard(static_cast<int>(device));
+  return persist::persist_reason(static_cast<Dtype>(dtype), static_cast<int>(gates), backward, H, grid);
+#else
+  return "this build of the C++ RNN layers has no CUDA kernels";
+#endif
+}
+
 }  // namespace
 }  // namespace fusenn
 
@@ -372,13 +673,34 @@ TORCH_LIBRARY_FRAGMENT(fusenn_cuda, m) {
   m.def("gru_backward(Tensor dy, Tensor dh_n, Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, "
         "Tensor hs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream) -> "
         "(Tensor, Tensor, Tensor)");
+  // The persistent layers: the same arguments and results, plus the CTAs asked for (0: planned).
+  m.def("lstm_persist_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
+        "bool reverse, bool save, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, "
+        "int stream, int grid) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_persist_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor gx, Tensor w_hh, Tensor? w_hr, "
+        "Tensor? lengths, bool reverse, Tensor hs, Tensor cs, Tensor? rscale, Tensor? zo_seed, int zo_mode, "
+        "int zo_threshold, float zo_u, int stream, int grid) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gru_persist_forward(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, "
+        "bool save, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream, "
+        "int grid) -> (Tensor, Tensor, Tensor)");
+  m.def("gru_persist_backward(Tensor dy, Tensor dh_n, Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
+        "bool reverse, Tensor hs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, "
+        "int stream, int grid) -> (Tensor, Tensor, Tensor)");
+  m.def("persist_plan(int gates, bool backward, int elem, int H, int grid, int[] machine, int regs, "
+        "int static_smem) -> (int, int, int, int, str)", &fusenn::persist_plan);
+  m.def("persist_reason(int device, int dtype, int gates, bool backward, int H, int grid) -> str",
+        &fusenn::persist_reason);
 }
 
 #define FUSENN_RNN_IMPLS(m)                                \
   m.impl("lstm_forward", &fusenn::lstm_forward);           \
   m.impl("lstm_backward", &fusenn::lstm_backward);         \
   m.impl("gru_forward", &fusenn::gru_forward);             \
-  m.impl("gru_backward", &fusenn::gru_backward)
+  m.impl("gru_backward", &fusenn::gru_backward);                 \
+  m.impl("lstm_persist_forward", &fusenn::lstm_persist_forward);   \
+  m.impl("lstm_persist_backward", &fusenn::lstm_persist_backward); \
+  m.impl("gru_persist_forward", &fusenn::gru_persist_forward);     \
+  m.impl("gru_persist_backward", &fusenn::gru_persist_backward)
 
 TORCH_LIBRARY_IMPL(fusenn_cuda, CPU, m) { FUSENN_RNN_IMPLS(m); }
 #ifdef FUSENN_WITH_CUDA

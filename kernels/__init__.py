@@ -44,3 +44,12 @@ if INTERPRET:
         return _truncating_cast(self, src, dst_type)
 
     _interpreter.InterpreterBuilder.cast_impl = _rounding_cast
+
+
+def device_guard(tensor):
+    """The context every launcher runs its kernels in: tensor's CUDA device made current (Triton launches
+    on the current device and stream, so tensors on cuda:1 with cuda:0 current would otherwise launch on
+    cuda:0); nothing for CPU tensors under the interpreter."""
+    import contextlib
+
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()

@@ -11,18 +11,22 @@ diagonal, so fully masked tiles are never loaded.
 Backward: dQ programs own query rows (and first write delta = rowsum(dO * O)); dK/dV programs own key
 rows and walk the query rows of every query head sharing their kv head, so nothing is accumulated with
 atomics and the result is deterministic. Both recompute P = exp2(scores - lse).
+Grid and offsets: one 1-D grid (a program's (tile, n, h) decoded by _tile), so N * heads has no 65535
+limit; offsets are int64 in their n and h parts, and in their row parts too (WIDE) when the host sees a
+view whose offsets within a slice reach 2**31 elements (needs_int64).
 Dropout: the element (n, h, l, s) is kept iff philox_keep(((n*Hq + h)*L + l)*S + s) (fusenn.kernels.philox),
 regenerated in backward; the row sums of the softmax are taken before dropout, as torch does.
-Precision: fp16/bf16 tiles feed tl.dot directly with fp32 accumulation; fp32 inputs use
-input_precision="ieee" (no tf32), trading tensor-core speed for fp32 accuracy. The interpreter computes
-every product in fp32 (its bf16 dot is wrong).
+Precision: fp16/bf16 tiles feed tl.dot directly with fp32 accumulation; fp32 inputs take what torch's
+SDPA does for fp32 on a GPU (its memory-efficient kernel's fp32-accurate "fast fp32" products): Triton's
+tf32x3, three TF32 tensor-core products per dot (f32_dot). The interpreter computes every product in IEEE
+fp32 (its bf16 dot is wrong).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from fusenn.kernels import INTERPRET
+from fusenn.kernels import INTERPRET, device_guard
 from fusenn.kernels.philox import philox_keep, philox_key
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -55,19 +59,37 @@ else:
 
 
 @triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr):
+def _span(start, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """Indices start .. start + BLOCK - 1, in int64 when WIDE, so that index * stride cannot wrap around."""
+    idx = start + tl.arange(0, BLOCK)
+    if WIDE:
+        idx = idx.to(tl.int64)
+    return idx
+
+
+@triton.jit
+def _tile(L, BLOCK: tl.constexpr):
+    """(tile index along the L rows, n * heads + h) of this program: the 1-D grid enumerates the tiles of
+    one (n, h) first (programs running side by side share its K and V in L2), and has no 65535 limit."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(L, BLOCK)
+    return pid % tiles, pid // tiles
+
+
+@triton.jit
+def _dot(a, b, F32_DOT: tl.constexpr):
     """a @ b with fp32 accumulation; `a` (probabilities, score gradients) is rounded to b's dtype first
-    unless the product runs in fp32."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    unless the product runs in fp32 (F32_DOT: its input precision, "ieee" or "tf32x3"; "none": b's dtype)."""
+    if F32_DOT != "none":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=F32_DOT)
     return tl.dot(a.to(b.dtype), b)
 
 
 @triton.jit
 def _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale,
-            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_F32: tl.constexpr):
+            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, F32_DOT: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of (q k^T * scale + mask) * log2(e); -inf where the key is not visible."""
-    s = _dot(q, tl.trans(k), DOT_F32) * qk_scale
+    s = _dot(q, tl.trans(k), F32_DOT) * qk_scale
     in_bounds = (rows[:, None] < L) & (cols[None, :] < S)
     visible = in_bounds
     if IS_CAUSAL:
@@ -95,15 +117,15 @@ def attention_forward_kernel(
         sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, son, soh, sol, sod, smn, smh, sml, sms,
         H, L, S, E, EV, GROUP, qk_scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    nh = tl.program_id(1)
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
+        WIDE: tl.constexpr):
+    pid_m, nh = _tile(L, BLOCK_M)
     n = (nh // H).to(tl.int64)
     h = (nh % H).to(tl.int64)
     hk = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
-    dv = tl.arange(0, DV)
+    rows = _span(pid_m * BLOCK_M, BLOCK_M, WIDE)
+    d = _span(0, D, WIDE)
+    dv = _span(0, DV, WIDE)
     q = tl.load(Q + n * sqn + h * sqh + rows[:, None] * sql + d[None, :] * sqd,
                 mask=(rows[:, None] < L) & (d[None, :] < E), other=0.0)
     k_base = K + n * skn + hk * skh
@@ -117,10 +139,10 @@ def attention_forward_kernel(
     if IS_CAUSAL:
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for start in range(0, _bound(hi), BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+        cols = _span(start, BLOCK_N, WIDE)
         k = tl.load(k_base + cols[:, None] * sks + d[None, :] * skd,
                     mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
-        s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, DOT_F32)
+        s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, F32_DOT)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep exp2 away from NaN
         alpha = tl.exp2(m_i - m_ref)
@@ -130,7 +152,7 @@ def attention_forward_kernel(
             p = tl.where(_keep(nh, rows, cols, L, S, SEED, threshold), p, 0.0)
         v = tl.load(v_base + cols[:, None] * svs + dv[None, :] * svd,
                     mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p, v, DOT_F32)
+        acc = acc * alpha[:, None] + _dot(p, v, F32_DOT)
         m_i = m_new
 
     empty = l_i == 0.0  # every key masked out: torch returns zeros there
@@ -149,15 +171,15 @@ def attention_backward_dq_kernel(
         sdn, sdh, sdl, sdd, smn, smh, sml, sms,
         H, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    nh = tl.program_id(1)
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
+        WIDE: tl.constexpr):
+    pid_m, nh = _tile(L, BLOCK_M)
     n = (nh // H).to(tl.int64)
     h = (nh % H).to(tl.int64)
     hk = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
-    dv = tl.arange(0, DV)
+    rows = _span(pid_m * BLOCK_M, BLOCK_M, WIDE)
+    d = _span(0, D, WIDE)
+    dv = _span(0, DV, WIDE)
     row_ok = rows < L
     q_mask = row_ok[:, None] & (d[None, :] < E)
     o_mask = row_ok[:, None] & (dv[None, :] < EV)
@@ -176,18 +198,18 @@ def attention_backward_dq_kernel(
     if IS_CAUSAL:
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for start in range(0, _bound(hi), BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+        cols = _span(start, BLOCK_N, WIDE)
         k = tl.load(k_base + cols[:, None] * sks + d[None, :] * skd,
                     mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
         v = tl.load(v_base + cols[:, None] * svs + dv[None, :] * svd,
                     mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
-        s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, DOT_F32)
+        s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, F32_DOT)
         p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), DOT_F32)
+        dp = _dot(do, tl.trans(v), F32_DOT)
         if DROPOUT:
             dp = tl.where(_keep(nh, rows, cols, L, S, SEED, threshold), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds, k, DOT_F32)
+        dq += _dot(ds, k, F32_DOT)
     tl.store(DQ + nh.to(tl.int64) * L * E + rows[:, None] * E + d[None, :], _cast(dq * scale, DQ.dtype.element_ty),
              mask=q_mask)
 
@@ -198,14 +220,16 @@ def attention_backward_dkdv_kernel(
         sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, sdn, sdh, sdl, sdd, smn, smh, sml, sms,
         H, HKV, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_n = tl.program_id(0)
-    nhk = tl.program_id(1)
+        MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
+        WIDE: tl.constexpr, PART: tl.constexpr):
+    """PART 0: dK and dV; 1: dV alone; 2: dK alone (two launches where one program cannot hold both
+    accumulators in registers: _config's SPLIT_DKDV)."""
+    pid_n, nhk = _tile(S, BLOCK_N)
     n = (nhk // HKV).to(tl.int64)
     hk = (nhk % HKV).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D)
-    dv = tl.arange(0, DV)
+    cols = _span(pid_n * BLOCK_N, BLOCK_N, WIDE)
+    d = _span(0, D, WIDE)
+    dv = _span(0, DV, WIDE)
     k_mask = (cols[:, None] < S) & (d[None, :] < E)
     v_mask = (cols[:, None] < S) & (dv[None, :] < EV)
     k = tl.load(K + n * skn + hk * skh + cols[:, None] * sks + d[None, :] * skd, mask=k_mask, other=0.0)
@@ -223,48 +247,107 @@ def attention_backward_dkdv_kernel(
         do_base = DO + n * sdn + h * sdh
         mask_base = MASK + n * smn + h * smh
         for start in range(_bound(lo), _bound(L), BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
+            rows = _span(start, BLOCK_M, WIDE)
             row_ok = rows < L
             q = tl.load(q_base + rows[:, None] * sql + d[None, :] * sqd,
                         mask=row_ok[:, None] & (d[None, :] < E), other=0.0)
             do = tl.load(do_base + rows[:, None] * sdl + dv[None, :] * sdd,
                          mask=row_ok[:, None] & (dv[None, :] < EV), other=0.0)
             lse = tl.load(LSE + nh * L + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + nh * L + rows, mask=row_ok, other=0.0)
-            s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, DOT_F32)
+            s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, F32_DOT)
             p = tl.exp2(s - lse[:, None])
-            dp = _dot(do, tl.trans(v), DOT_F32)
             if DROPOUT:
                 keep = _keep(nh, rows, cols, L, S, SEED, threshold)
-                dv_acc += _dot(tl.trans(tl.where(keep, p * drop_scale, 0.0)), do, DOT_F32)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            else:
-                dv_acc += _dot(tl.trans(p), do, DOT_F32)
-            ds = p * (dp - delta[:, None])
-            dk += _dot(tl.trans(ds), q, DOT_F32)
+            if PART != 2:  # dV += P_dropped^T dO
+                if DROPOUT:
+                    dv_acc += _dot(tl.trans(tl.where(keep, p * drop_scale, 0.0)), do, F32_DOT)
+                else:
+                    dv_acc += _dot(tl.trans(p), do, F32_DOT)
+            if PART != 1:  # dK += dS^T Q
+                delta = tl.load(DELTA + nh * L + rows, mask=row_ok, other=0.0)
+                dp = _dot(do, tl.trans(v), F32_DOT)
+                if DROPOUT:
+                    dp = tl.where(keep, dp * drop_scale, 0.0)
+                ds = p * (dp - delta[:, None])
+                dk += _dot(tl.trans(ds), q, F32_DOT)
     out = nhk.to(tl.int64) * S
-    tl.store(DK + (out + cols[:, None]) * E + d[None, :], _cast(dk * scale, DK.dtype.element_ty), mask=k_mask)
-    tl.store(DV_OUT + (out + cols[:, None]) * EV + dv[None, :], _cast(dv_acc, DV_OUT.dtype.element_ty), mask=v_mask)
+    if PART != 1:
+        tl.store(DK + (out + cols[:, None]) * E + d[None, :], _cast(dk * scale, DK.dtype.element_ty), mask=k_mask)
+    if PART != 2:
+        tl.store(DV_OUT + (out + cols[:, None]) * EV + dv[None, :], _cast(dv_acc, DV_OUT.dtype.element_ty),
+                 mask=v_mask)
 
 
 def _pad(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def _config(d: int, dtype: torch.dtype, backward: bool) -> dict:
-    """Tile sizes and launch settings. Small tiles under the interpreter (many partial tiles get tested,
-    and its cost is per operation); on the GPU, tiles sized so the fp32 accumulators fit in registers."""
+# GPU tiles (BLOCK_M query rows, BLOCK_N key rows, num_warps, num_stages) per kernel, head dim bucket and
+# dtype, chosen from the static sm_90a report (benchmarks/static.py): no spills, wgmma for fp16/bf16 (at
+# least 64 rows per warpgroup: 128 rows on 8 warps, 64 on 4), no dot replicated across warps.
+_HALF = {
+    ("fwd", 64): (128, 64, 4, 3), ("fwd", 128): (128, 64, 8, 2), ("fwd", 256): (128, 32, 8, 2),
+    ("dq", 64): (64, 64, 4, 2), ("dq", 128): (128, 64, 8, 2), ("dq", 256): (128, 64, 8, 1),
+    ("dkdv", 64): (64, 64, 4, 2), ("dkdv", 128): (128, 64, 8, 1), ("dkdv", 256): (128, 64, 8, 1),
+}
+_HALF_DROPOUT = {("fwd", 64): (128, 64, 8, 3), ("dkdv", 64): (128, 64, 8, 2)}
+_FP32 = {  # tf32x3 needs three products' operands live: small tiles, dK and dV in two launches
+    ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 4, 1), ("fwd", 256): (64, 32, 4, 1),
+    ("dq", 64): (64, 32, 4, 2), ("dq", 128): (32, 32, 4, 1), ("dq", 256): (32, 32, 4, 1),
+    ("dkdv", 64): (32, 32, 4, 1), ("dkdv", 128): (32, 32, 4, 1), ("dkdv", 256): (32, 32, 4, 1),
+}
+_SPLIT_DKDV = {256}  # head dims whose dK and dV accumulators do not both fit in one program's registers
+
+
+def _config(d: int, dtype: torch.dtype, kernel: str, dropout: bool) -> dict:
+    """Tile sizes and launch settings of `kernel` ("fwd", "dq", "dkdv"). Small tiles under the interpreter
+    (many partial tiles get tested, and its cost is per operation), dK/dV split there from head dim 65 up
+    so that the tests cover both forms; on the GPU, the tables above."""
+    bucket = 64 if d <= 64 else 128 if d <= 128 else 256
     if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=16)
-    wide = dtype == torch.float32  # twice the shared memory per tile
-    if backward:
-        block = 64 if d <= 64 or (d <= 128 and not wide) else 32
-        return dict(BLOCK_M=block, BLOCK_N=block, num_warps=4 if d <= 64 else 8, num_stages=2 if d <= 128 else 1)
-    if d <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if d <= 128:
-        return dict(BLOCK_M=128 if not wide else 64, BLOCK_N=64 if not wide else 32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        cfg = dict(BLOCK_M=16, BLOCK_N=16)
+        split = d > 64
+    else:
+        table = _FP32 if dtype == torch.float32 else _HALF
+        tile = (_HALF_DROPOUT.get((kernel, bucket)) if dropout and dtype != torch.float32 else None) \
+            or table[(kernel, bucket)]
+        cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
+        split = bucket in _SPLIT_DKDV or dtype == torch.float32
+    if kernel == "dkdv":
+        cfg["SPLIT_DKDV"] = split
+    return cfg
+
+
+INT32_LIMIT = 2**31
+
+
+def _slice_extent(t) -> int:
+    """The largest element offset within one (n, h) slice of a 4-D view: what the kernels compute from
+    row and column indices (the n and h parts of every offset are always 64-bit)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return sum((size - 1) * stride for size, stride in zip(t.shape[2:], t.stride()[2:]))
+
+
+def needs_int64(*tensors) -> bool:
+    """Whether the kernels must compute row offsets in int64 (the WIDE flag): some view's offsets within a
+    slice reach 2**31 elements, e.g. MultiheadAttention's per-head views of a packed (L, N, 3E) projection
+    at L 8192, N 64, E 2048. Below that, int32 offsets are cheaper."""
+    return any(_slice_extent(t) >= INT32_LIMIT for t in tensors)
+
+
+def grid(rows: int, block: int, slices: int) -> tuple:
+    """The 1-D grid of programs over `slices` (n, head) pairs of `rows` rows in tiles of `block` (_tile)."""
+    return (triton.cdiv(rows, block) * slices,)
+
+
+def f32_dot(dtype) -> str:
+    """How the products run: fp16/bf16 on tensor cores in their dtype; fp32 as torch's SDPA runs it on a
+    GPU (its memory-efficient kernel, the one that takes fp32: fp32-accurate products from three TF32
+    ones), here Triton's tf32x3; the interpreter computes every product in IEEE fp32."""
+    if INTERPRET:
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "none"
 
 
 def _mask_args(mask, q):
@@ -276,7 +359,7 @@ def _mask_args(mask, q):
     return mask, MASK_ADD, mask.stride()
 
 
-def _common(q, k, v, mask, dropout_p, scale, seed):
+def _common(q, k, v, mask, dropout_p, scale, seed, *written):
     from fusenn.reference.philox import dropout_threshold
 
     N, H, L, E = q.shape
@@ -285,43 +368,48 @@ def _common(q, k, v, mask, dropout_p, scale, seed):
     return dict(
         sizes=(N, H, HKV, L, S, E, EV), mask=mask_t, mstrides=mstrides,
         consts=dict(D=_pad(E), DV=_pad(EV), MASK_KIND=kind, DROPOUT=dropout_p > 0.0,
-                    DOT_F32=INTERPRET or q.dtype == torch.float32),
+                    F32_DOT=f32_dot(q.dtype), WIDE=needs_int64(q, k, v, mask, *written)),
         qk_scale=scale * 1.4426950408889634, drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,
         philox=(seed if seed is not None else q, dropout_threshold(dropout_p)))  # q: never read
 
 
 def attention_forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, seed, out, lse):
     """Fill out (N, Hq, L, Ev) and lse (N, Hq, L) float32 (log2 domain); see the module docstring."""
-    c = _common(q, k, v, mask, dropout_p, scale, seed)
+    c = _common(q, k, v, mask, dropout_p, scale, seed, out)
     N, H, HKV, L, S, E, EV = c["sizes"]
-    cfg = _config(max(E, EV), q.dtype, backward=False)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), N * H)
-    if grid[0] * grid[1] == 0:
+    cfg = _config(max(E, EV), q.dtype, "fwd", dropout_p > 0.0)
+    programs = grid(L, cfg["BLOCK_M"], N * H)
+    if programs[0] == 0:
         return out, lse
-    attention_forward_kernel[grid](
-        q, k, v, out, lse, c["mask"], *q.stride(), *k.stride(), *v.stride(), *out.stride(), *c["mstrides"],
-        H, L, S, E, EV, H // HKV, c["qk_scale"], c["drop_scale"], *c["philox"],
-        IS_CAUSAL=is_causal, **c["consts"], **cfg)
+    with device_guard(q):
+        attention_forward_kernel[programs](
+            q, k, v, out, lse, c["mask"], *q.stride(), *k.stride(), *v.stride(), *out.stride(), *c["mstrides"],
+            H, L, S, E, EV, H // HKV, c["qk_scale"], c["drop_scale"], *c["philox"],
+            IS_CAUSAL=is_causal, **c["consts"], **cfg)
     return out, lse
 
 
 def attention_backward(grad, q, k, v, out, lse, mask, dropout_p: float, is_causal: bool, scale: float, seed,
                        dq, dk, dv, delta):
     """Fill the contiguous dq, dk, dv (shapes of q, k, v) and the scratch delta (N, Hq, L) float32."""
-    c = _common(q, k, v, mask, dropout_p, scale, seed)
+    c = _common(q, k, v, mask, dropout_p, scale, seed, out, grad, dq, dk, dv)
     N, H, HKV, L, S, E, EV = c["sizes"]
-    cfg = _config(max(E, EV), q.dtype, backward=True)
+    cfg = _config(max(E, EV), q.dtype, "dq", dropout_p > 0.0)
+    dkdv_cfg = _config(max(E, EV), q.dtype, "dkdv", dropout_p > 0.0)
+    split = dkdv_cfg.pop("SPLIT_DKDV")
     shared = (*c["mstrides"],)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), N * H)
-    if grid[0] * grid[1]:
-        attention_backward_dq_kernel[grid](
-            q, k, v, out, grad, lse, delta, dq, c["mask"], *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *grad.stride(), *shared, H, L, S, E, EV, H // HKV, c["qk_scale"], scale, c["drop_scale"],
-            *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **cfg)
-    grid = (triton.cdiv(S, cfg["BLOCK_N"]), N * HKV)
-    if grid[0] * grid[1]:
-        attention_backward_dkdv_kernel[grid](
-            q, k, v, grad, lse, delta, dk, dv, c["mask"], *q.stride(), *k.stride(), *v.stride(), *grad.stride(),
-            *shared, H, HKV, L, S, E, EV, H // HKV, c["qk_scale"], scale, c["drop_scale"], *c["philox"],
-            IS_CAUSAL=is_causal, **c["consts"], **cfg)
+    with device_guard(q):
+        programs = grid(L, cfg["BLOCK_M"], N * H)
+        if programs[0]:
+            attention_backward_dq_kernel[programs](
+                q, k, v, out, grad, lse, delta, dq, c["mask"], *q.stride(), *k.stride(), *v.stride(),
+                *out.stride(), *grad.stride(), *shared, H, L, S, E, EV, H // HKV, c["qk_scale"], scale,
+                c["drop_scale"], *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **cfg)
+        programs = grid(S, dkdv_cfg["BLOCK_N"], N * HKV)
+        for part in (1, 2) if split else (0,):
+            if programs[0]:
+                attention_backward_dkdv_kernel[programs](
+                    q, k, v, grad, lse, delta, dk, dv, c["mask"], *q.stride(), *k.stride(), *v.stride(),
+                    *grad.stride(), *shared, H, HKV, L, S, E, EV, H // HKV, c["qk_scale"], scale, c["drop_scale"],
+                    *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **dkdv_cfg, PART=part)
     return dq, dk, dv

@@ -12,6 +12,10 @@ no program depends on another's results.
 For non-decreasing activations max(act(z + b)) = act(max(z) + b): the max runs on the raw accumulator
 and the bias and activation are applied once per pooled output instead of once per window element.
 
+Tile choice on a GPU (choose_config): every candidate tile is timed once per tuning_key (the layer,
+and N * PH * PW to a power of two, so a new batch size seldom re-tunes) and the fastest kept; inside
+CUDA-graph capture nothing is timed and an untuned key runs DEFAULT_TILE.
+
 When training with max pooling the kernel also stores, per pooled output, the index of the max within
 its window (int8) and the pre-activation value there, so the backward needs neither the full-resolution
 activation nor a second convolution.
@@ -20,8 +24,9 @@ activation nor a second convolution.
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
-from fusenn.kernels import INTERPRET
+from fusenn.kernels import INTERPRET, device_guard
 
 
 @triton.jit
@@ -169,29 +174,71 @@ def conv_pool2d_kernel(
         tl.store(pre_ptr + out_offs, best_pre.to(pre_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _gpu_configs():
-    # Tiles that ptxas (sm_90a, triton 3.6) fits in registers with at most ~200 bytes of spills; the
-    # gathered im2col addresses are costly, so 128 x 128 tiles and 64-wide K steps on 64 x 64 tiles spill KBs.
-    shapes = [(16, 64, 32, 4), (32, 128, 32, 8), (64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8),
-              (128, 64, 64, 8)]
+# (BLOCK_CO, BLOCK_P, BLOCK_K, num_warps, num_stages) that ptxas (sm_90a, triton 3.6) fits in registers with
+# no spill at the benchmark layers (the static report, benchmarks/static.py, checks every one): the
+# gathered im2col addresses cost many registers, so K steps are short, and fp32 (tf32 operands twice the
+# size) gets fewer tiles and stages.
+HALF_TILES = [(16, 64, 32, 4), (32, 32, 32, 4), (32, 128, 16, 8), (64, 32, 16, 4), (64, 64, 16, 4), (128, 64, 16, 8)]
+HALF_CONFIGS = [tile + (stages,) for tile in HALF_TILES for stages in (2, 3)]
+FP32_CONFIGS = [(16, 64, 16, 4, 2), (32, 64, 16, 4, 2), (32, 128, 16, 8, 2), (64, 32, 16, 4, 2), (64, 32, 16, 4, 3),
+                (128, 64, 16, 8, 2)]
+
+
+def _gpu_configs(half: bool) -> list:
     return [triton.Config({"BLOCK_CO": co, "BLOCK_P": p, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
-            for co, p, k, warps in shapes for stages in (3, 4)]
+            for co, p, k, warps, stages in (HALF_CONFIGS if half else FP32_CONFIGS)]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles far larger than the channel or reduction extent they would cover."""
-    args = {**named_args, **kwargs}  # positional arguments arrive in named_args, the constexprs in kwargs
-    c_out = max(16, triton.next_power_of_2(args["C_out_g"]))
-    k = max(16, triton.next_power_of_2(args["C_in_g"] * args["KH"] * args["KW"]))
+DEFAULT_TILE = {"BLOCK_CO": 64, "BLOCK_P": 32, "BLOCK_K": 16}  # taken while a CUDA graph is being captured
+
+
+def candidates(C_out_g: int, K: int, half: bool = True) -> list:
+    """The configs worth timing for C_out_g output channels per group and a reduction of K, in fp16/bf16
+    (`half`) or fp32: tiles far larger than the channel or reduction extent they would cover are dropped."""
+    c_out = max(16, triton.next_power_of_2(C_out_g))
+    k = max(16, triton.next_power_of_2(K))
+    configs = _gpu_configs(half)
     kept = [c for c in configs if c.kwargs["BLOCK_CO"] <= c_out and c.kwargs["BLOCK_K"] <= k]
     return kept or configs[:1]
 
 
-_tuned_kernel = triton.autotune(
-    configs=_gpu_configs(),
-    key=["C_in_g", "C_out_g", "N", "PH", "PW", "KH", "KW", "SH", "SW", "PKH", "PKW", "PSH", "PSW"],
-    prune_configs_by={"early_config_prune": _prune},
-)(conv_pool2d_kernel)
+def default_config(configs: list):
+    """The untimed choice: DEFAULT_TILE where it is a candidate, else the first candidate."""
+    return next((c for c in configs if c.kwargs == DEFAULT_TILE), configs[0])
+
+
+def tuning_key(dtype, C_out_g: int, num_p: int, meta: dict) -> tuple:
+    """What the choice of tile depends on: the layer (dtype, channels, kernel, strides, pooling and the
+    other constexprs) and the number of pooled positions N * PH * PW rounded up to a power of two, so that
+    a new batch size or image size re-tunes only when it crosses a power of two."""
+    return (str(dtype), C_out_g, triton.next_power_of_2(max(num_p, 1))) + tuple(sorted(meta.items()))
+
+
+_TUNED: dict = {}  # tuning_key -> the fastest config
+
+
+def choose_config(key: tuple, configs: list, run, capturing: bool):
+    """The config for `key`: on first sight each candidate is timed running `run(config)` (triton's
+    do_bench) and the fastest is kept for every later call. While a CUDA graph is being captured nothing
+    is timed (the timing launches would be captured with it): an untuned key then takes default_config,
+    not cached, so the first call outside a capture still tunes it."""
+    best = _TUNED.get(key)
+    if best is not None:
+        return best
+    if capturing:
+        return default_config(configs)
+    from triton.runtime import errors
+
+    too_big = tuple(getattr(errors, name) for name in ("OutOfResources", "PTXASError") if hasattr(errors, name))
+    timings = []
+    for config in configs:
+        try:
+            timings.append((triton.testing.do_bench(lambda: run(config), warmup=5, rep=20), config))
+        except too_big:  # the tile does not fit this GPU
+            continue
+    best = min(timings, key=lambda t: t[0])[1] if timings else default_config(configs)
+    _TUNED[key] = best
+    return best
 
 
 def conv_pool2d(x, weight, bias, out, argmax, pre, stride, padding, dilation, groups, activation,
@@ -234,7 +281,16 @@ def conv_pool2d(x, weight, bias, out, argmax, pre, stride, padding, dilation, gr
         blocks = dict(BLOCK_CO=min(64, max(16, triton.next_power_of_2(C_out_g))),
                       BLOCK_P=min(128, max(16, triton.next_power_of_2(num_p))),
                       BLOCK_K=min(128, max(16, triton.next_power_of_2(C_in_g * KH * KW))))
-        conv_pool2d_kernel[grid(blocks)](*args, **meta, **blocks)
+        with device_guard(x):
+            conv_pool2d_kernel[grid(blocks)](*args, **meta, **blocks)
     else:
-        _tuned_kernel[grid](*args, **meta)
+        def run(config):
+            conv_pool2d_kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                                    num_stages=config.num_stages)
+
+        with device_guard(x):
+            configs = candidates(C_out_g, C_in_g * KH * KW, x.dtype != torch.float32)
+            capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            config = choose_config(tuning_key(x.dtype, C_out_g, num_p, meta), configs, run, capturing)
+            run(config)
     return out

@@ -20,17 +20,16 @@ import triton
 import triton.language as tl
 
 from fusenn.kernels import INTERPRET
-from fusenn.kernels.lstm import (BLOCK_B, NUM_WARPS, REG_ARGS, RUNTIME_ARGS, emit_state, hidden_block, launch_split,
-                                 load_2d, matmul_acc, phase_sync, program_rows, recurrent_input, recurrent_scale,
-                                 regulariser_args, regulariser_keys, split_plan, step_slots, store_2d, tanh,
-                                 valid_rows, zoneout_update)
+from fusenn.kernels.lstm import (BLOCK_B, REG_ARGS, RUNTIME_ARGS, dot_warps, emit_state, fp32_dot, hidden_block,
+                                 launch_split, load_2d, matmul_acc, phase_sync, program_rows, recurrent_input,
+                                 recurrent_scale, regulariser_args, regulariser_keys, report_stuck, split_plan,
+                                 step_slots, store_2d, tanh, valid_rows, zoneout_update)
 from fusenn.ops import new_output
 
 
 @triton.jit
 def gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, HAS_BIAS: tl.constexpr,
-              FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-              rd_k0, rd_k1, rd_thr, rd_scale, RDROP: tl.constexpr):
+              FP32_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, rd_ptr, RDROP: tl.constexpr):
     """r, z, n and gh_n (h_{t-1} [* r/(1-p)] W_hn^T + b_hn) for hidden columns hc, in fp32."""
     acc_r = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_z = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
@@ -38,7 +37,7 @@ def gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.cons
     for k0 in range(0, H, BLOCK_H):
         kc = k0 + tl.arange(0, BLOCK_H)
         k_ok = kc < H
-        h = recurrent_input(h_in, rows, kc, H, row_ok, k_ok, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
+        h = recurrent_input(h_in, rows, kc, H, row_ok, k_ok, rd_ptr, RDROP)
         # W_hh^T tiles (BLOCK_H, BLOCK_H) of the three gates' row blocks of w_hh (3H, H)
         acc_r = matmul_acc(h, load_2d(w_hh_ptr, kc, hc, 1, H, k_ok, h_ok), acc_r, FP32_DOT)
         acc_z = matmul_acc(h, load_2d(w_hh_ptr + H * H, kc, hc, 1, H, k_ok, h_ok), acc_z, FP32_DOT)
@@ -55,13 +54,13 @@ def gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.cons
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
 def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, bar_ptr, T, B, k_begin, k_end,
-                       rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
+                       rd_ptr, zo_seed_ptr, zo_thr, zo_u,
                        H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
                        SAVE: tl.constexpr, FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT: tl.constexpr, PHASES: tl.constexpr):
     rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
     epoch, stuck = 1, 0
-    rd_k0, rd_k1, zo_k0, zo_k1 = regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP, ZONEOUT)
+    zo_k0, zo_k1 = regulariser_keys(zo_seed_ptr, ZONEOUT)
     k = k_begin
     while k < k_end:  # a while loop: see Specialisation in fusenn.kernels.lstm
         t, before, after = step_slots(k, T, REVERSE, SAVE)
@@ -74,24 +73,25 @@ def gru_forward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, y_ptr, bar_p
             hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             r, z, n, gh_n = gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, HAS_BIAS,
-                                      FP32_DOT, BLOCK_B, BLOCK_H, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
+                                      FP32_DOT, BLOCK_B, BLOCK_H, rd_ptr, RDROP)
             h_prev = load_2d(h_in, rows, hc, H, 1, row_ok, h_ok)
             emit_state((1.0 - z) * n + z * h_prev, h_prev, h_out, y_t, rows, hc, H, valid, row_ok, h_ok, t, B,
                        zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
         epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # h_t is complete before step t+1
         k += 1
+    report_stuck(bar_ptr, stuck, NSPLIT, PHASES)
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
 def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_ptr, dg_ptr, dghn_ptr, bar_ptr,
-                        T, B, k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
+                        T, B, k_begin, k_end, rd_ptr, zo_seed_ptr, zo_thr, zo_u,
                         H: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
                         REVERSE: tl.constexpr, FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, NSPLIT: tl.constexpr, PHASES: tl.constexpr):
     """dh (B, H) enters holding the gradient of h_n and leaves holding that of h0."""
     rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
     epoch, stuck = 1, 0
-    rd_k0, rd_k1, zo_k0, zo_k1 = regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP, ZONEOUT)
+    zo_k0, zo_k1 = regulariser_keys(zo_seed_ptr, ZONEOUT)
     k = k_begin
     while k < k_end:
         t, before, after = step_slots(T - 1 - k, T, REVERSE, True)
@@ -108,7 +108,7 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
             hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             r, z, n, gh_n = gru_gates(gx_t, w_hh_ptr, b_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, HAS_BIAS,
-                                      FP32_DOT, BLOCK_B, BLOCK_H, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
+                                      FP32_DOT, BLOCK_B, BLOCK_H, rd_ptr, RDROP)
             h_prev = load_2d(h_in, rows, hc, H, 1, row_ok, h_ok)
             dh_in = load_2d(dh_ptr, rows, hc, H, 1, row_ok, h_ok) + tl.where(
                 valid, load_2d(dy_t, rows, hc, H, 1, row_ok, h_ok).to(tl.float32), 0.0)  # reaching h_t
@@ -140,17 +140,21 @@ def gru_backward_kernel(gx_ptr, w_hh_ptr, b_hh_ptr, len_ptr, hs_ptr, dy_ptr, dh_
                 acc = matmul_acc(load_2d(dghn_t, rows, hc, H, 1, row_ok, h_ok),
                                  load_2d(w_hh_ptr + 2 * H * H, hc, pc, H, 1, h_ok, p_ok), acc, FP32_DOT)
             if RDROP:  # h_{t-1} entered the gates as h * r/(1-p)
-                acc = acc * recurrent_scale(rows, pc, H, rd_k0, rd_k1, rd_thr, rd_scale)
+                acc = acc * recurrent_scale(rd_ptr, rows, pc, H, row_ok, p_ok)
             dh = load_2d(dh_ptr, rows, pc, H, 1, row_ok, p_ok)
             store_2d(dh_ptr, rows, pc, H, dh + tl.where(valid, acc, 0.0), row_ok, p_ok)
         epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)  # dh_{t-1} is complete before step t-1
         k += 1
+    report_stuck(bar_ptr, stuck, NSPLIT, PHASES)
 
 
-def _consts(gx, nsplit):
+def _consts(gx, nsplit, backward: bool, regularised: bool):
+    """Tiles, warps and stages as the static sm_90a report chose them (see fusenn.kernels.lstm._consts):
+    the regularised backward pipelines nothing (ptxas spills otherwise)."""
     H = gx.shape[-1] // 3
-    return dict(H=H, FP32_DOT=INTERPRET or gx.dtype == torch.float32, BLOCK_B=BLOCK_B,
-                BLOCK_H=hidden_block(H, nsplit, 32), num_warps=NUM_WARPS)
+    block_h = hidden_block(H, nsplit, 32)
+    return dict(H=H, FP32_DOT=fp32_dot(gx.dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, num_warps=dot_warps(block_h),
+                num_stages=1 if backward and regularised else 3)
 
 
 def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, recurrent_dropout=None, zoneout=None,
@@ -169,8 +173,9 @@ def gru_forward(gx, h0, w_hh, b_hh, lengths, reverse: bool, save: bool, recurren
         nsplit = split_plan(B, gx.shape[-1] // 3, gx.device, split)
         launch_split(gru_forward_kernel, (gx, w_hh, b_hh if b_hh is not None else w_hh,
                                           lengths if lengths is not None else hs, hs, y),
-                     T, B, nsplit, cooperative and not INTERPRET, (1,), **_consts(gx, nsplit),
-                     **regulariser_args(recurrent_dropout, zoneout, hs),
+                     T, B, nsplit, cooperative and not INTERPRET, (1,),
+                     **_consts(gx, nsplit, False, recurrent_dropout is not None or zoneout is not None),
+                     **regulariser_args(recurrent_dropout, zoneout, hs, B, h0.shape[-1]),
                      HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
     return y, hs[last].to(gx.dtype, copy=True), hs if save else None
@@ -189,7 +194,8 @@ def gru_backward(dy, dh_n, gx, w_hh, b_hh, lengths, reverse: bool, hs, recurrent
         nsplit = split_plan(B, G // 3, gx.device, split)
         launch_split(gru_backward_kernel, (gx, w_hh, b_hh if b_hh is not None else w_hh,
                                            lengths if lengths is not None else hs, hs, dy, dh, dg, dghn),
-                     T, B, nsplit, cooperative and not INTERPRET, **_consts(gx, nsplit),
-                     **regulariser_args(recurrent_dropout, zoneout, hs),
+                     T, B, nsplit, cooperative and not INTERPRET,
+                     **_consts(gx, nsplit, True, recurrent_dropout is not None or zoneout is not None),
+                     **regulariser_args(recurrent_dropout, zoneout, hs, B, G // 3),
                      HAS_BIAS=b_hh is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dghn, dh

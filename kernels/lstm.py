@@ -22,28 +22,33 @@ Specialisation. H and P are constexpr (one compile per layer size, like an atten
 loops get constant bounds); T, B and the step range are runtime values, never specialised. The time loop is a while loop
 because the interpreter (with numpy >= 2.4) cannot range() over a runtime bound.
 
-Precision. fp32 inputs use IEEE fp32 dots (no TF32); fp16/bf16 use tensor-core dots (the fp32 state
+Precision. fp32 inputs follow torch.backends.cudnn.allow_tf32 as cuDNN's nn.LSTM does: TF32 tensor-core
+dots when set (torch's default), else IEEE fp32 (fp32_dot); fp16/bf16 use tensor-core dots (the fp32 state
 rounded to the input dtype as the operand) with fp32 accumulation, fp32 gates and fp32 cell state. Under
 the interpreter every dot runs in fp32 (its bf16 tl.dot is wrong).
 
 Regularisers (recurrent_dropout, zoneout; definitions and Philox counters in fusenn.reference.rnn).
-The masks are never stored: forward and backward regenerate each tile's mask with philox_keep from
-(seed, coordinates) where they use it. RDROP multiplies the h_{t-1} tile entering the gate product by
-r / (1 - p), and backward multiplies dh_{t-1}'s recurrent term by the same. ZONEOUT (1: Philox masks,
+Recurrent dropout's mask is locked over time, so each launch draws it once as a (B, P) fp32 tensor of
+r / (1 - p) (recurrent_scale_tensor; B * P * 4 bytes) that the kernels load with each h_{t-1} tile: RDROP
+multiplies the tile entering the gate product by it, and backward multiplies dh_{t-1}'s recurrent term by
+the same. Zoneout's masks change every step and are never stored: forward and backward regenerate each
+tile's mask with philox_keep from (seed, coordinates) where they use it. ZONEOUT (1: Philox masks,
 2: the constant expectation u = 1 - p) mixes h_t = u h_new + (1 - u) h_{t-1} and likewise c; since the
 saved c_t is then the zoned one, backward recomputes c_new = f c_{t-1} + i g for tanh(c_new).
 
 GPU speed limits, and the split mode. One program per 16 batch rows means a batch of 64 occupies 4 of an
 H100's 132 SMs, and every step re-reads W_hh (4H x P) from L2: for large H this is bandwidth- and
-latency-bound at a few percent of peak; fp32 inputs also forgo tensor cores (IEEE dots). The split mode
+latency-bound at a few percent of peak. The split mode
 (NSPLIT > 1, chosen by split_plan) lets NSPLIT programs share each block of rows, each taking every
 NSPLIT-th hidden tile in phase 1 of a step and every NSPLIT-th tile of P in phase 2, so a step's work
 (and its share of W_hh, which stays in L2) spreads over up to one program per SM. On a GPU it is one
-cooperative launch whose programs meet at a barrier in global memory after each phase (phase_sync); the
-interpreter, which runs programs one after another, runs the same kernel one launch per phase per step
-(PHASES = 1 or 2), the launch boundaries standing in for the barriers, so the CPU tests cover all of the
-split indexing. The split mode (here and in fusenn.kernels.gru) is opt-in (FUSENN_RNN_SPLIT) until GPU
-runs show where it wins.
+cooperative launch (CUDA's: every program resident at once, or the launch fails, however busy the GPU is
+with other streams) whose programs meet at a barrier in global memory after each phase (phase_sync); a
+program that still times out at a barrier sets an error flag that the launcher checks and raises on
+(check_barriers), so a sync that cannot complete never returns numbers. The interpreter, which runs
+programs one after another, runs the same kernel one launch per phase per step (PHASES = 1 or 2), the
+launch boundaries standing in for the barriers, so the CPU tests cover all of the split indexing. The
+split mode (here and in fusenn.kernels.gru) is opt-in (FUSENN_RNN_SPLIT) until GPU runs show where it wins.
 """
 
 import os
@@ -52,12 +57,18 @@ import torch
 import triton
 import triton.language as tl
 
-from fusenn.kernels import INTERPRET
+from fusenn.kernels import INTERPRET, device_guard
 from fusenn.kernels.philox import philox_keep, philox_key
 from fusenn.ops import new_output
 
 BLOCK_B = 16  # tl.dot needs every dimension >= 16
-NUM_WARPS = 8  # with the tiles below, keeps ptxas (sm_90) from spilling much at H = 1000
+
+
+def dot_warps(*widths: int) -> int:
+    """num_warps for a kernel whose dots are BLOCK_B = 16 rows by `widths` columns: one mma.sync m16n8
+    instruction gives a warp 8 columns, so more than min(widths) / 8 warps would compute the same
+    products on several warps (the static report's replicated dots); at most 8."""
+    return max(1, min(8, min(widths) // 8))
 
 
 def block_size(n: int, cap: int) -> int:
@@ -73,9 +84,10 @@ def tanh(x):
 
 @triton.jit
 def matmul_acc(a, b, acc, FP32_DOT: tl.constexpr):
-    """acc + a @ b, accumulated in fp32: IEEE fp32 when FP32_DOT, else tensor cores in b's dtype."""
-    if FP32_DOT:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    """acc + a @ b, accumulated in fp32: fp32 operands at FP32_DOT's precision ("ieee" or "tf32"), or with
+    FP32_DOT "none" tensor cores in b's dtype."""
+    if FP32_DOT != "none":
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_DOT)
     else:
         acc = tl.dot(a.to(b.dtype), b, acc)
     return acc
@@ -134,8 +146,9 @@ def phase_sync(bar_ptr, epoch, stuck, NSPLIT: tl.constexpr, PHASES: tl.constexpr
     global memory (a counter each of them adds 1 to per phase, release/acquire at GPU scope), which needs
     all of them resident at once, so it is only launched with at most one program per SM, and never under
     the interpreter. Should they not be (a GPU shared with other work), a program gives up waiting after
-    MAX_SPINS polls and never waits again: wrong results, which the tests catch, rather than a hung
-    process. Returns (next epoch, stuck)."""
+    MAX_SPINS polls and never waits again, and the kernel ends by raising the error flag (report_stuck),
+    which the launcher checks: an error, never a hung process or stale numbers. Returns (next epoch,
+    stuck)."""
     tl.debug_barrier()
     if NSPLIT > 1 and PHASES == 3:
         counter = bar_ptr + tl.program_id(0)  # one per block of rows: only its NSPLIT programs meet here
@@ -149,6 +162,14 @@ def phase_sync(bar_ptr, epoch, stuck, NSPLIT: tl.constexpr, PHASES: tl.constexpr
 
 
 @triton.jit
+def report_stuck(bar_ptr, stuck, NSPLIT: tl.constexpr, PHASES: tl.constexpr):
+    """At the end of a cooperative kernel: a program that gave up at a barrier sets the error flag after
+    the row blocks' counters (launch_split checks it after the launch)."""
+    if NSPLIT > 1 and PHASES == 3:
+        tl.atomic_max(bar_ptr + tl.num_programs(0), stuck)
+
+
+@triton.jit
 def valid_rows(rows, lens, t, HAS_LENGTHS: tl.constexpr):
     """(BLOCK_B, 1): which rows have step t (rows past their length keep their state and output 0)."""
     if HAS_LENGTHS:
@@ -157,20 +178,19 @@ def valid_rows(rows, lens, t, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
-def recurrent_scale(rows, cols, P: tl.constexpr, rd_k0, rd_k1, rd_thr, rd_scale):
-    """(len(rows), len(cols)) fp32: r / (1 - p) of the time-locked recurrent-dropout mask (counter b*P + k)."""
-    counter = rows.to(tl.int64)[:, None] * P + cols[None, :]
-    return tl.where(philox_keep(counter, rd_k0, rd_k1, rd_thr), rd_scale, 0.0)
+def recurrent_scale(rd_ptr, rows, cols, P: tl.constexpr, row_ok, col_ok):
+    """(len(rows), len(cols)) fp32: r / (1 - p) of the time-locked recurrent-dropout mask, a (B, P) tensor
+    built once per launch (recurrent_scale_tensor), not regenerated per tile and step."""
+    return load_2d(rd_ptr, rows, cols, P, 1, row_ok, col_ok)
 
 
 @triton.jit
-def recurrent_input(h_in, rows, cols, P: tl.constexpr, row_ok, col_ok, rd_k0, rd_k1, rd_thr, rd_scale,
-                    RDROP: tl.constexpr):
+def recurrent_input(h_in, rows, cols, P: tl.constexpr, row_ok, col_ok, rd_ptr, RDROP: tl.constexpr):
     """The h_{t-1} tile (rows, cols) as it enters the recurrent product: times r/(1-p) under recurrent
     dropout."""
     h = load_2d(h_in, rows, cols, P, 1, row_ok, col_ok)
     if RDROP:
-        h = h * recurrent_scale(rows, cols, P, rd_k0, rd_k1, rd_thr, rd_scale)
+        h = h * recurrent_scale(rd_ptr, rows, cols, P, row_ok, col_ok)
     return h
 
 
@@ -200,8 +220,7 @@ def emit_state(h_new, h_prev, h_out, y_t, rows, cols, W: tl.constexpr, valid, ro
 
 @triton.jit
 def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P: tl.constexpr, FP32_DOT: tl.constexpr,
-               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-               rd_k0, rd_k1, rd_thr, rd_scale, RDROP: tl.constexpr):
+               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, rd_ptr, RDROP: tl.constexpr):
     """Activated gates i, f, g, o for hidden columns hc: gx_t + (h_{t-1} [* r/(1-p)]) W_hh^T, in fp32."""
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
@@ -210,7 +229,7 @@ def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P:
     for p0 in range(0, P, BLOCK_P):
         pc = p0 + tl.arange(0, BLOCK_P)
         p_ok = pc < P
-        h = recurrent_input(h_in, rows, pc, P, row_ok, p_ok, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
+        h = recurrent_input(h_in, rows, pc, P, row_ok, p_ok, rd_ptr, RDROP)
         # W_hh^T tiles (BLOCK_P, BLOCK_H) of the four gates' row blocks of w_hh (4H, P)
         acc_i = matmul_acc(h, load_2d(w_hh_ptr, pc, hc, 1, P, p_ok, h_ok), acc_i, FP32_DOT)
         acc_f = matmul_acc(h, load_2d(w_hh_ptr + H * P, pc, hc, 1, P, p_ok, h_ok), acc_f, FP32_DOT)
@@ -226,7 +245,7 @@ def lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H: tl.constexpr, P:
 # Runtime values a compiled kernel must not be specialised on (Triton would recompile for T == 1, for
 # T % 16 == 0, for each k_begin of the stepwise mode...).
 RUNTIME_ARGS = ["T", "B", "k_begin", "k_end"]
-REG_ARGS = ["rd_thr", "zo_thr"]
+REG_ARGS = ["zo_thr"]
 
 
 @triton.jit
@@ -240,16 +259,14 @@ def seed_words(seed_ptr, USED: tl.constexpr):
 
 
 @triton.jit
-def regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr):
-    """(rd_k0, rd_k1, zo_k0, zo_k1): the key words of recurrent dropout's and of sampled zoneout's seeds."""
-    rd_k0, rd_k1 = seed_words(rd_seed_ptr, RDROP)
-    zo_k0, zo_k1 = seed_words(zo_seed_ptr, ZONEOUT == 1)
-    return rd_k0, rd_k1, zo_k0, zo_k1
+def regulariser_keys(zo_seed_ptr, ZONEOUT: tl.constexpr):
+    """(zo_k0, zo_k1): the key words of sampled zoneout's seed."""
+    return seed_words(zo_seed_ptr, ZONEOUT == 1)
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
 def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_ptr, y_ptr, bar_ptr, T, B,
-                        k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr, zo_u,
+                        k_begin, k_end, rd_ptr, zo_seed_ptr, zo_thr, zo_u,
                         H: tl.constexpr, P: tl.constexpr,
                         HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
                         SAVE: tl.constexpr, FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
@@ -257,7 +274,7 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                         NSPLIT: tl.constexpr, PHASES: tl.constexpr):
     rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
     epoch, stuck = 1, 0
-    rd_k0, rd_k1, zo_k0, zo_k1 = regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP, ZONEOUT)
+    zo_k0, zo_k1 = regulariser_keys(zo_seed_ptr, ZONEOUT)
     k = k_begin
     while k < k_end:  # see Specialisation above
         t, before, after = step_slots(k, T, REVERSE, SAVE)
@@ -274,7 +291,7 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
             hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             i, f, g, o = lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, P, FP32_DOT,
-                                    BLOCK_B, BLOCK_H, BLOCK_P, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
+                                    BLOCK_B, BLOCK_H, BLOCK_P, rd_ptr, RDROP)
             c_prev = load_2d(c_in, rows, hc, H, 1, row_ok, h_ok)
             c = f * c_prev + i * g
             m = o * tanh(c)  # from the new c, before zoneout
@@ -303,12 +320,13 @@ def lstm_forward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, m_p
                            p_ok, t, B, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
             epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)
         k += 1
+    report_stuck(bar_ptr, stuck, NSPLIT, PHASES)
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS + REG_ARGS)
 def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy_ptr, dh_ptr, dc_ptr, dg_ptr,
-                         dhs_ptr, bar_ptr, T, B, k_begin, k_end, rd_seed_ptr, rd_thr, rd_scale, zo_seed_ptr, zo_thr,
-                         zo_u, H: tl.constexpr, P: tl.constexpr,
+                         dhs_ptr, bar_ptr, T, B, k_begin, k_end, rd_ptr, zo_seed_ptr, zo_thr, zo_u,
+                         H: tl.constexpr, P: tl.constexpr,
                          HAS_PROJ: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
                          FP32_DOT: tl.constexpr, RDROP: tl.constexpr, ZONEOUT: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -316,7 +334,7 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
     """dh (B, P) and dc (B, H) enter holding the gradients of h_n, c_n and leave holding those of h0, c0."""
     rows, row_ok, lens, split = program_rows(B, len_ptr, HAS_LENGTHS, BLOCK_B)
     epoch, stuck = 1, 0
-    rd_k0, rd_k1, zo_k0, zo_k1 = regulariser_keys(rd_seed_ptr, zo_seed_ptr, RDROP, ZONEOUT)
+    zo_k0, zo_k1 = regulariser_keys(zo_seed_ptr, ZONEOUT)
     k = k_begin
     while k < k_end:
         t, before, after = step_slots(T - 1 - k, T, REVERSE, True)
@@ -333,7 +351,7 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
             hc = jj + split * BLOCK_H + tl.arange(0, BLOCK_H)
             h_ok = hc < H
             i, f, g, o = lstm_gates(gx_t, w_hh_ptr, h_in, rows, row_ok, hc, h_ok, H, P, FP32_DOT,
-                                    BLOCK_B, BLOCK_H, BLOCK_P, rd_k0, rd_k1, rd_thr, rd_scale, RDROP)
+                                    BLOCK_B, BLOCK_H, BLOCK_P, rd_ptr, RDROP)
             if HAS_PROJ:  # dm = dh_t W_hr over all of P (dh_t times u_h under zoneout)
                 dm = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
                 for p0 in range(0, P, BLOCK_P):
@@ -380,7 +398,7 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
             dh = load_2d(dh_ptr, rows, pc, P, 1, row_ok, p_ok) + tl.where(
                 valid, load_2d(dy_t, rows, pc, P, 1, row_ok, p_ok).to(tl.float32), 0.0)
             if RDROP:  # h_{t-1} entered the gates as h * r/(1-p)
-                acc = acc * recurrent_scale(rows, pc, P, rd_k0, rd_k1, rd_thr, rd_scale)
+                acc = acc * recurrent_scale(rd_ptr, rows, pc, P, row_ok, p_ok)
             if ZONEOUT:  # h_t = u h_new + (1 - u) h_{t-1}
                 u_h = zoneout_update(rows, pc, t, B, P, 0, zo_k0, zo_k1, zo_thr, zo_u, ZONEOUT)
                 acc = acc + (1 - u_h) * dh
@@ -393,6 +411,7 @@ def lstm_backward_kernel(gx_ptr, w_hh_ptr, w_hr_ptr, len_ptr, hs_ptr, cs_ptr, dy
         # dh_{t-1}, dc_{t-1} are complete before step t-1 reads them
         epoch, stuck = phase_sync(bar_ptr, epoch, stuck, NSPLIT, PHASES)
         k += 1
+    report_stuck(bar_ptr, stuck, NSPLIT, PHASES)
 
 
 def split_plan(B: int, H: int, device, split=None) -> int:
@@ -406,7 +425,15 @@ def split_plan(B: int, H: int, device, split=None) -> int:
         return int(choice)
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return auto_split(B, H, sm_count(device))
+
+
+def sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def auto_split(B: int, H: int, sms: int) -> int:
+    """FUSENN_RNN_SPLIT=auto's NSPLIT: up to one program per SM, at least 16 hidden units each."""
     return max(1, min(sms // triton.cdiv(B, BLOCK_B), triton.cdiv(H, 16)))
 
 
@@ -429,33 +456,91 @@ def launch_split(kernel, args: tuple, T: int, B: int, nsplit: int, cooperative: 
         if nsplit > 1:
             if INTERPRET:
                 raise ValueError("the cooperative RNN kernels cannot run under the Triton interpreter")
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            sms = sm_count(device)
             if rows * nsplit > sms:
                 raise ValueError(f"the cooperative RNN kernels need all {rows * nsplit} programs resident, more "
                                  f"than the {sms} SMs")
-        bar = torch.zeros(rows, dtype=torch.int32, device=device) if nsplit > 1 else args[0]  # else never read
-        kernel[(rows, nsplit)](*args, bar, T, B, 0, T, **consts, NSPLIT=nsplit, PHASES=3)
+        bar = barrier_buffer(rows, device) if nsplit > 1 else args[0]  # else never read
+        coop = dict(launch_cooperative_grid=True) if nsplit > 1 else {}
+        with device_guard(args[0]):
+            kernel[(rows, nsplit)](*args, bar, T, B, 0, T, **consts, NSPLIT=nsplit, PHASES=3, **coop)
+        if nsplit > 1:
+            check_barriers(bar[rows:])
         return
-    for k in range(T):
-        for phase in phases:
-            kernel[(rows, nsplit)](*args, args[0], T, B, k, k + 1, **consts, NSPLIT=nsplit, PHASES=phase)
+    with device_guard(args[0]):
+        for k in range(T):
+            for phase in phases:
+                kernel[(rows, nsplit)](*args, args[0], T, B, k, k + 1, **consts, NSPLIT=nsplit, PHASES=phase)
 
 
-def _consts(H, P, dtype, nsplit):
-    return dict(H=H, P=P, FP32_DOT=INTERPRET or dtype == torch.float32, BLOCK_B=BLOCK_B,
-                BLOCK_H=hidden_block(H, nsplit, 64), BLOCK_P=block_size(P, 32), num_warps=NUM_WARPS)
+def barrier_buffer(rows: int, device) -> torch.Tensor:
+    """int32 [one barrier counter per block of rows..., the error flag]: all zero."""
+    return torch.zeros(rows + 1, dtype=torch.int32, device=device)
 
 
-def regulariser_args(recurrent_dropout, zoneout, unused):
-    """Kernel arguments for the regularisers: (p, seed) or None each, seeds 0-d int64 tensors on the
-    kernel's device; zoneout's seed None = expectation. `unused` stands for an absent seed (never read)."""
+def check_barriers(flag: torch.Tensor) -> None:
+    """Raise if a cooperative launch's programs gave up waiting at a barrier (report_stuck): its results
+    are wrong. Eagerly this reads the flag (a synchronisation, once per launch of the opt-in split mode);
+    inside CUDA-graph capture it becomes an asynchronous device assertion."""
+    if flag.device.type == "meta":  # nothing ran (the static report records launches on meta tensors)
+        return
+    if flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        torch._assert_async(flag[0] == 0, "fusenn: the cooperative RNN kernel's programs were not all resident")
+    elif int(flag[0]):
+        raise RuntimeError("fusenn: the cooperative RNN kernel's programs were not all resident (a barrier timed "
+                           "out), so its results are wrong; run without FUSENN_RNN_SPLIT")
+
+
+def fp32_dot(dtype) -> str:
+    """The dots' precision: fp16/bf16 on tensor cores ("none"); fp32 as cuDNN runs nn.LSTM / nn.GRU, TF32
+    tensor cores when torch.backends.cudnn.allow_tf32 (torch's default) and IEEE fp32 otherwise; IEEE
+    fp32 for every dtype under the interpreter (its bf16 tl.dot is wrong)."""
+    if INTERPRET:
+        return "ieee"
+    if dtype != torch.float32:
+        return "none"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _consts(H, P, dtype, nsplit, projection: bool, backward: bool, regularised: bool, save: bool = True):
+    """Tiles, warps and stages; the dots are 16 x BLOCK_H (gates), and 16 x BLOCK_P with a projection or in
+    backward (phase 2). The choices are the static sm_90a report's (benchmarks/static.py): no dot
+    replicated across warps, no spill at the benchmark shapes. Backward takes 64-wide tiles of P on 8
+    warps, except regularised in fp16/bf16 (4 warps on 32-wide tiles, one stage); the regularised forward
+    pipelines less (ptxas spills a few bytes otherwise)."""
+    half = dtype != torch.float32
+    block_h = hidden_block(H, nsplit, 64)
+    narrow = regularised and half
+    block_p = block_size(P, 64 if backward and not narrow else 32)
+    if backward:
+        stages = 1 if narrow else 2
+    else:
+        stages = (2 if save and half else 1) if regularised else 3
+    return dict(H=H, P=P, FP32_DOT=fp32_dot(dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_P=block_p,
+                num_warps=dot_warps(block_h, block_p) if projection or backward else dot_warps(block_h),
+                num_stages=stages)
+
+
+def recurrent_scale_tensor(B: int, P: int, p: float, seed) -> torch.Tensor:
+    """(B, P) fp32 r / (1 - p): recurrent dropout's time-locked mask (Philox counter b * P + k, as in
+    fusenn.reference.rnn), drawn once per launch for the kernels to load with h_{t-1}."""
+    from fusenn.kernels.philox import dropout_mask
     from fusenn.reference.philox import dropout_threshold
 
-    args = dict(rd_seed_ptr=unused, rd_thr=0, rd_scale=1.0, zo_seed_ptr=unused, zo_thr=0, zo_u=1.0, RDROP=False,
-                ZONEOUT=0)
+    keep = dropout_mask(torch.empty(B * P, dtype=torch.bool, device=seed.device), 0, seed, dropout_threshold(p))
+    return keep.view(B, P).to(torch.float32) * (1.0 / (1.0 - p))
+
+
+def regulariser_args(recurrent_dropout, zoneout, unused, B: int, P: int):
+    """Kernel arguments for the regularisers: (p, seed) or None each, seeds 0-d int64 tensors on the
+    kernel's device; zoneout's seed None = expectation; B, P: the shape of the recurrent state h.
+    `unused` stands for an absent tensor (never read)."""
+    from fusenn.reference.philox import dropout_threshold
+
+    args = dict(rd_ptr=unused, zo_seed_ptr=unused, zo_thr=0, zo_u=1.0, RDROP=False, ZONEOUT=0)
     if recurrent_dropout is not None:
         p, seed = recurrent_dropout
-        args.update(rd_seed_ptr=seed, rd_thr=dropout_threshold(p), rd_scale=1.0 / (1.0 - p), RDROP=True)
+        args.update(rd_ptr=recurrent_scale_tensor(B, P, p, seed), RDROP=True)
     if zoneout is not None:
         p, seed = zoneout
         if seed is None:
@@ -488,7 +573,9 @@ def lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse: bool, save: bool, rec
                                            lengths if lengths is not None else hs, hs, cs,
                                            ms if ms is not None else hs, y),
                      T, B, nsplit, cooperative and not INTERPRET, (1, 2) if w_hr is not None else (1,),
-                     **_consts(H, P, gx.dtype, nsplit), **regulariser_args(recurrent_dropout, zoneout, hs),
+                     **_consts(H, P, gx.dtype, nsplit, w_hr is not None, False,
+                               recurrent_dropout is not None or zoneout is not None, save),
+                     **regulariser_args(recurrent_dropout, zoneout, hs, B, P),
                      HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse, SAVE=save)
     last = (0 if reverse else T) if save else T % 2
     h_n = hs[last].to(gx.dtype, copy=True)
@@ -514,7 +601,9 @@ def lstm_backward(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse: bool, hs, cs
         launch_split(lstm_backward_kernel, (gx, w_hh, w_hr if w_hr is not None else w_hh,
                                             lengths if lengths is not None else hs, hs, cs, dy, dh, dc, dg,
                                             dhs if dhs is not None else dg),
-                     T, B, nsplit, cooperative and not INTERPRET, **_consts(H, P, gx.dtype, nsplit),
-                     **regulariser_args(recurrent_dropout, zoneout, hs),
+                     T, B, nsplit, cooperative and not INTERPRET,
+                     **_consts(H, P, gx.dtype, nsplit, w_hr is not None, True,
+                               recurrent_dropout is not None or zoneout is not None),
+                     **regulariser_args(recurrent_dropout, zoneout, hs, B, P),
                      HAS_PROJ=w_hr is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse)
     return dg, dh, dc, dhs

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusenn.kernels import device_guard
+
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
 PHILOX_W0 = tl.constexpr(0x9E3779B9)
@@ -70,5 +72,6 @@ def dropout_mask(out, offset: int, seed, threshold: int):
     block = 1024
     grid = (triton.cdiv(numel, block),)
     if numel:
-        dropout_mask_kernel[grid](out.view(torch.int8), numel, offset, seed, threshold, BLOCK=block)
+        with device_guard(out):
+            dropout_mask_kernel[grid](out.view(torch.int8), numel, offset, seed, threshold, BLOCK=block)
     return out

@@ -33,7 +33,7 @@ def torch_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=No
     """torch's math SDPA, with fusenn's dropout mask for `seed`."""
     keep = None
     if dropout_p > 0.0:
-        batch, hq, _ = ref.attention_shapes(q, k, v, enable_gqa)
+        batch, hq, _, _ = ref.attention_shapes(q, k, v, enable_gqa)
         keep = ref.dropout_keep(batch + (hq, q.size(-2), k.size(-2)), dropout_p, seed, q.device)
     return torch.ops.aten._scaled_dot_product_attention_math(
         q, k, v, attn_mask, dropout_p, is_causal, keep, scale=scale, enable_gqa=enable_gqa)[0]
@@ -172,9 +172,9 @@ def test_auto_backend_and_reasons():
     with fusenn.set_backend("triton"), pytest.raises(fusenn.BackendError, match="head dims up to 256"):
         SDPA(q, k, v)
     check_sdpa(q, k, v)  # auto: the reference takes it
-    with pytest.raises(ValueError, match="attn_mask should not be set when is_causal"):
+    with pytest.raises(RuntimeError, match="attn_mask should not be set when is_causal"):  # torch's type
         SDPA(q, k, v, torch.ones(3, 4, dtype=torch.bool), is_causal=True)
-    with pytest.raises(ValueError, match="must be equal and divide"):
+    with pytest.raises(RuntimeError, match="must divide the number of heads in query"):
         SDPA(*qkv(1, 3, 3, 4, 8, Hkv=2), enable_gqa=True)
 
 
@@ -283,3 +283,64 @@ def test_sdpa_realistic_shapes_on_gpu(shape, dtype):
     B, H, L, S, E, Ev, causal = shape
     with fusenn.set_backend("triton"):
         check_sdpa(*qkv(B, H, L, S, E, Ev, dtype, "cuda"), is_causal=causal)
+
+
+def test_int64_offsets_when_a_view_reaches_2_31_elements():
+    """The host's decision (kernels.attention.needs_int64), on meta tensors: no memory behind them."""
+    from fusenn.kernels import attention as kernels
+
+    def mha_view(L, N, E, heads):  # MultiheadAttention's per-head q view of a packed (L, N, 3E) projection
+        packed = torch.empty(L, N, 3 * E, device="meta")
+        return packed[..., :E].view(L, N, heads, E // heads).permute(1, 2, 0, 3)
+
+    assert kernels.needs_int64(mha_view(8192, 64, 2048, 16))  # row stride 3 * 2048 * 64, 8192 rows
+    assert not kernels.needs_int64(mha_view(1024, 8, 512, 8))
+    big_batch = torch.empty(65536, 16, 2048, 64, device="meta")  # 2**37 elements, but small slices
+    assert not kernels.needs_int64(big_batch, None)
+    long_rows = torch.empty(1, 1, 2**25 + 1, 64, device="meta")  # one slice past 2**31 elements
+    assert kernels.needs_int64(long_rows)
+    assert not kernels.needs_int64(long_rows[:, :, :2**25])  # its last offset, 2**31 - 1, fits in int32
+
+
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]])
+def test_sdpa_int64_offsets_path(attention_backend, monkeypatch, dtype):
+    """The kernels' WIDE (int64 offsets) mode, forced on small inputs: the same results."""
+    from fusenn.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "INT32_LIMIT", 1)
+    q, k, v = qkv(2, 2, 19, 21, 24, 24, dtype, attention_backend[1])
+    assert kernels.needs_int64(q)
+    check_sdpa(q, k, v, is_causal=True, dropout_p=0.2, seed=3)
+    check_sdpa(q, k, v, torch.rand(19, 21, device=attention_backend[1]) > 0.3)
+
+
+@pytest.mark.gpu
+def test_sdpa_many_heads_times_batch_on_gpu():
+    """N * heads = 65536 programs along what used to be grid axis 1 (CUDA caps it at 65535)."""
+    q, k, v = (x.requires_grad_() for x in qkv(4096, 16, 17, 17, 64, 64, torch.bfloat16, "cuda"))
+    with fusenn.set_backend("triton"):
+        out = SDPA(q, k, v, is_causal=True)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+    for got, exp in zip(grads, torch.autograd.grad(want.float().square().sum(), (q, k, v))):
+        torch.testing.assert_close(got, exp, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+def test_sdpa_view_into_a_buffer_past_2_31_elements_on_gpu():
+    """A per-head view of a packed QKV buffer whose row offsets pass 2**31 elements (8.6 GB in bf16)."""
+    from fusenn.kernels import attention as kernels
+
+    L, N, E, heads = 8192, 64, 2048, 16
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GB of GPU memory")
+    packed = torch.randn(L, N, 3 * E, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (packed[..., i * E:(i + 1) * E].view(L, N, heads, E // heads).permute(1, 2, 0, 3) for i in range(3))
+    assert kernels.needs_int64(q)
+    with fusenn.set_backend("triton"):
+        out = SDPA(q, k, v, is_causal=True)
+    for n, h in ((N - 1, heads - 1), (0, 0), (N // 2, 3)):  # the far end of the buffer included
+        want = F.scaled_dot_product_attention(q[n:n + 1, h:h + 1], k[n:n + 1, h:h + 1], v[n:n + 1, h:h + 1],
+                                              is_causal=True)
+        torch.testing.assert_close(out[n:n + 1, h:h + 1], want, atol=2e-2, rtol=2e-2)

@@ -13,7 +13,7 @@ from fusenn import dispatch
 
 def test_table_lists_every_backend_with_a_reason():
     table = fusenn.backends()
-    assert set(table) == {"reference", "triton", "cuda", "torch", "cpp"}
+    assert set(table) == {"reference", "triton", "cuda", "persistent", "torch", "cpp"}
     assert table["reference"].usable
     for b in table.values():
         assert b.detail, f"{b.name} gives no detail"

@@ -31,19 +31,12 @@ def test_attention_fullgraph():
     torch.testing.assert_close(f(q, k, v), fusenn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
-@pytest.fixture
-def allow_rnn():
-    """Dynamo refuses every nn.LSTM / nn.GRU subclass unless allow_rnn is set. config.patch, not
-    monkeypatch: on torch 2.11 undoing a monkeypatched config attribute deletes it for later tests."""
-    with torch._dynamo.config.patch(allow_rnn=True):
-        yield
-
-
-def test_lstm_fullgraph_with_dynamo_rnn_support(allow_rnn):
-    """With allow_rnn set, fusenn's forward traces."""
+def test_lstm_fullgraph_without_dynamo_settings():
+    """No Dynamo setting: fusenn.LSTM is an nn.RNNBase, which Dynamo does not refuse as it does nn.LSTM."""
     m = fusenn.LSTM(5, 7, 2, bidirectional=True)
     x = torch.randn(3, 2, 5)
-    torch.testing.assert_close(compiled(m)(x)[0], m(x)[0])
+    with fusenn.set_backend("reference"):
+        torch.testing.assert_close(compiled(m)(x)[0], m(x)[0])
 
 
 # The Triton RNN path: the layers are torch.library ops (fusenn::lstm_layer_* / gru_layer_*), so
@@ -63,7 +56,7 @@ def _rnn_cases():
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("make", _rnn_cases())
-def test_rnn_triton_fullgraph_forward_backward(allow_rnn, kernel_backend, make, backend):
+def test_rnn_triton_fullgraph_forward_backward(kernel_backend, make, backend):
     torch.manual_seed(0)
     _, device = kernel_backend
     m = make().to(device)
@@ -77,7 +70,7 @@ def test_rnn_triton_fullgraph_forward_backward(allow_rnn, kernel_backend, make, 
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_rnn_triton_graph_holds_the_registered_ops(allow_rnn, kernel_backend):
+def test_rnn_triton_graph_holds_the_registered_ops(kernel_backend):
     """The compiled graph calls fusenn's ops (not the reference's torch ops, not a graph break)."""
     seen = []
     _, device = kernel_backend
@@ -94,7 +87,7 @@ def test_rnn_triton_graph_holds_the_registered_ops(allow_rnn, kernel_backend):
 
 @pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_rnn_packed_input_traces_fullgraph(allow_rnn, kernel_backend, kind, enforce_sorted):
+def test_rnn_packed_input_traces_fullgraph(kernel_backend, kind, enforce_sorted):
     """PackedSequence in and out under fullgraph (torch's own nn.LSTM cannot: it guards on batch_sizes'
     data): the packed layout is built from shapes. Outputs, final states and gradients equal eager's for
     several length patterns through one compiled module."""
@@ -305,7 +298,7 @@ def _lstm_case(device, mode="LSTM", **kwargs):
 
 
 @pytest.mark.parametrize("mode,backend", [("LSTM", "eager"), ("LSTM", "aot_eager"), ("GRU", "aot_eager")])
-def test_rnn_regularisers_fullgraph_matches_eager(allow_rnn, seeded_path, mode, backend):
+def test_rnn_regularisers_fullgraph_matches_eager(seeded_path, mode, backend):
     """Training mode with between-layer, input, output and recurrent dropout and zoneout: one graph, one
     seed drawn in it, outputs and every gradient identical to eager after the same torch.manual_seed."""
     m, x, inputs = _lstm_case(seeded_path[1], mode, **_ALL_MASKS)
@@ -315,14 +308,14 @@ def test_rnn_regularisers_fullgraph_matches_eager(allow_rnn, seeded_path, mode, 
     assert seen["graphs"] == 1 and seen["randint"] == 1, seen
 
 
-def test_lstm_variational_weight_dropout_fullgraph_matches_eager(allow_rnn, seeded_path):
+def test_lstm_variational_weight_dropout_fullgraph_matches_eager(seeded_path):
     """The other mask kinds: time-locked (variational) dropout and DropConnect on W_hh, with a projection."""
     m, x, inputs = _lstm_case(seeded_path[1], variational=True, weight_dropout=0.3, proj_size=2, **_ALL_MASKS)
     got = _outputs_and_grads(_after_seed(torch.compile(m, fullgraph=True, backend="eager"), x), inputs)
     _assert_identical(got, _outputs_and_grads(_after_seed(m, x), inputs))
 
 
-def test_compiled_lstm_run_repeats_under_manual_seed(allow_rnn):
+def test_compiled_lstm_run_repeats_under_manual_seed():
     """torch.manual_seed repeats a compiled run, the next draw gives other masks, and eval mode (zoneout's
     expectation, no draw) is deterministic."""
     torch.manual_seed(0)
@@ -345,3 +338,162 @@ def test_dropout_ops_opcheck_with_seed_tensor(kernel_backend):
                           (q, k, v, None, 0.25, False, 0.3, torch.tensor(99, dtype=torch.int64)))
     torch.library.opcheck(torch.ops.fusenn.dropout_mask.default,
                           (40, 0.5, torch.tensor(2**62 + 5, dtype=torch.int64), 7, device))
+
+
+# torch.compile(fullgraph=True) with no Dynamo setting, on a patched model and on each fusenn module alone, on
+# the reference and the Triton path (under the interpreter on CPU): outputs and gradients equal eager's.
+
+class FramesModel(torch.nn.Module):
+    """A CNN over each frame (Conv2d -> ReLU -> MaxPool2d, which patch fuses) -> LSTM -> self-attention -> head,
+    written with torch.nn's modules only."""
+
+    def __init__(self):
+        super().__init__()
+        self.cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+        self.lstm = torch.nn.LSTM(18, 6, batch_first=True)
+        self.attention = torch.nn.MultiheadAttention(6, 2, batch_first=True)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, frames):  # (B, T, 1, 6, 6)
+        b, t = frames.shape[:2]
+        features = self.cnn(frames.flatten(0, 1)).view(b, t, -1)
+        y, _ = self.lstm(features)
+        a, _ = self.attention(y, y, y, need_weights=False)
+        return self.head(a + y)
+
+
+def _patched_frames_model(device):
+    torch.manual_seed(0)
+    model = FramesModel().to(device)
+    report = fusenn.patch(model)
+    assert {name for name, _, _ in report.swapped} == {"cnn.0", "lstm", "attention"}, str(report)
+    return model
+
+
+def _assert_compiled_equals_eager(module, args, backend="aot_eager"):
+    """module compiled with fullgraph=True (one graph) against module eager: outputs and the gradients of every
+    input that requires grad and of every parameter."""
+    inputs = [a for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    inputs += [p for p in module.parameters() if p.requires_grad]
+    compiler, seen = _count_graphs(backend)
+    got = _outputs_and_grads(torch.compile(module, fullgraph=True, backend=compiler)(*args), inputs)
+    want = _outputs_and_grads(module(*args), inputs)
+    assert seen["graphs"] == 1, seen
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_patched_model_compiles_fullgraph_and_matches_eager(seeded_path):
+    _, device = seeded_path
+    model = _patched_frames_model(device)
+    frames = torch.randn(2, 3, 1, 6, 6, device=device, requires_grad=True)
+    _assert_compiled_equals_eager(model, (frames,))
+
+
+def test_patched_model_explain_reports_no_graph_break(seeded_path):
+    _, device = seeded_path
+    model = _patched_frames_model(device)
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 1, 6, 6, device=device))
+    assert explanation.graph_count == 1, explanation
+    assert explanation.graph_break_count == 0 and not explanation.break_reasons, explanation.break_reasons
+
+
+def _alone_cases():
+    def rnn_input(batch_first=False):
+        return torch.randn(2, 3, 4) if batch_first else torch.randn(3, 2, 4)
+
+    yield "lstm", lambda: fusenn.LSTM(4, 5, 2, bidirectional=True, proj_size=3), lambda: (rnn_input(),)
+    yield "lstm-hx", lambda: fusenn.LSTM(4, 5, batch_first=True), lambda: (
+        rnn_input(True), (torch.randn(1, 2, 5, requires_grad=True), torch.randn(1, 2, 5, requires_grad=True)))
+    yield "gru", lambda: fusenn.GRU(4, 5, 2, bidirectional=True), lambda: (rnn_input(),)
+    yield "lstmcell", lambda: fusenn.LSTMCell(4, 5), lambda: (
+        torch.randn(2, 4, requires_grad=True), (torch.randn(2, 5), torch.randn(2, 5)))
+    yield "grucell", lambda: fusenn.GRUCell(4, 5), lambda: (torch.randn(2, 4, requires_grad=True),)
+    yield "mha", lambda: fusenn.MultiheadAttention(6, 2), lambda: (
+        torch.randn(3, 2, 6, requires_grad=True), torch.randn(4, 2, 6), torch.randn(4, 2, 6), None, False)
+    yield "mha-need_weights", lambda: fusenn.MultiheadAttention(6, 2, batch_first=True), lambda: (
+        torch.randn(2, 3, 6, requires_grad=True),) * 3
+    yield "convpool", lambda: fusenn.ConvPool2d(2, 3, 3, padding=1), lambda: (
+        torch.randn(2, 2, 5, 7, requires_grad=True),)
+    yield "convpool-avg-gelu", lambda: fusenn.ConvPool2d(2, 3, 3, activation="gelu", pool="avg"), lambda: (
+        torch.randn(1, 2, 6, 6, requires_grad=True),)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _alone_cases()])
+def test_each_module_compiles_fullgraph_and_matches_eager(seeded_path, case):
+    _, device = seeded_path
+    make, make_args = next((m, a) for name, m, a in _alone_cases() if name == case)
+    torch.manual_seed(0)
+    module = make().to(device)
+
+    def to(a):
+        if isinstance(a, torch.Tensor):
+            return a.detach().to(device).requires_grad_(a.requires_grad)
+        return tuple(to(t) for t in a) if isinstance(a, tuple) else a
+
+    _assert_compiled_equals_eager(module, tuple(to(a) for a in make_args()))
+
+
+class _FlattensAndChecks(torch.nn.Module):
+    """User code of the kinds a drop-in must keep working: a forward that calls flatten_parameters (as many
+    models written for DataParallel do) and a type test on the RNN."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        self.rnn.flatten_parameters()
+        y, _ = self.rnn(x)
+        return y * 2 if isinstance(self.rnn, torch.nn.RNNBase) and self.rnn.mode in ("LSTM", "GRU") else y
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_flatten_parameters_and_rnnbase_checks_trace(seeded_path, kind):
+    _, device = seeded_path
+    torch.manual_seed(0)
+    model = _FlattensAndChecks(getattr(torch.nn, kind)(3, 4)).to(device)
+    fusenn.patch(model)
+    x = torch.randn(2, 1, 3, device=device)
+    want = model(x)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), want)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0 and not explanation.break_reasons, explanation.break_reasons
+
+
+def test_torch_rnns_in_the_same_program_are_left_to_dynamo(seeded_path):
+    """fusenn sets no Dynamo flag: torch's own nn.LSTM beside a fusenn one still gets Dynamo's own handling
+    (a graph break where allow_rnn is off, as in torch 2.11 to 2.13) and the right answer."""
+    _, device = seeded_path
+    torch.manual_seed(0)
+    model = _TwoLSTMs().to(device)
+    x = torch.randn(2, 1, 3, device=device)
+    want = model(x)
+    torch.testing.assert_close(torch.compile(model, backend="eager")(x), want)
+    torch._dynamo.reset()
+    reasons = torch._dynamo.explain(model)(x).break_reasons
+    assert bool(reasons) == (not torch._dynamo.config.allow_rnn), reasons
+    if reasons:
+        assert "self.theirs" in reasons[0].user_stack[-1].line, reasons  # the break is at torch's LSTM
+
+
+class _TwoLSTMs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ours, self.theirs = fusenn.LSTM(3, 4), torch.nn.LSTM(4, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.ours(x)[0])
+        return self.theirs(y)[0] * 2
+
+
+def test_patch_report_names_the_modules_no_longer_nn_lstm():
+    model = torch.nn.Module()
+    model.lstm, model.gru, model.cell = torch.nn.LSTM(3, 4), torch.nn.GRU(3, 4), torch.nn.LSTMCell(3, 4)
+    report = fusenn.patch(model)
+    assert [name for name, _ in report.notes] == ["lstm", "gru"]
+    assert "isinstance(m, nn.LSTM) is False" in str(report) and "isinstance(m, nn.GRU) is False" in str(report)
+    assert not isinstance(model.lstm, torch.nn.LSTM) and isinstance(model.lstm, torch.nn.RNNBase)
+    assert model.lstm.mode == "LSTM" and model.gru.mode == "GRU"
+    assert isinstance(model.cell, torch.nn.LSTMCell)  # the cells stay subclasses: Dynamo traces those

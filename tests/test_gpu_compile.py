@@ -48,7 +48,8 @@ print("ok")
 
 
 def test_attention_compiles_for_sm90():
-    """Forward, dQ and dK/dV with a bool mask, causal and dropout (the Philox path) in bf16."""
+    """Forward, dQ and dK/dV with a bool mask, causal and dropout (the Philox path) in bf16, with int32 and
+    with int64 (WIDE) row offsets; WIDE's row offsets are 64-bit multiplies."""
     compile_in_subprocess(r"""
 from fusenn.kernels import attention as A
 
@@ -57,11 +58,15 @@ types.update(LSE="*fp32", DELTA="*fp32", MASK="*u8", SEED="*i64", qk_scale="fp32
              drop_scale="fp32")
 for name, fn in (("fwd", A.attention_forward_kernel), ("dq", A.attention_backward_dq_kernel),
                  ("dkdv", A.attention_backward_dkdv_kernel)):
-    cfg = A._config(64, torch.bfloat16, backward=name != "fwd")
-    consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D=64, DV=64, MASK_KIND=1, IS_CAUSAL=True,
-                  DROPOUT=True, DOT_F32=False)
-    compile_for_sm90(fn, consts, lambda a: types.get(a, "i32"), num_warps=cfg.get("num_warps", 4),
-                     num_stages=cfg.get("num_stages", 2))
+    cfg = A._config(64, torch.bfloat16, name, True)
+    wides = []
+    for wide in (False, True):
+        consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D=64, DV=64, MASK_KIND=1, IS_CAUSAL=True,
+                      DROPOUT=True, F32_DOT="none", WIDE=wide, **({"PART": 0} if name == "dkdv" else {}))
+        ptx = compile_for_sm90(fn, consts, lambda a: types.get(a, "i32"), num_warps=cfg.get("num_warps", 4),
+                               num_stages=cfg.get("num_stages", 2)).asm["ptx"]
+        wides.append(ptx.count("mul.lo.s64") + ptx.count("mul.wide.s32") + ptx.count("mad.lo.s64"))
+    assert wides[1] > wides[0], (name, wides)
 print("ok")
 """)
 
@@ -75,30 +80,32 @@ from fusenn.kernels import gru, lstm
 
 def arg_type(dtype):
     half = {"gx_ptr", "w_hh_ptr", "w_hr_ptr", "b_hh_ptr", "y_ptr", "dy_ptr"}
-    return lambda a: ("*i64" if a in ("len_ptr", "rd_seed_ptr", "zo_seed_ptr") else "*i32" if a == "bar_ptr"
+    return lambda a: ("*i64" if a in ("len_ptr", "zo_seed_ptr") else "*i32" if a == "bar_ptr"
                       else f"*{dtype}" if a in half else "*fp32" if a.endswith("_ptr")
-                      else "fp32" if a in ("rd_scale", "zo_u") else "i32")
+                      else "fp32" if a == "zo_u" else "i32")
 
 
 # bf16 with both regularisers sampled, split cooperatively over 4 programs (grid barriers); fp32 alone on
 # its rows, without recurrent dropout and with zoneout's expectation (the seed pointers never read)
-for dtype, rdrop, zoneout, nsplit in (("bf16", True, 1, 4), ("fp32", False, 2, 1)):
+for dtype, precision, rdrop, zoneout, nsplit in (("bf16", "none", True, 1, 4), ("fp32", "tf32", False, 2, 1)):
     H, P = 129, 64
-    common = dict(H=H, P=P, HAS_PROJ=True, HAS_LENGTHS=True, REVERSE=True, FP32_DOT=dtype == "fp32", RDROP=rdrop,
+    common = dict(H=H, P=P, HAS_PROJ=True, HAS_LENGTHS=True, REVERSE=True, FP32_DOT=precision, RDROP=rdrop,
                   ZONEOUT=zoneout, BLOCK_B=lstm.BLOCK_B, BLOCK_H=lstm.block_size(H, 64), BLOCK_P=lstm.block_size(P, 32),
                   NSPLIT=nsplit, PHASES=3)
-    compile_for_sm90(lstm.lstm_forward_kernel, dict(common, SAVE=True), arg_type(dtype), num_warps=lstm.NUM_WARPS)
-    compile_for_sm90(lstm.lstm_backward_kernel, common, arg_type(dtype), num_warps=lstm.NUM_WARPS)
+    warps = lstm.dot_warps(common["BLOCK_H"], common["BLOCK_P"])
+    compile_for_sm90(lstm.lstm_forward_kernel, dict(common, SAVE=True), arg_type(dtype), num_warps=warps)
+    compile_for_sm90(lstm.lstm_backward_kernel, common, arg_type(dtype), num_warps=warps)
     if nsplit > 1:
         ptx = compile_for_sm90(lstm.lstm_forward_kernel, dict(common, SAVE=False), arg_type(dtype),
-                               num_warps=lstm.NUM_WARPS).asm["ptx"]
+                               num_warps=warps).asm["ptx"]
         assert "atom.global.gpu.release" in ptx or "atom.release.gpu" in ptx, "no release atomic at the barrier"
         assert "acquire" in ptx, "no acquire atomic at the barrier"
-    common = dict(H=H, HAS_BIAS=True, HAS_LENGTHS=True, REVERSE=True, FP32_DOT=dtype == "fp32", RDROP=rdrop,
+    common = dict(H=H, HAS_BIAS=True, HAS_LENGTHS=True, REVERSE=True, FP32_DOT=precision, RDROP=rdrop,
                   ZONEOUT=zoneout, BLOCK_B=gru.BLOCK_B, BLOCK_H=gru.hidden_block(H, nsplit, 32), NSPLIT=nsplit,
                   PHASES=3)
-    compile_for_sm90(gru.gru_forward_kernel, dict(common, SAVE=True), arg_type(dtype), num_warps=gru.NUM_WARPS)
-    compile_for_sm90(gru.gru_backward_kernel, common, arg_type(dtype), num_warps=gru.NUM_WARPS)
+    warps = gru.dot_warps(common["BLOCK_H"])
+    compile_for_sm90(gru.gru_forward_kernel, dict(common, SAVE=True), arg_type(dtype), num_warps=warps)
+    compile_for_sm90(gru.gru_backward_kernel, common, arg_type(dtype), num_warps=warps)
 print("ok")
 """)
 
@@ -108,7 +115,7 @@ def test_conv_pool_kernel_compiles_for_sm90():
     compile_in_subprocess(r"""
 from fusenn.kernels import conv_pool
 
-config = conv_pool._gpu_configs()[2]
+config = conv_pool._gpu_configs(False)[2]  # an fp32 tile fits in bf16 too
 for dtype, act, pool in (("bf16", "relu", True), ("fp32", "gelu", False)):
     consts = dict(C_in_g=64, KH=3, KW=3, SH=1, SW=1, PADH=1, PADW=1, DH=1, DW=1, PKH=3, PKW=3, PSH=2, PSW=2, PPH=1,
                   PPW=1, ACT=act, MAX_POOL=pool, MONOTONE=pool and act == "relu", COUNT_INCLUDE_PAD=True,

@@ -326,3 +326,52 @@ def test_cpp_layers_check_their_inputs(rnn_backend):
     with pytest.raises(RuntimeError, match=r"expected rscale of shape \[2, 5\]"):
         gru(gx[..., :15].contiguous(), h0, w_hh[:15], None, None, False, True, torch.ones(5, 2, device=device), None, 0,
             0, 1.0, 0)
+
+
+@pytest.mark.gpu
+def test_split_is_bit_equal_to_unsplit_with_a_side_stream_gemm():
+    """The cooperative launch against the one-program-per-rows kernel, 20 times, while another stream
+    keeps SMs busy with a GEMM: every program of the split launch must be resident (or the launch fails),
+    so the results never depend on what else runs. Each split program owns whole tiles of the unsplit
+    kernel's loop, so the sums run in the same order: bit-equal."""
+    from fusenn.kernels import lstm
+
+    torch.manual_seed(0)
+    gx, h0, c0, w_hh, _ = _lstm_inputs(60, 8, 512, None, torch.bfloat16, torch.device("cuda"))
+    want = lstm.lstm_forward(gx, h0, c0, w_hh, None, None, False, True, split=1)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    for _ in range(20):
+        with torch.cuda.stream(side):
+            for _ in range(4):
+                a @ a
+        got = lstm.lstm_forward(gx, h0, c0, w_hh, None, None, False, True, split=8, cooperative=True)
+        for x, y in zip(want[:3] + want[3][:2], got[:3] + got[3][:2]):
+            assert torch.equal(x, y)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_a_barrier_that_times_out_raises(monkeypatch):
+    """Counters that can never reach their epoch (as if some programs never started): the kernel gives up
+    waiting, sets the error flag, and the launcher raises instead of returning numbers."""
+    from fusenn.kernels import lstm
+
+    def hopeless(rows, device):
+        bar = torch.zeros(rows + 1, dtype=torch.int32, device=device)
+        bar[:rows] = -(2**30)
+        return bar
+
+    monkeypatch.setattr(lstm, "barrier_buffer", hopeless)
+    gx, h0, c0, w_hh, _ = _lstm_inputs(2, 4, 64, None, torch.float32, torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="not all resident"):
+        lstm.lstm_forward(gx, h0, c0, w_hh, None, None, False, True, split=4, cooperative=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_bf16_gradients_over_long_sequences(kind):
+    """T = 256 in bf16: errors accumulate over the whole recurrence, judged against float64 as always."""
+    test = test_lstm_layer_matches_reference if kind == "lstm" else test_gru_layer_matches_reference
+    with fusenn.set_backend("triton"):
+        test(("triton", torch.device("cuda")), 256, 24, 256, None, torch.bfloat16, False, None, True)

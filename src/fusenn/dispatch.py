@@ -1,9 +1,11 @@
 """Which backends exist here, why the others do not, and the one place where an op's backend is chosen.
 
 Backends: ``reference`` (plain PyTorch, any device), ``triton`` (kernels/ on a GPU, or under the Triton
-interpreter with CPU tensors), ``cuda`` (the fusenn._C extension built from csrc/), ``torch`` (torch's own
-module or function where it computes the same thing: plain configurations, no fusenn-only regulariser or
-seed) and ``cpp`` (the host code of the C++ RNN layers, on CPU tensors: fusenn._C's CPU kernels).
+interpreter with CPU tensors), ``cuda`` (the fusenn._C extension built from csrc/), ``persistent`` (its
+persistent LSTM / GRU kernels, csrc/rnn_persist.cu; ops without such kernels take ``cuda``'s under it),
+``torch`` (torch's own module or function where it computes the same thing: plain configurations, no
+fusenn-only regulariser or seed) and ``cpp`` (the host code of the C++ RNN layers, on CPU tensors: fusenn._C's
+CPU kernels).
 The choice comes from ``fusenn.set_backend(name)`` if called, else the FUSENN_BACKEND environment
 variable, else ``auto``: cuda, then triton (or the op's own order), for GPU tensors; torch, then cpp, for
 CPU tensors; then the reference. An explicit backend that cannot take the call raises BackendError saying
@@ -25,7 +27,7 @@ from typing import Mapping, Optional
 
 import torch
 
-NAMES = ("reference", "triton", "cuda", "torch", "cpp")
+NAMES = ("reference", "triton", "cuda", "persistent", "torch", "cpp")
 CHOICES = ("auto",) + NAMES
 CPU_ORDER = ("torch", "cpp")  # what auto tries for CPU tensors, before the reference
 
@@ -110,10 +112,16 @@ def _has_cpu_kernel(op: str) -> bool:
     return torch._C._dispatch_has_kernel(op) and torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
 
 
+def _persistent_status() -> tuple[bool, str]:
+    ok, detail = _cuda_status()
+    return ok, f"{detail} (its persistent LSTM / GRU kernels)" if ok else detail
+
+
 _STATUS = {
     "reference": lambda: (True, "plain PyTorch on any device"),
     "triton": lambda: _triton_status()[:2],
     "cuda": _cuda_status,
+    "persistent": _persistent_status,
     "torch": lambda: (True, f"torch {torch.__version__}'s own modules and functions, where they compute the same "
                             "thing (plain configurations)"),
     "cpp": _cpp_status,
@@ -173,7 +181,7 @@ def _device_reason(name: str, device: torch.device) -> Optional[str]:
     usable, detail = _STATUS[name]()
     if not usable:
         return detail
-    if name == "cuda" and device.type != "cuda":
+    if name in ("cuda", "persistent") and device.type != "cuda":
         return f"it needs CUDA tensors, got {device.type} tensors"
     if name == "cpp" and device.type != "cpu":
         return f"it runs on CPU tensors, got {device.type} tensors"
@@ -199,6 +207,8 @@ def choose(op: str, device: torch.device, unsupported: Mapping[str, Optional[str
     reasons: dict[str, str] = {}
     kernels = gpu_order if device.type == "cuda" else CPU_ORDER if device.type == "cpu" else ()
     order = (requested,) if requested != "auto" else kernels + ("reference",)
+    if requested == "persistent" and "persistent" not in unsupported:
+        order = ("cuda",)  # both are fusenn._C: ops without persistent kernels (dropout masks) take its others
     for name in order:
         if name not in unsupported:
             reasons[name] = f"{op} has no {name} implementation"

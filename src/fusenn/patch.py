@@ -3,7 +3,10 @@
 A twin takes over the original's Parameter objects themselves, not copies: an optimizer built before
 patching keeps training the model, weight tying, requires_grad and accumulated .grad carry over, and
 state_dict keys do not change. fusenn.MultiheadAttention and fusenn.ConvPool2d are looked up at call time,
-so a build without them still patches the recurrent layers and says what it left.
+so a build without them still patches the recurrent layers and says what it left. fusenn.LSTM and
+fusenn.GRU are nn.RNNBase subclasses, not nn.LSTM / nn.GRU ones, so that torch.compile traces them with no
+Dynamo setting (fusenn.nn.rnn says why): the report's notes name each swapped module where
+isinstance(m, nn.LSTM) / isinstance(m, nn.GRU) no longer holds.
 """
 
 from __future__ import annotations
@@ -29,15 +32,18 @@ _UNSUPPORTED = (TypeError, ValueError, NotImplementedError)
 @dataclasses.dataclass
 class PatchReport:
     """What patch / unpatch did: `swapped` holds (qualified name, from type, to type), `left` holds
-    (qualified name, type, reason). A Conv2d-activation-pool run is named after its conv."""
+    (qualified name, type, reason), `notes` holds (qualified name, what a swapped module no longer answers as
+    the original did). A Conv2d-activation-pool run is named after its conv."""
 
     swapped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     left: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    notes: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{len(self.swapped)} swapped, {len(self.left)} left"]
         lines += [f"  swapped {name or '<model>'}: {old} -> {new}" for name, old, new in self.swapped]
         lines += [f"  left    {name or '<model>'} ({kind}): {reason}" for name, kind, reason in self.left]
+        lines += [f"  note    {name or '<model>'}: {note}" for name, note in self.notes]
         return "\n".join(lines)
 
 
@@ -92,6 +98,8 @@ def patch(model: nn.Module, lstm: bool = True, gru: bool = True, attention: bool
         except _UNSUPPORTED as e:
             return _leave(report, name, module, str(e))
         report.swapped.append((name, _type_name(cls), _type_name(twin_cls)))
+        if cls in (nn.LSTM, nn.GRU):
+            report.notes.append((name, _not_a_subclass(cls)))
         return twin
 
     def restructure(seq: nn.Sequential, prefix: str) -> list[nn.Module]:
@@ -306,6 +314,13 @@ def _adopt_parameters(twin: nn.Module, original: nn.Module) -> None:
         raise TypeError(f"{_type_name(type(twin))} has buffers that {_type_name(type(original))} lacks")
     if isinstance(twin, nn.RNNBase):
         twin.flatten_parameters()  # cuDNN wants the weights in one buffer again (no-op on CPU)
+
+
+def _not_a_subclass(cls: type) -> str:
+    """What changes for code that tests the type of a swapped nn.LSTM / nn.GRU (fusenn.nn.rnn says why)."""
+    return (f"fusenn.{cls.__name__} is an nn.RNNBase with mode '{cls.__name__}', not an nn.{cls.__name__} "
+            f"subclass (so torch.compile traces it with no Dynamo setting): isinstance(m, nn.{cls.__name__}) is "
+            f"False here now; isinstance(m, nn.RNNBase) and m.mode == '{cls.__name__}' hold")
 
 
 def _fusenn_types() -> tuple[type, ...]:

@@ -11,13 +11,57 @@ from torch import Tensor, nn
 from fusenn.ops.attention import scaled_dot_product_attention
 
 
-def _additive(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+def _additive(mask: Optional[Tensor], dtype: torch.dtype, name: str = "masks") -> Optional[Tensor]:
     """MultiheadAttention's masks say True = masked out; as an additive float mask, as torch converts them."""
     if mask is None or mask.is_floating_point():
         return mask
     if mask.dtype != torch.bool:
-        raise AssertionError(f"only bool and floating types of masks are supported, got {mask.dtype}")
+        raise AssertionError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def _check(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+           attn_mask: Optional[Tensor]) -> None:
+    """torch.nn.functional.multi_head_attention_forward's checks, in its words and exception types (AssertionError
+    for the shapes it asserts, RuntimeError for attn_mask's), before any projection or kernel."""
+    if query.dim() not in (2, 3):
+        raise AssertionError(f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query "
+                             "tensor")
+    batched = query.dim() == 3
+    kind = "batched (3-D)" if batched else "unbatched (2-D)"
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        raise AssertionError(f"For {kind} `query`, expected `key` and `value` to be {query.dim()}-D but found "
+                             f"{key.dim()}-D and {value.dim()}-D tensors respectively")
+    if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
+        raise AssertionError(f"For {kind} `query`, expected `key_padding_mask` to be `None` or {query.dim() - 1}-D "
+                             f"but found {key_padding_mask.dim()}-D tensor instead")
+    if attn_mask is not None and attn_mask.dim() not in (2, 3):
+        raise AssertionError(f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found "
+                             f"{attn_mask.dim()}-D tensor instead")
+    if query.size(-1) != mha.embed_dim:
+        raise AssertionError(f"was expecting embedding dimension of {mha.embed_dim}, but got {query.size(-1)}")
+    if mha._qkv_same_embed_dim and key.shape != value.shape:
+        raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+    if not mha._qkv_same_embed_dim and key.shape[:-1] != value.shape[:-1]:
+        raise AssertionError(f"key's sequence and batch dims {key.shape[:-1]} do not match value's "
+                             f"{value.shape[:-1]}")
+    seq, bat = (1, 0) if batched and mha.batch_first else (0, 1)
+    L, S, N = query.size(seq), key.size(seq), query.size(bat) if batched else 1
+    if batched and key.size(bat) != N:
+        raise RuntimeError(f"Expected key and value to have the batch size {N} of query, got {key.size(bat)}")
+    if attn_mask is not None:
+        want = (L, S) if attn_mask.dim() == 2 else (N * mha.num_heads, L, S)
+        if attn_mask.shape != want and not batched and attn_mask.dim() == 3:
+            raise AssertionError(f"Expected `attn_mask` shape to be {want} but got {attn_mask.shape}")
+        if attn_mask.shape != want:
+            raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, but should be "
+                               f"{want}.")
+    if key_padding_mask is not None and batched and key_padding_mask.shape != (N, S):
+        axis = 0 if key_padding_mask.size(0) != N else 1
+        raise AssertionError(f"Expected key_padded_mask.shape[{axis}] to be {(N, S)[axis]}, but got "
+                             f"{key_padding_mask.shape[axis]}")
+    if key_padding_mask is not None and not batched and key_padding_mask.shape != (S,):
+        raise AssertionError(f"Expected key_padded_mask.shape[0] to be {S}, but got {key_padding_mask.shape[0]}")
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -36,12 +80,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         if need_weights:
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
+        _check(self, query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                "module method `generate_square_subsequent_mask` to create this mask.")
-        key_padding_mask = _additive(key_padding_mask, query.dtype)
+        key_padding_mask = _additive(key_padding_mask, query.dtype, "key_padding_mask")
         # As torch: the causal hint replaces attn_mask unless a padding mask has to be merged with it.
-        attn_mask = None if is_causal and key_padding_mask is None else _additive(attn_mask, query.dtype)
+        attn_mask = None if is_causal and key_padding_mask is None else _additive(attn_mask, query.dtype, "attn_mask")
         is_causal = is_causal and attn_mask is None
 
         batched = query.dim() == 3
@@ -69,16 +114,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         extra = S - key.size(0)  # bias_kv and zero-attention columns, never masked
 
         mask = None
-        if attn_mask is not None:
-            if attn_mask.shape[-2:] != (L, S - extra) or attn_mask.dim() == 3 and attn_mask.size(0) != N * H:
-                raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} should be {(L, S - extra)} or "
-                                   f"{(N * H, L, S - extra)}")
+        if attn_mask is not None:  # shapes checked by _check
             mask = F.pad(attn_mask, (0, extra)) if extra else attn_mask
             mask = mask.view(N, H, L, S) if mask.dim() == 3 else mask.view(1, 1, L, S)
         if key_padding_mask is not None:
-            if key_padding_mask.shape != (N, S - extra):
-                raise RuntimeError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)} should be "
-                                   f"{(N, S - extra)}")
             padding = (F.pad(key_padding_mask, (0, extra)) if extra else key_padding_mask).view(N, 1, 1, S)
             mask = padding if mask is None else mask + padding
 

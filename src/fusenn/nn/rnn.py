@@ -1,11 +1,30 @@
 """Drop-in LSTM, GRU, LSTMCell and GRUCell: torch.nn's modules with the recurrence run by fusenn.
 
-Each class subclasses its torch.nn twin, overrides forward and adds from_torch / to_torch; the
-constructor, parameter names, shapes, registration order, initialisation, state_dict, extra_repr and
-flatten_parameters are torch's own, and isinstance(fusenn.LSTM(...), nn.LSTM) holds. forward keeps torch's input layouts
-(padded, batch_first, unbatched, PackedSequence sorted or not) and checks; inside, every layer and
-direction is one GEMM projecting the whole input (F.linear) followed by fusenn.ops.rnn's layer call,
+Each class overrides forward and adds from_torch / to_torch; the constructor, parameter names, shapes,
+registration order, initialisation, state_dict, extra_repr and flatten_parameters are torch's own. forward keeps
+torch's input layouts (padded, batch_first, unbatched, PackedSequence sorted or not) and checks; inside, every
+layer and direction is one GEMM projecting the whole input (F.linear) followed by fusenn.ops.rnn's layer call,
 on a time-major padded batch with per-row lengths.
+
+Why LSTM and GRU subclass nn.RNNBase, not nn.LSTM / nn.GRU: Dynamo (torch/_dynamo/variables/builder.py,
+wrap_module, the same test in torch 2.11 to 2.13) refuses any module for which isinstance(m, (nn.RNN, nn.GRU,
+nn.LSTM)) holds unless torch._dynamo.config.allow_rnn is set, so a subclass of nn.LSTM cannot be compiled with
+fullgraph=True without a private setting. nn.RNNBase is not in that tuple (and traces whatever a later torch
+defaults allow_rnn to). LSTM takes torch's own LSTM methods (get_expected_cell_size, check_forward_args,
+permute_hidden; none calls super()), so all but isinstance(m, nn.LSTM) answers as torch's: isinstance(m,
+nn.RNNBase), m.mode == "LSTM", flatten_parameters, _flat_weights, all_weights, state_dict, repr; fusenn.patch's
+report names each swapped module where isinstance(m, nn.LSTM) no longer holds. Weighed and dropped:
+- setting allow_rnn from fusenn: the flag is global and read when Dynamo meets each module, before any fusenn
+  code runs, so it cannot be scoped to fusenn's modules; torch's own RNNs in the same program would be traced
+  too, and on torch 2.13 a compiled torch nn.LSTM then fails in backward (aot_eager, the AOT path inductor
+  takes), where without the flag it graph-breaks and works;
+- a __class__ property answering nn.LSTM: isinstance consults __class__, so Dynamo's test refuses it as well,
+  and pickle (torch.save of the module) refuses such an object;
+- an ABC registration: nn.LSTM's metaclass is type, which has no registry; changing torch's classes is not
+  fusenn's to do.
+LSTMCell and GRUCell stay subclasses of nn.LSTMCell / nn.GRUCell: Dynamo traces those without a setting.
+Under torch.compile, flatten_parameters (which only packs the weights for cuDNN, which fusenn never calls) is a
+no-op, so a forward that calls it still traces whole on a GPU.
 
 Regularisers (keyword-only, all off by default, active only in training mode; see _Recurrent):
 dropout (torch's, between layers), input_dropout, output_dropout, variational, weight_dropout,
@@ -63,12 +82,17 @@ def _packed_batch(batch_sizes: Tensor, sorted_indices: Optional[Tensor]) -> int:
 
 def _packed_layout(batch_sizes: Tensor, batch: int, numel: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """(steps, rows, lengths): packed element i is element (steps[i], rows[i]) of the time-major padded
-    batch, and row b has lengths[b] steps. Every shape is static (T, batch, numel), so this traces."""
+    batch, and row b has lengths[b] steps. Every shape is static (T, batch, numel), so this traces.
+    batch_sizes (kept on the host, as torch keeps it) reaches the device in one non-blocking copy and all
+    three are computed there, so no layer or direction copies (and synchronises) again."""
     T = batch_sizes.shape[0]
-    steps = torch.repeat_interleave(torch.arange(T), batch_sizes, output_size=numel)
-    rows = torch.arange(numel) - (torch.cumsum(batch_sizes, 0) - batch_sizes)[steps]
-    lengths = (batch_sizes[:, None] > torch.arange(batch)).sum(0)
-    return steps.to(device), rows.to(device), lengths
+    if batch_sizes.device != device:
+        pin = device.type == "cuda" and not torch.compiler.is_compiling()
+        batch_sizes = (batch_sizes.pin_memory() if pin else batch_sizes).to(device, non_blocking=True)
+    steps = torch.repeat_interleave(torch.arange(T, device=device), batch_sizes, output_size=numel)
+    rows = torch.arange(numel, device=device) - (torch.cumsum(batch_sizes, 0) - batch_sizes)[steps]
+    lengths = (batch_sizes[:, None] > torch.arange(batch, device=device)).sum(0)
+    return steps, rows, lengths
 
 
 class _Convertible:
@@ -152,11 +176,12 @@ class _Recurrent(_Convertible):
     """
 
     _config = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+    _mode: str  # nn.RNNBase's mode: "LSTM" or "GRU"
     _regularisers = ("input_dropout", "output_dropout", "weight_dropout", "recurrent_dropout", "zoneout")
 
     def __init__(self, *args, input_dropout: float = 0.0, output_dropout: float = 0.0, variational: bool = False,
                  weight_dropout: float = 0.0, recurrent_dropout: float = 0.0, zoneout: float = 0.0, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(self._mode, *args, **kwargs)  # nn.RNNBase's, as nn.LSTM / nn.GRU call it
         for name, p in (("input_dropout", input_dropout), ("output_dropout", output_dropout),
                         ("weight_dropout", weight_dropout), ("recurrent_dropout", recurrent_dropout),
                         ("zoneout", zoneout)):
@@ -168,6 +193,13 @@ class _Recurrent(_Convertible):
         self.variational = bool(variational)
         self.weight_dropout, self.recurrent_dropout, self.zoneout = (float(weight_dropout), float(recurrent_dropout),
                                                                      float(zoneout))
+
+    def flatten_parameters(self) -> None:
+        """torch's (it packs the weights into one buffer for cuDNN, on a GPU), except under torch.compile, where
+        it does nothing: fusenn's kernels never read that buffer, and torch's version graph-breaks there."""
+        if torch.compiler.is_compiling():
+            return
+        super().flatten_parameters()
 
     def extra_repr(self) -> str:
         extra = [f"{name}={getattr(self, name)}" for name in self._regularisers if getattr(self, name, 0.0)]
@@ -195,10 +227,9 @@ class _Recurrent(_Convertible):
 
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
-        backend = ops.module_backend("lstm" if isinstance(self, nn.LSTM) else "gru", input.data if packed else input,
-                                     self._native(packed))
+        backend = ops.module_backend(self.mode.lower(), input.data if packed else input, self._native(packed))
         if backend == "torch" and not self._drawing():  # torch's own forward on these parameters
-            return super().forward(input, hx)
+            return self._torch_class.forward(self, input, hx)
         if isinstance(input, PackedSequence):
             x, batch_sizes, sorted_indices, unsorted_indices = input
             batched = True
@@ -307,11 +338,18 @@ class _Recurrent(_Convertible):
         return self._from_tuple(tuple(fn(t) for t in self._hidden_tuple(hx)))
 
 
-class LSTM(_Recurrent, nn.LSTM):
-    """torch.nn.LSTM with fusenn's recurrence: same arguments, parameters, inputs and outputs."""
+class LSTM(_Recurrent, nn.RNNBase):
+    """torch.nn.LSTM with fusenn's recurrence: same arguments, parameters, inputs and outputs. An nn.RNNBase
+    with mode "LSTM", not an nn.LSTM subclass, so torch.compile traces it with no setting (module docstring)."""
 
     _torch_class = nn.LSTM
+    _mode = "LSTM"
     _config = _Recurrent._config + ("proj_size",)
+    # torch's own LSTM methods (plain functions of self, no super()): c's size check, the pair's checks and
+    # permutation.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
     def _zero_hidden(self, batch: int, x: Tensor):
         n = self.num_layers * (2 if self.bidirectional else 1)
@@ -347,10 +385,17 @@ class LSTM(_Recurrent, nn.LSTM):
         return y, (h, c)
 
 
-class GRU(_Recurrent, nn.GRU):
-    """torch.nn.GRU with fusenn's recurrence: same arguments, parameters, inputs and outputs."""
+class GRU(_Recurrent, nn.RNNBase):
+    """torch.nn.GRU with fusenn's recurrence: same arguments, parameters, inputs and outputs. An nn.RNNBase
+    with mode "GRU", not an nn.GRU subclass (see LSTM)."""
 
     _torch_class = nn.GRU
+    _mode = "GRU"
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:  # as nn.GRU
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__(*args, **kwargs)
 
     def _zero_hidden(self, batch: int, x: Tensor):
         return x.new_zeros((self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size))

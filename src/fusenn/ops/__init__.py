@@ -54,6 +54,15 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
+_C_TYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half",
+                 torch.bfloat16: "c10::BFloat16", torch.int64: "long int", torch.int32: "int", torch.bool: "bool"}
+
+
+def type_name(dtype: torch.dtype) -> str:
+    """dtype as torch's C++ error messages name it ("float", "double", "long int", ...)."""
+    return _C_TYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
 def lower_precision_under_autocast(fn):
     """Run `fn` as torch runs the ops on its autocast lower-precision list (conv2d,
     scaled_dot_product_attention): floating tensor arguments cast to the autocast dtype, autocast off
@@ -62,7 +71,7 @@ def lower_precision_under_autocast(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
-        if not torch.is_autocast_enabled(device_type):
+        if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
             return fn(*args, **kwargs)
         dtype = torch.get_autocast_dtype(device_type)
 

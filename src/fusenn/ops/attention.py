@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusenn import dispatch
-from fusenn.ops import draw_seed_tensor, lower_precision_under_autocast, new_output, seed_tensor
+from fusenn.ops import draw_seed_tensor, lower_precision_under_autocast, new_output, seed_tensor, type_name
 from fusenn.reference import attention as reference
 
 MAX_HEAD_DIM = 256
@@ -38,16 +38,30 @@ def _triton_reason(query: Tensor, value: Tensor, attn_mask: Optional[Tensor]) ->
 
 
 def _check(query, key, value, attn_mask, dropout_p, is_causal):
+    """The checks every backend's call passes, before any kernel, as torch's math path makes them (RuntimeError,
+    its wording); shapes and head counts follow in reference.attention_shapes. A negative dropout_p means no
+    dropout, as in torch."""
     if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"scaled_dot_product_attention: query, key and value must share a dtype, got "
-                         f"{query.dtype}, {key.dtype}, {value.dtype}")
-    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-        raise ValueError(f"scaled_dot_product_attention: attn_mask must be bool or {query.dtype}, "
-                         f"got {attn_mask.dtype}")
+        raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
+                           f"{type_name(query.dtype)} key.dtype: {type_name(key.dtype)} and value.dtype: "
+                           f"{type_name(value.dtype)} instead.")
+    if not query.is_floating_point():
+        raise RuntimeError(f"expected query, key and value of a floating point type, but found "
+                           f"{type_name(query.dtype)}")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(f"Expected query, key, and value to have the same device type, but got query.device: "
+                           f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                               f"attn_mask.dtype: {type_name(attn_mask.dtype)} and query.dtype: "
+                               f"{type_name(query.dtype)} instead.")
+        if attn_mask.device != query.device:
+            raise RuntimeError(f"Tensor on device {attn_mask.device} is not on the expected device {query.device}!")
     if is_causal and attn_mask is not None:
-        raise ValueError("scaled_dot_product_attention: explicit attn_mask should not be set when is_causal=True")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+        raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
+    if dropout_p > 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
 
 
 @lower_precision_under_autocast
@@ -63,11 +77,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     torch.manual_seed repeats a run, compiled or not): element
     (..., l, s) of the (*batch, Hq, L, S) weights is kept as fusenn.reference.attention.dropout_keep says,
     on every backend but `torch` (auto's choice for CPU tensors unless a seed is given), which is torch's own
-    function, dropout included. The Triton kernel takes fp16, bf16 and fp32 (no tf32) with head dims up to 256.
+    function, dropout included. The Triton kernel takes fp16, bf16 and fp32 (products as torch's SDPA computes
+    fp32 ones: fp32-accurate, from three TF32 products) with head dims up to 256.
     """
     _check(query, key, value, attn_mask, dropout_p, is_causal)
-    batch, hq, hkv = reference.attention_shapes(query, key, value, enable_gqa)
-    dropout_p = float(dropout_p)
+    batch, hq, hk, hv = reference.attention_shapes(query, key, value, enable_gqa)
+    dropout_p = max(float(dropout_p), 0.0)
     name = dispatch.choose("attention", query.device, {
         "reference": None, "triton": _triton_reason(query, value, attn_mask),
         "torch": "a seed asks for fusenn's Philox dropout mask" if dropout_p > 0.0 and seed is not None else None})
@@ -81,6 +96,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                       enable_gqa, seed)
     L, S, E, Ev = query.size(-2), key.size(-2), query.size(-1), value.size(-1)
+    if hk != hv:  # the kernel shares one head index between key and value: give both Hq heads
+        key, value = key.repeat_interleave(hq // hk, dim=-3), value.repeat_interleave(hq // hv, dim=-3)
+    hkv = hq if hk != hv else hk
     N = math.prod(batch)
     q = query.expand(batch + (hq, L, E)).reshape(N, hq, L, E)
     k = key.expand(batch + (hkv, S, E)).reshape(N, hkv, S, E)

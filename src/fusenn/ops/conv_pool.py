@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusenn import dispatch
-from fusenn.ops import lower_precision_under_autocast, new_output
+from fusenn.ops import lower_precision_under_autocast, new_output, type_name
 from fusenn.reference import conv_pool as reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -87,6 +87,7 @@ def _conv_pool2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list
     out, argmax, pre = _outputs(x, weight, stride, padding, dilation, pool_kernel, pool_stride, pool_padding,
                                 ceil_mode, keep_argmax)
     if out.numel():
+        bias = bias.contiguous() if bias is not None else None  # the kernel reads bias with unit stride
         kernels.conv_pool2d(x, weight, bias, out, argmax if keep_argmax else None, pre, stride, padding, dilation,
                             groups, activation, negative_slope, reference.is_monotone(activation, negative_slope),
                             pool, pool_kernel, pool_stride, pool_padding, count_include_pad,
@@ -164,6 +165,60 @@ def _triton_reason(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optiona
     return None
 
 
+def _check(x, weight, bias, stride, padding, dilation, groups, pool, pool_kernel, pool_stride, pool_padding,
+           ceil_mode) -> None:
+    """What nn.Conv2d and the pooling module would refuse, in their words and exception type (RuntimeError), checked
+    for every backend before any kernel: x (N, C, H, W) after explicit padding, the rest as normalised pairs."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{x.device} and {t.device}! (input and {name})")
+        if t is not None and t.dtype != x.dtype:
+            raise RuntimeError(f"Input type ({type_name(x.dtype)}) and {name} type ({type_name(t.dtype)}) should be "
+                               "the same")
+    if not x.is_floating_point():
+        raise RuntimeError(f"conv2d: expected a floating point input, got {type_name(x.dtype)}")
+    if weight.dim() != 4:
+        raise RuntimeError(f"Expected 4-dimensional weight for 4-dimensional input {list(x.shape)}, but got "
+                           f"{weight.dim()}-dimensional weight of size {list(weight.shape)} instead")
+    if any(s <= 0 for s in stride):
+        raise RuntimeError("non-positive stride is not supported")
+    if any(p < 0 for p in padding):
+        raise RuntimeError("negative padding is not supported")
+    if any(d <= 0 for d in dilation):
+        raise RuntimeError("non-positive dilation is not supported")
+    if groups <= 0 or weight.size(0) % groups:
+        raise RuntimeError(f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, but "
+                           f"got weight of size {list(weight.shape)} instead")
+    if x.size(1) != weight.size(1) * groups:
+        raise RuntimeError(f"Given groups={groups}, weight of size {list(weight.shape)}, expected input"
+                           f"{list(x.shape)} to have {weight.size(1) * groups} channels, but got {x.size(1)} "
+                           "channels instead")
+    if bias is not None and (bias.dim() != 1 or bias.numel() != weight.size(0)):
+        raise RuntimeError(f"Given weight of size {list(weight.shape)}, expected bias to be 1-dimensional with "
+                           f"{weight.size(0)} elements, but got bias of size {list(bias.shape)} instead")
+    padded = [x.size(2 + d) + 2 * padding[d] for d in range(2)]
+    kernel = [dilation[d] * (weight.size(2 + d) - 1) + 1 for d in range(2)]
+    if any(k > p for k, p in zip(kernel, padded)):
+        raise RuntimeError(f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
+                           f"({kernel[0]} x {kernel[1]}). Kernel size can't be greater than actual input size")
+    name = f"{pool}_pool2d"
+    if any(k <= 0 for k in pool_kernel):
+        raise RuntimeError(f"{name}: kernel_size must be greater than zero, but got {pool_kernel}")
+    if any(s <= 0 for s in pool_stride):
+        raise RuntimeError("stride should not be zero" if 0 in pool_stride else
+                           f"{name}: stride must be greater than zero, but got {pool_stride}")
+    for p, k in zip(pool_padding, pool_kernel):
+        if 2 * p > k:
+            raise RuntimeError(f"pad should be at most half of effective kernel size, but got pad={p}, kernel_size={k} "
+                               "and dilation=1")
+    conv, pooled = _pooled_shape(x, weight, stride, padding, dilation, pool_kernel, pool_stride, pool_padding,
+                                 ceil_mode)
+    if min(pooled) < 1:
+        raise RuntimeError(f"Given input size: ({weight.size(0)}x{conv[0]}x{conv[1]}). Calculated output size: "
+                           f"({weight.size(0)}x{pooled[0]}x{pooled[1]}). Output size is too small")
+
+
 @lower_precision_under_autocast
 def conv_pool2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
                 groups: int = 1, padding_mode: str = "zeros", activation: str = "relu", negative_slope: float = 0.01,
@@ -186,7 +241,8 @@ def conv_pool2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride
                            negative_slope, pool, pool_kernel_size, pool_stride, pool_padding, ceil_mode,
                            count_include_pad).squeeze(0)
     if x.dim() != 4:
-        raise ValueError(f"fusenn: conv_pool2d expects a (N, C, H, W) or (C, H, W) input, got shape {tuple(x.shape)}")
+        raise RuntimeError(f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: "
+                           f"{list(x.shape)}")
     if padding_mode != "zeros" or (not isinstance(padding, int) and len(padding) == 4):
         pads = [padding] * 4 if isinstance(padding, int) else (
             list(padding) if len(padding) == 4 else [padding[1], padding[1], padding[0], padding[0]])
@@ -196,9 +252,7 @@ def conv_pool2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride
     pool_kernel = _pair(pool_kernel_size, "pool_kernel_size")
     pool_stride = _pair(pool_stride if pool_stride is not None else pool_kernel_size, "pool_stride")
     pool_padding = _pair(pool_padding, "pool_padding")
-    if any(2 * p > k for p, k in zip(pool_padding, pool_kernel)):
-        raise ValueError(f"fusenn: pool_padding {pool_padding} must be at most half of pool_kernel_size "
-                         f"{pool_kernel}")
+    _check(x, weight, bias, stride, padding, dilation, groups, pool, pool_kernel, pool_stride, pool_padding, ceil_mode)
     options = (stride, padding, dilation, groups, activation, float(negative_slope), pool, pool_kernel, pool_stride,
                pool_padding, bool(ceil_mode), bool(count_include_pad))
 

@@ -50,6 +50,8 @@ def _(numel, p, seed, offset, device):
 def dropout_mask(shape, p: float, seed, offset: int = 0, device=None) -> torch.Tensor:
     """Bool mask of `shape` (True = kept) for `seed`: a Python int or a 0-d integer tensor."""
     shape = torch.Size([shape] if isinstance(shape, int) else shape)
+    if any(d < 0 for d in shape):  # as torch.empty(shape) says
+        raise RuntimeError(f"Trying to create tensor with negative dimension {min(shape)}: {list(shape)}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -80,6 +82,10 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed=None) -
     if not training or p == 0.0:
         return x
     if p == 1.0:
-        return x * 0.0
+        return x * 0  # x's dtype, as torch's; NaN and inf give NaN
+    if not x.is_floating_point():  # the scaled result cannot be stored in x's type, as torch says
+        scalar = {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+                  torch.uint8: "Byte", torch.bool: "Bool"}.get(x.dtype, str(x.dtype))
+        raise RuntimeError(f"result type Float can't be cast to the desired output type {scalar}")
     seed = draw_seed_tensor(device=x.device) if seed is None else seed_tensor(seed, x.device)
     return _Dropout.apply(x, float(p), seed)

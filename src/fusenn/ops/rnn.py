@@ -36,6 +36,12 @@ from fusenn.reference import rnn as reference
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+try:
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+except ImportError:  # older torch: shapes are concrete where the layers are traced
+    def guard_or_false(condition):
+        return bool(condition)
+
 
 def _kernel_reason(kind: str):
     def reason(gx: Tensor, *_) -> Optional[str]:
@@ -45,24 +51,81 @@ def _kernel_reason(kind: str):
     return reason
 
 
+# The persistent C++ layers (csrc/rnn_persist.cuh) keep W_hh on chip; past this batch they re-read h once per
+# 16-row tile per CTA and per step, and the per-step GEMM scheme should win (until GPU timings say otherwise).
+PERSIST_MAX_BATCH = 128
+_PERSIST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc's Dtype
+
+
+_PERSIST_REASONS: dict[tuple, str] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile bakes the answer in, as for dispatch.choose
+def _persist_plan_reason(device: int, dtype: int, gates: int, H: int, training: bool) -> str:
+    """The launcher's reason (csrc/rnn_persist.cu) it cannot take hidden_size H, or ''; '' when fusenn_cuda's
+    ops are not loaded (then the backend itself is unusable and says so). Cached per argument tuple."""
+    key = (device, dtype, gates, H, training)
+    if key not in _PERSIST_REASONS:
+        try:
+            reason = torch.ops.fusenn_cuda.persist_reason
+        except (AttributeError, RuntimeError):
+            return ""
+        _PERSIST_REASONS[key] = reason(device, dtype, gates, False, H, 0) or (
+            reason(device, dtype, gates, True, H, 0) if training else "")
+    return _PERSIST_REASONS[key]
+
+
+def _persist_reason(gates: int):
+    def reason(gx: Tensor, h0: Tensor, w_hh: Tensor, extra) -> Optional[str]:
+        why = _kernel_reason("persistent C++")(gx)
+        if why:
+            return why
+        if gates == 4 and extra is not None:
+            return "the persistent LSTM has no projection (proj_size); the other C++ and Triton kernels have"
+        if gx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return "it checks its grid barrier's flag with a host sync, which CUDA graph capture forbids"
+        if guard_or_false(gx.shape[1] > PERSIST_MAX_BATCH):  # packed input traced: a data-dependent batch
+            return f"batch {gx.shape[1]} > {PERSIST_MAX_BATCH}, where the per-step GEMM scheme is expected to win"
+        device = -1 if gx.device.type != "cuda" else torch.cuda.current_device() if gx.device.index is None \
+            else gx.device.index
+        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gx, h0, w_hh, extra))
+        H = int(gx.shape[-1]) // gates
+        return _persist_plan_reason(device, _PERSIST_DTYPES[gx.dtype], gates, H, training) or None
+    return reason
+
+
 # Backends that implement the layers, each mapped to a function giving the reason it cannot take
 # particular inputs (None when it can).
 LSTM_SUPPORT = {"reference": lambda *args: None, "triton": _kernel_reason("Triton"), "cuda": _kernel_reason("C++"),
-                "cpp": _kernel_reason("C++")}
-GRU_SUPPORT = LSTM_SUPPORT
-# On a GPU under `auto`, the Triton kernels (one persistent launch per layer) come before the C++ layers
-# (a launch and a cuBLAS GEMM per step) until GPU timings say where each wins.
-GPU_ORDER = ("triton", "cuda")
+                "persistent": _persist_reason(4), "cpp": _kernel_reason("C++")}
+GRU_SUPPORT = dict(LSTM_SUPPORT, persistent=_persist_reason(3))
+# On a GPU under `auto`: the persistent C++ layers (W_hh on chip, one launch) wherever they take the inputs,
+# then the Triton kernels (one persistent launch per layer, W_hh through L2 each step), then the C++ layers
+# (a launch and a cuBLAS GEMM per step), until GPU timings say where each wins.
+GPU_ORDER = ("persistent", "triton", "cuda")
 
 
-def module_backend(op: str, x: Tensor, native: Optional[str]) -> str:
+def _cpp(impl: str, name: str):
+    """The C++ op `name` of torch.ops.fusenn_cuda, or for impl "persistent" its persistent twin (the same
+    arguments, and the grid the launcher plans)."""
+    if impl == "persistent":
+        op = getattr(torch.ops.fusenn_cuda, name.replace("_", "_persist_", 1))
+        return lambda *args: op(*args, 0)
+    return getattr(torch.ops.fusenn_cuda, name)
+
+
+def module_backend(op: str, x: Tensor, native: Optional[str]) -> Optional[str]:
     """The backend for one forward of a whole module (op "lstm" or "gru": fusenn.LSTM / GRU / their cells)
     with input x. `native` is None when torch's own module computes what this one does (no fusenn-only
     regulariser), else why not: the "torch" backend (auto's first choice for CPU tensors) then runs torch's
     module forward; any other backend runs fusenn's layers, which the module then tells which one."""
-    reasons = {name: why(x) for name, why in (LSTM_SUPPORT if op == "lstm" else GRU_SUPPORT).items()}
+    # The persistent kernels' reasons need the weights and state, per layer: a GPU kernel backend chosen here
+    # returns None, and each layer then chooses among the GPU kernels itself.
+    reasons = {name: None if name == "persistent" else why(x)
+               for name, why in (LSTM_SUPPORT if op == "lstm" else GRU_SUPPORT).items()}
     reasons["torch"] = native
-    return dispatch.choose(op, x.device, reasons, GPU_ORDER)
+    name = dispatch.choose(op, x.device, reasons, GPU_ORDER)
+    return None if name in GPU_ORDER else name
 
 
 def _impl(name: str) -> str:
@@ -163,8 +226,8 @@ def lstm_layer_forward(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: O
     """(y, h_n, c_n, hs, cs, ms): the outputs and, when `save`, the fp32 buffers backward needs
     (fusenn.kernels.lstm.lstm_forward); empty tensors stand for the buffers not kept."""
     gx, h0, c0, w_hh, w_hr = _contiguous(gx, h0, c0, w_hh, w_hr)
-    if impl == "cuda":
-        return tuple(torch.ops.fusenn_cuda.lstm_forward(
+    if impl in ("cuda", "persistent"):
+        return tuple(_cpp(impl, "lstm_forward")(
             gx, h0, c0, w_hh, w_hr, lengths, reverse, save,
             *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], h0.shape[-1], gx.device)))
     from fusenn.kernels import lstm as kernels
@@ -196,8 +259,8 @@ def lstm_layer_backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, gx: Tensor, w_hh
     absent) is an empty tensor."""
     dy, dh_n, dc_n = _contiguous(dy, dh_n, dc_n)
     recurrent_dropout, zoneout = _regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device)
-    if impl == "cuda":
-        dg, dh0, dc0, dhs = torch.ops.fusenn_cuda.lstm_backward(
+    if impl in ("cuda", "persistent"):
+        dg, dh0, dc0, dhs = _cpp(impl, "lstm_backward")(
             dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs,
             *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], hs.shape[-1], gx.device))
     else:
@@ -270,8 +333,8 @@ def gru_layer_forward(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tenso
                       zo_p: Optional[float], zo_seed: Optional[Tensor], impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h_n, hs): the outputs and, when `save`, the fp32 state buffer backward needs (else empty)."""
     gx, h0, w_hh, b_hh = _contiguous(gx, h0, w_hh, b_hh)
-    if impl == "cuda":
-        return tuple(torch.ops.fusenn_cuda.gru_forward(
+    if impl in ("cuda", "persistent"):
+        return tuple(_cpp(impl, "gru_forward")(
             gx, h0, w_hh, b_hh, lengths, reverse, save,
             *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], h0.shape[-1], gx.device)))
     from fusenn.kernels import gru as kernels
@@ -297,8 +360,8 @@ def gru_layer_backward(dy: Tensor, dh_n: Tensor, gx: Tensor, w_hh: Tensor, b_hh:
     """(d gx, d h0 in gx's dtype, d w_hh, d b_hh in theirs); a gradient not asked for is an empty tensor."""
     dy, dh_n = _contiguous(dy, dh_n)
     recurrent_dropout, zoneout = _regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device)
-    if impl == "cuda":
-        dg, dghn, dh0 = torch.ops.fusenn_cuda.gru_backward(
+    if impl in ("cuda", "persistent"):
+        dg, dghn, dh0 = _cpp(impl, "gru_backward")(
             dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs,
             *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], hs.shape[-1], gx.device))
     else:
@@ -376,17 +439,46 @@ def _check_regularisers(recurrent_dropout, zoneout):
         raise ValueError(f"zoneout probability must be in [0, 1], got {zoneout[0]}")
 
 
+def _check_layer(op: str, gates: int, gx: Tensor, states: dict, weights: dict, lengths: Optional[Tensor]) -> None:
+    """Shapes, dtypes and devices of one layer call, for every backend before any kernel (the modules check their
+    own inputs in torch's words first; this guards direct callers): gx (T, B, gates * H) floating; each entry of
+    `states` / `weights` maps a name to (tensor or None, the size it must have); lengths (B,) integers, any
+    device (their values are not read here: that would synchronise)."""
+    if gx.dim() != 3 or gx.size(-1) % gates:
+        raise RuntimeError(f"{op}: expected gx of size (T, B, {gates} * hidden_size), got {list(gx.shape)}")
+    if not gx.is_floating_point():
+        raise RuntimeError(f"{op}: expected a floating point gx, got {gx.dtype}")
+    for kind, named in (("hidden", states), ("parameter", weights)):
+        for name, (t, size) in named.items():
+            if t is None:
+                continue
+            if t.device != gx.device:
+                raise RuntimeError(f"Input and {kind} tensors are not at the same device, found input tensor at "
+                                   f"{gx.device} and {kind} tensor at {t.device}")
+            if not t.is_floating_point():
+                raise RuntimeError(f"{op}: expected a floating point {name}, got {t.dtype}")
+            if tuple(t.shape) != size:
+                raise RuntimeError(f"{op}: expected {name} of size {list(size)}, got {list(t.shape)}")
+    if lengths is not None and (lengths.shape != (gx.size(1),) or lengths.is_floating_point()):
+        raise RuntimeError(f"{op}: expected integer lengths of size [{gx.size(1)}], got {lengths.dtype} of size "
+                           f"{list(lengths.shape)}")
+
+
 def lstm_layer(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor] = None,
                lengths: Optional[Tensor] = None, reverse: bool = False,
                recurrent_dropout: Optional[tuple[float, int]] = None,
                zoneout: Optional[tuple[float, Optional[int]]] = None, backend: Optional[str] = None):
     """`backend`: the one the calling module chose (module_backend) for its whole forward; else chosen here."""
     _check_regularisers(recurrent_dropout, zoneout)
+    B, H = gx.size(1) if gx.dim() == 3 else 0, gx.size(-1) // 4 if gx.dim() else 0
+    P = w_hr.size(0) if w_hr is not None and w_hr.dim() == 2 else H
+    _check_layer("lstm_layer", 4, gx, dict(h0=(h0, (B, P)), c0=(c0, (B, H))),
+                 dict(w_hh=(w_hh, (4 * H, P)), w_hr=(w_hr, (P, H))), lengths)
     reasons = None if backend else {n: why(gx, h0, w_hh, w_hr) for n, why in LSTM_SUPPORT.items()}
     name = backend or dispatch.choose("lstm", gx.device, reasons, GPU_ORDER)
     if name == "reference":
         return reference.lstm_layer(gx, h0, c0, w_hh, w_hr, lengths, reverse, recurrent_dropout, zoneout)
-    if name in ("triton", "cuda", "cpp"):
+    if name in ("triton", "cuda", "persistent", "cpp"):
         dtype = gx.dtype
         h0, c0, w_hh = h0.to(dtype), c0.to(dtype), w_hh.to(dtype)
         w_hr = w_hr.to(dtype) if w_hr is not None else None
@@ -403,11 +495,14 @@ def gru_layer(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = Non
               recurrent_dropout: Optional[tuple[float, int]] = None,
               zoneout: Optional[tuple[float, Optional[int]]] = None, backend: Optional[str] = None):
     _check_regularisers(recurrent_dropout, zoneout)
+    B, H = gx.size(1) if gx.dim() == 3 else 0, gx.size(-1) // 3 if gx.dim() else 0
+    _check_layer("gru_layer", 3, gx, dict(h0=(h0, (B, H))), dict(w_hh=(w_hh, (3 * H, H)), b_hh=(b_hh, (3 * H,))),
+                 lengths)
     reasons = None if backend else {n: why(gx, h0, w_hh, b_hh) for n, why in GRU_SUPPORT.items()}
     name = backend or dispatch.choose("gru", gx.device, reasons, GPU_ORDER)
     if name == "reference":
         return reference.gru_layer(gx, h0, w_hh, b_hh, lengths, reverse, recurrent_dropout, zoneout)
-    if name in ("triton", "cuda", "cpp"):
+    if name in ("triton", "cuda", "persistent", "cpp"):
         dtype = gx.dtype
         h0, w_hh = h0.to(dtype), w_hh.to(dtype)
         b_hh = b_hh.to(dtype) if b_hh is not None else None

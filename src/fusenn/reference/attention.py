@@ -19,23 +19,27 @@ from fusenn.reference import philox
 
 
 def attention_shapes(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
-    """(batch, Hq, Hkv): the broadcast batch dims (without heads) and the head counts, checked as torch does."""
+    """(batch, Hq, Hk, Hv): the broadcast batch dims (without heads) and the head counts, checked as torch's
+    math path checks them (RuntimeError). With enable_gqa, Hk and Hv must each divide Hq (they may differ)."""
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
-        raise ValueError("scaled_dot_product_attention: query, key and value need at least 2 dimensions")
+        raise RuntimeError(f"Expected query, key, and value to all be at least 2 dimensional, but got query.dim: "
+                           f"{query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead.")
     if query.size(-1) != key.size(-1):
-        raise ValueError(f"scaled_dot_product_attention: query's last dim {query.size(-1)} != key's {key.size(-1)}")
+        raise RuntimeError(f"Expected query and key to have the same embedding size, but got query.size(-1): "
+                           f"{query.size(-1)} and key.size(-1): {key.size(-1)} instead.")
     if key.size(-2) != value.size(-2):
-        raise ValueError(f"scaled_dot_product_attention: key has {key.size(-2)} positions, value {value.size(-2)}")
+        raise RuntimeError(f"Expected key and value to have the same sequence length, but got key.size(-2): "
+                           f"{key.size(-2)} and value.size(-2): {value.size(-2)} instead.")
     if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and value.dim() >= 3:
-        hq, hkv, hv = query.size(-3), key.size(-3), value.size(-3)
-        if hkv != hv or hq % hkv:
-            raise ValueError(f"scaled_dot_product_attention: number of heads in key and value ({hkv}, {hv}) "
-                             f"must be equal and divide the number of heads in query ({hq})")
+        hq, hk, hv = query.size(-3), key.size(-3), value.size(-3)
+        if hq % hk or hq % hv:
+            raise RuntimeError(f"Number of heads in key and value must divide the number of heads in query, got "
+                               f"{hk} and {hv} key / value heads for {hq} query heads")
         batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
-        return tuple(batch), hq, hkv
+        return tuple(batch), hq, hk, hv
     lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     heads = lead[-1] if len(lead) else 1
-    return tuple(lead[:-1]), heads, heads
+    return tuple(lead[:-1]), heads, heads, heads
 
 
 def default_scale(query: Tensor, scale: Optional[float]) -> float:
@@ -54,10 +58,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError("scaled_dot_product_attention: explicit attn_mask should not be set when is_causal=True")
     if dropout_p > 0.0 and seed is None:
         raise ValueError("the reference attention needs a seed for dropout")
-    _, hq, hkv = attention_shapes(query, key, value, enable_gqa)
-    if hq != hkv:  # GQA: query head h reads key/value head h // (hq // hkv)
-        key = key.repeat_interleave(hq // hkv, dim=-3)
-        value = value.repeat_interleave(hq // hkv, dim=-3)
+    _, hq, hk, hv = attention_shapes(query, key, value, enable_gqa)
+    if hq != hk:  # GQA: query head h reads key head h // (hq // hk), value head h // (hq // hv)
+        key = key.repeat_interleave(hq // hk, dim=-3)
+    if hq != hv:
+        value = value.repeat_interleave(hq // hv, dim=-3)
     dtype = query.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     q, k, v = query.to(compute), key.to(compute), value.to(compute)

@@ -1,0 +1,186 @@
+// The persistent LSTM / GRU kernels (csrc/rnn_persist.cuh) and their cooperative launcher. Each kernel loops
+// over the steps; between steps a grid-wide barrier on a global arrival counter (release by the arriving
+// CTA's fence, acquire by the waiting load), bounded in time: a barrier that cannot complete (CTAs not
+// co-resident) sets the error flag and every CTA leaves, and the host op raises instead of returning
+// stale numbers. The grid is checked against cudaOccupancyMaxActiveBlocksPerMultiprocessor before launch.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <string>
+
+#include "launch.h"
+#include "philox.cuh"
+
+namespace fusenn {
+// The 16-bit conversions rnn.cuh needs, as in rnn.cu.
+FUSENN_HD float to_float(__half x) { return __half2float(x); }
+FUSENN_HD __half from_float(float x, __half*) { return __float2half_rn(x); }
+FUSENN_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+FUSENN_HD __nv_bfloat16 from_float(float x, __nv_bfloat16*) { return __float2bfloat16_rn(x); }
+}  // namespace fusenn
+
+#include "rnn_persist.cuh"
+
+namespace fusenn {
+namespace persist {
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long now_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Every CTA has arrived `target` times in all (target = steps done x grid). False, in every thread of the
+// CTA, when the barrier timed out here or another CTA reported a failure: the caller leaves the kernel.
+__device__ __forceinline__ bool grid_barrier(const Args& a, unsigned target) {
+  __shared__ int failed;
+  __syncthreads();  // the CTA's writes of this step are done
+  if (threadIdx.x == 0) {
+    __threadfence();  // release them at GPU scope before arriving
+    atomicAdd(a.barrier, 1u);
+    int bad = 0;
+    const unsigned long long start = now_ns();
+    while (load_acquire(a.barrier) < target) {
+      if (*reinterpret_cast<volatile int*>(a.error) != 0) {
+        bad = 1;
+        break;
+      }
+      if (now_ns() - start > a.timeout_ns) {
+        atomicExch(a.error, 1);
+        bad = 1;
+        break;
+      }
+      __nanosleep(32);
+    }
+    __threadfence();
+    failed = bad;
+  }
+  __syncthreads();
+  return failed == 0;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, 1) persist_forward_kernel(const Args a, const Layout l) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* w = reinterpret_cast<T*>(smem + l.w_off);
+  T* st = reinterpret_cast<T*>(smem + l.a_off);
+  float* acc = reinterpret_cast<float*>(smem + l.acc_off);
+  const int64_t cta = blockIdx.x;
+  const int tid = static_cast<int>(threadIdx.x);
+  load_weights<T>(a, false, cta, w, l, tid, kThreads);
+  __syncthreads();
+  for (int64_t k = 0; k < a.T; ++k) {
+    forward_step<T>(a, cta, k, w, st, acc, l, tid, kThreads);
+    if (k + 1 < a.T && !grid_barrier(a, static_cast<unsigned>((k + 1) * gridDim.x))) return;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, 1) persist_backward_kernel(const Args a, const Layout l) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* w = reinterpret_cast<T*>(smem + l.w_off);
+  T* st = reinterpret_cast<T*>(smem + l.a_off);
+  float* acc = reinterpret_cast<float*>(smem + l.acc_off);
+  const int64_t cta = blockIdx.x;
+  const int tid = static_cast<int>(threadIdx.x);
+  load_weights<T>(a, true, cta, w, l, tid, kThreads);
+  __syncthreads();
+  for (int64_t k = 0; k < a.T; ++k) {
+    if (k > 0) backward_recurrent<T>(a, cta, k - 1, w, st, acc, l, tid, kThreads);
+    backward_cells<T>(a, cta, k, tid, kThreads);
+    if (!grid_barrier(a, static_cast<unsigned>((k + 1) * gridDim.x))) return;
+  }
+  if (a.T > 0) backward_recurrent<T>(a, cta, a.T - 1, w, st, acc, l, tid, kThreads);
+}
+
+const void* kernel_of(Dtype dtype, bool backward) {
+  switch (dtype) {
+    case Dtype::f16:
+      return backward ? reinterpret_cast<const void*>(persist_backward_kernel<__half>)
+                      : reinterpret_cast<const void*>(persist_forward_kernel<__half>);
+    case Dtype::bf16:
+      return backward ? reinterpret_cast<const void*>(persist_backward_kernel<__nv_bfloat16>)
+                      : reinterpret_cast<const void*>(persist_forward_kernel<__nv_bfloat16>);
+    default:
+      return backward ? reinterpret_cast<const void*>(persist_backward_kernel<float>)
+                      : reinterpret_cast<const void*>(persist_forward_kernel<float>);
+  }
+}
+
+int elem_of(Dtype dtype) { return dtype == Dtype::f32 ? 4 : 2; }
+
+// The plan for the current device and the kernel's registers, confirmed by the occupancy API; *why says
+// what stops it (empty when nothing does).
+Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_req, std::string* why) {
+  Plan p{};
+  int device = 0, coop = 0;
+  int v[6] = {0, 0, 0, 0, 0, 0};
+  const cudaDeviceAttr attrs[6] = {
+      cudaDevAttrMultiProcessorCount,           cudaDevAttrMaxSharedMemoryPerBlockOptin,
+      cudaDevAttrMaxSharedMemoryPerMultiprocessor, cudaDevAttrMaxRegistersPerMultiprocessor,
+      cudaDevAttrMaxThreadsPerMultiProcessor,   cudaDevAttrMaxBlocksPerMultiprocessor};
+  cudaError_t e = cudaGetDevice(&device);
+  for (int i = 0; i < 6 && e == cudaSuccess; ++i) e = cudaDeviceGetAttribute(&v[i], attrs[i], device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  const void* fn = kernel_of(dtype, backward);
+  cudaFuncAttributes fa{};
+  if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, fn);
+  if (e != cudaSuccess) {
+    *why = std::string("querying the device for the persistent kernel failed: ") + cudaGetErrorString(e);
+    return p;
+  }
+  if (!coop) {
+    *why = "the device does not support cooperative launches";
+    return p;
+  }
+  const Machine m{v[0], v[1], v[2], v[3], v[4], v[5]};
+  p = plan(gates, backward, elem_of(dtype), H, m, fa.numRegs, static_cast<int64_t>(fa.sharedSizeBytes), grid_req);
+  if (!p.why.empty()) {
+    *why = p.why;
+    return p;
+  }
+  e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem));
+  int per_sm = 0;
+  if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kThreads, p.smem);
+  if (e != cudaSuccess) {
+    *why = std::string("the occupancy query for the persistent kernel failed: ") + cudaGetErrorString(e);
+  } else if (static_cast<int64_t>(per_sm) * m.sms < p.grid) {
+    *why = "the persistent kernel needs " + std::to_string(p.grid) + " co-resident CTAs of " + std::to_string(p.smem) +
+           " bytes of shared memory; the occupancy API allows " + std::to_string(per_sm) + " per SM x " +
+           std::to_string(m.sms) + " SMs";
+  }
+  return p;
+}
+
+}  // namespace persist
+
+int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_t grid_req, Stream stream,
+                            std::string* why) {
+  why->clear();
+  const Plan p = device_plan(dtype, args.gates, backward, args.H, grid_req, why);
+  if (!why->empty()) return 0;
+  Args a = args;
+  a.grid = static_cast<int32_t>(p.grid);
+  a.units = static_cast<int32_t>(p.units);
+  a.chunk = static_cast<int32_t>(p.chunk);
+  Layout l = layout_for(a.gates, backward, elem_of(dtype), a.H, a.units, a.chunk);
+  void* params[] = {&a, &l};
+  return static_cast<int>(cudaLaunchCooperativeKernel(kernel_of(dtype, backward), dim3(static_cast<unsigned>(p.grid)),
+                                                      dim3(kThreads), params, static_cast<size_t>(p.smem), stream));
+}
+
+std::string persist::persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_req) {
+  std::string why;
+  device_plan(dtype, gates, backward, H, grid_req, &why);
+  return why;
+}
+
+}  // namespace fusenn

@@ -1,0 +1,524 @@
+// Persistent LSTM and GRU: one cooperative launch per layer and direction keeps each CTA's slice of W_hh in
+// shared memory for the whole sequence. Host/device code with no torch headers: csrc/rnn_persist.cu runs
+// it as CUDA kernels with a grid-wide barrier per step; csrc/rnn_host.cpp emulates the grid on CPU tensors
+// (every CTA's slice of a step in turn, then the next step) through the very same functions.
+//
+// Partition: with U units per CTA, CTA c owns hidden units J_c = [c U, min((c + 1) U, H)).
+// - Forward keeps the gate rows of J_c (gates x U rows of W_hh, row q U + u = W_hh row q H + c U + u). Per
+//   step and 16-row batch tile: stage h_{t-1} (the previous step's operand, T, B x H) in shared memory in
+//   K-chunks, gate products with fp32 accumulation (wmma tensor cores for fp16/bf16; exact fp32 FMA for
+//   fp32), then csrc/rnn.cuh's LstmCell / GruCell for each (b, j in J_c): gates, cell, zoneout, lengths,
+//   outputs and the next step's operand (times recurrent dropout's r/(1-p), rounded to T). One grid
+//   barrier per step publishes the operand; two operand buffers alternate.
+// - Backward keeps the columns J_c of W_hh (every gate row). Per step: dh_{t-1}[:, J_c] += dgates_t W_hh[:,
+//   J_c] from the operand every CTA published before the last barrier (csrc/rnn.cuh's AddRecurrent), then
+//   LstmDh + LstmCellBackward / GruCellBackward for J_c, which publish dgates_t; one barrier per step.
+//   The gates' pre-activations (gh) of all steps come from one GEMM before the launch, the weight
+//   gradients from one GEMM after it (fusenn.ops.rnn).
+// The includer declares to_float / from_float for its 16-bit types first, as for rnn.cuh.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "rnn.cuh"
+
+#if defined(__CUDA_ARCH__)
+#include <mma.h>
+#define FUSENN_SYNC() __syncthreads()
+#else
+#define FUSENN_SYNC() ((void)0)
+#endif
+
+namespace fusenn {
+namespace persist {
+
+constexpr int kThreads = 256;  // 8 warps per CTA
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kTileB = 16;     // batch rows per MMA tile
+constexpr int64_t kChunk = 256;    // K columns of the activation operand staged at once, at least
+constexpr int64_t kWideChunk = 1024;  // and at most, where shared memory allows (fewer rounds per step)
+constexpr int64_t kMaxRows = 128;  // weight rows (forward) / columns (backward) one CTA's warps cover
+
+FUSENN_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+FUSENN_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// x / d and x % d for 0 <= x < 2^32 in 32 bits (a 64-bit division is a subroutine call, and spills, on the GPU).
+FUSENN_HD void divmod(int64_t x, int64_t d, int64_t* q, int64_t* r) {
+  const uint32_t xx = static_cast<uint32_t>(x), dd = static_cast<uint32_t>(d), qq = xx / dd;
+  *q = qq;
+  *r = xx - qq * dd;
+}
+
+// One CTA's shared memory for out[b][n] = sum_k A[b][k] W[n][k] over N weight rows (padded to Np) and K:
+// the weight slice (Np x ldw), a staged activation chunk (kTileB x lda), and fp32 partial sums
+// (splits x kTileB x Np; splits > 1 when the MMA warps split K). Offsets in bytes, 128-byte aligned.
+struct Layout {
+  int64_t N, Np, K, Kp, ldw, chunk, lda, splits;
+  int64_t w_off, a_off, acc_off, bytes;
+};
+
+FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk) {
+  Layout l{};
+  l.N = N;
+  l.Np = elem == 2 ? round_up(N, 16) : N;  // MMA tiles of 16 weight rows; the FMA path needs no padding
+  l.K = K;
+  l.Kp = round_up(K, 16);
+  // weights: 16-bit rows padded by 8 (wmma needs ldm % 8 == 0), fp32 rows by 1 (an odd stride: no bank conflicts);
+  // the staged chunk's rows stay 16-byte aligned for vector stores (and 4 floats apart in banks for fp32)
+  l.ldw = l.Kp + (elem == 2 ? 8 : 1);
+  l.chunk = min64(l.Kp, chunk);  // a multiple of 16
+  l.lda = l.chunk + (elem == 2 ? 8 : 4);
+  const int64_t tiles = l.Np / 16;
+  l.splits = (elem == 2 && tiles < kWarps) ? kWarps / tiles : 1;
+  l.w_off = 0;
+  l.a_off = round_up(l.Np * l.ldw * elem, 128);
+  l.acc_off = l.a_off + round_up(kTileB * l.lda * elem, 128);
+  l.bytes = l.acc_off + l.splits * kTileB * l.Np * 4;
+  return l;
+}
+
+// Forward: N = gates x U rows over K = H; backward: N = U columns over K = gates x H.
+FUSENN_HD Layout layout_for(int gates, bool backward, int elem, int64_t H, int64_t U, int64_t chunk) {
+  return backward ? layout(U, gates * H, elem, chunk) : layout(gates * U, H, elem, chunk);
+}
+
+// What one machine offers a CTA: SMs, shared memory a block may opt into and an SM holds, registers and
+// threads an SM holds, resident blocks per SM. The launcher fills it from the device; the host build and
+// the static test (tests/test_persist.py) from sm_90a's numbers (kH200).
+struct Machine {
+  int64_t sms, smem_block, smem_sm, regs_sm, threads_sm, blocks_sm;
+};
+constexpr Machine kH200{132, 232448, 233472, 65536, 2048, 32};
+constexpr int64_t kReservedSmem = 1024;  // per block, sm_80 and later
+
+struct Plan {
+  int64_t grid, units, smem, per_sm, chunk;
+  std::string why;  // empty when the launch can go ahead
+};
+
+// The grid for a layer: U units per CTA (a multiple of 4, so an LSTM CTA's gate rows fill 16-row MMA tiles)
+// spreading H over the SMs, or ceil(H / grid) units when a grid is asked for; then whether that grid can be
+// co-resident with `regs` registers per thread (0: unknown) and `static_smem` bytes of static shared memory.
+inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m, int64_t regs, int64_t static_smem,
+                 int64_t grid_req) {
+  Plan p{};
+  if (H <= 0) {
+    p.why = "hidden_size must be positive";
+    return p;
+  }
+  p.units = grid_req > 0 ? (H + grid_req - 1) / grid_req : round_up((H + m.sms - 1) / m.sms, 4);
+  p.grid = (H + p.units - 1) / p.units;
+  p.chunk = kChunk;
+  const Layout l = layout_for(gates, backward, elem, H, p.units, p.chunk);
+  p.smem = l.bytes;
+  const char* what = backward ? "backward" : "forward";
+  if (elem == 2 && l.Np > kMaxRows) {
+    p.why = std::string("the persistent ") + what + " kernel covers at most " + std::to_string(kMaxRows) +
+            " weight rows per CTA, hidden_size " + std::to_string(H) + " on " + std::to_string(p.grid) +
+            " CTAs needs " + std::to_string(l.N);
+    return p;
+  }
+  if (p.smem + static_smem > m.smem_block) {
+    p.why = "the persistent " + std::string(what) + " kernel's W_hh slice for hidden_size " + std::to_string(H) +
+            " in " + std::to_string(8 * elem) + "-bit needs " + std::to_string(p.smem + static_smem) +
+            " bytes of shared memory per CTA on " + std::to_string(p.grid) + " CTAs; a CTA may have " +
+            std::to_string(m.smem_block);
+    return p;
+  }
+  const auto per_sm_for = [&](int64_t smem) {
+    int64_t n = min64(m.blocks_sm, m.threads_sm / kThreads);
+    n = min64(n, m.smem_sm / (smem + static_smem + kReservedSmem));
+    return regs > 0 ? min64(n, m.regs_sm / (round_up(regs, 8) * kThreads)) : n;
+  };
+  int64_t per_sm = per_sm_for(p.smem);
+  // a wider staged chunk where the grid still fits: fewer staging rounds (and barriers inside the CTA) a step
+  for (int64_t chunk = kWideChunk; per_sm * m.sms >= p.grid && chunk > kChunk; chunk /= 2) {
+    const int64_t smem = layout_for(gates, backward, elem, H, p.units, chunk).bytes;
+    if (smem + static_smem <= m.smem_block && per_sm_for(smem) * m.sms >= p.grid) {
+      p.chunk = chunk;
+      p.smem = smem;
+      per_sm = per_sm_for(smem);
+      break;
+    }
+  }
+  p.per_sm = per_sm;
+  if (per_sm * m.sms < p.grid) {
+    p.why = "the persistent " + std::string(what) + " kernel needs " + std::to_string(p.grid) +
+            " co-resident CTAs for hidden_size " + std::to_string(H) + ", the GPU holds " +
+            std::to_string(per_sm * m.sms) + " (" + std::to_string(per_sm) + " per SM x " + std::to_string(m.sms) +
+            " SMs)";
+  }
+  return p;
+}
+
+// Everything a launch needs. Tensors are contiguous; T is the layer's dtype, state and gradients fp32.
+struct Args {
+  int64_t T, B, H;
+  int32_t gates, grid, units, chunk;  // gates: 4 LSTM, 3 GRU; units per CTA; K columns staged at once (Plan)
+  bool reverse, save;
+  const void* gx;     // (T, B, gates H) T
+  const void* w_hh;   // (gates H, H) T
+  const void* b_hh;   // (gates H,) T or null (GRU)
+  const int64_t* lengths;
+  const float* rscale;  // (B, H) r/(1-p) or null
+  Zoneout zo;
+  // forward
+  float* hs;  // state slots (T + 1 or 2, B, H) fp32, see slots()
+  float* cs;  // LSTM cell slots, likewise
+  void* y;    // (T, B, H) T
+  void* op;   // (2, B, H) T: the recurrent product's operand, [0] holds h0 (times r/(1-p))
+  float* gh;  // (B, gates H) fp32: this step's gate products
+  // backward
+  const float* ghs;  // (T, B, gates H) fp32: h_{t-1} W_hh^T of every step
+  const void* dy;    // (T, B, H) T
+  float* dh;         // (B, H) fp32: dh_n in, dh_0 out
+  float* dc;         // (B, H) fp32: dc_n in, dc_0 out (LSTM)
+  float* dhz;        // (B, H) fp32 scratch (LSTM)
+  float* dg;         // (T, B, gates H) fp32
+  float* dghn;       // (T, B, H) fp32 (GRU)
+  void* dg_op;       // (2, B, gates H) T: dgates as the operand of dgates W_hh
+  // grid barrier (device only): arrival counter, error flag, how long a barrier may wait
+  unsigned* barrier;
+  int* error;
+  uint64_t timeout_ns;
+};
+
+// The state slots entering and leaving step t, processed k-th (as csrc/rnn_host.cpp's slots()).
+FUSENN_HD void slots(int64_t t, int64_t k, bool reverse, bool save, int64_t* before, int64_t* after) {
+  if (save) {
+    *before = reverse ? t + 1 : t;
+    *after = reverse ? t : t + 1;
+  } else {
+    *before = k % 2;
+    *after = 1 - *before;
+  }
+}
+
+template <class T>
+FUSENN_HD T zero() {
+  return from_float(0.0f, static_cast<T*>(nullptr));
+}
+
+// A load of data other CTAs wrote before the last grid barrier: past L1 on the GPU.
+template <class T>
+FUSENN_HD T load_fresh(const T* p) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 2) {
+    const unsigned short bits = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    T v;
+    memcpy(&v, &bits, 2);
+    return v;
+  } else {
+    return __ldcg(p);
+  }
+#else
+  return *p;
+#endif
+}
+
+// Phase 0, once per launch: the CTA's weight slice into shared memory, zero-padded to Np x Kp.
+template <class T>
+FUSENN_HD void load_weights(const Args& a, bool backward, int64_t cta, T* w, const Layout& l, int tid, int nt) {
+  const T* src = static_cast<const T*>(a.w_hh);
+  const int64_t H = a.H, U = a.units;
+  for (int64_t idx = tid; idx < l.Np * l.Kp; idx += nt) {
+    int64_t n, k;
+    divmod(idx, l.Kp, &n, &k);
+    T v = zero<T>();
+    if (n < l.N && k < l.K) {
+      if (backward) {  // w[n][k] = W_hh[k][j], j = c U + n
+        const int64_t j = cta * U + n;
+        if (j < H) v = src[k * H + j];
+      } else {  // w[q U + u][k] = W_hh[q H + j][k], j = c U + u
+        int64_t q, u;
+        divmod(n, U, &q, &u);
+        const int64_t j = cta * U + u;
+        if (j < H) v = src[(q * H + j) * H + k];
+      }
+    }
+    w[n * l.ldw + k] = v;
+  }
+}
+
+// 16 bytes of data other CTAs wrote before the last grid barrier (past L1 on the GPU), p 16-byte aligned.
+struct alignas(16) Vec16 {
+  uint32_t w[4];
+};
+
+FUSENN_HD Vec16 load_fresh16(const void* p) {
+#if defined(__CUDA_ARCH__)
+  const uint4 v = __ldcg(static_cast<const uint4*>(p));
+  return Vec16{{v.x, v.y, v.z, v.w}};
+#else
+  Vec16 v;
+  memcpy(&v, p, 16);
+  return v;
+#endif
+}
+
+// Rows b0 .. b0 + kTileB of A (rows x K, T) from column c0 into the staging buffer, zero past the ends:
+// 16 bytes at a time when K allows (rows 16-byte aligned), else element by element.
+template <class T>
+FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, const Layout& l, int tid, int nt) {
+  const int64_t width = min64(l.chunk, l.Kp - c0);  // a multiple of 16
+  constexpr int64_t V = 16 / sizeof(T);
+  if (l.K % V == 0) {
+    const int64_t vectors = width / V;
+    for (int64_t idx = tid; idx < kTileB * vectors; idx += nt) {
+      int64_t b, kv;
+      divmod(idx, vectors, &b, &kv);
+      const int64_t gb = b0 + b, gk = c0 + kv * V;
+      const Vec16 v = (gb < rows && gk < l.K) ? load_fresh16(A + gb * l.K + gk) : Vec16{{0u, 0u, 0u, 0u}};
+#if defined(__CUDA_ARCH__)
+      *reinterpret_cast<Vec16*>(dst + b * l.lda + kv * V) = v;  // +0.0 is all-zero bits in every T
+#else
+      memcpy(dst + b * l.lda + kv * V, &v, 16);
+#endif
+    }
+    return;
+  }
+  for (int64_t idx = tid; idx < kTileB * width; idx += nt) {
+    int64_t b, k;
+    divmod(idx, width, &b, &k);
+    const int64_t gb = b0 + b, gk = c0 + k;
+    dst[b * l.lda + k] = (gb < rows && gk < l.K) ? load_fresh(A + gb * l.K + gk) : zero<T>();
+  }
+}
+
+// Tensor-core fragments of 16 x 16 x 16 tiles (A row-major, B column-major, fp32 accumulator): wmma's on the
+// GPU; on the host plain arrays with fp32 FMA accumulation, so the grid's emulation runs the MMA path's
+// tiling, K-split and reduction on the same fp16/bf16 operands.
+#if defined(__CUDA_ARCH__)
+template <class T>
+struct Mma {
+  using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
+  using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
+  using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  static __device__ __forceinline__ void zero(C& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
+  static __device__ __forceinline__ void load_a(A& a, const T* p, int64_t ld) {
+    nvcuda::wmma::load_matrix_sync(a, p, static_cast<unsigned>(ld));
+  }
+  static __device__ __forceinline__ void load_b(B& b, const T* p, int64_t ld) {
+    nvcuda::wmma::load_matrix_sync(b, p, static_cast<unsigned>(ld));
+  }
+  static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) { nvcuda::wmma::mma_sync(c, a, b, c); }
+  static __device__ __forceinline__ void store(float* p, const C& c, int64_t ld) {
+    nvcuda::wmma::store_matrix_sync(p, c, static_cast<unsigned>(ld), nvcuda::wmma::mem_row_major);
+  }
+};
+constexpr int kWarpSlots = 1;  // a warp's one (tile, split) item
+#else
+template <class T>
+struct Mma {
+  struct A {
+    float v[16][16];  // [row][k]
+  };
+  struct B {
+    float v[16][16];  // [k][column]
+  };
+  struct C {
+    float v[16][16];  // [row][column]
+  };
+  static void zero(C& c) {
+    for (auto& r : c.v) for (float& x : r) x = 0.0f;
+  }
+  static void load_a(A& a, const T* p, int64_t ld) {
+    for (int r = 0; r < 16; ++r) for (int k = 0; k < 16; ++k) a.v[r][k] = to_float(p[r * ld + k]);
+  }
+  static void load_b(B& b, const T* p, int64_t ld) {
+    for (int n = 0; n < 16; ++n) for (int k = 0; k < 16; ++k) b.v[k][n] = to_float(p[n * ld + k]);
+  }
+  static void mma(C& c, const A& a, const B& b) {
+    for (int r = 0; r < 16; ++r) {
+      for (int n = 0; n < 16; ++n) {
+        float s = c.v[r][n];
+        for (int k = 0; k < 16; ++k) s = fmaf(a.v[r][k], b.v[k][n], s);
+        c.v[r][n] = s;
+      }
+    }
+  }
+  static void store(float* p, const C& c, int64_t ld) {
+    for (int r = 0; r < 16; ++r) for (int n = 0; n < 16; ++n) p[r * ld + n] = c.v[r][n];
+  }
+};
+constexpr int kWarpSlots = kWarps;  // the host plays every warp in turn
+#endif
+
+// The 16-bit tile product: warp w takes item w = (16-column tile w % tiles of the N rows, K-split w / tiles:
+// every splits-th 16-wide K block); the splits' partial sums are added after. On the host one thread plays
+// all the warps' items.
+template <class T>
+FUSENN_HD void tile_product_mma(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
+                                int tid, int nt) {
+  using M = Mma<T>;
+  const int tiles = static_cast<int>(l.Np / 16), splits = static_cast<int>(l.splits), items = tiles * splits;
+#if defined(__CUDA_ARCH__)
+  const int first = tid / 32, stride = kWarps;
+#else
+  const int first = 0, stride = 1;
+#endif
+  typename M::C c[kWarpSlots];
+  for (int slot = 0; slot < kWarpSlots; ++slot) M::zero(c[slot]);
+  for (int64_t c0 = 0; c0 < l.Kp; c0 += l.chunk) {
+    FUSENN_SYNC();  // the previous chunk's readers are done with the staging buffer
+    stage(A, rows, b0, c0, st, l, tid, nt);
+    FUSENN_SYNC();
+    const int64_t width = min64(l.chunk, l.Kp - c0);
+    for (int item = first, slot = 0; item < items; item += stride, ++slot) {
+      const int nt16 = item % tiles, ks = item / tiles;
+      for (int64_t kk = ks * 16; kk < width; kk += splits * 16) {
+        typename M::A fa;
+        typename M::B fb;
+        M::load_a(fa, st + kk, l.lda);
+        M::load_b(fb, w + nt16 * 16 * l.ldw + c0 + kk, l.ldw);
+        M::mma(c[kWarpSlots == 1 ? 0 : slot], fa, fb);
+      }
+    }
+  }
+  for (int item = first, slot = 0; item < items; item += stride, ++slot) {
+    const int nt16 = item % tiles, ks = item / tiles;
+    M::store(acc + ks * kTileB * l.Np + nt16 * 16, c[kWarpSlots == 1 ? 0 : slot], l.Np);
+  }
+  FUSENN_SYNC();
+  if (l.splits > 1) {
+    for (int64_t idx = tid; idx < kTileB * l.Np; idx += nt) {
+      float s = acc[idx];
+      for (int64_t p = 1; p < l.splits; ++p) s += acc[p * kTileB * l.Np + idx];
+      acc[idx] = s;
+    }
+  }
+  FUSENN_SYNC();
+}
+
+template <class T>
+FUSENN_HD void tile_product_fma(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
+                                int tid, int nt) {
+  for (int64_t c0 = 0; c0 < l.Kp; c0 += l.chunk) {
+    FUSENN_SYNC();
+    stage(A, rows, b0, c0, st, l, tid, nt);
+    FUSENN_SYNC();
+    const int64_t width = min64(l.chunk, l.K - c0);
+    for (int64_t idx = tid; idx < kTileB * l.N; idx += nt) {
+      int64_t b, n;
+      divmod(idx, l.N, &b, &n);
+      if (b0 + b >= rows) continue;
+      const T* ar = st + b * l.lda;
+      const T* wr = w + n * l.ldw + c0;
+      float s = c0 == 0 ? 0.0f : acc[b * l.Np + n];
+      for (int64_t k = 0; k < width; ++k) s = fmaf(to_float(ar[k]), to_float(wr[k]), s);
+      acc[b * l.Np + n] = s;
+    }
+  }
+  FUSENN_SYNC();
+}
+
+// acc[b][n] = sum_k A[b0 + b][k] w[n][k] for the batch tile at b0, fp32 accumulation: fp16/bf16 on the MMA
+// path (tensor cores on the GPU), fp32 by exact FMA in k order.
+template <class T>
+FUSENN_HD void tile_product(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
+                            int tid, int nt) {
+  if constexpr (sizeof(T) == 2) {
+    tile_product_mma(A, rows, b0, w, l, st, acc, tid, nt);
+  } else {
+    tile_product_fma(A, rows, b0, w, l, st, acc, tid, nt);
+  }
+}
+
+// The number of units CTA c owns.
+FUSENN_HD int64_t units_of(const Args& a, int64_t cta) { return min64(a.units, a.H - cta * a.units); }
+
+// Forward, the k-th step processed, CTA c: gate products for its rows, then the cell for each (b, j in J_c).
+template <class T>
+FUSENN_HD void forward_step(const Args& a, int64_t cta, int64_t k, const T* w, T* st, float* acc, const Layout& l,
+                            int tid, int nt) {
+  const int64_t B = a.B, H = a.H, G = a.gates, U = a.units, Uc = units_of(a, cta), j0 = cta * U;
+  const int64_t t = a.reverse ? a.T - 1 - k : k;
+  int64_t before, after;
+  slots(t, k, a.reverse, a.save, &before, &after);
+  const T* op_in = static_cast<const T*>(a.op) + (k % 2) * B * H;
+  T* op_out = static_cast<T*>(a.op) + ((k + 1) % 2) * B * H;
+  const Step s{t, a.T, B, a.lengths, a.rscale, a.zo};
+  const void* gx = static_cast<const T*>(a.gx) + t * B * G * H;
+  void* y = static_cast<T*>(a.y) + t * B * H;
+  for (int64_t b0 = 0; b0 < B; b0 += kTileB) {
+    tile_product(op_in, B, b0, w, l, st, acc, tid, nt);
+    for (int64_t idx = tid; idx < kTileB * Uc; idx += nt) {
+      int64_t bl, u;
+      divmod(idx, Uc, &bl, &u);
+      const int64_t b = b0 + bl, j = j0 + u;
+      if (b >= B) continue;
+      for (int64_t q = 0; q < G; ++q) a.gh[b * G * H + q * H + j] = acc[bl * l.Np + q * U + u];
+      if (G == 4) {
+        const LstmCell cell{s,       H,        H,           gx, a.gh,    a.cs + before * B * H, a.cs + after * B * H,
+                            a.hs + before * B * H, a.hs + after * B * H, y,  op_out, nullptr,  nullptr};
+        run_at<T>(cell, b, j);
+      } else {
+        const GruCell cell{s, H, gx, a.gh, a.b_hh, a.hs + before * B * H, a.hs + after * B * H, y, op_out};
+        run_at<T>(cell, b, j);
+      }
+    }
+  }
+}
+
+// Backward: dh[:, J_c] += (dgates W_hh)[:, J_c] of the step processed k-th (AddRecurrent's update: times
+// r/(1-p), rows that have that step), from the operand every CTA published for it.
+template <class T>
+FUSENN_HD void backward_recurrent(const Args& a, int64_t cta, int64_t k, const T* w, T* st, float* acc,
+                                  const Layout& l, int tid, int nt) {
+  const int64_t B = a.B, H = a.H, G = a.gates, Uc = units_of(a, cta), j0 = cta * a.units;
+  const int64_t t = a.reverse ? k : a.T - 1 - k;
+  const Step s{t, a.T, B, a.lengths, a.rscale, a.zo};
+  const T* g = static_cast<const T*>(a.dg_op) + (k % 2) * B * G * H;
+  for (int64_t b0 = 0; b0 < B; b0 += kTileB) {
+    tile_product(g, B, b0, w, l, st, acc, tid, nt);
+    for (int64_t idx = tid; idx < kTileB * Uc; idx += nt) {
+      int64_t bl, u;
+      divmod(idx, Uc, &bl, &u);
+      const int64_t b = b0 + bl;
+      if (b >= B || !has_step(s, b)) continue;
+      const int64_t i = b * H + j0 + u;
+      const float v = acc[bl * l.Np + u];
+      a.dh[i] += a.rscale ? v * a.rscale[i] : v;
+    }
+  }
+}
+
+// Backward, the k-th step processed, CTA c: the gradients reaching J_c's gates (publishing dgates_t).
+template <class T>
+FUSENN_HD void backward_cells(const Args& a, int64_t cta, int64_t k, int tid, int nt) {
+  const int64_t B = a.B, H = a.H, G = a.gates, Uc = units_of(a, cta), j0 = cta * a.units;
+  const int64_t t = a.reverse ? k : a.T - 1 - k;
+  int64_t before, after;
+  slots(t, k, a.reverse, true, &before, &after);
+  const Step s{t, a.T, B, a.lengths, a.rscale, a.zo};
+  const void* gx = static_cast<const T*>(a.gx) + t * B * G * H;
+  const void* dy = static_cast<const T*>(a.dy) + t * B * H;
+  const float* gh = a.ghs + t * B * G * H;
+  void* g_op = static_cast<T*>(a.dg_op) + (k % 2) * B * G * H;
+  FUSENN_SYNC();  // backward_recurrent's writes of dh come from other threads
+  for (int64_t idx = tid; idx < B * Uc; idx += nt) {
+    int64_t b, u;
+    divmod(idx, Uc, &b, &u);
+    const int64_t j = j0 + u;
+    if (G == 4) {
+      run_at<T>(LstmDh{s, H, dy, a.dh, a.dhz, nullptr, nullptr}, b, j);
+      const LstmCellBackward cell{s,  H, H, gx, gh, a.cs + before * B * H, a.cs + after * B * H, a.dhz, a.dc,
+                                  a.dg + t * B * G * H, g_op};
+      run_at<T>(cell, b, j);
+    } else {
+      const GruCellBackward cell{s, H, gx, gh, a.b_hh, a.hs + before * B * H, dy, a.dh, a.dg + t * B * G * H,
+                                 a.dghn + t * B * H, g_op};
+      run_at<T>(cell, b, j);
+    }
+  }
+}
+
+// The CUDA side (csrc/rnn_persist.cu), for the current device. launch_persist plans the grid for args
+// (units and grid filled in there; grid_req > 0 asks for that many CTAs), checks that it can be co-resident,
+// launches it cooperatively on `stream` and returns a cudaError_t value; a grid it cannot launch leaves a
+// reason in *why and launches nothing. persist_reason gives that reason alone (empty: it can launch).
+int launch_persist(const Args& args, Dtype dtype, bool backward, int64_t grid_req, Stream stream, std::string* why);
+std::string persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_req);
+
+}  // namespace persist
+}  // namespace fusenn

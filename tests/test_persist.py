@@ -1,0 +1,462 @@
+"""The persistent LSTM and GRU (csrc/rnn_persist.cuh, .cu) against the float64 reference; its plan and build.
+
+Without a GPU the C++ ops run on CPU tensors as the grid's emulation: every CTA's slice of a step in turn
+through the very functions the kernels run, with fp16/bf16 MMA operands (h_{t-1}, W_hh, dgates) rounded as
+on the GPU. So partitioning, masks, lengths, reverse and backward are checked here; the GPU tests (marked
+`gpu`) check the kernels themselves. The static test compiles the kernels for sm_90a and checks ptxas's
+registers and shared memory against the launcher's plan.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import fusenn
+from fusenn import dispatch
+from fusenn.ops import rnn as ops
+from fusenn.reference import rnn as reference
+from fusenn.testing import assert_close, poisoned_outputs
+
+from conftest import CSRC, cpp_host_unavailable
+from test_rnn_kernels import _check_layer, _gru_inputs, _lstm_inputs
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+H200 = [132, 232448, 233472, 65536, 2048, 32]  # what persist::kH200 holds (csrc/rnn_persist.cuh)
+
+
+@pytest.fixture(scope="module")
+def twin():
+    """The C++ ops' CPU implementations (fusenn._C's, else the host-only build of csrc/ conftest makes)."""
+    why = cpp_host_unavailable()
+    if why and "failed" in why:
+        pytest.fail(why)  # our own code failing to build is a failure, not a skip
+    if why:
+        pytest.skip(why)
+    return torch.ops.fusenn_cuda
+
+
+@pytest.fixture
+def persistent(twin, monkeypatch):
+    """fusenn.ops.rnn's LSTM / GRU layers on the persistent path with CPU tensors (dispatch sends CPU
+    tensors to the reference under every real backend), checking its support function takes them."""
+    def choose(op, device, unsupported, *args):
+        if op in ("lstm", "gru"):
+            assert unsupported["persistent"] is None, unsupported["persistent"]
+            return "persistent"
+        return "reference"
+
+    monkeypatch.setattr(dispatch, "choose", choose)
+    return twin
+
+
+def _regs(recurrent_dropout, zoneout, B, H):
+    """The C++ ops' regularising arguments (rscale, zo_seed, zo_mode, zo_threshold, zo_u, stream)."""
+    rd_p, rd_seed, zo_p, zo_seed = ops._op_regularisers(recurrent_dropout, zoneout, torch.device("cpu"))
+    return ops._cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, B, H, torch.device("cpu"))
+
+
+def _case(T, B, H, dtype="fp32", reverse=False, lengths=None, grid=0, regs=False):
+    parts = [f"T{T}", f"B{B}", f"H{H}", dtype] + (["reverse"] if reverse else []) + (["packed"] if lengths else [])
+    parts += ([f"grid{grid}"] if grid else []) + (["regs"] if regs else [])
+    return pytest.param(T, B, H, DTYPES[dtype], reverse, lengths, grid, regs, id="-".join(parts))
+
+
+FORWARD_CASES = [
+    _case(1, 1, 7),
+    _case(4, 3, 7, reverse=True, lengths=[4, 1, 2]),
+    _case(3, 17, 33, lengths=[3, 1, 2] * 5 + [1, 3]),
+    _case(3, 3, 33, grid=5),  # 7 units per CTA: gate rows not a multiple of 16
+    _case(2, 3, 129, reverse=True),
+    _case(2, 1, 1000),
+    _case(0, 3, 7),
+    _case(4, 0, 7),
+    _case(3, 3, 33, "fp16", lengths=[3, 1, 2]),
+    _case(2, 17, 129, "fp16", reverse=True),
+    _case(3, 3, 33, "bf16", reverse=True, lengths=[2, 3, 1]),
+    _case(2, 3, 129, "bf16", grid=5),  # 26 units per CTA
+    _case(1, 17, 7, "bf16"),
+    _case(3, 3, 33, "bf16", grid=33),  # one unit per CTA: one MMA tile of rows, K split over all 8 warps
+    _case(3, 3, 33, "fp16", grid=2),  # 17 units: 5 MMA tiles of rows, no K split
+    _case(3, 5, 64, "fp16", lengths=[3, 2, 1, 3, 3]),  # K % 8 == 0: h staged 16 bytes at a time
+    _case(2, 3, 520, "bf16", grid=65),  # 8 units per CTA, h staged in one wide chunk
+    _case(2, 3, 1000, "bf16"),
+    _case(4, 3, 33, regs=True, lengths=[4, 2, 3]),
+    _case(4, 3, 33, "bf16", reverse=True, regs=True),
+]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("T,B,H,dtype,reverse,lengths,grid,regs", FORWARD_CASES)
+def test_persist_forward_op_matches_reference(twin, kind, T, B, H, dtype, reverse, lengths, grid, regs):
+    """The op's outputs (poisoned first) against the float64 reference; recurrent dropout and sampled
+    zoneout must draw the reference's masks for the same seeds, or the error would be of order 1."""
+    torch.manual_seed(T * 1000 + B * 100 + H)
+    lens = torch.tensor(lengths) if lengths else None
+    rd, zo = ((0.3, 17), (0.25, 29)) if regs else (None, None)
+    kw = dict(lengths=lens, reverse=reverse, recurrent_dropout=rd, zoneout=zo)
+    if kind == "lstm":
+        gx, h0, c0, w_hh, _ = _lstm_inputs(T, B, H, None, dtype, "cpu")
+        with poisoned_outputs():
+            out = twin.lstm_persist_forward(gx, h0, c0, w_hh, None, lens, reverse, True, *_regs(rd, zo, B, H), grid)
+        ref = reference.lstm_layer(gx.double(), h0.double(), c0.double(), w_hh.double(), **kw)
+        base = reference.lstm_layer(gx, h0, c0, w_hh, **kw)
+    else:
+        gx, h0, w_hh, b_hh = _gru_inputs(T, B, H, True, dtype, "cpu")
+        with poisoned_outputs():
+            out = twin.gru_persist_forward(gx, h0, w_hh, b_hh, lens, reverse, True, *_regs(rd, zo, B, H), grid)
+        ref = reference.gru_layer(gx.double(), h0.double(), w_hh.double(), b_hh.double(), **kw)
+        base = reference.gru_layer(gx, h0, w_hh, b_hh, **kw)
+    for o, r, b, name in zip(out, ref, base, ("y", "h_n", "c_n")):
+        assert o.dtype == dtype
+        assert_close(o, r, b, name=name)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", ["fp32"])
+def test_persist_partition_does_not_change_a_bit(twin, kind, dtype):
+    """In fp32 each gate product is one CTA's dot product in k order whatever the partition: 2, 3, 5, the
+    plan's and one CTA per unit give bit-identical outputs, states and gradients (fp16/bf16 split K by the
+    number of MMA tiles, so their sums' order depends on the partition)."""
+    torch.manual_seed(1)
+    T, B, H = 3, 5, 33
+    lens = torch.tensor([3, 1, 2, 3, 2])
+    regs = _regs((0.2, 5), (0.3, 7), B, H)
+    dt = DTYPES[dtype]
+    results = []
+    for grid in (2, 3, 5, 0, H):
+        if kind == "lstm":
+            gx, h0, c0, w_hh, _ = _lstm_inputs(T, B, H, None, dt, "cpu")
+            fwd = twin.lstm_persist_forward(gx, h0, c0, w_hh, None, lens, True, True, *regs, grid)
+            bwd = twin.lstm_persist_backward(torch.randn(T, B, H).to(dt), torch.randn(B, H), torch.randn(B, H), gx,
+                                             w_hh, None, lens, True, fwd[3], fwd[4], *regs, grid)
+        else:
+            gx, h0, w_hh, b_hh = _gru_inputs(T, B, H, True, dt, "cpu")
+            fwd = twin.gru_persist_forward(gx, h0, w_hh, b_hh, lens, True, True, *regs, grid)
+            bwd = twin.gru_persist_backward(torch.randn(T, B, H).to(dt), torch.randn(B, H), gx, w_hh, b_hh, lens,
+                                            True, fwd[2], *regs, grid)
+        results.append(list(fwd) + list(bwd))
+        torch.manual_seed(1)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def _layer_case(T, B, H, dtype="fp32", reverse=False, lengths=None, bias=True):
+    parts = [f"T{T}", f"B{B}", f"H{H}", dtype] + (["reverse"] if reverse else []) + (["packed"] if lengths else [])
+    return pytest.param(T, B, H, DTYPES[dtype], reverse, lengths, bias, id="-".join(parts + ([] if bias else
+                                                                                            ["nobias"])))
+
+
+LAYER_CASES = [
+    _layer_case(1, 1, 7),
+    _layer_case(4, 3, 7, reverse=True, lengths=[4, 1, 2]),
+    _layer_case(3, 17, 33, lengths=[3, 1, 2] * 5 + [1, 3], bias=False),
+    _layer_case(2, 3, 129, reverse=True),
+    _layer_case(3, 3, 33, "fp16", lengths=[3, 1, 2]),
+    _layer_case(3, 3, 33, "bf16", reverse=True, lengths=[2, 3, 1]),
+    _layer_case(1, 17, 7, "bf16"),
+    _layer_case(0, 3, 7),
+    _layer_case(4, 0, 7),
+    _layer_case(1, 1, 1000),
+    _layer_case(2, 3, 300, "fp16"),  # backward stages K = 4H = 1200 in two chunks, the second partial
+    _layer_case(2, 3, 1000, "bf16", reverse=True),
+]
+
+
+@pytest.mark.parametrize("T,B,H,dtype,reverse,lengths,bias", LAYER_CASES)
+def test_persist_lstm_layer_and_gradients_match_reference(persistent, T, B, H, dtype, reverse, lengths, bias):
+    """Forward and backward through fusenn.ops.rnn (the weight gradients one GEMM over T*B rows) against
+    float64: outputs within 2x and every gradient within 3x PyTorch's own error in the dtype."""
+    torch.manual_seed(T * 1000 + B * 100 + H)
+    inputs = _lstm_inputs(T, B, H, None, dtype, "cpu")
+    upstream = [torch.randn(T, B, H), torch.randn(B, H), torch.randn(B, H)]
+    lens = torch.tensor(lengths) if lengths else None
+
+    def layer(fn):
+        return lambda gx, h0, c0, w_hh, w_hr: fn(gx, h0, c0, w_hh, w_hr, lengths=lens, reverse=reverse)
+
+    _check_layer(layer(ops.lstm_layer), layer(reference.lstm_layer), inputs, upstream, ("gx", "h0", "c0", "w_hh",
+                                                                                         "w_hr"))
+
+
+@pytest.mark.parametrize("T,B,H,dtype,reverse,lengths,bias", LAYER_CASES)
+def test_persist_gru_layer_and_gradients_match_reference(persistent, T, B, H, dtype, reverse, lengths, bias):
+    torch.manual_seed(T * 1000 + B * 100 + H)
+    inputs = _gru_inputs(T, B, H, bias, dtype, "cpu")
+    upstream = [torch.randn(T, B, H), torch.randn(B, H)]
+    lens = torch.tensor(lengths) if lengths else None
+
+    def layer(fn):
+        return lambda gx, h0, w_hh, b_hh: fn(gx, h0, w_hh, b_hh, lengths=lens, reverse=reverse)
+
+    _check_layer(layer(ops.gru_layer), layer(reference.gru_layer), inputs, upstream, ("gx", "h0", "w_hh", "b_hh"))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_persist_regularisers_and_gradients_match_reference(persistent, kind, reverse):
+    """Recurrent dropout and sampled zoneout: the persistent kernels regenerate the reference's masks in
+    forward and backward (the same Philox counters as the stepwise C++ kernels)."""
+    torch.manual_seed(3)
+    T, B, H = 4, 3, 33
+    lens = torch.tensor([4, 2, 3])
+    regs = dict(recurrent_dropout=(0.3, 17), zoneout=(0.25, 29), lengths=lens, reverse=reverse)
+    if kind == "lstm":
+        inputs = _lstm_inputs(T, B, H, None, torch.float32, "cpu")
+        upstream = [torch.randn(T, B, H), torch.randn(B, H), torch.randn(B, H)]
+        _check_layer(lambda *a: ops.lstm_layer(*a, **regs), lambda *a: reference.lstm_layer(*a, **regs), inputs,
+                     upstream, ("gx", "h0", "c0", "w_hh", "w_hr"))
+    else:
+        inputs = _gru_inputs(T, B, H, True, torch.float32, "cpu")
+        upstream = [torch.randn(T, B, H), torch.randn(B, H)]
+        _check_layer(lambda *a: ops.gru_layer(*a, **regs), lambda *a: reference.gru_layer(*a, **regs), inputs,
+                     upstream, ("gx", "h0", "w_hh", "b_hh"))
+
+
+def test_persist_inference_keeps_two_state_slots(persistent):
+    """Without grad the kernels alternate two state slots instead of keeping every step's state."""
+    torch.manual_seed(4)
+    lens = torch.tensor([5, 1, 3])
+    lstm_in = _lstm_inputs(5, 3, 7, None, torch.float32, "cpu")
+    gru_in = _gru_inputs(4, 3, 7, True, torch.float32, "cpu")
+    with torch.no_grad(), poisoned_outputs():
+        lstm_out = ops.lstm_layer(*lstm_in, lengths=lens, reverse=True)
+        gru_out = ops.gru_layer(*gru_in, lengths=lens.clamp(max=4))
+    assert_close(lstm_out, reference.lstm_layer(*[x.double() if x is not None else None for x in lstm_in],
+                                                lengths=lens, reverse=True), name="lstm")
+    assert_close(gru_out, reference.gru_layer(*[x.double() for x in gru_in], lengths=lens.clamp(max=4)), name="gru")
+
+
+def test_persist_ops_check_their_inputs(twin):
+    gx, h0, c0, w_hh, w_hr = _lstm_inputs(3, 2, 5, 3, torch.float32, "cpu")
+    regs = (None, None, 0, 0, 1.0, 0)
+    with pytest.raises(RuntimeError, match="has no projection"):
+        twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr, None, False, True, *regs, 0)
+    gx, h0, c0, w_hh, _ = _lstm_inputs(3, 2, 5, None, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="expected w_hh of dtype Half"):
+        twin.lstm_persist_forward(gx.half(), h0.half(), c0.half(), w_hh, None, None, False, True, *regs, 0)
+    with pytest.raises(RuntimeError, match=r"expected lengths of shape \[2\]"):
+        twin.lstm_persist_forward(gx, h0, c0, w_hh, None, torch.tensor([1, 2, 3]), False, True, *regs, 0)
+    with pytest.raises(RuntimeError, match="grid must be non-negative"):
+        twin.lstm_persist_forward(gx, h0, c0, w_hh, None, None, False, True, *regs, -1)
+    with pytest.raises(RuntimeError, match=r"expected gx of shape \(T, B, 3 \* hidden_size\)"):
+        twin.gru_persist_forward(gx[..., :-1].contiguous(), h0, w_hh[:15], None, None, False, True, *regs, 0)
+    with pytest.raises(RuntimeError, match="sampled zoneout .* needs zo_seed"):
+        twin.gru_persist_forward(gx[..., :15].contiguous(), h0, w_hh[:15], None, None, False, True, None, None, 1, 5,
+                                 1.0, 0, 0)
+
+
+def test_persist_refuses_what_cannot_be_co_resident(twin):
+    """A grid an H200 cannot hold at once, or a W_hh slice beyond a CTA's shared memory, is refused with
+    the reason before anything runs, and the support function gives the same reason to dispatch."""
+    gx = torch.zeros(1, 1, 4 * 2000)
+    h = torch.zeros(1, 2000)
+    with pytest.raises(RuntimeError, match="needs 2000 co-resident CTAs"):
+        twin.lstm_persist_forward(gx, h, h, torch.zeros(8000, 2000), None, None, False, False, None, None, 0, 0, 1.0,
+                                  0, 2000)
+    H = 4096
+    gx, h = torch.zeros(1, 1, 4 * H), torch.zeros(1, H)
+    with pytest.raises(RuntimeError, match="bytes of shared memory per CTA"):
+        twin.lstm_persist_forward(gx, h, h, torch.zeros(4 * H, H), None, None, False, False, None, None, 0, 0, 1.0, 0,
+                                  0)
+    assert "shared memory per CTA" in ops.LSTM_SUPPORT["persistent"](gx, h, torch.zeros(4 * H, H), None)
+    assert ops.LSTM_SUPPORT["persistent"](gx[..., :4096].contiguous(), h[:, :1024], torch.zeros(4096, 1024),
+                                          None) is None
+
+
+def test_persist_support_reasons(twin):
+    gx, h0, c0, w_hh, w_hr = _lstm_inputs(2, 3, 7, 5, torch.float32, "cpu")
+    lstm, gru = ops.LSTM_SUPPORT["persistent"], ops.GRU_SUPPORT["persistent"]
+    assert "no projection" in lstm(gx, h0, w_hh, w_hr)
+    assert "float64" in lstm(gx.double(), h0.double(), w_hh[:, :7].double(), None)
+    assert "batch 129 > 128" in gru(torch.zeros(1, 129, 21), torch.zeros(129, 7), torch.zeros(21, 7), None)
+    assert gru(torch.zeros(1, 128, 21), torch.zeros(128, 7), torch.zeros(21, 7), None) is None
+    assert "persistent" in fusenn.backends()
+    assert dispatch.NAMES[-1] == "persistent" and ops.GPU_ORDER[0] == "persistent"
+    with fusenn.set_backend("persistent"), pytest.raises(fusenn.BackendError, match="persistent: "):
+        ops.lstm_layer(gx, h0, c0, w_hh, w_hr)  # CPU tensors: the backend says why it cannot run them
+    with fusenn.set_backend("persistent"), pytest.raises(fusenn.BackendError, match="cuda: "):
+        # the recurrent-dropout masks of a persistent layer come from fusenn._C's other kernels
+        dispatch.choose("dropout_mask", torch.device("cpu"), {"reference": None, "cuda": None})
+
+
+# ---- static: the kernels compiled for sm_90a, ptxas's numbers against the launcher's plan ----
+
+def _ptxas_report():
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    run = subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90a", f"-I{CSRC}", "-Xptxas", "-v", "-c",
+                          os.path.join(CSRC, "rnn_persist.cu"), "-o", os.devnull], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    kernels, current = {}, None
+    for line in run.stderr.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = m.group(1)
+            kernels[current] = {}
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current:
+            kernels[current]["spills"] = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+        if m and current:
+            kernels[current].update(regs=int(m.group(1)), smem=int(m.group(2)))
+    return kernels
+
+
+# (kind, dtype bytes, H) that must launch on an H200, forward and backward
+MUST_FIT = [(4, 2, 512), (4, 2, 1024), (3, 2, 1024), (4, 2, 1500), (4, 4, 512), (4, 4, 1024), (3, 4, 1024)]
+
+
+def test_persist_kernels_compile_for_sm90a_without_spills_and_fit_their_grid(twin):
+    kernels = _ptxas_report()
+    names = {"forward": "persist_forward_kernel", "backward": "persist_backward_kernel"}
+    dtypes = {2: ("6__half", "13__nv_bfloat16"), 4: ("If",)}
+    assert len(kernels) == 6, kernels
+    for name, info in kernels.items():
+        assert "persist" in name
+        assert info["spills"] == 0, f"{name} spills: {info}"
+    for gates, elem, H in MUST_FIT:
+        for direction, stem in names.items():
+            for tag in dtypes[elem]:
+                (name,) = [k for k in kernels if stem in k and tag in k]
+                info = kernels[name]
+                grid, units, smem, per_sm, why = twin.persist_plan(gates, direction == "backward", elem, H, 0, H200,
+                                                                   info["regs"], info["smem"])
+                assert why == "", f"{name} H{H}: {why}"
+                assert per_sm >= 1 and grid <= per_sm * H200[0]
+                assert smem + info["smem"] <= H200[1]
+                assert info["regs"] * 256 * per_sm <= H200[3]
+
+
+# ---- GPU: the kernels themselves ----
+
+@pytest.fixture
+def on_gpu():
+    if not fusenn.backends()["persistent"].usable:
+        pytest.skip(fusenn.backends()["persistent"].detail)
+    with fusenn.set_backend("persistent"):
+        yield torch.device("cuda")
+
+
+GPU_CASES = [
+    dict(T=100, B=64, H=512), dict(T=200, B=8, H=1024, dtype="bf16"), dict(T=25, B=1, H=1000, dtype="fp16"),
+    dict(T=50, B=33, H=129, reverse=True, lengths=[50 - i for i in range(33)]),
+    dict(T=256, B=16, H=256, dtype="bf16", reverse=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "lengths"))
+def test_persist_gpu_matches_reference_with_gradients(on_gpu, kind, case):
+    T, B, H = case["T"], case["B"], case["H"]
+    dtype, reverse = DTYPES[case.get("dtype", "fp32")], case.get("reverse", False)
+    lens = torch.tensor(case["lengths"]) if "lengths" in case else None
+    torch.manual_seed(T + B + H)
+    if kind == "lstm":
+        inputs = _lstm_inputs(T, B, H, None, dtype, on_gpu)
+        upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu),
+                    torch.randn(B, H, device=on_gpu)]
+        _check_layer(lambda *a: ops.lstm_layer(*a, lengths=lens, reverse=reverse),
+                     lambda *a: reference.lstm_layer(*a, lengths=lens, reverse=reverse), inputs, upstream,
+                     ("gx", "h0", "c0", "w_hh", "w_hr"))
+    else:
+        inputs = _gru_inputs(T, B, H, True, dtype, on_gpu)
+        upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu)]
+        _check_layer(lambda *a: ops.gru_layer(*a, lengths=lens, reverse=reverse),
+                     lambda *a: reference.gru_layer(*a, lengths=lens, reverse=reverse), inputs, upstream,
+                     ("gx", "h0", "w_hh", "b_hh"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_persist_gpu_small(on_gpu, kind, dtype):
+    """Small shapes with everything on (lengths, reverse, both regularisers): what benchmarks/device_run.sh
+    also runs under compute-sanitizer's memcheck, racecheck and synccheck."""
+    torch.manual_seed(5)
+    T, B, H = 3, 3, 33
+    kw = dict(lengths=torch.tensor([3, 1, 2]), reverse=True, recurrent_dropout=(0.3, 3), zoneout=(0.2, 4))
+    if kind == "lstm":
+        inputs = _lstm_inputs(T, B, H, None, DTYPES[dtype], on_gpu)
+        upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu),
+                    torch.randn(B, H, device=on_gpu)]
+        _check_layer(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs,
+                     upstream, ("gx", "h0", "c0", "w_hh", "w_hr"))
+    else:
+        inputs = _gru_inputs(T, B, H, True, DTYPES[dtype], on_gpu)
+        upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu)]
+        _check_layer(lambda *a: ops.gru_layer(*a, **kw), lambda *a: reference.gru_layer(*a, **kw), inputs,
+                     upstream, ("gx", "h0", "w_hh", "b_hh"))
+
+
+def _gpu_lstm_run(device, regs=True):
+    torch.manual_seed(0)
+    inputs = [x.requires_grad_() for x in _lstm_inputs(60, 16, 512, None, torch.bfloat16, device)[:4]]
+    kw = dict(recurrent_dropout=(0.2, 11), zoneout=(0.1, 13)) if regs else {}
+    y, h, c = ops.lstm_layer(*inputs, **kw)
+    grads = torch.autograd.grad((y.float().square().sum() + h.float().sum()), inputs)
+    return [y, h, c] + list(grads)
+
+
+@pytest.mark.gpu
+def test_persist_gpu_repeats_are_bit_identical(on_gpu):
+    first = _gpu_lstm_run(on_gpu)
+    for _ in range(19):
+        for a, b in zip(first, _gpu_lstm_run(on_gpu)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_persist_gpu_correct_beside_a_side_stream_gemm(on_gpu):
+    """A GEMM on another stream takes SMs while the cooperative grid runs: still co-resident, same bits."""
+    expected = _gpu_lstm_run(on_gpu)
+    side = torch.cuda.Stream()
+    a = torch.randn(8192, 8192, device=on_gpu, dtype=torch.bfloat16)
+    with torch.cuda.stream(side):
+        for _ in range(4):
+            a = a @ a.t() * 1e-4
+    got = _gpu_lstm_run(on_gpu)
+    torch.cuda.synchronize()
+    for x, y in zip(expected, got):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_persist_gpu_is_first_under_auto_and_falls_back_with_reasons():
+    if not fusenn.backends()["persistent"].usable:
+        pytest.skip(fusenn.backends()["persistent"].detail)
+    gx, h0, c0, w_hh, _ = _lstm_inputs(3, 4, 64, None, torch.float32, torch.device("cuda"))
+    reasons = {name: why(gx, h0, w_hh, None) for name, why in ops.LSTM_SUPPORT.items()}
+    with fusenn.set_backend("auto"):
+        assert dispatch.choose("lstm", gx.device, reasons, ops.GPU_ORDER) == "persistent"
+    gx, h0, c0, w_hh, w_hr = _lstm_inputs(3, 4, 64, 16, torch.float32, torch.device("cuda"))
+    with fusenn.set_backend("persistent"), pytest.raises(fusenn.BackendError, match="no projection"):
+        ops.lstm_layer(gx, h0, c0, w_hh, w_hr)
+    with fusenn.set_backend("persistent"), pytest.raises(RuntimeError, match="co-resident"):
+        H = 4096
+        torch.ops.fusenn_cuda.lstm_persist_forward(
+            torch.zeros(1, 1, 4 * H, device="cuda", dtype=torch.bfloat16),
+            torch.zeros(1, H, device="cuda", dtype=torch.bfloat16), torch.zeros(1, H, device="cuda",
+                                                                                dtype=torch.bfloat16),
+            torch.zeros(4 * H, H, device="cuda", dtype=torch.bfloat16), None, None, False, False, None, None, 0, 0,
+            1.0, torch.cuda.current_stream().cuda_stream, H)
+
+
+@pytest.mark.gpu
+def test_persist_gpu_runs_on_the_tensors_device():
+    if torch.cuda.device_count() < 2 or not fusenn.backends()["persistent"].usable:
+        pytest.skip("needs two GPUs and fusenn._C")
+    inputs = _lstm_inputs(5, 3, 33, None, torch.float32, torch.device("cuda:1"))
+    with fusenn.set_backend("persistent"):
+        y, h, c = ops.lstm_layer(*inputs)
+    assert y.device == torch.device("cuda:1")
+    assert_close(y, reference.lstm_layer(*[x.double() if x is not None else None for x in inputs])[0], name="y")
+
