@@ -11,7 +11,6 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusenn
-import fusenn.reference.philox
 from fusenn import dispatch
 from fusenn.reference import attention as reference_attention
 from fusenn.reference import rnn as reference_rnn
@@ -175,9 +174,8 @@ def test_explicit_backends():
         fusenn.LSTM(5, 7)(x)
         with pytest.raises(fusenn.BackendError, match="torch: fusenn-only regularisers inside the recurrence: zo"):
             fusenn.LSTM(5, 7, zoneout=0.1)(x)
-        fusenn.LSTM(5, 7, 2, input_dropout=0.2, weight_dropout=0.3)(x)  # torch's kernel, auto's masks
-        mask = fusenn.functional.dropout_mask((4,), 0.5, seed=1)
-        assert torch.equal(mask, fusenn.reference.philox.dropout_mask(4, 0.5, 1))
+        with pytest.raises(fusenn.BackendError, match="dropout_mask has no torch implementation"):
+            fusenn.functional.dropout_mask((4,), 0.5, seed=1)
     with fusenn.set_backend("cpp"):
         if not fusenn.backends()["cpp"].usable:
             with pytest.raises(fusenn.BackendError, match="lstm cannot run on the requested backend \\(cpp: "):
@@ -238,7 +236,7 @@ def test_attention_with_a_seed_keeps_fusenns_mask(choices):
 
 def test_attention_still_raises_where_torchs_cpu_kernel_answers():
     q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 7, 8)
-    with pytest.raises(RuntimeError, match="Expected key and value to have the same sequence length"):
+    with pytest.raises(RuntimeError, match="same sequence length"):  # torch's math path's error
         fusenn.functional.scaled_dot_product_attention(q, k, v)
 
 

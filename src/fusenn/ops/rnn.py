@@ -119,8 +119,11 @@ def module_backend(op: str, x: Tensor, native: Optional[str]) -> Optional[str]:
     with input x. `native` is None when torch's own module computes what this one does (no fusenn-only
     regulariser), else why not: the "torch" backend (auto's first choice for CPU tensors) then runs torch's
     module forward; any other backend runs fusenn's layers, which the module then tells which one."""
-    # The persistent kernels' reasons need the weights and state, per layer: a GPU kernel backend chosen here
-    # returns None, and each layer then chooses among the GPU kernels itself.
+    # An explicit kernel backend is left to each layer, which chooses after the module's input checks (bad input
+    # gets torch's error, not a BackendError). The persistent kernels' reasons need the weights and state, per
+    # layer: a GPU kernel backend chosen here returns None, and each layer then chooses among them itself.
+    if dispatch.get_backend() not in ("auto", "torch"):
+        return None
     reasons = {name: None if name == "persistent" else why(x)
                for name, why in (LSTM_SUPPORT if op == "lstm" else GRU_SUPPORT).items()}
     reasons["torch"] = native
