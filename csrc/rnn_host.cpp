@@ -97,9 +97,23 @@ void run_step(const StepArgs& args, int64_t n, const Tensor& like, int64_t strea
 }
 
 // out (fp32) = a @ b, a and b in the layer's dtype: fp32 accumulation and result for every dtype.
+// CPU fp32: out = a @ b through oneDNN (torch's mkldnn::_linear_pointwise, linear(a, b^T); b^T may be a
+// strided view) where torch has it: on some CPUs (AMD) MKL's sgemm takes a generic path 2-3x slower at these
+// shapes. False where it cannot, for at::mm to serve.
+bool onednn_mm(Tensor& out, const Tensor& a, const Tensor& b) {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+  if (!op || !a.device().is_cpu() || a.numel() == 0 || b.numel() == 0 || !a.is_contiguous()) return false;
+  std::vector<c10::IValue> stack{a, b.t(), c10::IValue(), std::string("none"),
+                                 c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+  op->callBoxed(stack);
+  out.copy_(stack[0].toTensor());
+  return true;
+}
+
 void mm_f32(Tensor& out, const Tensor& a, const Tensor& b) {
   if (a.scalar_type() == at::kFloat) {
-    at::mm_out(out, a, b);
+    if (!onednn_mm(out, a, b)) at::mm_out(out, a, b);
   } else if (a.is_cuda()) {
     at::mm_out(out, a, b, at::kFloat);
   } else {  // CPU has no half-in, float-out mm

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusenn
+import fusenn.reference.philox
 from fusenn import dispatch
 from fusenn.reference import attention as reference_attention
 from fusenn.reference import rnn as reference_rnn
@@ -174,8 +175,9 @@ def test_explicit_backends():
         fusenn.LSTM(5, 7)(x)
         with pytest.raises(fusenn.BackendError, match="torch: fusenn-only regularisers inside the recurrence: zo"):
             fusenn.LSTM(5, 7, zoneout=0.1)(x)
-        with pytest.raises(fusenn.BackendError, match="dropout_mask has no torch implementation"):
-            fusenn.functional.dropout_mask((4,), 0.5, seed=1)
+        fusenn.LSTM(5, 7, 2, input_dropout=0.2, weight_dropout=0.3)(x)  # torch's kernel, auto's masks
+        mask = fusenn.functional.dropout_mask((4,), 0.5, seed=1)
+        assert torch.equal(mask, fusenn.reference.philox.dropout_mask(4, 0.5, 1))
     with fusenn.set_backend("cpp"):
         if not fusenn.backends()["cpp"].usable:
             with pytest.raises(fusenn.BackendError, match="lstm cannot run on the requested backend \\(cpp: "):

@@ -25,7 +25,11 @@ def dropout_mask_flat(numel: int, p: float, seed: torch.Tensor, offset: int, dev
     seed = seed.to(device)
     if offset < 0:
         raise ValueError(f"fusenn: offset must be non-negative, got {offset}")
-    name = dispatch.choose("dropout_mask", device, SUPPORTED)
+    if dispatch.get_backend() == "torch":  # torch has no Philox: its kernels with fusenn's masks take auto's mask
+        with dispatch.set_backend("auto"):
+            name = dispatch.choose("dropout_mask", device, SUPPORTED)
+    else:
+        name = dispatch.choose("dropout_mask", device, SUPPORTED)
     if name == "reference":
         return reference.dropout_mask(numel, p, seed, offset, device)
     out = new_output((numel,), torch.bool, device)

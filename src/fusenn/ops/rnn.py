@@ -148,7 +148,15 @@ def _grad_matmul(grad_rows: Tensor, inputs: Tensor, dtype) -> Tensor:
     """sum over all T*B rows of grad_row^T input_row, in fp32: the weight gradient of a per-step GEMM.
     Autocast is off here: backward may run inside the caller's autocast region."""
     with torch.autocast(grad_rows.device.type, enabled=False):
-        return (grad_rows.reshape(-1, grad_rows.shape[-1]).t() @ inputs.reshape(-1, inputs.shape[-1])).to(dtype)
+        a, b = grad_rows.reshape(-1, grad_rows.shape[-1]).t(), inputs.reshape(-1, inputs.shape[-1])
+        if _onednn_fp32(a, b):  # a @ b as oneDNN's linear(a, b^T), 2-3x MKL's sgemm on some CPUs (AMD)
+            return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "").to(dtype)
+        return (a @ b).to(dtype)
+
+
+def _onednn_fp32(a: Tensor, b: Tensor) -> bool:
+    return (a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.numel() > 0 and b.numel() > 0
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _empty(device) -> Tensor:
