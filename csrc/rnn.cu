@@ -4,16 +4,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "half.cuh"
 #include "philox.cuh"
-
-namespace fusenn {
-// The 16-bit conversions rnn.cuh needs, declared before it (torch's nvcc flags disable the implicit ones).
-FUSENN_HD float to_float(__half x) { return __half2float(x); }
-FUSENN_HD __half from_float(float x, __half*) { return __float2half_rn(x); }
-FUSENN_HD float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-FUSENN_HD __nv_bfloat16 from_float(float x, __nv_bfloat16*) { return __float2bfloat16_rn(x); }
-}  // namespace fusenn
-
 #include "rnn.cuh"
 
 namespace fusenn {
