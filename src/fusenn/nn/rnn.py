@@ -50,6 +50,8 @@ from fusenn.ops import draw_seed_tensor
 from fusenn.ops import rnn as ops
 from fusenn.ops.dropout import dropout_mask
 
+_TORCH_VERSION = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
 __all__ = ["GRU", "LSTM", "GRUCell", "LSTMCell"]
 
 
@@ -219,6 +221,9 @@ class _Recurrent(_Convertible):
             return f"fusenn-only regularisers inside the recurrence: {', '.join(inside)}"
         if packed and self._drawing():
             return "fusenn's dropout masks on a PackedSequence input"
+        if self._drawing() and torch.compiler.is_compiling() and _TORCH_VERSION < (2, 13):
+            return (f"torch {torch.__version__}'s Dynamo mis-traces torch's kernel layer by layer (a layer's final "
+                    "state comes out one dimension too many); torch 2.13 on traces it")
         return None
 
     def _drawing(self) -> bool:

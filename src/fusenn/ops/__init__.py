@@ -63,6 +63,11 @@ def type_name(dtype: torch.dtype) -> str:
     return _C_TYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
+@torch.compiler.assume_constant_result  # torch 2.11's Dynamo cannot trace torch._C._is_autocast_available
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
 def lower_precision_under_autocast(fn):
     """Run `fn` as torch runs the ops on its autocast lower-precision list (conv2d,
     scaled_dot_product_attention): floating tensor arguments cast to the autocast dtype, autocast off
@@ -71,7 +76,7 @@ def lower_precision_under_autocast(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
-        if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        if not _autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
             return fn(*args, **kwargs)
         dtype = torch.get_autocast_dtype(device_type)
 
