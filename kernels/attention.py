@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusenn.kernels import INTERPRET, device_guard
+from fusenn.kernels import INTERPRET, NEWER_PTXAS, device_guard
 from fusenn.kernels.philox import philox_keep, philox_key
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -298,6 +298,9 @@ _FP32 = {  # tf32x3 needs three products' operands live: small tiles, dK and dV 
     ("dq", 64): (64, 32, 4, 2), ("dq", 128): (16, 32, 4, 1), ("dq", 256): (16, 32, 4, 1),
     ("dkdv", 64): (16, 32, 4, 1), ("dkdv", 128): (16, 32, 4, 1), ("dkdv", 256): (16, 16, 4, 1),
 }
+# Triton 3.7 on (a newer ptxas) spills in these three at the tiles above; they take smaller key tiles there.
+_NEWER_PTXAS = {(torch.float32, "fwd", 128): (64, 16, 4, 1), (torch.float16, "dq", 256): (128, 32, 8, 1),
+                (torch.bfloat16, "dq", 256): (128, 32, 8, 1), (torch.float32, "dkdv", 64): (16, 16, 2, 1)}
 _SPLIT_DKDV = {256}  # head dims whose dK and dV accumulators do not both fit in one program's registers
 
 
@@ -312,7 +315,7 @@ def _config(d: int, dtype: torch.dtype, kernel: str, dropout: bool) -> dict:
     else:
         table = _FP32 if dtype == torch.float32 else _HALF
         tile = (_HALF_DROPOUT.get((kernel, bucket)) if dropout and dtype != torch.float32 else None) \
-            or table[(kernel, bucket)]
+            or (_NEWER_PTXAS.get((dtype, kernel, bucket)) if NEWER_PTXAS else None) or table[(kernel, bucket)]
         cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
         split = bucket in _SPLIT_DKDV or dtype == torch.float32
     if kernel == "dkdv":

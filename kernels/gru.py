@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusenn.kernels import INTERPRET
+from fusenn.kernels import INTERPRET, NEWER_PTXAS
 from fusenn.kernels.lstm import (BLOCK_B, REG_ARGS, RUNTIME_ARGS, dot_warps, emit_state, fp32_dot, hidden_block,
                                  launch_split, load_2d, matmul_acc, phase_sync, program_rows, recurrent_input,
                                  recurrent_scale, regulariser_args, regulariser_keys, report_stuck, split_plan,
@@ -155,6 +155,8 @@ def _consts(gx, nsplit, backward: bool, regularised: bool, save: bool = True):
     block_h = hidden_block(H, nsplit, 32)
     if backward:
         stages = 1 if regularised else 3
+    elif regularised and NEWER_PTXAS:
+        stages = 1  # Triton 3.8's ptxas spills 8 B at two stages (H 650)
     else:
         stages = 2 if gx.dtype != torch.float32 or (regularised and save) else 1
     return dict(H=H, FP32_DOT=fp32_dot(gx.dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, num_warps=dot_warps(block_h),

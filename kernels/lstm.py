@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusenn.kernels import INTERPRET, device_guard
+from fusenn.kernels import INTERPRET, NEWER_PTXAS, device_guard
 from fusenn.kernels.philox import philox_keep, philox_key
 from fusenn.ops import new_output
 
@@ -510,7 +510,7 @@ def _consts(H, P, dtype, nsplit, projection: bool, backward: bool, regularised: 
     pipelines less (ptxas spills a few bytes otherwise)."""
     half = dtype != torch.float32
     block_h = hidden_block(H, nsplit, 64)
-    narrow = regularised and half
+    narrow = regularised and (half or NEWER_PTXAS)  # Triton 3.8's ptxas spills fp32's 64-wide tiles too
     block_p = block_size(P, 64 if backward and not narrow else 32)
     if backward:
         stages = 1 if narrow else 2
