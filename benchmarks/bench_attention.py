@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fusenn
-from benchmarks.registry import REGISTRY, Case, Check, Entry, register
+from benchmarks.registry import REGISTRY, Case, Check, Entry, register, timed_step
 from fusenn.reference import attention as reference
 from fusenn.testing import ATOL, max_error
 
@@ -115,13 +115,7 @@ def _cpu_sdpa(B, H, L, D, causal, train):
         q, k, v = (torch.randn(B, H, L, D, requires_grad=train) for _ in range(3))
 
         def step(attend):
-            if train:
-                return lambda: attend(q, k, v, is_causal=causal).sum().backward()
-
-            def infer():
-                with torch.no_grad():
-                    attend(q, k, v, is_causal=causal)
-            return infer
+            return timed_step(lambda: attend(q, k, v, is_causal=causal), train)
         return {"fusenn": step(fusenn.functional.scaled_dot_product_attention),
                 "torch": step(F.scaled_dot_product_attention)}
     return setup
@@ -135,13 +129,7 @@ def _cpu_mha(B, L, E, H, train):
         x = torch.randn(B, L, E, requires_grad=train)
 
         def step(module):
-            if train:
-                return lambda: module(x, x, x, need_weights=False)[0].sum().backward()
-
-            def infer():
-                with torch.no_grad():
-                    module(x, x, x, need_weights=False)
-            return infer
+            return timed_step(lambda: module(x, x, x, need_weights=False)[0], train)
         return {"fusenn": step(ours), "torch": step(theirs)}
     return setup
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fusenn
-from benchmarks.registry import REGISTRY, Case, Check, Entry, register
+from benchmarks.registry import REGISTRY, Case, Check, Entry, register, timed_step
 from fusenn.testing import ATOL, max_error
 
 # (name, batch, c_in, c_out, size, kernel, stride, padding, pool_kernel, pool_stride, pool_padding)
@@ -126,13 +126,7 @@ def _cpu_setup(batch, c_in, c_out, size, activation, pool, train):
         x = torch.randn(batch, c_in, size, size, requires_grad=train)
 
         def step(model):
-            if train:
-                return lambda: model(x).sum().backward()
-
-            def infer():
-                with torch.no_grad():
-                    model(x)
-            return infer
+            return timed_step(lambda: model(x), train)
         return {"fusenn": step(ours), "torch": step(theirs)}
     return setup
 

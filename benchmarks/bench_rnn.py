@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fusenn
-from benchmarks.registry import REGISTRY, Case, Check, Entry, register
+from benchmarks.registry import REGISTRY, Case, Check, Entry, register, timed_step
 from fusenn.testing import ATOL, max_error
 
 # (module, T, B, I, H, extra constructor arguments) validated on any machine at small sizes.
@@ -126,13 +126,7 @@ def _setup(kind, T, B, I, H, dtype, train):
         loop = _cell_loop(kind, theirs)
 
         def timed(fn):  # fn(x) -> output
-            if train:
-                return lambda: fn(x).float().sum().backward()
-
-            def infer():
-                with torch.no_grad():
-                    fn(x)
-            return infer
+            return timed_step(lambda: fn(x), train)
 
         impls = {"fusenn": timed(lambda x: ours(x)[0]), "cudnn": timed(lambda x: theirs(x)[0]),
                  "compiled-cell-loop": timed(loop)}
@@ -243,13 +237,7 @@ def _cpu_setup(kind, T, B, I, H, train, layers=1, bidirectional=False, cell=Fals
             return torch.stack(ys)
 
         def step(module):
-            if train:
-                return lambda: forward(module).sum().backward()
-
-            def infer():
-                with torch.no_grad():
-                    forward(module)
-            return infer
+            return timed_step(lambda: forward(module), train)
 
         return {"fusenn": step(ours), "torch": step(theirs)}
     return setup

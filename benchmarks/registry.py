@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
+
 
 @dataclass
 class Check:
@@ -52,3 +54,15 @@ def register(entry: Entry) -> Entry:
         raise ValueError(f"benchmark entry {entry.op!r} registered twice")
     REGISTRY[entry.op] = entry
     return entry
+
+
+def timed_step(forward: Callable, train: bool) -> Callable:
+    """One timed step of a case: `forward()` and the backward of its (fp32) sum when training, else forward
+    alone under no_grad."""
+    if train:
+        return lambda: forward().float().sum().backward()
+
+    def infer():
+        with torch.no_grad():
+            forward()
+    return infer
