@@ -6,7 +6,7 @@ import os
 import pytest
 from torch.utils import cpp_extension
 
-from fusenn import _cxx, info
+from fusenn import _cxx, dispatch
 
 
 @pytest.mark.parametrize("guard, expected", [("#if __cplusplus < 202002L\n#error C++20 or later\n#endif\n", "c++20"),
@@ -28,12 +28,12 @@ def test_cxx_std_matches_the_installed_torch():
 
 def test_build_record_is_what_setup_wrote():
     """setup.py writes _build.json after the build; an installed fusenn._C matches the record it left."""
-    path = os.path.join(os.path.dirname(info.__file__), "_build.json")
+    path = os.path.join(os.path.dirname(dispatch.__file__), "_build.json")
     if not os.path.exists(path):
         pytest.fail("src/fusenn/_build.json is missing: fusenn was not installed through setup.py", pytrace=False)
     with open(path) as f:
         record = json.load(f)
-    assert record == info.build_record()
+    assert record == dispatch.build_record()
     try:
         from fusenn import _C
     except ImportError:

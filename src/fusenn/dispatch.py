@@ -62,12 +62,17 @@ def _triton_status() -> tuple[bool, str, bool]:
     return True, f"triton {triton.__version__} compiled for {torch.cuda.get_device_name()}", False
 
 
-def _why_no_extension(exc: Exception) -> str:
+def build_record() -> dict:
+    """What setup.py recorded of the C++ extension's build (src/fusenn/_build.json), or {}."""
     try:
         with open(os.path.join(os.path.dirname(__file__), "_build.json")) as f:
-            skipped = json.load(f).get("skipped_because")
+            return json.load(f)
     except (OSError, ValueError):
-        skipped = None
+        return {}
+
+
+def _why_no_extension(exc: Exception) -> str:
+    skipped = build_record().get("skipped_because")
     if skipped:
         return f"fusenn._C was not built: {skipped}"
     return f"fusenn._C does not import ({exc}); reinstall with a CUDA toolkit and a CUDA build of torch"

@@ -1,11 +1,11 @@
 """python -m fusenn.info: versions, GPU and which backends are usable here, and why not."""
 
-import json
-import os
 import platform
 import sys
 
 import torch
+
+from fusenn import dispatch
 
 
 def report() -> str:
@@ -33,7 +33,7 @@ def report() -> str:
     lines.append("")
     lines.append(f"{'backend':<10} {'ok':<4} detail")
     lines.extend(str(b) for b in fusenn.backends().values())
-    build = build_record()
+    build = dispatch.build_record()
     if build.get("extension"):
         lines.append(f"\nfusenn._C: {build['extension']}")
     elif "failed" in (build.get("skipped_because") or ""):
@@ -41,19 +41,9 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def build_record() -> dict:
-    """What setup.py recorded of the C++ extension's build (src/fusenn/_build.json), or {}."""
-    try:
-        with open(os.path.join(os.path.dirname(__file__), "_build.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
 def summary(device, what="fusenn") -> str:
     """One line for a script's log: the device, the backend setting and which backends can serve it."""
     import fusenn
-    from fusenn import dispatch
 
     device = torch.device(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
