@@ -59,16 +59,30 @@ __device__ __forceinline__ bool grid_barrier(const Args& a, unsigned target) {
   return failed == 0;
 }
 
+// A CTA's shared memory as the plan lays it out: its W_hh slice (kept for the whole sequence), the staged
+// h_{t-1} / dgates, the fp32 accumulators; the slice is loaded here, before the first step.
+template <class T>
+struct Slice {
+  T* w;
+  T* st;
+  float* acc;
+};
+
+template <class T>
+__device__ __forceinline__ Slice<T> load_slice(unsigned char* smem, const Args& a, bool backward, const Layout& l) {
+  const Slice<T> s{reinterpret_cast<T*>(smem + l.w_off), reinterpret_cast<T*>(smem + l.a_off),
+                   reinterpret_cast<float*>(smem + l.acc_off)};
+  load_weights<T>(a, backward, blockIdx.x, s.w, l, static_cast<int>(threadIdx.x), kThreads);
+  __syncthreads();
+  return s;
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads, 1) persist_forward_kernel(const Args a, const Layout l) {
   extern __shared__ __align__(128) unsigned char smem[];
-  T* w = reinterpret_cast<T*>(smem + l.w_off);
-  T* st = reinterpret_cast<T*>(smem + l.a_off);
-  float* acc = reinterpret_cast<float*>(smem + l.acc_off);
+  const auto [w, st, acc] = load_slice<T>(smem, a, false, l);
   const int64_t cta = blockIdx.x;
   const int tid = static_cast<int>(threadIdx.x);
-  load_weights<T>(a, false, cta, w, l, tid, kThreads);
-  __syncthreads();
   for (int64_t k = 0; k < a.T; ++k) {
     forward_step<T>(a, cta, k, w, st, acc, l, tid, kThreads);
     if (k + 1 < a.T && !grid_barrier(a, static_cast<unsigned>((k + 1) * gridDim.x))) return;
@@ -78,13 +92,9 @@ __global__ void __launch_bounds__(kThreads, 1) persist_forward_kernel(const Args
 template <class T>
 __global__ void __launch_bounds__(kThreads, 1) persist_backward_kernel(const Args a, const Layout l) {
   extern __shared__ __align__(128) unsigned char smem[];
-  T* w = reinterpret_cast<T*>(smem + l.w_off);
-  T* st = reinterpret_cast<T*>(smem + l.a_off);
-  float* acc = reinterpret_cast<float*>(smem + l.acc_off);
+  const auto [w, st, acc] = load_slice<T>(smem, a, true, l);
   const int64_t cta = blockIdx.x;
   const int tid = static_cast<int>(threadIdx.x);
-  load_weights<T>(a, true, cta, w, l, tid, kThreads);
-  __syncthreads();
   for (int64_t k = 0; k < a.T; ++k) {
     if (k > 0) backward_recurrent<T>(a, cta, k - 1, w, st, acc, l, tid, kThreads);
     backward_cells<T>(a, cta, k, tid, kThreads);
