@@ -125,12 +125,14 @@ def extension():
     if os.environ.get("FUSENN_CPP", "1").strip() == "0":
         return None, None, "FUSENN_CPP=0"
     std = f"-std={cxx_std()}"
+    # -fno-trapping-math: the CPU loops' clamps become vector blends (csrc/rnn_host.cpp, activate_row)
+    cxx = ["-O3", std, "-fno-trapping-math"]
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     if no_cuda:
         kind = f"host-only (the C++ RNN layers on CPU tensors; no CUDA kernels: {no_cuda})"
         ext = cpp_extension.CppExtension(name="fusenn._C", sources=sorted(glob.glob("csrc/*.cpp")),
                                          include_dirs=[os.path.join(ROOT, "csrc")],
-                                         extra_compile_args=["-O3", std])
+                                         extra_compile_args=cxx)
     else:
         cuda_home = find_nvcc()
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
@@ -144,7 +146,7 @@ def extension():
             sources=sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp")),
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("FUSENN_WITH_CUDA", None)],
-            extra_compile_args={"cxx": ["-O3", std], "nvcc": ["-O3", std, "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", std, "-lineinfo"]},
             extra_link_args=extra_link,
         )
     log(f"building fusenn._C: {kind}, {std}, MAX_JOBS={os.environ['MAX_JOBS']}")

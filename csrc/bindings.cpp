@@ -13,7 +13,31 @@
 namespace fusenn {
 namespace {
 
-// The mask on the host (CPU tensors): the same Philox counters, rows of elements split over torch's threads.
+// keep[i] for counters lo + i with high word hi, i < n (no carry out of the low word): 32-bit lanes.
+FUSENN_VECTOR_CLONES void keep_run(uint8_t* __restrict keep, uint32_t lo, uint32_t hi, int64_t n, uint32_t k0,
+                                   uint32_t k1, uint32_t threshold) {
+  for (int64_t i = 0; i < n; ++i) {
+    keep[i] = (philox4x32_10(Philox4{lo + static_cast<uint32_t>(i), hi, 0u, 0u}, k0, k1).x >> 8) >= threshold;
+  }
+}
+
+}  // namespace
+
+void philox_keep_host(uint8_t* keep, uint64_t first, int64_t n, uint64_t seed, uint32_t threshold) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {  // runs that end where the counter's low word would carry
+      const uint64_t c = first + static_cast<uint64_t>(i);
+      const int64_t run = static_cast<int64_t>(std::min<uint64_t>(end - i, (uint64_t{1} << 32) - (c & 0xFFFFFFFFu)));
+      keep_run(keep + i, static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), run, static_cast<uint32_t>(seed),
+               static_cast<uint32_t>(seed >> 32), threshold);
+      i += run;
+    }
+  });
+}
+
+namespace {
+
+// The mask on the host (CPU tensors): the same Philox counters.
 void dropout_mask_out_cpu(const at::Tensor& out, const at::Tensor& seed, int64_t offset, int64_t threshold,
                           int64_t stream) {
   TORCH_CHECK(out.device().is_cpu() && seed.device().is_cpu(), "fusenn_cuda::dropout_mask_out: expected CPU tensors");
@@ -25,12 +49,8 @@ void dropout_mask_out_cpu(const at::Tensor& out, const at::Tensor& seed, int64_t
               seed.numel(), " elements");
   TORCH_CHECK(offset >= 0, "fusenn_cuda::dropout_mask_out: offset must be non-negative");
   TORCH_CHECK(threshold >= 0 && threshold <= (1 << 24), "fusenn_cuda::dropout_mask_out: threshold out of range");
-  bool* keep = out.data_ptr<bool>();
-  const uint64_t key = static_cast<uint64_t>(*seed.data_ptr<int64_t>()), first = static_cast<uint64_t>(offset);
-  const uint32_t thr = static_cast<uint32_t>(threshold);
-  at::parallel_for(0, out.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) keep[i] = philox_keep(first + static_cast<uint64_t>(i), key, thr);
-  });
+  philox_keep_host(reinterpret_cast<uint8_t*>(out.data_ptr<bool>()), static_cast<uint64_t>(offset), out.numel(),
+                   static_cast<uint64_t>(*seed.data_ptr<int64_t>()), static_cast<uint32_t>(threshold));
 }
 
 #ifdef FUSENN_WITH_CUDA

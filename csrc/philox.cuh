@@ -6,8 +6,18 @@
 
 #if defined(__CUDACC__)
 #define FUSENN_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)  // the CPU loops too: a call per element would keep every step scalar and serial
+#define FUSENN_HD inline __attribute__((always_inline))
 #else
 #define FUSENN_HD inline
+#endif
+
+// Host loops written for the compiler to vectorise are also built for AVX2, chosen at load where the CPU has it
+// (x86-64 Linux; the build has no -ffp-contract, so both versions compute the same bits).
+#if !defined(__CUDACC__) && defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define FUSENN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FUSENN_VECTOR_CLONES
 #endif
 
 namespace fusenn {
@@ -44,5 +54,9 @@ FUSENN_HD uint32_t philox_uint32(uint64_t counter, uint64_t seed) {
 FUSENN_HD bool philox_keep(uint64_t counter, uint64_t seed, uint32_t threshold) {
   return (philox_uint32(counter, seed) >> 8) >= threshold;
 }
+
+// keep[i] := philox_keep(first + i, seed, threshold) for i < n on the host, vectorised and split over torch's
+// threads (csrc/bindings.cpp): dropout's masks and zoneout's on CPU tensors.
+void philox_keep_host(uint8_t* keep, uint64_t first, int64_t n, uint64_t seed, uint32_t threshold);
 
 }  // namespace fusenn

@@ -9,7 +9,7 @@
 // `FUSENN_HD float to_float(T)` and `FUSENN_HD T from_float(float, T*)` (torch's build turns off their
 // implicit conversions). Everything is computed in fp32: gates, cell state, gradients.
 // run_at<T>(step, b, j) does element (b, j) of a step, run<T>(step, i) element i of its flattened (B, W)
-// (csrc/rnn_persist.cuh calls run_at, which spares the GPU a 64-bit division).
+// (csrc/rnn_persist.cuh and the CPU loops call run_at, which spares them a 64-bit division).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -49,11 +49,13 @@ struct Zoneout {
   int32_t mode;
   uint32_t threshold;
   float u;
+  const uint8_t* keep = nullptr;  // mode 1: philox_keep of every counter, precomputed (CPU), or null
 };
 
 FUSENN_HD float zoneout_u(const Zoneout& z, uint64_t counter) {
-  if (z.mode == 1) return philox_keep(counter, static_cast<uint64_t>(*z.seed), z.threshold) ? 1.0f : 0.0f;
-  return z.u;
+  if (z.mode != 1) return z.u;
+  if (z.keep != nullptr) return z.keep[counter] ? 1.0f : 0.0f;
+  return philox_keep(counter, static_cast<uint64_t>(*z.seed), z.threshold) ? 1.0f : 0.0f;
 }
 
 // What every step shares: the time step t of T, the batch B, per-row lengths (null: all rows run every
@@ -63,6 +65,9 @@ struct Step {
   const int64_t* lengths;
   const float* rscale;
   Zoneout zo;
+  // gh holds the activated gates, gx (and b_hh) already added: the LSTM's i, f, g, o, the GRU's r, z. Set by
+  // csrc/rnn_host.cpp, whose CPU loops activate a whole step in one vectorised pass first; false on the GPU.
+  bool activated = false;
 };
 
 FUSENN_HD bool has_step(const Step& s, int64_t b) { return s.lengths == nullptr || s.t < s.lengths[b]; }
@@ -88,13 +93,22 @@ FUSENN_HD void emit_h(const Step& s, int64_t W, int64_t b, int64_t k, float h_ne
 // Activated LSTM gates i, f, g, o of element (b, j): gx_t + gh, gh = h_{t-1} [* r/(1-p)] W_hh^T in fp32.
 template <class T>
 FUSENN_HD void lstm_gates(const void* gx, const float* gh, int64_t H, int64_t b, int64_t j, float* i, float* f,
-                          float* g, float* o) {
+                          float* g, float* o, bool activated) {
   const int64_t row = b * 4 * H + j;
+  if (activated) {
+    *i = gh[row], *f = gh[row + H], *g = gh[row + 2 * H], *o = gh[row + 3 * H];
+    return;
+  }
   *i = sigmoid(load<T>(gx, row) + gh[row]);
   *f = sigmoid(load<T>(gx, row + H) + gh[row + H]);
   *g = tanhf(load<T>(gx, row + 2 * H) + gh[row + 2 * H]);
   *o = sigmoid(load<T>(gx, row + 3 * H) + gh[row + 3 * H]);
 }
+
+// The LSTM's new cell state before zoneout (from the activated gates), and the GRU's candidate's
+// pre-activation: shared by the steps and csrc/rnn_host.cpp's vectorised passes.
+FUSENN_HD float lstm_c_new(float i, float f, float g, float c_prev) { return f * c_prev + i * g; }
+FUSENN_HD float gru_n_pre(float gx_n, float r, float gh_n) { return gx_n + r * gh_n; }
 
 // LSTM forward, one element (b, j) of B x H per call: c_t, and h_t (no projection) or m_t = o tanh(c_t)
 // (projection: h_t = m_t W_hr^T comes from a GEMM and then EmitH).
@@ -111,16 +125,17 @@ struct LstmCell {
   void* op;    // (B, P) T: the next step's GEMM operand
   float* m;    // (B, H) with projection, else null
   void* m_op;  // (B, H) T: m as the projection GEMM's operand
+  const float* tc = nullptr;  // (B, H): tanh of the new c before zoneout, precomputed (CPU), or null
 };
 
 template <class T>
 FUSENN_HD void run_at(const LstmCell& a, int64_t b, int64_t j) {
   const int64_t idx = b * a.H + j;
   float i, f, g, o;
-  lstm_gates<T>(a.gx, a.gh, a.H, b, j, &i, &f, &g, &o);
+  lstm_gates<T>(a.gx, a.gh, a.H, b, j, &i, &f, &g, &o, a.s.activated);
   const float c_prev = a.c_in[idx];
-  float c = f * c_prev + i * g;
-  const float m = o * tanhf(c);  // from the new c, before zoneout
+  float c = lstm_c_new(i, f, g, c_prev);
+  const float m = o * (a.tc != nullptr ? a.tc[idx] : tanhf(c));  // from the new c, before zoneout
   if (a.s.zo.mode) {
     const float u = zoneout_u(a.s.zo, static_cast<uint64_t>(a.s.T * a.s.B * a.P + (a.s.t * a.s.B + b) * a.H + j));
     c = u * c + (1.0f - u) * c_prev;
@@ -151,8 +166,13 @@ struct EmitH {
 };
 
 template <class T>
+FUSENN_HD void run_at(const EmitH& a, int64_t b, int64_t k) {
+  emit_h<T>(a.s, a.W, b, k, a.h_new[b * a.W + k], a.h_in, a.h_out, a.y, a.op);
+}
+
+template <class T>
 FUSENN_HD void run(const EmitH& a, int64_t idx) {
-  emit_h<T>(a.s, a.W, idx / a.W, idx % a.W, a.h_new[idx], a.h_in, a.h_out, a.y, a.op);
+  run_at<T>(a, idx / a.W, idx % a.W);
 }
 
 // LSTM backward, first part of step t, element (b, k) of B x P: the gradient reaching h_t (carried dh plus
@@ -199,22 +219,23 @@ struct LstmCellBackward {
   float* dc;
   float* dg;    // (B, 4H) of step t
   void* dg_op;  // (B, 4H) T
+  const float* tc = nullptr;  // (B, H): tanh of the new c before zoneout, precomputed (CPU), or null
 };
 
 template <class T>
 FUSENN_HD void run_at(const LstmCellBackward& a, int64_t b, int64_t j) {
   const int64_t idx = b * a.H + j, H = a.H;
   float i, f, g, o;
-  lstm_gates<T>(a.gx, a.gh, H, b, j, &i, &f, &g, &o);
+  lstm_gates<T>(a.gx, a.gh, H, b, j, &i, &f, &g, &o, a.s.activated);
   const float c_prev = a.c_in[idx], dc_next = a.dc[idx], dm = a.dm[idx];
   float tc, dc, dc_pass = 0.0f;
   if (a.s.zo.mode) {  // c_t = u c_new + (1 - u) c_{t-1}: the saved c_t is not c_new
     const float u = zoneout_u(a.s.zo, static_cast<uint64_t>(a.s.T * a.s.B * a.P + (a.s.t * a.s.B + b) * H + j));
-    tc = tanhf(f * c_prev + i * g);
+    tc = a.tc != nullptr ? a.tc[idx] : tanhf(lstm_c_new(i, f, g, c_prev));
     dc = u * dc_next + dm * o * (1.0f - tc * tc);
     dc_pass = (1.0f - u) * dc_next;
-  } else {
-    tc = tanhf(a.c_out[idx]);
+  } else {  // c_t is the new c where the row has step t (tc is used nowhere else)
+    tc = a.tc != nullptr ? a.tc[idx] : tanhf(a.c_out[idx]);
     dc = dc_next + dm * o * (1.0f - tc * tc);
   }
   const bool valid = has_step(a.s, b);
@@ -243,20 +264,30 @@ struct AddRecurrent {
 };
 
 template <class T>
+FUSENN_HD void run_at(const AddRecurrent& a, int64_t b, int64_t k) {
+  const int64_t idx = b * a.W + k;
+  if (has_step(a.s, b)) a.dh[idx] += a.s.rscale ? a.acc[idx] * a.s.rscale[idx] : a.acc[idx];
+}
+
+template <class T>
 FUSENN_HD void run(const AddRecurrent& a, int64_t idx) {
-  if (has_step(a.s, idx / a.W)) a.dh[idx] += a.s.rscale ? a.acc[idx] * a.s.rscale[idx] : a.acc[idx];
+  run_at<T>(a, idx / a.W, idx % a.W);
 }
 
 // r, z, n and gh_n = h_{t-1} W_hn^T + b_hn of GRU element (b, j).
 template <class T>
 FUSENN_HD void gru_gates(const void* gx, const float* gh, const void* b_hh, int64_t H, int64_t b, int64_t j, float* r,
-                         float* z, float* n, float* gh_n) {
+                         float* z, float* n, float* gh_n, bool activated) {
   const int64_t row = b * 3 * H + j;
-  const float br = b_hh ? load<T>(b_hh, j) : 0.0f, bz = b_hh ? load<T>(b_hh, H + j) : 0.0f;
   *gh_n = gh[row + 2 * H] + (b_hh ? load<T>(b_hh, 2 * H + j) : 0.0f);
-  *r = sigmoid(load<T>(gx, row) + gh[row] + br);
-  *z = sigmoid(load<T>(gx, row + H) + gh[row + H] + bz);
-  *n = tanhf(load<T>(gx, row + 2 * H) + *r * *gh_n);
+  if (activated) {
+    *r = gh[row], *z = gh[row + H];
+  } else {
+    const float br = b_hh ? load<T>(b_hh, j) : 0.0f, bz = b_hh ? load<T>(b_hh, H + j) : 0.0f;
+    *r = sigmoid(load<T>(gx, row) + gh[row] + br);
+    *z = sigmoid(load<T>(gx, row + H) + gh[row + H] + bz);
+  }
+  *n = tanhf(gru_n_pre(load<T>(gx, row + 2 * H), *r, *gh_n));
 }
 
 // GRU forward, element (b, j) of B x H.
@@ -276,7 +307,7 @@ template <class T>
 FUSENN_HD void run_at(const GruCell& a, int64_t b, int64_t j) {
   const int64_t idx = b * a.H + j;
   float r, z, n, gh_n;
-  gru_gates<T>(a.gx, a.gh, a.b_hh, a.H, b, j, &r, &z, &n, &gh_n);
+  gru_gates<T>(a.gx, a.gh, a.b_hh, a.H, b, j, &r, &z, &n, &gh_n, a.s.activated);
   const float h_prev = a.h_in[idx];
   emit_h<T>(a.s, a.H, b, j, (1.0f - z) * n + z * h_prev, a.h_in, a.h_out, a.y, a.op);
 }
@@ -307,7 +338,7 @@ template <class T>
 FUSENN_HD void run_at(const GruCellBackward& a, int64_t b, int64_t j) {
   const int64_t idx = b * a.H + j, H = a.H;
   float r, z, n, gh_n;
-  gru_gates<T>(a.gx, a.gh, a.b_hh, H, b, j, &r, &z, &n, &gh_n);
+  gru_gates<T>(a.gx, a.gh, a.b_hh, H, b, j, &r, &z, &n, &gh_n, a.s.activated);
   const bool valid = has_step(a.s, b);
   const float dh_in = a.dh[idx] + (valid ? load<T>(a.dy, idx) : 0.0f);  // reaching h_t
   const float u = a.s.zo.mode ? zoneout_u(a.s.zo, static_cast<uint64_t>((a.s.t * a.s.B + b) * H + j)) : 1.0f;

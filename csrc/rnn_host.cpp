@@ -30,11 +30,35 @@ inline float to_float(c10::Half x) { return static_cast<float>(x); }
 inline c10::Half from_float(float x, c10::Half*) { return c10::Half(x); }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline c10::BFloat16 from_float(float x, c10::BFloat16*) { return c10::BFloat16(x); }
+// e^x in plain arithmetic (no call, no table), so that loops over it vectorise: x = n ln2 + r with |r| <= ln2/2,
+// e^r by Cephes' minimax polynomial, n added to the exponent bits. x is clamped to [-86, 88.5] (every caller
+// saturates there); NaN gives NaN. Within 1.4 ulp of e^x on that range.
+inline float exp_poly(float x) {
+  const float xc = x < -86.0f ? -86.0f : (x > 88.5f ? 88.5f : x);
+  const float shifted = xc * 1.44269504089f + 12582912.0f;  // + 1.5 * 2^23 rounds n into the low mantissa bits
+  const float n = shifted - 12582912.0f;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t n_bits, p_bits;
+  std::memcpy(&n_bits, &shifted, 4);
+  std::memcpy(&p_bits, &p, 4);
+  p_bits += (n_bits - 0x4B400000) * (1 << 23);
+  float e;
+  std::memcpy(&e, &p_bits, 4);
+  return x == x ? e : x;
+}
+
 // rnn.cuh's tanhf in the host loops (found before ::tanhf inside namespace fusenn): glibc's goes through
-// expm1f and was the loops' slowest call; this is one expf, within 1.1e-7 of tanh (absolute; correctly
+// expm1f and was the loops' slowest call; this is one exp_poly, within 9e-8 of tanh (absolute; correctly
 // rounded fp32 is within 6e-8), with tanhf's NaN and infinities.
 inline float tanhf(float x) {
-  const float e = ::expf(-2.0f * std::fabs(x));
+  const float e = exp_poly(-2.0f * std::fabs(x));
   return std::copysign((1.0f - e) / (1.0f + e), x);
 }
 }  // namespace fusenn
@@ -69,7 +93,16 @@ Dtype dtype_of(const Tensor& t) {
   }
 }
 
-// run<T>(args, i) for i in [0, n): a kernel for CUDA tensors, a loop for CPU tensors.
+// The width W of a step's (B, W) elements.
+int64_t width(const LstmCell& a) { return a.H; }
+int64_t width(const EmitH& a) { return a.W; }
+int64_t width(const LstmDh& a) { return a.P; }
+int64_t width(const LstmCellBackward& a) { return a.H; }
+int64_t width(const AddRecurrent& a) { return a.W; }
+int64_t width(const GruCell& a) { return a.H; }
+int64_t width(const GruCellBackward& a) { return a.H; }
+
+// run<T>(args, i) for i in [0, n = B * W): a kernel for CUDA tensors, loops over rows for CPU tensors.
 template <class StepArgs>
 void run_step(const StepArgs& args, int64_t n, const Tensor& like, int64_t stream) {
   if (n == 0) return;
@@ -82,11 +115,14 @@ void run_step(const StepArgs& args, int64_t n, const Tensor& like, int64_t strea
 #endif
     return;
   }
-  // Elements are independent (as the kernel's threads are): split over torch's intra-op threads.
+  // Elements are independent (as the kernel's threads are): rows split over torch's intra-op threads.
+  const int64_t W = width(args);
   const auto loop = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) run<T>(args, i);
+    at::parallel_for(0, n / W, std::max<int64_t>(1, 4096 / W), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t j = 0; j < W; ++j) run_at<T>(args, b, j);
+      }
     });
   };
   switch (dtype_of(like)) {
@@ -96,9 +132,81 @@ void run_step(const StepArgs& args, int64_t n, const Tensor& like, int64_t strea
   }
 }
 
-// out (fp32) = a @ b, a and b in the layer's dtype: fp32 accumulation and result for every dtype.
-// CPU fp32: out = a @ b through oneDNN (torch's mkldnn::_linear_pointwise, linear(a, b^T); b^T may be a
-// strided view) where torch has it: on some CPUs (AMD) MKL's sgemm takes a generic path 2-3x slower at these
+// ---- The CPU loops' first passes: a step's transcendentals (gate activations, tanh of the new c) and a layer's
+// zoneout masks, over contiguous rows in loops the compiler vectorises (built with -fno-trapping-math, so the
+// clamps become blends; FUSENN_VECTOR_CLONES: AVX2 too). Five scalar expf calls per LSTM element, and a Philox
+// evaluation per mask use, were most of a step's element-wise time; the scalar step functions then do the rest. ----
+// g[j] := sigmoid(g[j] + x[j] + bias[j]) (bias may be null), or tanh(g[j] + x[j]), for j < n.
+FUSENN_VECTOR_CLONES void activate_row(float* __restrict g, const float* __restrict x, const float* __restrict bias,
+                                       int64_t n, bool tanh) {
+  if (tanh) {
+    for (int64_t j = 0; j < n; ++j) g[j] = tanhf(g[j] + x[j]);
+  } else if (bias != nullptr) {
+    for (int64_t j = 0; j < n; ++j) g[j] = 1.0f / (1.0f + exp_poly(-(g[j] + x[j] + bias[j])));
+  } else {
+    for (int64_t j = 0; j < n; ++j) g[j] = 1.0f / (1.0f + exp_poly(-(g[j] + x[j])));
+  }
+}
+
+// tc[j] := tanh(f[j] c_prev[j] + i[j] g[j]) for j < n: the LSTM's tanh of the new c before zoneout.
+FUSENN_VECTOR_CLONES void tanh_c_new_row(float* __restrict tc, const float* __restrict i, const float* __restrict f,
+                                         const float* __restrict g, const float* __restrict c_prev, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) tc[j] = tanhf(lstm_c_new(i[j], f[j], g[j], c_prev[j]));
+}
+
+// For CPU tensors under sampled zoneout: every counter's mask of the layer, [0, counters), into keep (uint8),
+// which zo.keep then points at (one vectorised pass instead of a Philox evaluation per element and use).
+void sample_zoneout(Zoneout& zo, int64_t counters, const Tensor& like, Tensor& keep) {
+  if (zo.mode != 1 || like.is_cuda() || counters == 0) return;
+  keep = at::empty({counters}, like.options().dtype(at::kByte));
+  uint8_t* out = keep.data_ptr<uint8_t>();
+  philox_keep_host(out, 0, counters, static_cast<uint64_t>(*zo.seed), zo.threshold);
+  zo.keep = out;
+}
+
+// For CPU tensors (like): gh (rows, gates * H) fp32 := the activated gates from gx (rows, gates * H, in like's
+// dtype): the LSTM's i, f, g, o (gates 4), or the GRU's r and z with bias, its b_hh's first 2H as fp32 or null
+// (gates 3; n needs r, so its gh_n stays). The LSTM's tc (rows, H), where given, := tanh of the new c, from
+// c_prev (rows, H). Returns whether it did (Step::activated); CUDA tensors: false.
+bool activate_gates(const Tensor& like, float* gh, const void* gx, int64_t rows, int64_t gates, int64_t H,
+                    const float* bias, const float* c_prev = nullptr, float* tc = nullptr) {
+  if (like.is_cuda() || rows == 0) return !like.is_cuda();
+  const int64_t width = gates * H;
+  const auto pass = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end) {
+      std::vector<float> converted(std::is_same_v<T, float> ? 0 : width);
+      for (int64_t r = begin; r < end; ++r) {
+        float* g = gh + r * width;
+        const T* xt = static_cast<const T*>(gx) + r * width;
+        const float* x = reinterpret_cast<const float*>(xt);
+        if constexpr (!std::is_same_v<T, float>) {
+          for (int64_t k = 0; k < width; ++k) converted[k] = to_float(xt[k]);
+          x = converted.data();
+        }
+        if (gates == 4) {
+          activate_row(g, x, nullptr, 2 * H, false);
+          activate_row(g + 2 * H, x + 2 * H, nullptr, H, true);
+          activate_row(g + 3 * H, x + 3 * H, nullptr, H, false);
+          if (tc != nullptr) tanh_c_new_row(tc + r * H, g, g + H, g + 2 * H, c_prev + r * H, H);
+        } else {
+          activate_row(g, x, bias, 2 * H, false);
+        }
+      }
+    });
+  };
+  switch (dtype_of(like)) {
+    case Dtype::f32: pass(static_cast<float*>(nullptr)); break;
+    case Dtype::f16: pass(static_cast<c10::Half*>(nullptr)); break;
+    case Dtype::bf16: pass(static_cast<c10::BFloat16*>(nullptr)); break;
+  }
+  return true;
+}
+
+// out (fp32) = a @ b, a and b in the layer's dtype: fp32 accumulation and result for every dtype; out may be
+// replaced by a new tensor (its data pointer is read after the call).
+// CPU fp32: a @ b through oneDNN (torch's mkldnn::_linear_pointwise, linear(a, b^T); b^T contiguous spares it a
+// reorder) where torch has it: on some CPUs (AMD) MKL's sgemm takes a generic path 2-3x slower at these
 // shapes. False where it cannot, for at::mm to serve.
 bool onednn_mm(Tensor& out, const Tensor& a, const Tensor& b) {
   static const std::optional<c10::OperatorHandle> op =
@@ -107,7 +215,7 @@ bool onednn_mm(Tensor& out, const Tensor& a, const Tensor& b) {
   std::vector<c10::IValue> stack{a, b.t(), c10::IValue(), std::string("none"),
                                  c10::List<std::optional<at::Scalar>>(), c10::IValue()};
   op->callBoxed(stack);
-  out.copy_(stack[0].toTensor());
+  out = stack[0].toTensor();
   return true;
 }
 
@@ -120,6 +228,10 @@ void mm_f32(Tensor& out, const Tensor& a, const Tensor& b) {
     at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
   }
 }
+
+// w as mm_f32's right operand for every step of a loop: on CPU laid out so that oneDNN's weight (b^T) is
+// contiguous (one transposed copy per layer instead of a reorder per step).
+Tensor gemm_rhs(const Tensor& w) { return w.is_cuda() ? w : w.t().contiguous().t(); }
 
 // An output buffer; NaN under FUSENN_POISON=1 (the tests), so an element never written cannot pass.
 Tensor new_output(at::IntArrayRef shape, at::ScalarType dtype, const Tensor& like) {
@@ -213,9 +325,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const OpDevice device(gx);
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, P), got ", h0.sizes());
   const int64_t P = h0.size(1);
-  const Regularisers regs =
+  Regularisers regs =
       check_common(op, gx, 4, w_hh, P, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
   const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2) / 4;
+  Tensor zo_keep;
+  sample_zoneout(regs.zo, T * B * (P + H), gx, zo_keep);
   const bool proj = w_hr.has_value();
   expect(op, "h0", h0, {B, P}, gx.scalar_type(), gx, false);
   expect(op, "c0", c0, {B, H}, gx.scalar_type(), gx, false);
@@ -229,7 +343,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   Tensor ms = proj ? new_output({save ? T : 1, B, H}, at::kFloat, gx) : none(gx);
   Tensor y = new_output({T, B, P}, gx.scalar_type(), gx);
   if (T > 0 && B > 0) {
-    Tensor gh = at::empty({B, 4 * H}, gx.options().dtype(at::kFloat));
+    Tensor gh = at::empty({B, 4 * H}, gx.options().dtype(at::kFloat)), tc = at::empty({B, H}, gh.options());
     // h0 as the first operand: a buffer of its own (the steps write it), never a view of hs
     Tensor op_h = (rscale ? hs[first] * *rscale : hs[first]).to(gx.scalar_type(), false, true);
     Tensor m_op = proj ? at::empty({B, H}, gx.options()) : Tensor();
@@ -240,10 +354,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
       int64_t before, after;
       slots(t, k, reverse, save, &before, &after);
       mm_f32(gh, op_h, w_hh_t);
-      const Step s = step_at(t, T, B, lengths, regs);
+      Step s = step_at(t, T, B, lengths, regs);
+      s.activated = activate_gates(gx, gh.data_ptr<float>(), row(gx, t), B, 4, H, nullptr, row<float>(cs, before),
+                                   tc.data_ptr<float>());
       const LstmCell cell{s, H, P, row(gx, t), gh.data_ptr<float>(), row<float>(cs, before), row<float>(cs, after),
                           row<float>(hs, before), row<float>(hs, after), row(y, t), op_h.data_ptr(),
-                          proj ? row<float>(ms, save ? t : 0) : nullptr, proj ? m_op.data_ptr() : nullptr};
+                          proj ? row<float>(ms, save ? t : 0) : nullptr, proj ? m_op.data_ptr() : nullptr,
+                          s.activated ? tc.data_ptr<float>() : nullptr};
       run_step(cell, B * H, gx, stream);
       if (proj) {
         mm_f32(hp, m_op, w_hr_t);
@@ -267,9 +384,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
   const OpDevice device(gx);
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, P), got ", hs.sizes());
   const int64_t P = hs.size(2);
-  const Regularisers regs =
+  Regularisers regs =
       check_common(op, gx, 4, w_hh, P, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
   const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2) / 4;
+  Tensor zo_keep;
+  sample_zoneout(regs.zo, T * B * (P + H), gx, zo_keep);
   const bool proj = w_hr.has_value();
   expect(op, "hs", hs, {T + 1, B, P}, at::kFloat, gx);
   expect(op, "cs", cs, {T + 1, B, H}, at::kFloat, gx);
@@ -286,28 +405,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
     const auto f32 = gx.options().dtype(at::kFloat);
     Tensor gh = at::empty({T * B, 4 * H}, f32);
     mm_f32(gh, entering_product(hs, T, reverse, rscale, gx), w_hh.t());
+    Tensor tcs = at::empty({T, B, H}, f32);  // tanh of each step's new c; c_prev of step t: slot t (t + 1 in reverse)
+    const bool activated = activate_gates(gx, gh.data_ptr<float>(), gx.data_ptr(), T * B, 4, H, nullptr,
+                                          row<float>(cs, reverse ? 1 : 0), tcs.data_ptr<float>());
     Tensor dhz = at::empty({B, P}, f32), acc = at::empty({B, P}, f32);
     Tensor dhz_op = proj ? at::empty({B, P}, gx.options()) : Tensor();
     Tensor dm = proj ? at::empty({B, H}, f32) : dhz;
     Tensor dg_op = at::empty({B, 4 * H}, gx.options());
+    const Tensor w_hh_b = gemm_rhs(w_hh), w_hr_b = proj ? gemm_rhs(*w_hr) : Tensor();
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = reverse ? k : T - 1 - k;
       int64_t before, after;
       slots(t, k, reverse, true, &before, &after);
-      const Step s = step_at(t, T, B, lengths, regs);
+      Step s = step_at(t, T, B, lengths, regs);
+      s.activated = activated;
       const LstmDh into_h{s, P, row(dy, t), dh.data_ptr<float>(), dhz.data_ptr<float>(),
                           proj ? dhz_op.data_ptr() : nullptr, proj ? row<float>(dhs, t) : nullptr};
       run_step(into_h, B * P, gx, stream);
-      if (proj) mm_f32(dm, dhz_op, *w_hr);
+      if (proj) mm_f32(dm, dhz_op, w_hr_b);
       const LstmCellBackward cell{s, H, P, row(gx, t), gh.data_ptr<float>() + t * B * 4 * H, row<float>(cs, before),
                                   row<float>(cs, after), dm.data_ptr<float>(), dc.data_ptr<float>(), row<float>(dg, t),
-                                  dg_op.data_ptr()};
+                                  dg_op.data_ptr(), activated ? row<float>(tcs, t) : nullptr};
       run_step(cell, B * H, gx, stream);
-      mm_f32(acc, dg_op, w_hh);
+      mm_f32(acc, dg_op, w_hh_b);
       run_step(AddRecurrent{s, P, acc.data_ptr<float>(), dh.data_ptr<float>()}, B * P, gx, stream);
     }
   }
   return {dg, dh, dc, dhs};
+}
+
+// The GRU's b_hr and b_hz as fp32 (activate_gates adds them), or none.
+OptTensor gru_bias_rz(const OptTensor& b_hh, int64_t H) {
+  if (!b_hh) return std::nullopt;
+  return b_hh->narrow(0, 0, 2 * H).to(at::kFloat).contiguous();
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h0, const Tensor& w_hh,
@@ -318,9 +448,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h
   const OpDevice device(gx);
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, H), got ", h0.sizes());
   const int64_t H = h0.size(1);
-  const Regularisers regs =
+  Regularisers regs =
       check_common(op, gx, 3, w_hh, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
   const int64_t T = gx.size(0), B = gx.size(1);
+  Tensor zo_keep;
+  sample_zoneout(regs.zo, T * B * H, gx, zo_keep);
   expect(op, "h0", h0, {B, H}, gx.scalar_type(), gx, false);
   if (b_hh) expect(op, "b_hh", *b_hh, {3 * H}, gx.scalar_type(), gx);
 
@@ -332,12 +464,15 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h
     Tensor gh = at::empty({B, 3 * H}, gx.options().dtype(at::kFloat));
     Tensor op_h = (rscale ? hs[first] * *rscale : hs[first]).to(gx.scalar_type(), false, true);
     const Tensor w_hh_t = w_hh.t();
+    const OptTensor bias_rz = gru_bias_rz(b_hh, H);
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = reverse ? T - 1 - k : k;
       int64_t before, after;
       slots(t, k, reverse, save, &before, &after);
       mm_f32(gh, op_h, w_hh_t);
-      const GruCell cell{step_at(t, T, B, lengths, regs), H, row(gx, t), gh.data_ptr<float>(),
+      Step s = step_at(t, T, B, lengths, regs);
+      s.activated = activate_gates(gx, gh.data_ptr<float>(), row(gx, t), B, 3, H, data_or_null<float>(bias_rz));
+      const GruCell cell{s, H, row(gx, t), gh.data_ptr<float>(),
                          b_hh ? b_hh->data_ptr() : nullptr, row<float>(hs, before), row<float>(hs, after), row(y, t),
                          op_h.data_ptr()};
       run_step(cell, B * H, gx, stream);
@@ -356,9 +491,11 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dy_in, const Tenso
   const OpDevice device(gx);
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, H), got ", hs.sizes());
   const int64_t H = hs.size(2);
-  const Regularisers regs =
+  Regularisers regs =
       check_common(op, gx, 3, w_hh, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
   const int64_t T = gx.size(0), B = gx.size(1);
+  Tensor zo_keep;
+  sample_zoneout(regs.zo, T * B * H, gx, zo_keep);
   expect(op, "hs", hs, {T + 1, B, H}, at::kFloat, gx);
   expect(op, "dy", dy_in, {T, B, H}, dy_in.scalar_type(), gx, false);
   expect(op, "dh_n", dh_n, {B, H}, dh_n.scalar_type(), gx, false);
@@ -371,17 +508,21 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dy_in, const Tenso
     const auto f32 = gx.options().dtype(at::kFloat);
     Tensor gh = at::empty({T * B, 3 * H}, f32);
     mm_f32(gh, entering_product(hs, T, reverse, rscale, gx), w_hh.t());
+    const OptTensor bias_rz = gru_bias_rz(b_hh, H);
+    const bool activated = activate_gates(gx, gh.data_ptr<float>(), gx.data_ptr(), T * B, 3, H, data_or_null<float>(bias_rz));
     Tensor acc = at::empty({B, H}, f32), g_op = at::empty({B, 3 * H}, gx.options());
+    const Tensor w_hh_b = gemm_rhs(w_hh);
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = reverse ? k : T - 1 - k;
       int64_t before, after;
       slots(t, k, reverse, true, &before, &after);
-      const Step s = step_at(t, T, B, lengths, regs);
+      Step s = step_at(t, T, B, lengths, regs);
+      s.activated = activated;
       const GruCellBackward cell{s, H, row(gx, t), gh.data_ptr<float>() + t * B * 3 * H,
                                  b_hh ? b_hh->data_ptr() : nullptr, row<float>(hs, before), row(dy, t),
                                  dh.data_ptr<float>(), row<float>(dg, t), row<float>(dghn, t), g_op.data_ptr()};
       run_step(cell, B * H, gx, stream);
-      mm_f32(acc, g_op, w_hh);
+      mm_f32(acc, g_op, w_hh_b);
       run_step(AddRecurrent{s, H, acc.data_ptr<float>(), dh.data_ptr<float>()}, B * H, gx, stream);
     }
   }

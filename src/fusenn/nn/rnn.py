@@ -3,8 +3,8 @@
 Each class overrides forward and adds from_torch / to_torch; the constructor, parameter names, shapes,
 registration order, initialisation, state_dict, extra_repr and flatten_parameters are torch's own. forward keeps
 torch's input layouts (padded, batch_first, unbatched, PackedSequence sorted or not) and checks; inside, every
-layer and direction is one GEMM projecting the whole input (F.linear) followed by fusenn.ops.rnn's layer call,
-on a time-major padded batch with per-row lengths.
+layer and direction is one GEMM projecting the whole input (ops.rnn.input_projection: F.linear, or oneDNN's for
+the C++ layers on CPU) followed by fusenn.ops.rnn's layer call, on a time-major padded batch with per-row lengths.
 
 Why LSTM and GRU subclass nn.RNNBase, not nn.LSTM / nn.GRU: Dynamo (torch/_dynamo/variables/builder.py,
 wrap_module, the same test in torch 2.11 to 2.13) refuses any module for which isinstance(m, (nn.RNN, nn.GRU,
@@ -384,7 +384,7 @@ class LSTM(_Recurrent, nn.RNNBase):
     def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None, backend=None):
         # Both biases fold into the one input GEMM; the recurrence then needs no bias.
         bias = w["bias_ih"] + w["bias_hh"] if "bias_ih" in w else None
-        gx = F.linear(x, w["weight_ih"], bias)
+        gx = ops.input_projection(x, w["weight_ih"], bias, backend)
         y, h, c = ops.lstm_layer(gx, state[0], state[1], w["weight_hh"], w.get("weight_hr"), lengths, reverse,
                                  recurrent_dropout=recurrent_dropout, zoneout=zoneout, backend=backend)
         return y, (h, c)
@@ -426,7 +426,7 @@ class GRU(_Recurrent, nn.RNNBase):
     @staticmethod
     def _layer(x, state, w, lengths, reverse, recurrent_dropout=None, zoneout=None, backend=None):
         # b_hh stays inside the recurrence: the new-gate term is r * (W_hn h + b_hn).
-        gx = F.linear(x, w["weight_ih"], w.get("bias_ih"))
+        gx = ops.input_projection(x, w["weight_ih"], w.get("bias_ih"), backend)
         y, h = ops.gru_layer(gx, state[0], w["weight_hh"], w.get("bias_hh"), lengths, reverse,
                              recurrent_dropout=recurrent_dropout, zoneout=zoneout, backend=backend)
         return y, (h,)

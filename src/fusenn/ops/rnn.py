@@ -149,9 +149,55 @@ def _grad_matmul(grad_rows: Tensor, inputs: Tensor, dtype) -> Tensor:
     Autocast is off here: backward may run inside the caller's autocast region."""
     with torch.autocast(grad_rows.device.type, enabled=False):
         a, b = grad_rows.reshape(-1, grad_rows.shape[-1]).t(), inputs.reshape(-1, inputs.shape[-1])
-        if _onednn_fp32(a, b):  # a @ b as oneDNN's linear(a, b^T), 2-3x MKL's sgemm on some CPUs (AMD)
-            return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "").to(dtype)
+        if _onednn_fp32(a, b):  # oneDNN's linear, 2-3x MKL's sgemm on some CPUs (AMD); its input is made
+            # contiguous, so the narrower of the two is the one transposed: (b^T a)^T or a b
+            if b.shape[1] <= a.shape[0]:
+                return _onednn_linear(b.t().contiguous(), a).t().contiguous().to(dtype)
+            return _onednn_linear(a.contiguous(), b.t()).to(dtype)
         return (a @ b).to(dtype)
+
+
+def input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    """F.linear(x, weight, bias): a layer's input GEMM over all steps. For the C++ layers on CPU tensors (backend
+    "cpp", fp32, no autocast, not traced) forward and backward run through oneDNN, as the layers' own GEMMs do."""
+    if (backend != "cpp" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+            or not _onednn_fp32(x, weight) or (bias is not None and bias.dtype != torch.float32)):
+        return torch.nn.functional.linear(x, weight, bias)
+    return _OneDNNLinear.apply(x, weight, bias)
+
+
+def _onednn_linear(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """a (rows, in) @ weight (out, in)^T + bias through oneDNN: torch.ops.mkldnn._linear_pointwise."""
+    return torch.ops.mkldnn._linear_pointwise(a, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear through oneDNN on CPU fp32: 2-3x MKL's sgemm at RNN shapes on some CPUs (AMD), so the input
+    projection of the C++ layers is not the slow half of a step."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return _onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        rows = grad.reshape(-1, grad.shape[-1])
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _onednn_linear(rows, weight.t()).reshape(x.shape) if rows.numel() else torch.zeros_like(x)
+        if ctx.needs_input_grad[1]:
+            dw = _grad_matmul(grad, x, weight.dtype) if rows.numel() else torch.zeros_like(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = rows.sum(0)
+        return dx, dw, db
 
 
 def _onednn_fp32(a: Tensor, b: Tensor) -> bool:
