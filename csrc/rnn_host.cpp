@@ -392,7 +392,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dy_in, const Tenso
 // ---- The persistent layers (csrc/rnn_persist.cuh): one cooperative launch per layer and direction on a
 // GPU; on CPU tensors the grid's emulation through the same per-CTA functions. Same inputs and results as
 // the ops above (no projection), plus `grid`: the CTAs asked for (0: the launcher's plan; on the host, the
-// plan for an H200). ----
+// plan for an H200), and `tf32`: fp32 products may run on TF32 tensor cores (torch.backends.cudnn.allow_tf32;
+// the plan takes them where their layout fits, the host emulation rounds the operands as cvt.rna does). ----
 
 persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, const OptTensor& b_hh,
                            const OptTensor& lengths, bool reverse, bool save, const Regularisers& regs) {
@@ -416,7 +417,7 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
 template <class T>
 void emulate_grid(const persist::Args& a, bool backward) {
   using namespace persist;
-  const Layout l = layout_for(a.gates, backward, static_cast<int>(sizeof(T)), a.H, a.units, a.chunk);
+  const Layout l = layout_for(a.gates, backward, static_cast<int>(sizeof(T)), a.H, a.units, a.chunk, a.tf32);
   std::vector<std::vector<T>> w(a.grid, std::vector<T>(l.Np * l.ldw));  // each CTA's shared-memory slice
   std::vector<T> st(kTileB * l.lda);
   std::vector<float> acc(l.splits * kTileB * l.Np);
@@ -438,8 +439,10 @@ void emulate_grid(const persist::Args& a, bool backward) {
   }
 }
 
-void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t grid, int64_t stream, const char* op) {
+void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t grid, bool tf32, int64_t stream,
+                 const char* op) {
   TORCH_CHECK(grid >= 0, "fusenn_cuda::", op, ": grid must be non-negative, got ", grid);
+  a.tf32 = tf32 && like.scalar_type() == at::kFloat;
   if (like.is_cuda()) {
 #ifdef FUSENN_WITH_CUDA
     Tensor sync = at::zeros({2}, like.options().dtype(at::kInt));  // arrivals, error flag
@@ -464,8 +467,9 @@ void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t gr
     return;
   }
   const persist::Plan p =
-      persist::plan(a.gates, backward, static_cast<int>(like.element_size()), a.H, persist::kH200, 0, 0, grid);
+      persist::plan(a.gates, backward, static_cast<int>(like.element_size()), a.H, persist::kH200, 0, 0, grid, a.tf32);
   TORCH_CHECK(p.why.empty(), "fusenn_cuda::", op, ": ", p.why);
+  a.tf32 = p.tf32;
   a.grid = static_cast<int32_t>(p.grid);
   a.units = static_cast<int32_t>(p.units);
   a.chunk = static_cast<int32_t>(p.chunk);
@@ -479,7 +483,7 @@ void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t gr
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_persist_forward(
     const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh_in, const OptTensor& w_hr,
     const OptTensor& lengths, bool reverse, bool save, const OptTensor& rscale, const OptTensor& zo_seed,
-    int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream, int64_t grid) {
+    int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream, int64_t grid, bool tf32) {
   constexpr const char* op = "lstm_persist_forward";
   const OpDevice device(gx);
   TORCH_CHECK(!w_hr.has_value(), "fusenn_cuda::", op, ": the persistent LSTM has no projection (proj_size); "
@@ -508,7 +512,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_persist_forward(
     a.y = y.data_ptr();
     a.op = op_h.data_ptr();
     a.gh = gh.data_ptr<float>();
-    run_persist(a, gx, false, grid, stream, op);
+    run_persist(a, gx, false, grid, tf32, stream, op);
   }
   const int64_t last = save ? (reverse ? 0 : T) : T % 2;
   return {y, hs[last].to(gx.scalar_type(), false, true), cs[last].to(gx.scalar_type(), false, true),
@@ -519,7 +523,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_persist_backward(
     const Tensor& dy_in, const Tensor& dh_n, const Tensor& dc_n, const Tensor& gx, const Tensor& w_hh_in,
     const OptTensor& w_hr, const OptTensor& lengths, bool reverse, const Tensor& hs, const Tensor& cs,
     const OptTensor& rscale, const OptTensor& zo_seed, int64_t zo_mode, int64_t zo_threshold, double zo_u,
-    int64_t stream, int64_t grid) {
+    int64_t stream, int64_t grid, bool tf32) {
   constexpr const char* op = "lstm_persist_backward";
   const OpDevice device(gx);
   TORCH_CHECK(!w_hr.has_value(), "fusenn_cuda::", op, ": the persistent LSTM has no projection (proj_size); "
@@ -553,7 +557,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_persist_backward(
     a.dhz = dhz.data_ptr<float>();
     a.dg = dg.data_ptr<float>();
     a.dg_op = dg_op.data_ptr();
-    run_persist(a, gx, true, grid, stream, op);
+    run_persist(a, gx, true, grid, tf32, stream, op);
   }
   return {dg, dh, dc, none(gx)};
 }
@@ -562,7 +566,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_forward(const Tensor& gx, const T
                                                        const OptTensor& b_hh, const OptTensor& lengths, bool reverse,
                                                        bool save, const OptTensor& rscale, const OptTensor& zo_seed,
                                                        int64_t zo_mode, int64_t zo_threshold, double zo_u,
-                                                       int64_t stream, int64_t grid) {
+                                                       int64_t stream, int64_t grid, bool tf32) {
   constexpr const char* op = "gru_persist_forward";
   const OpDevice device(gx);
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, H), got ", h0.sizes());
@@ -586,7 +590,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_forward(const Tensor& gx, const T
     a.y = y.data_ptr();
     a.op = op_h.data_ptr();
     a.gh = gh.data_ptr<float>();
-    run_persist(a, gx, false, grid, stream, op);
+    run_persist(a, gx, false, grid, tf32, stream, op);
   }
   const int64_t last = save ? (reverse ? 0 : T) : T % 2;
   return {y, hs[last].to(gx.scalar_type(), false, true), save ? hs : none(gx)};
@@ -597,7 +601,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_backward(const Tensor& dy_in, con
                                                         const OptTensor& lengths, bool reverse, const Tensor& hs,
                                                         const OptTensor& rscale, const OptTensor& zo_seed,
                                                         int64_t zo_mode, int64_t zo_threshold, double zo_u,
-                                                        int64_t stream, int64_t grid) {
+                                                        int64_t stream, int64_t grid, bool tf32) {
   constexpr const char* op = "gru_persist_backward";
   const OpDevice device(gx);
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, H), got ", hs.sizes());
@@ -626,19 +630,20 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_backward(const Tensor& dy_in, con
     a.dg = dg.data_ptr<float>();
     a.dghn = dghn.data_ptr<float>();
     a.dg_op = dg_op.data_ptr();
-    run_persist(a, gx, true, grid, stream, op);
+    run_persist(a, gx, true, grid, tf32, stream, op);
   }
   return {dg, dghn, dh};
 }
 
 // The persistent launch's plan for a machine (grid, units per CTA, dynamic shared memory per CTA, CTAs per
-// SM, and the reason it cannot launch or ""): machine = [SMs, shared memory per block (opt-in), per SM,
-// registers per SM, threads per SM, blocks per SM], empty for an H200's; regs: registers per thread of the
-// kernel (0: unknown). What the static test evaluates with ptxas's numbers.
-std::tuple<int64_t, int64_t, int64_t, int64_t, std::string> persist_plan(int64_t gates, bool backward, int64_t elem,
-                                                                          int64_t H, int64_t grid,
-                                                                          at::IntArrayRef machine, int64_t regs,
-                                                                          int64_t static_smem) {
+// SM, and the reason it cannot launch or "", whether fp32 products take TF32): machine = [SMs, shared memory
+// per block (opt-in), per SM, registers per SM, threads per SM, blocks per SM], empty for an H200's; regs:
+// registers per thread of the kernel (0: unknown); tf32: TF32 allowed. What the static test evaluates with
+// ptxas's numbers.
+std::tuple<int64_t, int64_t, int64_t, int64_t, std::string, bool> persist_plan(int64_t gates, bool backward,
+                                                                                int64_t elem, int64_t H, int64_t grid,
+                                                                                at::IntArrayRef machine, int64_t regs,
+                                                                                int64_t static_smem, bool tf32) {
   TORCH_CHECK(gates == 3 || gates == 4, "fusenn_cuda::persist_plan: gates must be 3 (GRU) or 4 (LSTM), got ", gates);
   TORCH_CHECK(elem == 2 || elem == 4, "fusenn_cuda::persist_plan: elem must be 2 or 4 bytes, got ", elem);
   TORCH_CHECK(machine.empty() || machine.size() == 6, "fusenn_cuda::persist_plan: machine takes 6 numbers, got ",
@@ -647,8 +652,8 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, std::string> persist_plan(int64_t
                                              : persist::Machine{machine[0], machine[1], machine[2],
                                                                 machine[3], machine[4], machine[5]};
   const persist::Plan p = persist::plan(static_cast<int>(gates), backward, static_cast<int>(elem), H, m, regs,
-                                        static_smem, grid);
-  return {p.grid, p.units, p.smem, p.per_sm, p.why};
+                                        static_smem, grid, tf32);
+  return {p.grid, p.units, p.smem, p.per_sm, p.why, p.tf32};
 }
 
 // Why the persistent kernel cannot take hidden_size H in dtype (0 fp32, 1 fp16, 2 bf16) on CUDA device
@@ -658,7 +663,8 @@ std::string persist_reason(int64_t device, int64_t dtype, int64_t gates, bool ba
   TORCH_CHECK(dtype >= 0 && dtype <= 2, "fusenn_cuda::persist_reason: dtype must be 0, 1 or 2, got ", dtype);
   TORCH_CHECK(gates == 3 || gates == 4, "fusenn_cuda::persist_reason: gates must be 3 or 4, got ", gates);
   if (device < 0) {
-    return persist::plan(static_cast<int>(gates), backward, dtype == 0 ? 4 : 2, H, persist::kH200, 0, 0, grid).why;
+    return persist::plan(static_cast<int>(gates), backward, dtype == 0 ? 4 : 2, H, persist::kH200, 0, 0, grid, false)
+        .why;
   }
 #ifdef FUSENN_WITH_CUDA
   DeviceGuard guard(static_cast<int>(device));
@@ -687,21 +693,22 @@ TORCH_LIBRARY_FRAGMENT(fusenn_cuda, m) {
   m.def("gru_backward(Tensor dy, Tensor dh_n, Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, "
         "Tensor hs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream) -> "
         "(Tensor, Tensor, Tensor)");
-  // The persistent layers: the same arguments and results, plus the CTAs asked for (0: planned).
+  // The persistent layers: the same arguments and results, plus the CTAs asked for (0: planned) and whether fp32
+  // products may use TF32.
   m.def("lstm_persist_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
         "bool reverse, bool save, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, "
-        "int stream, int grid) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int stream, int grid, bool tf32=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_persist_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor gx, Tensor w_hh, Tensor? w_hr, "
         "Tensor? lengths, bool reverse, Tensor hs, Tensor cs, Tensor? rscale, Tensor? zo_seed, int zo_mode, "
-        "int zo_threshold, float zo_u, int stream, int grid) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int zo_threshold, float zo_u, int stream, int grid, bool tf32=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gru_persist_forward(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, "
         "bool save, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream, "
-        "int grid) -> (Tensor, Tensor, Tensor)");
+        "int grid, bool tf32=False) -> (Tensor, Tensor, Tensor)");
   m.def("gru_persist_backward(Tensor dy, Tensor dh_n, Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
         "bool reverse, Tensor hs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, "
-        "int stream, int grid) -> (Tensor, Tensor, Tensor)");
+        "int stream, int grid, bool tf32=False) -> (Tensor, Tensor, Tensor)");
   m.def("persist_plan(int gates, bool backward, int elem, int H, int grid, int[] machine, int regs, "
-        "int static_smem) -> (int, int, int, int, str)", &fusenn::persist_plan);
+        "int static_smem, bool tf32=False) -> (int, int, int, int, str, bool)", &fusenn::persist_plan);
   m.def("persist_reason(int device, int dtype, int gates, bool backward, int H, int grid) -> str",
         &fusenn::persist_reason);
 }

@@ -121,7 +121,7 @@ int elem_of(Dtype dtype) { return dtype == Dtype::f32 ? 4 : 2; }
 
 // The plan for the current device and the kernel's registers, confirmed by the occupancy API; *why says
 // what stops it (empty when nothing does).
-Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_req, std::string* why) {
+Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_req, bool tf32, std::string* why) {
   Plan p{};
   int device = 0, coop = 0;
   int v[6] = {0, 0, 0, 0, 0, 0};
@@ -144,7 +144,8 @@ Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_
     return p;
   }
   const Machine m{v[0], v[1], v[2], v[3], v[4], v[5]};
-  p = plan(gates, backward, elem_of(dtype), H, m, fa.numRegs, static_cast<int64_t>(fa.sharedSizeBytes), grid_req);
+  p = plan(gates, backward, elem_of(dtype), H, m, fa.numRegs, static_cast<int64_t>(fa.sharedSizeBytes), grid_req,
+           tf32);
   if (!p.why.empty()) {
     *why = p.why;
     return p;
@@ -167,13 +168,14 @@ Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_
 int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_t grid_req, Stream stream,
                             std::string* why) {
   why->clear();
-  const Plan p = device_plan(dtype, args.gates, backward, args.H, grid_req, why);
+  const Plan p = device_plan(dtype, args.gates, backward, args.H, grid_req, args.tf32, why);
   if (!why->empty()) return 0;
   Args a = args;
   a.grid = static_cast<int32_t>(p.grid);
   a.units = static_cast<int32_t>(p.units);
   a.chunk = static_cast<int32_t>(p.chunk);
-  Layout l = layout_for(a.gates, backward, elem_of(dtype), a.H, a.units, a.chunk);
+  a.tf32 = p.tf32;
+  Layout l = layout_for(a.gates, backward, elem_of(dtype), a.H, a.units, a.chunk, a.tf32);
   void* params[] = {&a, &l};
   return static_cast<int>(cudaLaunchCooperativeKernel(kernel_of(dtype, backward), dim3(static_cast<unsigned>(p.grid)),
                                                       dim3(kThreads), params, static_cast<size_t>(p.smem), stream));
@@ -181,7 +183,7 @@ int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_
 
 std::string persist::persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_req) {
   std::string why;
-  device_plan(dtype, gates, backward, H, grid_req, &why);
+  device_plan(dtype, gates, backward, H, grid_req, false, &why);  // TF32 or not, the same grid launches
   return why;
 }
 

@@ -6,18 +6,22 @@
 // Partition: with U units per CTA, CTA c owns hidden units J_c = [c U, min((c + 1) U, H)).
 // - Forward keeps the gate rows of J_c (gates x U rows of W_hh, row q U + u = W_hh row q H + c U + u). Per
 //   step and 16-row batch tile: stage h_{t-1} (the previous step's operand, T, B x H) in shared memory in
-//   K-chunks, gate products with fp32 accumulation (wmma tensor cores for fp16/bf16; exact fp32 FMA for
-//   fp32), then csrc/rnn.cuh's LstmCell / GruCell for each (b, j in J_c): gates, cell, zoneout, lengths,
-//   outputs and the next step's operand (times recurrent dropout's r/(1-p), rounded to T). One grid
-//   barrier per step publishes the operand; two operand buffers alternate.
+//   K-chunks, gate products with fp32 accumulation (wmma tensor cores for fp16/bf16; for fp32 TF32 wmma
+//   where the launch allows TF32 and its padded slice fits, else exact fp32 FMA), then csrc/rnn.cuh's
+//   LstmCell / GruCell for each (b, j in J_c): gates, cell, zoneout, lengths, outputs and the next step's
+//   operand (times recurrent dropout's r/(1-p), rounded to T). One grid barrier per step publishes the operand;
+//   two operand buffers alternate.
 // - Backward keeps the columns J_c of W_hh (every gate row). Per step: dh_{t-1}[:, J_c] += dgates_t W_hh[:,
 //   J_c] from the operand every CTA published before the last barrier (csrc/rnn.cuh's AddRecurrent), then
 //   LstmDh + LstmCellBackward / GruCellBackward for J_c, which publish dgates_t; one barrier per step.
 //   The gates' pre-activations (gh) of all steps come from one GEMM before the launch, the weight
 //   gradients from one GEMM after it (fusenn.ops.rnn).
+// TF32 (fp32 layers under torch.backends.cudnn.allow_tf32): W_hh's slice and each staged chunk are rounded
+// to TF32 once, as cvt.rna.tf32.f32 does (round_tf32), and the m16n16k8 products accumulate in fp32.
 // The includer declares to_float / from_float for its 16-bit types first, as for rnn.cuh.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "rnn.cuh"
@@ -49,27 +53,48 @@ FUSENN_HD void divmod(int64_t x, int64_t d, int64_t* q, int64_t* r) {
   *r = xx - qq * dd;
 }
 
+// x rounded to TF32 (10 mantissa bits) to nearest, ties away from zero: cvt.rna.tf32.f32 on the GPU, its
+// bit-exact twin on the host (NaN and infinity pass through; a carry out of the mantissa rounds up the exponent).
+FUSENN_HD float round_tf32(float x) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+#else
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & ~0x1fffu;
+  float r;
+  memcpy(&r, &u, 4);
+  return r;
+#endif
+}
+
 // One CTA's shared memory for out[b][n] = sum_k A[b][k] W[n][k] over N weight rows (padded to Np) and K:
 // the weight slice (Np x ldw), a staged activation chunk (kTileB x lda), and fp32 partial sums
-// (splits x kTileB x Np; splits > 1 when the MMA warps split K). Offsets in bytes, 128-byte aligned.
+// (splits x kTileB x Np; splits > 1 when the MMA warps split K). mma: tensor-core tiles (always for 16-bit,
+// TF32 for fp32), else fp32 FMA. Offsets in bytes, 128-byte aligned.
 struct Layout {
   int64_t N, Np, K, Kp, ldw, chunk, lda, splits;
   int64_t w_off, a_off, acc_off, bytes;
+  bool mma;
 };
 
-FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk) {
+FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk, bool tf32) {
   Layout l{};
+  l.mma = elem == 2 || tf32;
   l.N = N;
-  l.Np = elem == 2 ? round_up(N, 16) : N;  // MMA tiles of 16 weight rows; the FMA path needs no padding
+  l.Np = l.mma ? round_up(N, 16) : N;  // MMA tiles of 16 weight rows; the FMA path needs no padding
   l.K = K;
   l.Kp = round_up(K, 16);
-  // weights: 16-bit rows padded by 8 (wmma needs ldm % 8 == 0), fp32 rows by 1 (an odd stride: no bank conflicts);
-  // the staged chunk's rows stay 16-byte aligned for vector stores (and 4 floats apart in banks for fp32)
-  l.ldw = l.Kp + (elem == 2 ? 8 : 1);
+  // weights: MMA rows padded by 16 bytes (wmma needs ldm a multiple of 16 bytes), FMA rows by 1 float (an odd
+  // stride: no bank conflicts); the staged chunk's rows stay 16-byte aligned for vector stores (and 4 floats
+  // apart in banks for fp32)
+  l.ldw = l.Kp + (elem == 2 ? 8 : l.mma ? 4 : 1);
   l.chunk = min64(l.Kp, chunk);  // a multiple of 16
   l.lda = l.chunk + (elem == 2 ? 8 : 4);
   const int64_t tiles = l.Np / 16;
-  l.splits = (elem == 2 && tiles < kWarps) ? kWarps / tiles : 1;
+  l.splits = (l.mma && tiles < kWarps) ? kWarps / tiles : 1;
   l.w_off = 0;
   l.a_off = round_up(l.Np * l.ldw * elem, 128);
   l.acc_off = l.a_off + round_up(kTileB * l.lda * elem, 128);
@@ -78,8 +103,8 @@ FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk) {
 }
 
 // Forward: N = gates x U rows over K = H; backward: N = U columns over K = gates x H.
-FUSENN_HD Layout layout_for(int gates, bool backward, int elem, int64_t H, int64_t U, int64_t chunk) {
-  return backward ? layout(U, gates * H, elem, chunk) : layout(gates * U, H, elem, chunk);
+FUSENN_HD Layout layout_for(int gates, bool backward, int elem, int64_t H, int64_t U, int64_t chunk, bool tf32) {
+  return backward ? layout(U, gates * H, elem, chunk, tf32) : layout(gates * U, H, elem, chunk, tf32);
 }
 
 // What one machine offers a CTA: SMs, shared memory a block may opt into and an SM holds, registers and
@@ -93,15 +118,17 @@ constexpr int64_t kReservedSmem = 1024;  // per block, sm_80 and later
 
 struct Plan {
   int64_t grid, units, smem, per_sm, chunk;
+  bool tf32;        // fp32 products on TF32 tensor cores (Layout::mma)
   std::string why;  // empty when the launch can go ahead
 };
 
 // The grid for a layer: U units per CTA (a multiple of 4, so an LSTM CTA's gate rows fill 16-row MMA tiles)
 // spreading H over the SMs, or ceil(H / grid) units when a grid is asked for; then whether that grid can be
 // co-resident with `regs` registers per thread (0: unknown) and `static_smem` bytes of static shared memory.
-inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m, int64_t regs, int64_t static_smem,
-                 int64_t grid_req) {
+inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, const Machine& m, int64_t regs,
+                        int64_t static_smem, int64_t grid_req, bool tf32) {
   Plan p{};
+  p.tf32 = elem == 4 && tf32;
   if (H <= 0) {
     p.why = "hidden_size must be positive";
     return p;
@@ -109,10 +136,10 @@ inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m
   p.units = grid_req > 0 ? (H + grid_req - 1) / grid_req : round_up((H + m.sms - 1) / m.sms, 4);
   p.grid = (H + p.units - 1) / p.units;
   p.chunk = kChunk;
-  const Layout l = layout_for(gates, backward, elem, H, p.units, p.chunk);
+  const Layout l = layout_for(gates, backward, elem, H, p.units, p.chunk, p.tf32);
   p.smem = l.bytes;
   const char* what = backward ? "backward" : "forward";
-  if (elem == 2 && l.Np > kMaxRows) {
+  if (l.mma && l.Np > kMaxRows) {
     p.why = std::string("the persistent ") + what + " kernel covers at most " + std::to_string(kMaxRows) +
             " weight rows per CTA, hidden_size " + std::to_string(H) + " on " + std::to_string(p.grid) +
             " CTAs needs " + std::to_string(l.N);
@@ -133,7 +160,7 @@ inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m
   int64_t per_sm = per_sm_for(p.smem);
   // a wider staged chunk where the grid still fits: fewer staging rounds (and barriers inside the CTA) a step
   for (int64_t chunk = kWideChunk; per_sm * m.sms >= p.grid && chunk > kChunk; chunk /= 2) {
-    const int64_t smem = layout_for(gates, backward, elem, H, p.units, chunk).bytes;
+    const int64_t smem = layout_for(gates, backward, elem, H, p.units, chunk, p.tf32).bytes;
     if (smem + static_smem <= m.smem_block && per_sm_for(smem) * m.sms >= p.grid) {
       p.chunk = chunk;
       p.smem = smem;
@@ -151,11 +178,24 @@ inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m
   return p;
 }
 
+// plan_layout's grid; tf32 (fp32 layers only) allows TF32 tensor cores, which the plan takes where their
+// layout (gate rows padded to 16-row tiles) can launch, else exact FMA as without it: allowed, not required,
+// like torch's flag for cuDNN.
+inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m, int64_t regs, int64_t static_smem,
+                 int64_t grid_req, bool tf32) {
+  if (elem == 4 && tf32) {
+    Plan p = plan_layout(gates, backward, elem, H, m, regs, static_smem, grid_req, true);
+    if (p.why.empty()) return p;
+  }
+  return plan_layout(gates, backward, elem, H, m, regs, static_smem, grid_req, false);
+}
+
 // Everything a launch needs. Tensors are contiguous; T is the layer's dtype, state and gradients fp32.
 struct Args {
   int64_t T, B, H;
   int32_t gates, grid, units, chunk;  // gates: 4 LSTM, 3 GRU; units per CTA; K columns staged at once (Plan)
   bool reverse, save;
+  bool tf32;          // fp32: TF32 products allowed in; the plan's choice (Plan::tf32) once planned
   const void* gx;     // (T, B, gates H) T
   const void* w_hh;   // (gates H, H) T
   const void* b_hh;   // (gates H,) T or null (GRU)
@@ -216,7 +256,18 @@ FUSENN_HD T load_fresh(const T* p) {
 #endif
 }
 
-// Phase 0, once per launch: the CTA's weight slice into shared memory, zero-padded to Np x Kp.
+// An MMA operand as the tensor cores take it: fp32 rounded to TF32 on the TF32 path, 16-bit as it is.
+template <class T>
+FUSENN_HD T mma_operand(T v, const Layout& l) {
+  if constexpr (sizeof(T) == 4) {
+    return l.mma ? round_tf32(v) : v;
+  } else {
+    return v;
+  }
+}
+
+// Phase 0, once per launch: the CTA's weight slice into shared memory, zero-padded to Np x Kp (TF32-rounded on
+// the TF32 path).
 template <class T>
 FUSENN_HD void load_weights(const Args& a, bool backward, int64_t cta, T* w, const Layout& l, int tid, int nt) {
   const T* src = static_cast<const T*>(a.w_hh);
@@ -236,7 +287,7 @@ FUSENN_HD void load_weights(const Args& a, bool backward, int64_t cta, T* w, con
         if (j < H) v = src[(q * H + j) * H + k];
       }
     }
-    w[n * l.ldw + k] = v;
+    w[n * l.ldw + k] = mma_operand(v, l);
   }
 }
 
@@ -256,8 +307,9 @@ FUSENN_HD Vec16 load_fresh16(const void* p) {
 #endif
 }
 
-// Rows b0 .. b0 + kTileB of A (rows x K, T) from column c0 into the staging buffer, zero past the ends:
-// 16 bytes at a time when K allows (rows 16-byte aligned), else element by element.
+// Rows b0 .. b0 + kTileB of A (rows x K, T) from column c0 into the staging buffer, zero past the ends
+// (TF32-rounded on the TF32 path): 16 bytes at a time when K allows (rows 16-byte aligned), else element by
+// element.
 template <class T>
 FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, const Layout& l, int tid, int nt) {
   const int64_t width = min64(l.chunk, l.Kp - c0);  // a multiple of 16
@@ -268,7 +320,15 @@ FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, c
       int64_t b, kv;
       divmod(idx, vectors, &b, &kv);
       const int64_t gb = b0 + b, gk = c0 + kv * V;
-      const Vec16 v = (gb < rows && gk < l.K) ? load_fresh16(A + gb * l.K + gk) : Vec16{{0u, 0u, 0u, 0u}};
+      Vec16 v = (gb < rows && gk < l.K) ? load_fresh16(A + gb * l.K + gk) : Vec16{{0u, 0u, 0u, 0u}};
+      if (sizeof(T) == 4 && l.mma) {
+        for (uint32_t& word : v.w) {
+          float f;
+          memcpy(&f, &word, 4);
+          f = round_tf32(f);
+          memcpy(&word, &f, 4);
+        }
+      }
 #if defined(__CUDA_ARCH__)
       *reinterpret_cast<Vec16*>(dst + b * l.lda + kv * V) = v;  // +0.0 is all-zero bits in every T
 #else
@@ -281,13 +341,13 @@ FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, c
     int64_t b, k;
     divmod(idx, width, &b, &k);
     const int64_t gb = b0 + b, gk = c0 + k;
-    dst[b * l.lda + k] = (gb < rows && gk < l.K) ? load_fresh(A + gb * l.K + gk) : zero<T>();
+    dst[b * l.lda + k] = (gb < rows && gk < l.K) ? mma_operand(load_fresh(A + gb * l.K + gk), l) : zero<T>();
   }
 }
 
 // Tensor-core fragments of 16 x 16 x 16 tiles (A row-major, B column-major, fp32 accumulator): wmma's on the
 // GPU; on the host plain arrays with fp32 FMA accumulation, so the grid's emulation runs the MMA path's
-// tiling, K-split and reduction on the same fp16/bf16 operands.
+// tiling, K-split and reduction on the same fp16/bf16 (or TF32-rounded fp32) operands.
 #if defined(__CUDA_ARCH__)
 template <class T>
 struct Mma {
@@ -302,6 +362,38 @@ struct Mma {
     nvcuda::wmma::load_matrix_sync(b, p, static_cast<unsigned>(ld));
   }
   static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) { nvcuda::wmma::mma_sync(c, a, b, c); }
+  static __device__ __forceinline__ void store(float* p, const C& c, int64_t ld) {
+    nvcuda::wmma::store_matrix_sync(p, c, static_cast<unsigned>(ld), nvcuda::wmma::mem_row_major);
+  }
+};
+// fp32 on TF32 tensor cores: a 16-wide K block is two m16n16k8 products. The operands in shared memory are
+// TF32 already (stage, load_weights), so the fragments need no conversion.
+template <>
+struct Mma<float> {
+  using A8 = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                                    nvcuda::wmma::row_major>;
+  using B8 = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                                    nvcuda::wmma::col_major>;
+  using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
+  struct A {
+    A8 k[2];
+  };
+  struct B {
+    B8 k[2];
+  };
+  static __device__ __forceinline__ void zero(C& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
+  static __device__ __forceinline__ void load_a(A& a, const float* p, int64_t ld) {
+    nvcuda::wmma::load_matrix_sync(a.k[0], p, static_cast<unsigned>(ld));
+    nvcuda::wmma::load_matrix_sync(a.k[1], p + 8, static_cast<unsigned>(ld));
+  }
+  static __device__ __forceinline__ void load_b(B& b, const float* p, int64_t ld) {
+    nvcuda::wmma::load_matrix_sync(b.k[0], p, static_cast<unsigned>(ld));
+    nvcuda::wmma::load_matrix_sync(b.k[1], p + 8, static_cast<unsigned>(ld));
+  }
+  static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) {
+    nvcuda::wmma::mma_sync(c, a.k[0], b.k[0], c);
+    nvcuda::wmma::mma_sync(c, a.k[1], b.k[1], c);
+  }
   static __device__ __forceinline__ void store(float* p, const C& c, int64_t ld) {
     nvcuda::wmma::store_matrix_sync(p, c, static_cast<unsigned>(ld), nvcuda::wmma::mem_row_major);
   }
@@ -412,12 +504,14 @@ FUSENN_HD void tile_product_fma(const T* A, int64_t rows, int64_t b0, const T* w
   FUSENN_SYNC();
 }
 
-// acc[b][n] = sum_k A[b0 + b][k] w[n][k] for the batch tile at b0, fp32 accumulation: fp16/bf16 on the MMA
-// path (tensor cores on the GPU), fp32 by exact FMA in k order.
+// acc[b][n] = sum_k A[b0 + b][k] w[n][k] for the batch tile at b0, fp32 accumulation: fp16/bf16 and TF32 on
+// the MMA path (tensor cores on the GPU), fp32 otherwise by exact FMA in k order.
 template <class T>
 FUSENN_HD void tile_product(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
                             int tid, int nt) {
   if constexpr (sizeof(T) == 2) {
+    tile_product_mma(A, rows, b0, w, l, st, acc, tid, nt);
+  } else if (l.mma) {
     tile_product_mma(A, rows, b0, w, l, st, acc, tid, nt);
   } else {
     tile_product_fma(A, rows, b0, w, l, st, acc, tid, nt);

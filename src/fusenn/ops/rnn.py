@@ -107,10 +107,11 @@ GPU_ORDER = ("persistent", "triton", "cuda")
 
 def _cpp(impl: str, name: str):
     """The C++ op `name` of torch.ops.fusenn_cuda, or for impl "persistent" its persistent twin (the same
-    arguments, and the grid the launcher plans)."""
+    arguments, the grid the launcher plans, and TF32 for fp32 products where torch.backends.cudnn.allow_tf32
+    allows it, read at each call as the Triton kernels and cuDNN's nn.LSTM do)."""
     if impl == "persistent":
         op = getattr(torch.ops.fusenn_cuda, name.replace("_", "_persist_", 1))
-        return lambda *args: op(*args, 0)
+        return lambda *args: op(*args, 0, bool(torch.backends.cudnn.allow_tf32))
     return getattr(torch.ops.fusenn_cuda, name)
 
 
