@@ -486,8 +486,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_persist_forward(
     int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream, int64_t grid, bool tf32) {
   constexpr const char* op = "lstm_persist_forward";
   const OpDevice device(gx);
-  TORCH_CHECK(!w_hr.has_value(), "fusenn_cuda::", op, ": the persistent LSTM has no projection (proj_size); "
-              "lstm_forward takes w_hr");
+  TORCH_CHECK(!w_hr.has_value(), "fusenn_cuda::", op, ": the persistent LSTM has no projection (proj_size), got "
+              "w_hr of shape ", w_hr ? w_hr->sizes() : at::IntArrayRef{}, "; lstm_forward takes w_hr");
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, H), got ", h0.sizes());
   const int64_t H = h0.size(1);
   const Regularisers regs = check_common(op, gx, 4, w_hh_in, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
@@ -526,8 +526,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_persist_backward(
     int64_t stream, int64_t grid, bool tf32) {
   constexpr const char* op = "lstm_persist_backward";
   const OpDevice device(gx);
-  TORCH_CHECK(!w_hr.has_value(), "fusenn_cuda::", op, ": the persistent LSTM has no projection (proj_size); "
-              "lstm_backward takes w_hr");
+  TORCH_CHECK(!w_hr.has_value(), "fusenn_cuda::", op, ": the persistent LSTM has no projection (proj_size), got "
+              "w_hr of shape ", w_hr ? w_hr->sizes() : at::IntArrayRef{}, "; lstm_backward takes w_hr");
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, H), got ", hs.sizes());
   const int64_t H = hs.size(2);
   const Regularisers regs = check_common(op, gx, 4, w_hh_in, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);

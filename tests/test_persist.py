@@ -239,8 +239,12 @@ def test_persist_inference_keeps_two_state_slots(persistent):
 def test_persist_ops_check_their_inputs(twin):
     gx, h0, c0, w_hh, w_hr = _lstm_inputs(3, 2, 5, 3, torch.float32, "cpu")
     regs = (None, None, 0, 0, 1.0, 0)
-    with pytest.raises(RuntimeError, match="has no projection"):
+    with pytest.raises(RuntimeError, match=r"has no projection \(proj_size\), got w_hr of shape \[3, 5\]; "
+                                           "lstm_forward takes w_hr"):
         twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr, None, False, True, *regs, 0)
+    fwd = twin.lstm_forward(gx, h0, c0, w_hh, w_hr, None, False, True, *regs)
+    with pytest.raises(RuntimeError, match=r"got w_hr of shape \[3, 5\]; lstm_backward takes w_hr"):
+        twin.lstm_persist_backward(fwd[0], fwd[1], fwd[2], gx, w_hh, w_hr, None, False, fwd[3], fwd[4], *regs, 0)
     gx, h0, c0, w_hh, _ = _lstm_inputs(3, 2, 5, None, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="expected w_hh of dtype Half"):
         twin.lstm_persist_forward(gx.half(), h0.half(), c0.half(), w_hh, None, None, False, True, *regs, 0)
@@ -276,7 +280,13 @@ def test_persist_refuses_what_cannot_be_co_resident(twin):
 def test_persist_support_reasons(twin):
     gx, h0, c0, w_hh, w_hr = _lstm_inputs(2, 3, 7, 5, torch.float32, "cpu")
     lstm, gru = ops.LSTM_SUPPORT["persistent"], ops.GRU_SUPPORT["persistent"]
-    assert "no projection" in lstm(gx, h0, w_hh, w_hr)
+    assert lstm(gx, h0, w_hh, w_hr) == (
+        "the persistent LSTM has no projection (proj_size 5 of hidden_size 7): h_t = m_t W_hr^T would take a second "
+        "grid-wide phase a step with a slice of W_hr on chip, not built yet; the Triton and stepwise C++ kernels "
+        "take it")
+    plain = _lstm_inputs(2, 3, 7, None, torch.float32, "cpu")
+    assert lstm(plain[0], plain[1], plain[3], None) is None  # the same layer without the projection
+    assert "float64" in lstm(gx.double(), h0.double(), w_hh.double(), w_hr.double())  # the dtype's reason first
     assert "float64" in lstm(gx.double(), h0.double(), w_hh[:, :7].double(), None)
     assert "batch 129 > 128" in gru(torch.zeros(1, 129, 21), torch.zeros(129, 7), torch.zeros(21, 7), None)
     assert gru(torch.zeros(1, 128, 21), torch.zeros(128, 7), torch.zeros(21, 7), None) is None

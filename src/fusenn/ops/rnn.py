@@ -80,8 +80,10 @@ def _persist_reason(gates: int):
         why = _kernel_reason("persistent C++")(gx)
         if why:
             return why
-        if gates == 4 and extra is not None:
-            return "the persistent LSTM has no projection (proj_size); the other C++ and Triton kernels have"
+        if gates == 4 and extra is not None:  # extra: w_hr (P, H)
+            return (f"the persistent LSTM has no projection (proj_size {extra.shape[0]} of hidden_size "
+                    f"{extra.shape[-1]}): h_t = m_t W_hr^T would take a second grid-wide phase a step with a slice "
+                    "of W_hr on chip, not built yet; the Triton and stepwise C++ kernels take it")
         if gx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return "it checks its grid barrier's flag with a host sync, which CUDA graph capture forbids"
         if guard_or_false(gx.shape[1] > PERSIST_MAX_BATCH):  # packed input traced: a data-dependent batch
