@@ -234,17 +234,24 @@ def test_persist_inference_keeps_two_state_slots(persistent):
     assert_close(lstm_out, reference.lstm_layer(*[x.double() if x is not None else None for x in lstm_in],
                                                 lengths=lens, reverse=True), name="lstm")
     assert_close(gru_out, reference.gru_layer(*[x.double() for x in gru_in], lengths=lens.clamp(max=4)), name="gru")
+    proj_in = _lstm_inputs(5, 3, 33, 17, torch.float32, "cpu")  # with a projection: m_t in one slot too
+    with torch.no_grad(), poisoned_outputs():
+        proj_out = ops.lstm_layer(*proj_in, lengths=lens, reverse=True)
+    assert_close(proj_out, reference.lstm_layer(*[x.double() for x in proj_in], lengths=lens, reverse=True),
+                 name="lstm proj")
 
 
 def test_persist_ops_check_their_inputs(twin):
     gx, h0, c0, w_hh, w_hr = _lstm_inputs(3, 2, 5, 3, torch.float32, "cpu")
     regs = (None, None, 0, 0, 1.0, 0)
-    with pytest.raises(RuntimeError, match=r"has no projection \(proj_size\), got w_hr of shape \[3, 5\]; "
-                                           "lstm_forward takes w_hr"):
-        twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr, None, False, True, *regs, 0)
-    fwd = twin.lstm_forward(gx, h0, c0, w_hh, w_hr, None, False, True, *regs)
-    with pytest.raises(RuntimeError, match=r"got w_hr of shape \[3, 5\]; lstm_backward takes w_hr"):
-        twin.lstm_persist_backward(fwd[0], fwd[1], fwd[2], gx, w_hh, w_hr, None, False, fwd[3], fwd[4], *regs, 0)
+    with pytest.raises(RuntimeError, match=r"expected w_hr of shape \[3, 5\], got \[3, 4\]"):
+        twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr[:, :4], None, False, True, *regs, 0)
+    with pytest.raises(RuntimeError, match="without w_hr, h0 must have hidden_size columns"):
+        twin.lstm_persist_forward(gx, h0, c0, w_hh, None, None, False, True, *regs, 0)
+    fwd = twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr, None, False, True, *regs, 0)
+    with pytest.raises(RuntimeError, match=r"expected dy of shape \[3, 2, 3\], got \[3, 2, 5\]"):  # (T, B, P)
+        twin.lstm_persist_backward(torch.zeros(3, 2, 5), fwd[1], fwd[2], gx, w_hh, w_hr, None, False, fwd[3], fwd[4],
+                                   *regs, 0)
     gx, h0, c0, w_hh, _ = _lstm_inputs(3, 2, 5, None, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="expected w_hh of dtype Half"):
         twin.lstm_persist_forward(gx.half(), h0.half(), c0.half(), w_hh, None, None, False, True, *regs, 0)
@@ -280,12 +287,7 @@ def test_persist_refuses_what_cannot_be_co_resident(twin):
 def test_persist_support_reasons(twin):
     gx, h0, c0, w_hh, w_hr = _lstm_inputs(2, 3, 7, 5, torch.float32, "cpu")
     lstm, gru = ops.LSTM_SUPPORT["persistent"], ops.GRU_SUPPORT["persistent"]
-    assert lstm(gx, h0, w_hh, w_hr) == (
-        "the persistent LSTM has no projection (proj_size 5 of hidden_size 7): h_t = m_t W_hr^T would take a second "
-        "grid-wide phase a step with a slice of W_hr on chip, not built yet; the Triton and stepwise C++ kernels "
-        "take it")
-    plain = _lstm_inputs(2, 3, 7, None, torch.float32, "cpu")
-    assert lstm(plain[0], plain[1], plain[3], None) is None  # the same layer without the projection
+    assert lstm(gx, h0, w_hh, w_hr) is None  # proj_size: the projection runs in the persistent kernels too
     assert "float64" in lstm(gx.double(), h0.double(), w_hh.double(), w_hr.double())  # the dtype's reason first
     assert "float64" in lstm(gx.double(), h0.double(), w_hh[:, :7].double(), None)
     assert "batch 129 > 128" in gru(torch.zeros(1, 129, 21), torch.zeros(129, 7), torch.zeros(21, 7), None)
@@ -516,6 +518,145 @@ def test_persist_tf32_falls_back_to_exact_bit_for_bit(twin):
     assert not torch.equal(twin.lstm_persist_forward(*args[:-1], 0, True)[0], twin.lstm_persist_forward(*args)[0])
 
 
+# ---- proj_size: the LSTM's projection, a second grid-wide phase per step ----
+
+def _proj_case(T, B, H, P, dtype="fp32", reverse=False, lengths=None, grid=0, regs=False, tf32=False):
+    parts = [f"T{T}", f"B{B}", f"H{H}", f"P{P}", dtype] + (["reverse"] if reverse else [])
+    parts += (["packed"] if lengths else []) + ([f"grid{grid}"] if grid else []) + (["regs"] if regs else [])
+    return pytest.param(T, B, H, P, DTYPES[dtype], reverse, lengths, grid, regs, tf32,
+                        id="-".join(parts + (["tf32"] if tf32 else [])))
+
+
+PROJ_FORWARD_CASES = [
+    _proj_case(1, 1, 7, 3),
+    _proj_case(4, 3, 7, 5, reverse=True, lengths=[4, 1, 2]),
+    _proj_case(3, 17, 33, 17, lengths=[3, 1, 2] * 5 + [1, 3]),
+    _proj_case(3, 3, 33, 32, grid=5),  # 7 units and 7 of h's columns per CTA
+    _proj_case(3, 3, 33, 5, grid=33),  # 28 CTAs own none of h's 5 columns
+    _proj_case(2, 3, 129, 64, reverse=True),
+    _proj_case(2, 1, 1000, 500),
+    _proj_case(4, 3, 33, 17, regs=True, lengths=[4, 2, 3]),
+    _proj_case(3, 3, 33, 17, "fp16", lengths=[3, 1, 2]),
+    _proj_case(2, 17, 129, 64, "bf16", reverse=True, regs=True),
+    _proj_case(2, 3, 33, 16, "bf16", grid=33),  # K = P = 16: operands staged 16 bytes at a time
+    _proj_case(3, 5, 129, 40, tf32=True, lengths=[3, 2, 1, 3, 3]),
+    _proj_case(2, 3, 33, 17, grid=5, tf32=True),
+    _proj_case(0, 3, 7, 3),
+    _proj_case(4, 0, 7, 3),
+]
+
+
+@pytest.mark.parametrize("T,B,H,P,dtype,reverse,lengths,grid,regs,tf32", PROJ_FORWARD_CASES)
+def test_persist_proj_forward_op_matches_reference(twin, T, B, H, P, dtype, reverse, lengths, grid, regs, tf32):
+    """With w_hr (P < H): y, h_n, c_n (poisoned first) and the saved m_t against float64, within 2x PyTorch's
+    own error in the dtype (with its products in TF32 on the TF32 path)."""
+    torch.manual_seed(T * 1000 + B * 100 + H + P)
+    lens = torch.tensor(lengths) if lengths else None
+    rd, zo = ((0.3, 17), (0.25, 29)) if regs else (None, None)
+    kw = dict(lengths=lens, reverse=reverse, recurrent_dropout=rd, zoneout=zo)
+    gx, h0, c0, w_hh, w_hr = _lstm_inputs(T, B, H, P, dtype, "cpu")
+    with poisoned_outputs():
+        out = twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr, lens, reverse, True, *_regs(rd, zo, B, P), grid, tf32)
+    ref = reference.lstm_layer(gx.double(), h0.double(), c0.double(), w_hh.double(), w_hr.double(), **kw)
+    if tf32:
+        with tf32_products():
+            base = reference.lstm_layer(gx, h0, c0, w_hh, w_hr, **kw)
+    else:
+        base = reference.lstm_layer(gx, h0, c0, w_hh, w_hr, **kw)
+    for o, r, b, name in zip(out, ref, base, ("y", "h_n", "c_n")):
+        assert o.dtype == dtype and o.shape == r.shape
+        assert_close(o, r, b, name=name)
+    # m_t = o tanh(c_t) of every step, what grad W_hr needs: the same as the stepwise C++ layer's up to rounding
+    step = twin.lstm_forward(gx, h0, c0, w_hh, w_hr, lens, reverse, True, *_regs(rd, zo, B, P))
+    assert out[5].shape == (T, B, H)
+    assert_close(out[5], step[5].double(), atol={torch.float32: 1e-3 if tf32 else 1e-5}.get(dtype, 0.05), name="ms")
+
+
+PROJ_LAYER_CASES = [
+    _proj_case(1, 1, 7, 3),
+    _proj_case(4, 3, 7, 5, reverse=True, lengths=[4, 1, 2]),
+    _proj_case(3, 17, 33, 17, lengths=[3, 1, 2] * 5 + [1, 3]),
+    _proj_case(3, 3, 33, 32),
+    _proj_case(2, 3, 129, 64, reverse=True),
+    _proj_case(1, 17, 129, 100),
+    _proj_case(3, 3, 33, 17, "fp16", lengths=[3, 1, 2]),
+    _proj_case(2, 3, 33, 17, "bf16", reverse=True),
+    _proj_case(2, 3, 129, 64, tf32=True, lengths=[2, 1, 2]),
+]
+
+
+@pytest.mark.parametrize("T,B,H,P,dtype,reverse,lengths,grid,regs,tf32", PROJ_LAYER_CASES)
+def test_persist_proj_layer_and_gradients_match_reference(persistent, monkeypatch, T, B, H, P, dtype, reverse,
+                                                          lengths, grid, regs, tf32):
+    """Forward and backward with a projection through fusenn.ops.rnn (grad W_hr one GEMM of the kernel's dhs
+    and ms) against float64: outputs within 2x, gradients within 3x PyTorch's own error."""
+    assert grid == 0 and not regs  # the layers take the plan's grid; regularisers: the test below
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    torch.manual_seed(T * 1000 + B * 100 + H + P)
+    inputs = _lstm_inputs(T, B, H, P, dtype, "cpu")
+    upstream = [torch.randn(T, B, P), torch.randn(B, P), torch.randn(B, H)]
+    kw = dict(lengths=torch.tensor(lengths) if lengths else None, reverse=reverse)
+    check = _check_layer_tf32 if tf32 else _check_layer
+    check(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs, upstream,
+          ("gx", "h0", "c0", "w_hh", "w_hr"))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_persist_proj_regularisers_and_gradients_match_reference(persistent, reverse):
+    """Recurrent dropout on h (P wide) and sampled zoneout on h and c with a projection: the reference's masks."""
+    torch.manual_seed(3)
+    T, B, H, P = 4, 3, 33, 17
+    regs = dict(recurrent_dropout=(0.3, 17), zoneout=(0.25, 29), lengths=torch.tensor([4, 2, 3]), reverse=reverse)
+    inputs = _lstm_inputs(T, B, H, P, torch.float32, "cpu")
+    upstream = [torch.randn(T, B, P), torch.randn(B, P), torch.randn(B, H)]
+    _check_layer(lambda *a: ops.lstm_layer(*a, **regs), lambda *a: reference.lstm_layer(*a, **regs), inputs,
+                 upstream, ("gx", "h0", "c0", "w_hh", "w_hr"))
+
+
+def test_persist_proj_partition_does_not_change_a_bit(twin):
+    """fp32 exact with a projection: every product is one CTA's dot in k order whatever the partition, so 2, 3,
+    5, the plan's and one CTA per unit (most owning none of h's columns) agree bit for bit, forward and backward;
+    and the backward's results are the stepwise C++ layer's up to fp32 rounding."""
+    torch.manual_seed(1)
+    T, B, H, P = 3, 5, 33, 12
+    lens = torch.tensor([3, 1, 2, 3, 2])
+    regs = _regs((0.2, 5), (0.3, 7), B, P)
+    gx, h0, c0, w_hh, w_hr = _lstm_inputs(T, B, H, P, torch.float32, "cpu")
+    dy, dh, dc = torch.randn(T, B, P), torch.randn(B, P), torch.randn(B, H)
+    results = []
+    for grid in (2, 3, 5, 0, H):
+        fwd = twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr, lens, True, True, *regs, grid)
+        bwd = twin.lstm_persist_backward(dy, dh, dc, gx, w_hh, w_hr, lens, True, fwd[3], fwd[4], *regs, grid)
+        results.append(list(fwd) + list(bwd))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    fwd = twin.lstm_forward(gx, h0, c0, w_hh, w_hr, lens, True, True, *regs)
+    bwd = twin.lstm_backward(dy, dh, dc, gx, w_hh, w_hr, lens, True, fwd[3], fwd[4], *regs)
+    for a, b in zip(results[0][6:], bwd):
+        assert_close(a, b.double(), atol=1e-5, name="backward")
+
+
+def test_persist_proj_plan_keeps_both_slices(twin):
+    """With a projection each CTA keeps its W_hh slice over K = P and its W_hr slice (forward: V rows over H;
+    backward: V columns of W_hh over 4H and U columns of W_hr over P), sharing staging and partial sums."""
+    def plan(backward, elem, H, P, grid=0, tf32=False):
+        return twin.persist_plan(4, backward, elem, H, grid, H200, 0, 0, tf32, P)
+
+    for elem in (2, 4):
+        for backward in (False, True):
+            g, units, smem, per_sm, why, _ = plan(backward, elem, 1024, 512)
+            assert why == "" and g == 128 and units == 8 and per_sm >= 1
+            # the two slices at least (forward: 32 x 512 and 4 x 1024; backward: 4 x 4096 and 8 x 512, unpadded)
+            assert smem >= elem * (32 * 512 + 4 * 1024 if not backward else 4 * 4096 + 8 * 512)
+    # a projection of the W_hh slice shrinks it: P = 256 of H = 1024 needs less than P = 1000
+    assert plan(False, 2, 1024, 256)[2] < plan(False, 2, 1024, 1000)[2]
+    with pytest.raises(RuntimeError, match=r"P \(proj_size, 0: none\) must be in \[0, H\)"):
+        plan(False, 2, 64, 64)
+    with pytest.raises(RuntimeError, match="only the LSTM has a projection"):
+        twin.persist_plan(3, False, 2, 64, 0, H200, 0, 0, False, 32)
+
+
 # ---- static: the kernels compiled for sm_90a, ptxas's numbers against the launcher's plan ----
 
 def _ptxas_report():
@@ -544,6 +685,8 @@ def _ptxas_report():
 # TF32 layout fits (backward's columns padded to a 16-row tile over K = gates x H: not the LSTM's at H = 1024)
 MUST_FIT = [(4, 2, 512), (4, 2, 1024), (3, 2, 1024), (4, 2, 1500), (4, 4, 512), (4, 4, 1024), (3, 4, 1024)]
 TF32_FITS = {"forward": [(4, 4, 512), (4, 4, 1024), (3, 4, 1024)], "backward": [(4, 4, 512), (3, 4, 1024)]}
+# (dtype bytes, H, proj_size) of LSTMs with a projection that must launch, forward and backward
+PROJ_MUST_FIT = [(2, 1024, 512), (2, 1536, 512), (4, 1024, 512), (4, 1024, 256)]
 
 
 def test_persist_kernels_compile_for_sm90a_without_spills_and_fit_their_grid(twin):
@@ -565,6 +708,16 @@ def test_persist_kernels_compile_for_sm90a_without_spills_and_fit_their_grid(twi
                 assert took_tf32 == (tf32 and (gates, elem, H) in TF32_FITS[direction]), f"{name} H{H} tf32 {tf32}"
                 assert per_sm >= 1 and grid <= per_sm * H200[0]
                 assert smem + info["smem"] <= H200[1]
+                assert info["regs"] * 256 * per_sm <= H200[3]
+    for elem, H, P in PROJ_MUST_FIT:
+        for direction, stem in names.items():
+            for tag in dtypes[elem]:
+                (name,) = [k for k in kernels if stem in k and tag in k]
+                info = kernels[name]
+                grid, units, smem, per_sm, why, _ = twin.persist_plan(
+                    4, direction == "backward", elem, H, 0, H200, info["regs"], info["smem"], True, P)
+                assert why == "", f"{name} H{H} P{P}: {why}"
+                assert per_sm >= 1 and grid <= per_sm * H200[0] and smem + info["smem"] <= H200[1]
                 assert info["regs"] * 256 * per_sm <= H200[3]
 
 
@@ -660,6 +813,28 @@ def test_persist_gpu_tf32_matches_reference_with_gradients(on_gpu, monkeypatch, 
     assert (out[0] - exact).abs().max() > 1e-5
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [dict(T=100, B=16, H=512, P=256, dtype="bf16"),
+                                  dict(T=50, B=33, H=129, P=64, reverse=True, lengths=[50 - i for i in range(33)]),
+                                  dict(T=3, B=3, H=33, P=17, regs=True, lengths=[3, 1, 2]),
+                                  dict(T=20, B=8, H=1024, P=512, tf32=True)],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "lengths"))
+def test_persist_gpu_proj_matches_reference_with_gradients(on_gpu, monkeypatch, case):
+    """The projection's two grid phases a step on the GPU, forward and backward."""
+    T, B, H, P, dtype = case["T"], case["B"], case["H"], case["P"], DTYPES[case.get("dtype", "fp32")]
+    kw = dict(lengths=torch.tensor(case["lengths"]) if "lengths" in case else None, reverse=case.get("reverse", False))
+    if case.get("regs"):
+        kw.update(recurrent_dropout=(0.3, 3), zoneout=(0.2, 4))
+    torch.manual_seed(T + B + H + P)
+    inputs = _lstm_inputs(T, B, H, P, dtype, on_gpu)
+    upstream = [torch.randn(T, B, P, device=on_gpu), torch.randn(B, P, device=on_gpu),
+                torch.randn(B, H, device=on_gpu)]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", case.get("tf32", False))
+    check = _check_layer_tf32 if case.get("tf32") else _check_layer
+    check(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs, upstream,
+          ("gx", "h0", "c0", "w_hh", "w_hr"))
+
+
 def _gpu_lstm_run(device, regs=True):
     torch.manual_seed(0)
     inputs = [x.requires_grad_() for x in _lstm_inputs(60, 16, 512, None, torch.bfloat16, device)[:4]]
@@ -701,8 +876,9 @@ def test_persist_gpu_is_first_under_auto_and_falls_back_with_reasons():
     with fusenn.set_backend("auto"):
         assert dispatch.choose("lstm", gx.device, reasons, ops.GPU_ORDER) == "persistent"
     gx, h0, c0, w_hh, w_hr = _lstm_inputs(3, 4, 64, 16, torch.float32, torch.device("cuda"))
-    with fusenn.set_backend("persistent"), pytest.raises(fusenn.BackendError, match="no projection"):
-        ops.lstm_layer(gx, h0, c0, w_hh, w_hr)
+    reasons = {name: why(gx, h0, w_hh, w_hr) for name, why in ops.LSTM_SUPPORT.items()}
+    with fusenn.set_backend("auto"):  # proj_size too
+        assert dispatch.choose("lstm", gx.device, reasons, ops.GPU_ORDER) == "persistent"
     with fusenn.set_backend("persistent"), pytest.raises(RuntimeError, match="co-resident"):
         H = 4096
         torch.ops.fusenn_cuda.lstm_persist_forward(
