@@ -488,6 +488,24 @@ def test_persist_allow_tf32_changes_the_products_and_both_paths_hold_their_toler
         assert (t.double() - r).abs().max() > 4 * (e.double() - r).abs().max()
 
 
+def test_persist_tf32_follows_torchs_rnn_precision_flag(persistent, monkeypatch):
+    """torch's per-operator flag for cuDNN RNNs decides too, and a mix of it with the legacy flag (where reading
+    allow_tf32 raises) is read as torch's RNNs read it."""
+    torch.manual_seed(12)
+    inputs = _lstm_inputs(3, 3, 33, None, torch.float32, "cpu")
+    exact = ops.lstm_layer(*inputs)[0]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    tf32 = ops.lstm_layer(*inputs)[0]
+    assert not torch.equal(exact, tf32)
+    if not hasattr(torch.backends.cudnn, "rnn") or not hasattr(torch.backends.cudnn.rnn, "fp32_precision"):
+        return  # older torch: allow_tf32 is the only flag
+    monkeypatch.setattr(torch.backends.cudnn.rnn, "fp32_precision", "ieee")
+    assert torch.equal(ops.lstm_layer(*inputs)[0], exact)
+    monkeypatch.setattr(torch.backends.cudnn.rnn, "fp32_precision", "tf32")
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")  # now allow_tf32 itself raises
+    assert torch.equal(ops.lstm_layer(*inputs)[0], tf32)
+
+
 def test_persist_tf32_plan_pads_the_slice_and_keeps_exact_fma_where_that_does_not_fit(twin):
     """The plan accounts for TF32's layout (gate rows / columns padded to 16-row tiles, rows 16 bytes apart)
     and takes TF32 only where that launches, else the exact layout; 16-bit layers ignore the flag."""

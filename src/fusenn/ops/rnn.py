@@ -105,13 +105,21 @@ GRU_SUPPORT = dict(LSTM_SUPPORT, persistent=_persist_reason(3))
 GPU_ORDER = ("persistent", "triton", "cuda")
 
 
+def _rnn_tf32() -> bool:
+    """Whether torch lets its cuDNN RNNs compute fp32 products in TF32: torch.backends.cudnn.allow_tf32 (its
+    default True), as the RNN-specific precision reads it where torch has one (reading allow_tf32 itself
+    raises once the legacy and the per-operator flags disagree)."""
+    precision = getattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(torch.backends.cudnn.allow_tf32)
+
+
 def _cpp(impl: str, name: str):
     """The C++ op `name` of torch.ops.fusenn_cuda, or for impl "persistent" its persistent twin (the same
-    arguments, the grid the launcher plans, and TF32 for fp32 products where torch.backends.cudnn.allow_tf32
-    allows it, read at each call as the Triton kernels and cuDNN's nn.LSTM do)."""
+    arguments, the grid the launcher plans, and TF32 for fp32 products where torch allows it for cuDNN's RNNs,
+    read at each call as cuDNN's nn.LSTM and the Triton kernels do: _rnn_tf32)."""
     if impl == "persistent":
         op = getattr(torch.ops.fusenn_cuda, name.replace("_", "_persist_", 1))
-        return lambda *args: op(*args, 0, bool(torch.backends.cudnn.allow_tf32))
+        return lambda *args: op(*args, 0, _rnn_tf32())
     return getattr(torch.ops.fusenn_cuda, name)
 
 
