@@ -47,9 +47,8 @@ def validate():
         if cpp_usable(device):
             check = with_backend(lambda: _validate_one(kind, T, B, I, H, extra, device), "cuda")()
             checks.append(Check(check.case + "-cpp", check.error, check.allowed))
-            if "proj_size" not in extra:  # the persistent LSTM has no projection
-                check = with_backend(lambda: _validate_one(kind, T, B, I, H, extra, device), "persistent")()
-                checks.append(Check(check.case + "-persistent", check.error, check.allowed))
+            check = with_backend(lambda: _validate_one(kind, T, B, I, H, extra, device), "persistent")()
+            checks.append(Check(check.case + "-persistent", check.error, check.allowed))
     return checks
 
 

@@ -532,8 +532,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dy_in, const Tenso
 
 // ---- The persistent layers (csrc/rnn_persist.cuh): one cooperative launch per layer and direction on a
 // GPU; on CPU tensors the grid's emulation through the same per-CTA functions. Same inputs and results as
-// the ops above (no projection), plus `grid`: the CTAs asked for (0: the launcher's plan; on the host, the
-// plan for an H200). ----
+// the ops above (the LSTM's projection too), plus `grid`: the CTAs asked for (0: the launcher's plan; on the
+// host, the plan for an H200), and `tf32`: fp32 products may run on TF32 tensor cores (torch.backends.cudnn.allow_tf32;
+// the plan takes them where their layout fits, the host emulation rounds the operands as cvt.rna does). ----
 
 persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, const OptTensor& b_hh,
                            const OptTensor& lengths, bool reverse, bool save, const Regularisers& regs) {
@@ -541,6 +542,7 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
   a.T = gx.size(0);
   a.B = gx.size(1);
   a.H = gx.size(2) / gates;
+  a.P = w_hh.size(1);  // proj_size with a projection (the caller sets proj and w_hr), else H
   a.gates = gates;
   a.reverse = reverse;
   a.save = save;
@@ -557,18 +559,38 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
 template <class T>
 void emulate_grid(const persist::Args& a, bool backward) {
   using namespace persist;
-  const Layout l = layout_for(a.gates, backward, static_cast<int>(sizeof(T)), a.H, a.units, a.chunk);
-  std::vector<std::vector<T>> w(a.grid, std::vector<T>(l.Np * l.ldw));  // each CTA's shared-memory slice
-  std::vector<T> st(kTileB * l.lda);
-  std::vector<float> acc(l.splits * kTileB * l.Np);
-  for (int64_t c = 0; c < a.grid; ++c) load_weights<T>(a, backward, c, w[c].data(), l, 0, 1);
+  const Layouts ls =
+      layouts_for(a.gates, backward, static_cast<int>(sizeof(T)), a.H, a.proj ? a.P : 0, a.units, a.vrows, a.chunk,
+                  a.tf32);
+  const Layout &l = ls.a, &l2 = ls.b;
+  // each CTA's shared-memory slices; one staging buffer and one set of partial sums, sized for both
+  std::vector<std::vector<T>> w(a.grid, std::vector<T>(l.Np * l.ldw));
+  std::vector<std::vector<T>> w2(a.grid, std::vector<T>(a.proj ? l2.Np * l2.ldw : 0));
+  std::vector<T> st(kTileB * std::max(l.lda, l2.lda));
+  std::vector<float> acc(std::max(l.splits * l.Np, l2.splits * l2.Np) * kTileB);
+  for (int64_t c = 0; c < a.grid; ++c) {
+    load_weights<T>(source_of(a, backward, false, c), w[c].data(), l, 0, 1);
+    if (a.proj) load_weights<T>(source_of(a, backward, true, c), w2[c].data(), l2, 0, 1);
+  }
+  // each loop over the CTAs ends where the kernels have a grid barrier
   for (int64_t k = 0; k < a.T; ++k) {
-    for (int64_t c = 0; c < a.grid; ++c) {
-      if (!backward) {
-        forward_step<T>(a, c, k, w[c].data(), st.data(), acc.data(), l, 0, 1);
-      } else {
-        if (k > 0) backward_recurrent<T>(a, c, k - 1, w[c].data(), st.data(), acc.data(), l, 0, 1);
-        backward_cells<T>(a, c, k, 0, 1);
+    if (!backward) {
+      for (int64_t c = 0; c < a.grid; ++c) forward_step<T>(a, c, k, w[c].data(), st.data(), acc.data(), l, 0, 1);
+      if (a.proj) {
+        for (int64_t c = 0; c < a.grid; ++c) {
+          forward_project<T>(a, c, k, w2[c].data(), st.data(), acc.data(), l2, 0, 1);
+        }
+      }
+    } else {
+      if (a.proj) {
+        for (int64_t c = 0; c < a.grid; ++c) {
+          if (k > 0) backward_recurrent<T>(a, c, k - 1, w[c].data(), st.data(), acc.data(), l, 0, 1);
+          backward_dh<T>(a, c, k, 0, 1);
+        }
+      }
+      for (int64_t c = 0; c < a.grid; ++c) {
+        if (k > 0 && !a.proj) backward_recurrent<T>(a, c, k - 1, w[c].data(), st.data(), acc.data(), l, 0, 1);
+        backward_cells<T>(a, c, k, a.proj ? w2[c].data() : nullptr, st.data(), acc.data(), l2, 0, 1);
       }
     }
   }
@@ -579,8 +601,10 @@ void emulate_grid(const persist::Args& a, bool backward) {
   }
 }
 
-void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t grid, int64_t stream, const char* op) {
+void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t grid, bool tf32, int64_t stream,
+                 const char* op) {
   TORCH_CHECK(grid >= 0, "fusenn_cuda::", op, ": grid must be non-negative, got ", grid);
+  a.tf32 = tf32 && like.scalar_type() == at::kFloat;
   if (like.is_cuda()) {
 #ifdef FUSENN_WITH_CUDA
     Tensor sync = at::zeros({2}, like.options().dtype(at::kInt));  // arrivals, error flag
@@ -604,11 +628,13 @@ void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t gr
 #endif
     return;
   }
-  const persist::Plan p =
-      persist::plan(a.gates, backward, static_cast<int>(like.element_size()), a.H, persist::kH200, 0, 0, grid);
+  const persist::Plan p = persist::plan(a.gates, backward, static_cast<int>(like.element_size()), a.H,
+                                        a.proj ? a.P : 0, persist::kH200, 0, 0, grid, a.tf32);
   TORCH_CHECK(p.why.empty(), "fusenn_cuda::", op, ": ", p.why);
+  a.tf32 = p.tf32;
   a.grid = static_cast<int32_t>(p.grid);
   a.units = static_cast<int32_t>(p.units);
+  a.vrows = static_cast<int32_t>(p.vrows);
   a.chunk = static_cast<int32_t>(p.chunk);
   switch (dtype_of(like)) {
     case Dtype::f32: emulate_grid<float>(a, backward); break;
@@ -618,74 +644,84 @@ void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t gr
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_persist_forward(
-    const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh_in, const OptTensor& w_hr,
+    const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh_in, const OptTensor& w_hr_in,
     const OptTensor& lengths, bool reverse, bool save, const OptTensor& rscale, const OptTensor& zo_seed,
-    int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream, int64_t grid) {
+    int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream, int64_t grid, bool tf32) {
   constexpr const char* op = "lstm_persist_forward";
   const OpDevice device(gx);
-  TORCH_CHECK(!w_hr.has_value(), "fusenn_cuda::", op, ": the persistent LSTM has no projection (proj_size); "
-              "lstm_forward takes w_hr");
-  TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, H), got ", h0.sizes());
-  const int64_t H = h0.size(1);
-  const Regularisers regs = check_common(op, gx, 4, w_hh_in, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
-  const int64_t T = gx.size(0), B = gx.size(1);
-  TORCH_CHECK(gx.size(2) == 4 * H, "fusenn_cuda::", op, ": expected gx of shape (T, B, 4 * ", H, "), got ", gx.sizes());
-  expect(op, "h0", h0, {B, H}, gx.scalar_type(), gx, false);
+  TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, P), got ", h0.sizes());
+  const int64_t P = h0.size(1);
+  const Regularisers regs = check_common(op, gx, 4, w_hh_in, P, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
+  const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2) / 4;
+  const bool proj = w_hr_in.has_value();
+  expect(op, "h0", h0, {B, P}, gx.scalar_type(), gx, false);
   expect(op, "c0", c0, {B, H}, gx.scalar_type(), gx, false);
-  const Tensor w_hh = w_hh_in.contiguous();
+  if (proj) expect(op, "w_hr", *w_hr_in, {P, H}, gx.scalar_type(), gx, false);
+  TORCH_CHECK(proj || P == H, "fusenn_cuda::", op, ": without w_hr, h0 must have hidden_size columns");
+  const Tensor w_hh = w_hh_in.contiguous(), w_hr = proj ? w_hr_in->contiguous() : Tensor();
 
   const int64_t slot_count = save ? T + 1 : 2, first = (save && reverse) ? T : 0;
-  Tensor hs = new_output({slot_count, B, H}, at::kFloat, gx), cs = new_output({slot_count, B, H}, at::kFloat, gx);
+  Tensor hs = new_output({slot_count, B, P}, at::kFloat, gx), cs = new_output({slot_count, B, H}, at::kFloat, gx);
   hs[first].copy_(h0);
   cs[first].copy_(c0);
-  Tensor y = new_output({T, B, H}, gx.scalar_type(), gx);
+  Tensor ms = proj ? new_output({save ? T : 1, B, H}, at::kFloat, gx) : none(gx);
+  Tensor y = new_output({T, B, P}, gx.scalar_type(), gx);
   if (T > 0 && B > 0) {
-    Tensor op_h = at::zeros({2, B, H}, gx.options());
+    Tensor op_h = at::zeros({2, B, P}, gx.options());
     op_h[0].copy_(rscale ? hs[first] * *rscale : hs[first]);
     Tensor gh = at::empty({B, 4 * H}, gx.options().dtype(at::kFloat));
+    Tensor m_op = proj ? at::zeros({B, H}, gx.options()) : Tensor();
     persist::Args a = persist_args(4, gx, w_hh, std::nullopt, lengths, reverse, save, regs);
+    a.proj = proj;
+    a.w_hr = proj ? w_hr.data_ptr() : nullptr;
     a.hs = hs.data_ptr<float>();
     a.cs = cs.data_ptr<float>();
     a.y = y.data_ptr();
     a.op = op_h.data_ptr();
     a.gh = gh.data_ptr<float>();
-    run_persist(a, gx, false, grid, stream, op);
+    a.ms = proj ? ms.data_ptr<float>() : nullptr;
+    a.m_op = proj ? m_op.data_ptr() : nullptr;
+    run_persist(a, gx, false, grid, tf32, stream, op);
   }
   const int64_t last = save ? (reverse ? 0 : T) : T % 2;
   return {y, hs[last].to(gx.scalar_type(), false, true), cs[last].to(gx.scalar_type(), false, true),
-          save ? hs : none(gx), save ? cs : none(gx), none(gx)};
+          save ? hs : none(gx), save ? cs : none(gx), save ? ms : none(gx)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_persist_backward(
     const Tensor& dy_in, const Tensor& dh_n, const Tensor& dc_n, const Tensor& gx, const Tensor& w_hh_in,
-    const OptTensor& w_hr, const OptTensor& lengths, bool reverse, const Tensor& hs, const Tensor& cs,
+    const OptTensor& w_hr_in, const OptTensor& lengths, bool reverse, const Tensor& hs, const Tensor& cs,
     const OptTensor& rscale, const OptTensor& zo_seed, int64_t zo_mode, int64_t zo_threshold, double zo_u,
-    int64_t stream, int64_t grid) {
+    int64_t stream, int64_t grid, bool tf32) {
   constexpr const char* op = "lstm_persist_backward";
   const OpDevice device(gx);
-  TORCH_CHECK(!w_hr.has_value(), "fusenn_cuda::", op, ": the persistent LSTM has no projection (proj_size); "
-              "lstm_backward takes w_hr");
-  TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, H), got ", hs.sizes());
-  const int64_t H = hs.size(2);
-  const Regularisers regs = check_common(op, gx, 4, w_hh_in, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
-  const int64_t T = gx.size(0), B = gx.size(1);
-  TORCH_CHECK(gx.size(2) == 4 * H, "fusenn_cuda::", op, ": expected gx of shape (T, B, 4 * ", H, "), got ", gx.sizes());
-  expect(op, "hs", hs, {T + 1, B, H}, at::kFloat, gx);
+  TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, P), got ", hs.sizes());
+  const int64_t P = hs.size(2);
+  const Regularisers regs = check_common(op, gx, 4, w_hh_in, P, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
+  const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2) / 4;
+  const bool proj = w_hr_in.has_value();
+  expect(op, "hs", hs, {T + 1, B, P}, at::kFloat, gx);
   expect(op, "cs", cs, {T + 1, B, H}, at::kFloat, gx);
-  expect(op, "dy", dy_in, {T, B, H}, dy_in.scalar_type(), gx, false);
-  expect(op, "dh_n", dh_n, {B, H}, dh_n.scalar_type(), gx, false);
+  expect(op, "dy", dy_in, {T, B, P}, dy_in.scalar_type(), gx, false);
+  expect(op, "dh_n", dh_n, {B, P}, dh_n.scalar_type(), gx, false);
   expect(op, "dc_n", dc_n, {B, H}, dc_n.scalar_type(), gx, false);
-  const Tensor w_hh = w_hh_in.contiguous();
+  if (proj) expect(op, "w_hr", *w_hr_in, {P, H}, gx.scalar_type(), gx, false);
+  TORCH_CHECK(proj || P == H, "fusenn_cuda::", op, ": without w_hr, hs must have hidden_size columns");
+  const Tensor w_hh = w_hh_in.contiguous(), w_hr = proj ? w_hr_in->contiguous() : Tensor();
 
   const Tensor dy = dy_in.to(gx.scalar_type()).contiguous();
   Tensor dh = dh_n.to(at::kFloat, false, true).contiguous(), dc = dc_n.to(at::kFloat, false, true).contiguous();
   Tensor dg = new_output({T, B, 4 * H}, at::kFloat, gx);
+  Tensor dhs = proj ? new_output({T, B, P}, at::kFloat, gx) : none(gx);
   if (T > 0 && B > 0) {
     const auto f32 = gx.options().dtype(at::kFloat);
     Tensor gh = at::empty({T * B, 4 * H}, f32);
     mm_f32(gh, entering_product(hs, T, reverse, rscale, gx), w_hh.t());
-    Tensor dhz = at::empty({B, H}, f32), dg_op = at::zeros({2, B, 4 * H}, gx.options());
+    Tensor dhz = at::empty({B, P}, f32), dg_op = at::zeros({2, B, 4 * H}, gx.options());
+    Tensor dhz_op = proj ? at::zeros({B, P}, gx.options()) : Tensor(), dm = proj ? at::empty({B, H}, f32) : Tensor();
     persist::Args a = persist_args(4, gx, w_hh, std::nullopt, lengths, reverse, true, regs);
+    a.proj = proj;
+    a.w_hr = proj ? w_hr.data_ptr() : nullptr;
     a.cs = cs.data_ptr<float>();
     a.ghs = gh.data_ptr<float>();
     a.dy = dy.data_ptr();
@@ -694,16 +730,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_persist_backward(
     a.dhz = dhz.data_ptr<float>();
     a.dg = dg.data_ptr<float>();
     a.dg_op = dg_op.data_ptr();
-    run_persist(a, gx, true, grid, stream, op);
+    a.dhz_op = proj ? dhz_op.data_ptr() : nullptr;
+    a.dhs = proj ? dhs.data_ptr<float>() : nullptr;
+    a.dm = proj ? dm.data_ptr<float>() : nullptr;
+    run_persist(a, gx, true, grid, tf32, stream, op);
   }
-  return {dg, dh, dc, none(gx)};
+  return {dg, dh, dc, dhs};
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_persist_forward(const Tensor& gx, const Tensor& h0, const Tensor& w_hh_in,
                                                        const OptTensor& b_hh, const OptTensor& lengths, bool reverse,
                                                        bool save, const OptTensor& rscale, const OptTensor& zo_seed,
                                                        int64_t zo_mode, int64_t zo_threshold, double zo_u,
-                                                       int64_t stream, int64_t grid) {
+                                                       int64_t stream, int64_t grid, bool tf32) {
   constexpr const char* op = "gru_persist_forward";
   const OpDevice device(gx);
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, H), got ", h0.sizes());
@@ -727,7 +766,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_forward(const Tensor& gx, const T
     a.y = y.data_ptr();
     a.op = op_h.data_ptr();
     a.gh = gh.data_ptr<float>();
-    run_persist(a, gx, false, grid, stream, op);
+    run_persist(a, gx, false, grid, tf32, stream, op);
   }
   const int64_t last = save ? (reverse ? 0 : T) : T % 2;
   return {y, hs[last].to(gx.scalar_type(), false, true), save ? hs : none(gx)};
@@ -738,7 +777,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_backward(const Tensor& dy_in, con
                                                         const OptTensor& lengths, bool reverse, const Tensor& hs,
                                                         const OptTensor& rscale, const OptTensor& zo_seed,
                                                         int64_t zo_mode, int64_t zo_threshold, double zo_u,
-                                                        int64_t stream, int64_t grid) {
+                                                        int64_t stream, int64_t grid, bool tf32) {
   constexpr const char* op = "gru_persist_backward";
   const OpDevice device(gx);
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, H), got ", hs.sizes());
@@ -767,19 +806,21 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_backward(const Tensor& dy_in, con
     a.dg = dg.data_ptr<float>();
     a.dghn = dghn.data_ptr<float>();
     a.dg_op = dg_op.data_ptr();
-    run_persist(a, gx, true, grid, stream, op);
+    run_persist(a, gx, true, grid, tf32, stream, op);
   }
   return {dg, dghn, dh};
 }
 
 // The persistent launch's plan for a machine (grid, units per CTA, dynamic shared memory per CTA, CTAs per
-// SM, and the reason it cannot launch or ""): machine = [SMs, shared memory per block (opt-in), per SM,
-// registers per SM, threads per SM, blocks per SM], empty for an H200's; regs: registers per thread of the
-// kernel (0: unknown). What the static test evaluates with ptxas's numbers.
-std::tuple<int64_t, int64_t, int64_t, int64_t, std::string> persist_plan(int64_t gates, bool backward, int64_t elem,
-                                                                          int64_t H, int64_t grid,
-                                                                          at::IntArrayRef machine, int64_t regs,
-                                                                          int64_t static_smem) {
+// SM, and the reason it cannot launch or "", whether fp32 products take TF32): machine = [SMs, shared memory
+// per block (opt-in), per SM, registers per SM, threads per SM, blocks per SM], empty for an H200's; regs:
+// registers per thread of the kernel (0: unknown); tf32: TF32 allowed. What the static test evaluates with
+// ptxas's numbers.
+std::tuple<int64_t, int64_t, int64_t, int64_t, std::string, bool> persist_plan(int64_t gates, bool backward,
+                                                                                int64_t elem, int64_t H, int64_t grid,
+                                                                                at::IntArrayRef machine, int64_t regs,
+                                                                                int64_t static_smem, bool tf32,
+                                                                                int64_t P) {
   TORCH_CHECK(gates == 3 || gates == 4, "fusenn_cuda::persist_plan: gates must be 3 (GRU) or 4 (LSTM), got ", gates);
   TORCH_CHECK(elem == 2 || elem == 4, "fusenn_cuda::persist_plan: elem must be 2 or 4 bytes, got ", elem);
   TORCH_CHECK(machine.empty() || machine.size() == 6, "fusenn_cuda::persist_plan: machine takes 6 numbers, got ",
@@ -787,23 +828,28 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, std::string> persist_plan(int64_t
   const persist::Machine m = machine.empty() ? persist::kH200
                                              : persist::Machine{machine[0], machine[1], machine[2],
                                                                 machine[3], machine[4], machine[5]};
-  const persist::Plan p = persist::plan(static_cast<int>(gates), backward, static_cast<int>(elem), H, m, regs,
-                                        static_smem, grid);
-  return {p.grid, p.units, p.smem, p.per_sm, p.why};
+  TORCH_CHECK(P >= 0 && P < H, "fusenn_cuda::persist_plan: P (proj_size, 0: none) must be in [0, H), got ", P);
+  TORCH_CHECK(P == 0 || gates == 4, "fusenn_cuda::persist_plan: only the LSTM has a projection");
+  const persist::Plan p = persist::plan(static_cast<int>(gates), backward, static_cast<int>(elem), H, P, m, regs,
+                                        static_smem, grid, tf32);
+  return {p.grid, p.units, p.smem, p.per_sm, p.why, p.tf32};
 }
 
 // Why the persistent kernel cannot take hidden_size H in dtype (0 fp32, 1 fp16, 2 bf16) on CUDA device
 // `device` (its limits, the kernel's registers, the occupancy API), or ""; device -1: the host emulation's
 // plan for an H200.
-std::string persist_reason(int64_t device, int64_t dtype, int64_t gates, bool backward, int64_t H, int64_t grid) {
+std::string persist_reason(int64_t device, int64_t dtype, int64_t gates, bool backward, int64_t H, int64_t grid,
+                           int64_t P) {
   TORCH_CHECK(dtype >= 0 && dtype <= 2, "fusenn_cuda::persist_reason: dtype must be 0, 1 or 2, got ", dtype);
   TORCH_CHECK(gates == 3 || gates == 4, "fusenn_cuda::persist_reason: gates must be 3 or 4, got ", gates);
   if (device < 0) {
-    return persist::plan(static_cast<int>(gates), backward, dtype == 0 ? 4 : 2, H, persist::kH200, 0, 0, grid).why;
+    return persist::plan(static_cast<int>(gates), backward, dtype == 0 ? 4 : 2, H, P, persist::kH200, 0, 0, grid,
+                         false)
+        .why;
   }
 #ifdef FUSENN_WITH_CUDA
   DeviceGuard guard(static_cast<int>(device));
-  return persist::persist_reason(static_cast<Dtype>(dtype), static_cast<int>(gates), backward, H, grid);
+  return persist::persist_reason(static_cast<Dtype>(dtype), static_cast<int>(gates), backward, H, P, grid);
 #else
   return "this build of the C++ RNN layers has no CUDA kernels";
 #endif
@@ -828,22 +874,23 @@ TORCH_LIBRARY_FRAGMENT(fusenn_cuda, m) {
   m.def("gru_backward(Tensor dy, Tensor dh_n, Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, "
         "Tensor hs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream) -> "
         "(Tensor, Tensor, Tensor)");
-  // The persistent layers: the same arguments and results, plus the CTAs asked for (0: planned).
+  // The persistent layers: the same arguments and results, plus the CTAs asked for (0: planned) and whether fp32
+  // products may use TF32.
   m.def("lstm_persist_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
         "bool reverse, bool save, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, "
-        "int stream, int grid) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int stream, int grid, bool tf32=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_persist_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor gx, Tensor w_hh, Tensor? w_hr, "
         "Tensor? lengths, bool reverse, Tensor hs, Tensor cs, Tensor? rscale, Tensor? zo_seed, int zo_mode, "
-        "int zo_threshold, float zo_u, int stream, int grid) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int zo_threshold, float zo_u, int stream, int grid, bool tf32=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gru_persist_forward(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, "
         "bool save, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream, "
-        "int grid) -> (Tensor, Tensor, Tensor)");
+        "int grid, bool tf32=False) -> (Tensor, Tensor, Tensor)");
   m.def("gru_persist_backward(Tensor dy, Tensor dh_n, Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
         "bool reverse, Tensor hs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, "
-        "int stream, int grid) -> (Tensor, Tensor, Tensor)");
+        "int stream, int grid, bool tf32=False) -> (Tensor, Tensor, Tensor)");
   m.def("persist_plan(int gates, bool backward, int elem, int H, int grid, int[] machine, int regs, "
-        "int static_smem) -> (int, int, int, int, str)", &fusenn::persist_plan);
-  m.def("persist_reason(int device, int dtype, int gates, bool backward, int H, int grid) -> str",
+        "int static_smem, bool tf32=False, int P=0) -> (int, int, int, int, str, bool)", &fusenn::persist_plan);
+  m.def("persist_reason(int device, int dtype, int gates, bool backward, int H, int grid, int P=0) -> str",
         &fusenn::persist_reason);
 }
 

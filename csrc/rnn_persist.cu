@@ -59,46 +59,64 @@ __device__ __forceinline__ bool grid_barrier(const Args& a, unsigned target) {
   return failed == 0;
 }
 
-// A CTA's shared memory as the plan lays it out: its W_hh slice (kept for the whole sequence), the staged
-// h_{t-1} / dgates, the fp32 accumulators; the slice is loaded here, before the first step.
+// A CTA's shared memory as the plan lays it out (Layouts): its weight slices (kept for the whole sequence; the
+// second only with a projection), the staged operand, the fp32 accumulators; the slices are loaded here,
+// before the first step.
 template <class T>
 struct Slice {
   T* w;
+  T* w2;
   T* st;
   float* acc;
 };
 
 template <class T>
-__device__ __forceinline__ Slice<T> load_slice(unsigned char* smem, const Args& a, bool backward, const Layout& l) {
-  const Slice<T> s{reinterpret_cast<T*>(smem + l.w_off), reinterpret_cast<T*>(smem + l.a_off),
-                   reinterpret_cast<float*>(smem + l.acc_off)};
-  load_weights<T>(a, backward, blockIdx.x, s.w, l, static_cast<int>(threadIdx.x), kThreads);
+__device__ __forceinline__ Slice<T> load_slice(unsigned char* smem, const Args& a, bool backward, const Layout& l,
+                                               const Layout& l2) {
+  const Slice<T> s{reinterpret_cast<T*>(smem + l.w_off), reinterpret_cast<T*>(smem + l2.w_off),
+                   reinterpret_cast<T*>(smem + l.a_off), reinterpret_cast<float*>(smem + l.acc_off)};
+  const int tid = static_cast<int>(threadIdx.x);
+  load_weights<T>(source_of(a, backward, false, blockIdx.x), s.w, l, tid, kThreads);
+  if (a.proj) load_weights<T>(source_of(a, backward, true, blockIdx.x), s.w2, l2, tid, kThreads);
   __syncthreads();
   return s;
 }
 
+// Each step ends in a grid barrier (two with a projection: after m_t, after h_t), but for the last.
 template <class T>
-__global__ void __launch_bounds__(kThreads, 1) persist_forward_kernel(const Args a, const Layout l) {
+__global__ void __launch_bounds__(kThreads, 1) persist_forward_kernel(const Args a, const Layout l, const Layout l2) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const auto [w, st, acc] = load_slice<T>(smem, a, false, l);
+  const auto [w, w2, st, acc] = load_slice<T>(smem, a, false, l, l2);
   const int64_t cta = blockIdx.x;
   const int tid = static_cast<int>(threadIdx.x);
+  unsigned barriers = 0;
   for (int64_t k = 0; k < a.T; ++k) {
     forward_step<T>(a, cta, k, w, st, acc, l, tid, kThreads);
-    if (k + 1 < a.T && !grid_barrier(a, static_cast<unsigned>((k + 1) * gridDim.x))) return;
+    if (a.proj) {
+      if (!grid_barrier(a, ++barriers * gridDim.x)) return;
+      forward_project<T>(a, cta, k, w2, st, acc, l2, tid, kThreads);
+    }
+    if (k + 1 < a.T && !grid_barrier(a, ++barriers * gridDim.x)) return;
   }
 }
 
+// Per step: dh_t's recurrent part from the previous step's dgates, then (with a projection: dh's share reaching
+// h_new, a barrier, dm_t) the cells' gradients, a barrier.
 template <class T>
-__global__ void __launch_bounds__(kThreads, 1) persist_backward_kernel(const Args a, const Layout l) {
+__global__ void __launch_bounds__(kThreads, 1) persist_backward_kernel(const Args a, const Layout l, const Layout l2) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const auto [w, st, acc] = load_slice<T>(smem, a, true, l);
+  const auto [w, w2, st, acc] = load_slice<T>(smem, a, true, l, l2);
   const int64_t cta = blockIdx.x;
   const int tid = static_cast<int>(threadIdx.x);
+  unsigned barriers = 0;
   for (int64_t k = 0; k < a.T; ++k) {
     if (k > 0) backward_recurrent<T>(a, cta, k - 1, w, st, acc, l, tid, kThreads);
-    backward_cells<T>(a, cta, k, tid, kThreads);
-    if (!grid_barrier(a, static_cast<unsigned>((k + 1) * gridDim.x))) return;
+    if (a.proj) {
+      backward_dh<T>(a, cta, k, tid, kThreads);
+      if (!grid_barrier(a, ++barriers * gridDim.x)) return;
+    }
+    backward_cells<T>(a, cta, k, w2, st, acc, l2, tid, kThreads);
+    if (!grid_barrier(a, ++barriers * gridDim.x)) return;
   }
   if (a.T > 0) backward_recurrent<T>(a, cta, a.T - 1, w, st, acc, l, tid, kThreads);
 }
@@ -121,7 +139,8 @@ int elem_of(Dtype dtype) { return dtype == Dtype::f32 ? 4 : 2; }
 
 // The plan for the current device and the kernel's registers, confirmed by the occupancy API; *why says
 // what stops it (empty when nothing does).
-Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_req, std::string* why) {
+Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req, bool tf32,
+                 std::string* why) {
   Plan p{};
   int device = 0, coop = 0;
   int v[6] = {0, 0, 0, 0, 0, 0};
@@ -144,7 +163,8 @@ Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_
     return p;
   }
   const Machine m{v[0], v[1], v[2], v[3], v[4], v[5]};
-  p = plan(gates, backward, elem_of(dtype), H, m, fa.numRegs, static_cast<int64_t>(fa.sharedSizeBytes), grid_req);
+  p = plan(gates, backward, elem_of(dtype), H, P, m, fa.numRegs, static_cast<int64_t>(fa.sharedSizeBytes),
+           grid_req, tf32);
   if (!p.why.empty()) {
     *why = p.why;
     return p;
@@ -167,21 +187,23 @@ Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_
 int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_t grid_req, Stream stream,
                             std::string* why) {
   why->clear();
-  const Plan p = device_plan(dtype, args.gates, backward, args.H, grid_req, why);
+  const Plan p = device_plan(dtype, args.gates, backward, args.H, args.proj ? args.P : 0, grid_req, args.tf32, why);
   if (!why->empty()) return 0;
   Args a = args;
   a.grid = static_cast<int32_t>(p.grid);
   a.units = static_cast<int32_t>(p.units);
   a.chunk = static_cast<int32_t>(p.chunk);
-  Layout l = layout_for(a.gates, backward, elem_of(dtype), a.H, a.units, a.chunk);
-  void* params[] = {&a, &l};
+  a.vrows = static_cast<int32_t>(p.vrows);
+  a.tf32 = p.tf32;
+  Layouts ls = layouts_for(a.gates, backward, elem_of(dtype), a.H, a.proj ? a.P : 0, a.units, a.vrows, a.chunk, a.tf32);
+  void* params[] = {&a, &ls.a, &ls.b};
   return static_cast<int>(cudaLaunchCooperativeKernel(kernel_of(dtype, backward), dim3(static_cast<unsigned>(p.grid)),
                                                       dim3(kThreads), params, static_cast<size_t>(p.smem), stream));
 }
 
-std::string persist::persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_req) {
+std::string persist::persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req) {
   std::string why;
-  device_plan(dtype, gates, backward, H, grid_req, &why);
+  device_plan(dtype, gates, backward, H, P, grid_req, false, &why);  // TF32 or not, the same grid launches
   return why;
 }
 

@@ -6,18 +6,27 @@
 // Partition: with U units per CTA, CTA c owns hidden units J_c = [c U, min((c + 1) U, H)).
 // - Forward keeps the gate rows of J_c (gates x U rows of W_hh, row q U + u = W_hh row q H + c U + u). Per
 //   step and 16-row batch tile: stage h_{t-1} (the previous step's operand, T, B x H) in shared memory in
-//   K-chunks, gate products with fp32 accumulation (wmma tensor cores for fp16/bf16; exact fp32 FMA for
-//   fp32), then csrc/rnn.cuh's LstmCell / GruCell for each (b, j in J_c): gates, cell, zoneout, lengths,
-//   outputs and the next step's operand (times recurrent dropout's r/(1-p), rounded to T). One grid
-//   barrier per step publishes the operand; two operand buffers alternate.
+//   K-chunks, gate products with fp32 accumulation (wmma tensor cores for fp16/bf16; for fp32 TF32 wmma
+//   where the launch allows TF32 and its padded slice fits, else exact fp32 FMA), then csrc/rnn.cuh's
+//   LstmCell / GruCell for each (b, j in J_c): gates, cell, zoneout, lengths, outputs and the next step's
+//   operand (times recurrent dropout's r/(1-p), rounded to T). One grid barrier per step publishes the operand;
+//   two operand buffers alternate.
 // - Backward keeps the columns J_c of W_hh (every gate row). Per step: dh_{t-1}[:, J_c] += dgates_t W_hh[:,
 //   J_c] from the operand every CTA published before the last barrier (csrc/rnn.cuh's AddRecurrent), then
 //   LstmDh + LstmCellBackward / GruCellBackward for J_c, which publish dgates_t; one barrier per step.
 //   The gates' pre-activations (gh) of all steps come from one GEMM before the launch, the weight
 //   gradients from one GEMM after it (fusenn.ops.rnn).
+// - Projection (LSTM, proj_size P < H): CTA c also owns V = ceil(P / grid) columns Q_c of h (Plan::vrows).
+//   Forward: the cell leaves m_t = o tanh(c_t) (and m_t in T) for J_c; a barrier; forward_project makes
+//   h_t[:, Q_c] = m_t W_hr[Q_c]^T and emits it; a barrier. Backward: dh[:, Q_c] from W_hh's columns Q_c,
+//   LstmDh for Q_c (dhz published); a barrier; dm_t[:, J_c] = dhz W_hr[:, J_c], the cells for J_c; a barrier.
+//   Two barriers a step, two weight slices per CTA (Layouts).
+// TF32 (fp32 layers under torch.backends.cudnn.allow_tf32): W_hh's slice and each staged chunk are rounded
+// to TF32 once, as cvt.rna.tf32.f32 does (round_tf32), and the m16n16k8 products accumulate in fp32.
 // The includer declares to_float / from_float for its 16-bit types first, as for rnn.cuh.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "rnn.cuh"
@@ -49,27 +58,48 @@ FUSENN_HD void divmod(int64_t x, int64_t d, int64_t* q, int64_t* r) {
   *r = xx - qq * dd;
 }
 
+// x rounded to TF32 (10 mantissa bits) to nearest, ties away from zero: cvt.rna.tf32.f32 on the GPU, its
+// bit-exact twin on the host (NaN and infinity pass through; a carry out of the mantissa rounds up the exponent).
+FUSENN_HD float round_tf32(float x) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+#else
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & ~0x1fffu;
+  float r;
+  memcpy(&r, &u, 4);
+  return r;
+#endif
+}
+
 // One CTA's shared memory for out[b][n] = sum_k A[b][k] W[n][k] over N weight rows (padded to Np) and K:
 // the weight slice (Np x ldw), a staged activation chunk (kTileB x lda), and fp32 partial sums
-// (splits x kTileB x Np; splits > 1 when the MMA warps split K). Offsets in bytes, 128-byte aligned.
+// (splits x kTileB x Np; splits > 1 when the MMA warps split K). mma: tensor-core tiles (always for 16-bit,
+// TF32 for fp32), else fp32 FMA. Offsets in bytes, 128-byte aligned.
 struct Layout {
   int64_t N, Np, K, Kp, ldw, chunk, lda, splits;
   int64_t w_off, a_off, acc_off, bytes;
+  bool mma;
 };
 
-FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk) {
+FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk, bool tf32) {
   Layout l{};
+  l.mma = elem == 2 || tf32;
   l.N = N;
-  l.Np = elem == 2 ? round_up(N, 16) : N;  // MMA tiles of 16 weight rows; the FMA path needs no padding
+  l.Np = l.mma ? round_up(N, 16) : N;  // MMA tiles of 16 weight rows; the FMA path needs no padding
   l.K = K;
   l.Kp = round_up(K, 16);
-  // weights: 16-bit rows padded by 8 (wmma needs ldm % 8 == 0), fp32 rows by 1 (an odd stride: no bank conflicts);
-  // the staged chunk's rows stay 16-byte aligned for vector stores (and 4 floats apart in banks for fp32)
-  l.ldw = l.Kp + (elem == 2 ? 8 : 1);
+  // weights: MMA rows padded by 16 bytes (wmma needs ldm a multiple of 16 bytes), FMA rows by 1 float (an odd
+  // stride: no bank conflicts); the staged chunk's rows stay 16-byte aligned for vector stores (and 4 floats
+  // apart in banks for fp32)
+  l.ldw = l.Kp + (elem == 2 ? 8 : l.mma ? 4 : 1);
   l.chunk = min64(l.Kp, chunk);  // a multiple of 16
   l.lda = l.chunk + (elem == 2 ? 8 : 4);
   const int64_t tiles = l.Np / 16;
-  l.splits = (elem == 2 && tiles < kWarps) ? kWarps / tiles : 1;
+  l.splits = (l.mma && tiles < kWarps) ? kWarps / tiles : 1;
   l.w_off = 0;
   l.a_off = round_up(l.Np * l.ldw * elem, 128);
   l.acc_off = l.a_off + round_up(kTileB * l.lda * elem, 128);
@@ -78,8 +108,36 @@ FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk) {
 }
 
 // Forward: N = gates x U rows over K = H; backward: N = U columns over K = gates x H.
-FUSENN_HD Layout layout_for(int gates, bool backward, int elem, int64_t H, int64_t U, int64_t chunk) {
-  return backward ? layout(U, gates * H, elem, chunk) : layout(gates * U, H, elem, chunk);
+FUSENN_HD Layout layout_for(int gates, bool backward, int elem, int64_t H, int64_t U, int64_t chunk, bool tf32) {
+  return backward ? layout(U, gates * H, elem, chunk, tf32) : layout(gates * U, H, elem, chunk, tf32);
+}
+
+// With a projection (LSTM, proj_size P < H; V of the P rows of h per CTA) each CTA keeps two slices, which
+// share the staging buffer and the partial sums: forward a = the gate rows of its units over K = P and b = its
+// V rows of W_hr over K = H; backward a = its V columns of W_hh over K = gates x H (for dh_{t-1}) and b = its U
+// columns of W_hr over K = P (for dm_t). Without one (P = 0) a is layout_for's and b unused.
+struct Layouts {
+  Layout a, b;
+};
+
+FUSENN_HD Layouts layouts_for(int gates, bool backward, int elem, int64_t H, int64_t P, int64_t U, int64_t V,
+                              int64_t chunk, bool tf32) {
+  Layouts ls{};
+  if (P == 0) {
+    ls.a = ls.b = layout_for(gates, backward, elem, H, U, chunk, tf32);
+    return ls;
+  }
+  ls.a = backward ? layout(V, gates * H, elem, chunk, tf32) : layout(gates * U, P, elem, chunk, tf32);
+  ls.b = backward ? layout(U, P, elem, chunk, tf32) : layout(V, H, elem, chunk, tf32);
+  const int64_t wa = round_up(ls.a.Np * ls.a.ldw * elem, 128), wb = round_up(ls.b.Np * ls.b.ldw * elem, 128);
+  const int64_t lda = ls.a.lda > ls.b.lda ? ls.a.lda : ls.b.lda;
+  const int64_t acc_a = ls.a.splits * kTileB * ls.a.Np, acc_b = ls.b.splits * kTileB * ls.b.Np;
+  ls.a.w_off = 0;
+  ls.b.w_off = wa;
+  ls.a.a_off = ls.b.a_off = wa + wb;
+  ls.a.acc_off = ls.b.acc_off = wa + wb + round_up(kTileB * lda * elem, 128);
+  ls.a.bytes = ls.b.bytes = ls.a.acc_off + (acc_a > acc_b ? acc_a : acc_b) * 4;
+  return ls;
 }
 
 // What one machine offers a CTA: SMs, shared memory a block may opt into and an SM holds, registers and
@@ -93,29 +151,35 @@ constexpr int64_t kReservedSmem = 1024;  // per block, sm_80 and later
 
 struct Plan {
   int64_t grid, units, smem, per_sm, chunk;
+  int64_t vrows;    // rows of the projection's output per CTA (P = 0: units)
+  bool tf32;        // fp32 products on TF32 tensor cores (Layout::mma)
   std::string why;  // empty when the launch can go ahead
 };
 
 // The grid for a layer: U units per CTA (a multiple of 4, so an LSTM CTA's gate rows fill 16-row MMA tiles)
 // spreading H over the SMs, or ceil(H / grid) units when a grid is asked for; then whether that grid can be
 // co-resident with `regs` registers per thread (0: unknown) and `static_smem` bytes of static shared memory.
-inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m, int64_t regs, int64_t static_smem,
-                 int64_t grid_req) {
+// P: the LSTM's proj_size (0: none), spread as ceil(P / grid) rows per CTA.
+inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
+                        int64_t static_smem, int64_t grid_req, bool tf32) {
   Plan p{};
+  p.tf32 = elem == 4 && tf32;
   if (H <= 0) {
     p.why = "hidden_size must be positive";
     return p;
   }
   p.units = grid_req > 0 ? (H + grid_req - 1) / grid_req : round_up((H + m.sms - 1) / m.sms, 4);
   p.grid = (H + p.units - 1) / p.units;
+  p.vrows = P > 0 ? (P + p.grid - 1) / p.grid : p.units;
   p.chunk = kChunk;
-  const Layout l = layout_for(gates, backward, elem, H, p.units, p.chunk);
-  p.smem = l.bytes;
+  const Layouts ls = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32);
+  p.smem = ls.a.bytes;
   const char* what = backward ? "backward" : "forward";
-  if (elem == 2 && l.Np > kMaxRows) {
+  const int64_t rows = ls.a.Np > ls.b.Np ? ls.a.N : ls.b.N;
+  if (ls.a.mma && (ls.a.Np > kMaxRows || ls.b.Np > kMaxRows)) {
     p.why = std::string("the persistent ") + what + " kernel covers at most " + std::to_string(kMaxRows) +
             " weight rows per CTA, hidden_size " + std::to_string(H) + " on " + std::to_string(p.grid) +
-            " CTAs needs " + std::to_string(l.N);
+            " CTAs needs " + std::to_string(rows);
     return p;
   }
   if (p.smem + static_smem > m.smem_block) {
@@ -133,7 +197,7 @@ inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m
   int64_t per_sm = per_sm_for(p.smem);
   // a wider staged chunk where the grid still fits: fewer staging rounds (and barriers inside the CTA) a step
   for (int64_t chunk = kWideChunk; per_sm * m.sms >= p.grid && chunk > kChunk; chunk /= 2) {
-    const int64_t smem = layout_for(gates, backward, elem, H, p.units, chunk).bytes;
+    const int64_t smem = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, chunk, p.tf32).a.bytes;
     if (smem + static_smem <= m.smem_block && per_sm_for(smem) * m.sms >= p.grid) {
       p.chunk = chunk;
       p.smem = smem;
@@ -151,29 +215,50 @@ inline Plan plan(int gates, bool backward, int elem, int64_t H, const Machine& m
   return p;
 }
 
+// plan_layout's grid; tf32 (fp32 layers only) allows TF32 tensor cores, which the plan takes where their
+// layout (gate rows padded to 16-row tiles) can launch, else exact FMA as without it: allowed, not required,
+// like torch's flag for cuDNN.
+inline Plan plan(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
+                 int64_t static_smem, int64_t grid_req, bool tf32) {
+  if (elem == 4 && tf32) {
+    Plan p = plan_layout(gates, backward, elem, H, P, m, regs, static_smem, grid_req, true);
+    if (p.why.empty()) return p;
+  }
+  return plan_layout(gates, backward, elem, H, P, m, regs, static_smem, grid_req, false);
+}
+
 // Everything a launch needs. Tensors are contiguous; T is the layer's dtype, state and gradients fp32.
 struct Args {
-  int64_t T, B, H;
-  int32_t gates, grid, units, chunk;  // gates: 4 LSTM, 3 GRU; units per CTA; K columns staged at once (Plan)
+  // P: the width of h (proj_size with a projection, else H); vrows: h's columns per CTA (units without one)
+  int64_t T, B, H, P;
+  int32_t gates, grid, units, chunk, vrows;  // gates: 4 LSTM, 3 GRU; units per CTA; K staged at once (Plan)
   bool reverse, save;
+  bool proj;          // LSTM with a projection: h_t = m_t W_hr^T
+  bool tf32;          // fp32: TF32 products allowed in; the plan's choice (Plan::tf32) once planned
   const void* gx;     // (T, B, gates H) T
-  const void* w_hh;   // (gates H, H) T
+  const void* w_hh;   // (gates H, P) T
   const void* b_hh;   // (gates H,) T or null (GRU)
+  const void* w_hr;   // (P, H) T or null
   const int64_t* lengths;
-  const float* rscale;  // (B, H) r/(1-p) or null
+  const float* rscale;  // (B, P) r/(1-p) or null
   Zoneout zo;
   // forward
-  float* hs;  // state slots (T + 1 or 2, B, H) fp32, see slots()
-  float* cs;  // LSTM cell slots, likewise
-  void* y;    // (T, B, H) T
-  void* op;   // (2, B, H) T: the recurrent product's operand, [0] holds h0 (times r/(1-p))
+  float* hs;  // state slots (T + 1 or 2, B, P) fp32, see slots()
+  float* cs;  // LSTM cell slots (T + 1 or 2, B, H), likewise
+  void* y;    // (T, B, P) T
+  void* op;   // (2, B, P) T: the recurrent product's operand, [0] holds h0 (times r/(1-p))
   float* gh;  // (B, gates H) fp32: this step's gate products
+  float* ms;  // projection: (T or 1, B, H) fp32, m_t = o tanh(c_t) of every step when saving
+  void* m_op;  // projection: (B, H) T, m_t as the operand of m_t W_hr^T
   // backward
   const float* ghs;  // (T, B, gates H) fp32: h_{t-1} W_hh^T of every step
-  const void* dy;    // (T, B, H) T
-  float* dh;         // (B, H) fp32: dh_n in, dh_0 out
+  const void* dy;    // (T, B, P) T
+  float* dh;         // (B, P) fp32: dh_n in, dh_0 out
   float* dc;         // (B, H) fp32: dc_n in, dc_0 out (LSTM)
-  float* dhz;        // (B, H) fp32 scratch (LSTM)
+  float* dhz;        // (B, P) fp32 scratch (LSTM)
+  void* dhz_op;      // projection: (B, P) T, the gradient reaching h_new as the operand of dm = dhz W_hr
+  float* dhs;        // projection: (T, B, P) fp32, that gradient of every step (for grad W_hr)
+  float* dm;         // projection: (B, H) fp32, the gradient reaching m_t
   float* dg;         // (T, B, gates H) fp32
   float* dghn;       // (T, B, H) fp32 (GRU)
   void* dg_op;       // (2, B, gates H) T: dgates as the operand of dgates W_hh
@@ -216,27 +301,53 @@ FUSENN_HD T load_fresh(const T* p) {
 #endif
 }
 
-// Phase 0, once per launch: the CTA's weight slice into shared memory, zero-padded to Np x Kp.
+// An MMA operand as the tensor cores take it: fp32 rounded to TF32 on the TF32 path, 16-bit as it is.
 template <class T>
-FUSENN_HD void load_weights(const Args& a, bool backward, int64_t cta, T* w, const Layout& l, int tid, int nt) {
-  const T* src = static_cast<const T*>(a.w_hh);
-  const int64_t H = a.H, U = a.units;
+FUSENN_HD T mma_operand(T v, const Layout& l) {
+  if constexpr (sizeof(T) == 4) {
+    return l.mma ? round_tf32(v) : v;
+  } else {
+    return v;
+  }
+}
+
+// Phase 0, once per launch: a weight slice of the CTA into shared memory, zero-padded to Np x Kp (TF32-rounded
+// on the TF32 path). Rows: w[q per + u][k] = M[q size + first + u][k] (M's rows ld long); columns:
+// w[n][k] = M[k][first + n] (M's rows size long); zero past `size`.
+struct Source {
+  const void* m;
+  bool columns;
+  int64_t size, ld, per, first;
+};
+
+// The CTA's slice a (second: b) of Layouts, see there.
+FUSENN_HD Source source_of(const Args& a, bool backward, bool second, int64_t cta) {
+  const int64_t U = a.units, V = a.vrows;
+  if (!second) {
+    return backward ? Source{a.w_hh, true, a.P, 0, 0, cta * V} : Source{a.w_hh, false, a.H, a.P, U, cta * U};
+  }
+  return backward ? Source{a.w_hr, true, a.H, 0, 0, cta * U} : Source{a.w_hr, false, a.P, a.H, V, cta * V};
+}
+
+template <class T>
+FUSENN_HD void load_weights(const Source& s, T* w, const Layout& l, int tid, int nt) {
+  const T* src = static_cast<const T*>(s.m);
   for (int64_t idx = tid; idx < l.Np * l.Kp; idx += nt) {
     int64_t n, k;
     divmod(idx, l.Kp, &n, &k);
     T v = zero<T>();
     if (n < l.N && k < l.K) {
-      if (backward) {  // w[n][k] = W_hh[k][j], j = c U + n
-        const int64_t j = cta * U + n;
-        if (j < H) v = src[k * H + j];
-      } else {  // w[q U + u][k] = W_hh[q H + j][k], j = c U + u
+      if (s.columns) {
+        const int64_t j = s.first + n;
+        if (j < s.size) v = src[k * s.size + j];
+      } else {
         int64_t q, u;
-        divmod(n, U, &q, &u);
-        const int64_t j = cta * U + u;
-        if (j < H) v = src[(q * H + j) * H + k];
+        divmod(n, s.per, &q, &u);
+        const int64_t j = s.first + u;
+        if (j < s.size) v = src[(q * s.size + j) * s.ld + k];
       }
     }
-    w[n * l.ldw + k] = v;
+    w[n * l.ldw + k] = mma_operand(v, l);
   }
 }
 
@@ -256,8 +367,9 @@ FUSENN_HD Vec16 load_fresh16(const void* p) {
 #endif
 }
 
-// Rows b0 .. b0 + kTileB of A (rows x K, T) from column c0 into the staging buffer, zero past the ends:
-// 16 bytes at a time when K allows (rows 16-byte aligned), else element by element.
+// Rows b0 .. b0 + kTileB of A (rows x K, T) from column c0 into the staging buffer, zero past the ends
+// (TF32-rounded on the TF32 path): 16 bytes at a time when K allows (rows 16-byte aligned), else element by
+// element.
 template <class T>
 FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, const Layout& l, int tid, int nt) {
   const int64_t width = min64(l.chunk, l.Kp - c0);  // a multiple of 16
@@ -268,7 +380,15 @@ FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, c
       int64_t b, kv;
       divmod(idx, vectors, &b, &kv);
       const int64_t gb = b0 + b, gk = c0 + kv * V;
-      const Vec16 v = (gb < rows && gk < l.K) ? load_fresh16(A + gb * l.K + gk) : Vec16{{0u, 0u, 0u, 0u}};
+      Vec16 v = (gb < rows && gk < l.K) ? load_fresh16(A + gb * l.K + gk) : Vec16{{0u, 0u, 0u, 0u}};
+      if (sizeof(T) == 4 && l.mma) {
+        for (uint32_t& word : v.w) {
+          float f;
+          memcpy(&f, &word, 4);
+          f = round_tf32(f);
+          memcpy(&word, &f, 4);
+        }
+      }
 #if defined(__CUDA_ARCH__)
       *reinterpret_cast<Vec16*>(dst + b * l.lda + kv * V) = v;  // +0.0 is all-zero bits in every T
 #else
@@ -281,13 +401,13 @@ FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, c
     int64_t b, k;
     divmod(idx, width, &b, &k);
     const int64_t gb = b0 + b, gk = c0 + k;
-    dst[b * l.lda + k] = (gb < rows && gk < l.K) ? load_fresh(A + gb * l.K + gk) : zero<T>();
+    dst[b * l.lda + k] = (gb < rows && gk < l.K) ? mma_operand(load_fresh(A + gb * l.K + gk), l) : zero<T>();
   }
 }
 
 // Tensor-core fragments of 16 x 16 x 16 tiles (A row-major, B column-major, fp32 accumulator): wmma's on the
 // GPU; on the host plain arrays with fp32 FMA accumulation, so the grid's emulation runs the MMA path's
-// tiling, K-split and reduction on the same fp16/bf16 operands.
+// tiling, K-split and reduction on the same fp16/bf16 (or TF32-rounded fp32) operands.
 #if defined(__CUDA_ARCH__)
 template <class T>
 struct Mma {
@@ -302,6 +422,38 @@ struct Mma {
     nvcuda::wmma::load_matrix_sync(b, p, static_cast<unsigned>(ld));
   }
   static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) { nvcuda::wmma::mma_sync(c, a, b, c); }
+  static __device__ __forceinline__ void store(float* p, const C& c, int64_t ld) {
+    nvcuda::wmma::store_matrix_sync(p, c, static_cast<unsigned>(ld), nvcuda::wmma::mem_row_major);
+  }
+};
+// fp32 on TF32 tensor cores: a 16-wide K block is two m16n16k8 products. The operands in shared memory are
+// TF32 already (stage, load_weights), so the fragments need no conversion.
+template <>
+struct Mma<float> {
+  using A8 = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                                    nvcuda::wmma::row_major>;
+  using B8 = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32,
+                                    nvcuda::wmma::col_major>;
+  using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
+  struct A {
+    A8 k[2];
+  };
+  struct B {
+    B8 k[2];
+  };
+  static __device__ __forceinline__ void zero(C& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
+  static __device__ __forceinline__ void load_a(A& a, const float* p, int64_t ld) {
+    nvcuda::wmma::load_matrix_sync(a.k[0], p, static_cast<unsigned>(ld));
+    nvcuda::wmma::load_matrix_sync(a.k[1], p + 8, static_cast<unsigned>(ld));
+  }
+  static __device__ __forceinline__ void load_b(B& b, const float* p, int64_t ld) {
+    nvcuda::wmma::load_matrix_sync(b.k[0], p, static_cast<unsigned>(ld));
+    nvcuda::wmma::load_matrix_sync(b.k[1], p + 8, static_cast<unsigned>(ld));
+  }
+  static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) {
+    nvcuda::wmma::mma_sync(c, a.k[0], b.k[0], c);
+    nvcuda::wmma::mma_sync(c, a.k[1], b.k[1], c);
+  }
   static __device__ __forceinline__ void store(float* p, const C& c, int64_t ld) {
     nvcuda::wmma::store_matrix_sync(p, c, static_cast<unsigned>(ld), nvcuda::wmma::mem_row_major);
   }
@@ -412,34 +564,39 @@ FUSENN_HD void tile_product_fma(const T* A, int64_t rows, int64_t b0, const T* w
   FUSENN_SYNC();
 }
 
-// acc[b][n] = sum_k A[b0 + b][k] w[n][k] for the batch tile at b0, fp32 accumulation: fp16/bf16 on the MMA
-// path (tensor cores on the GPU), fp32 by exact FMA in k order.
+// acc[b][n] = sum_k A[b0 + b][k] w[n][k] for the batch tile at b0, fp32 accumulation: fp16/bf16 and TF32 on
+// the MMA path (tensor cores on the GPU), fp32 otherwise by exact FMA in k order.
 template <class T>
 FUSENN_HD void tile_product(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
                             int tid, int nt) {
   if constexpr (sizeof(T) == 2) {
+    tile_product_mma(A, rows, b0, w, l, st, acc, tid, nt);
+  } else if (l.mma) {
     tile_product_mma(A, rows, b0, w, l, st, acc, tid, nt);
   } else {
     tile_product_fma(A, rows, b0, w, l, st, acc, tid, nt);
   }
 }
 
-// The number of units CTA c owns.
+// The number of units CTA c owns, and of h's P columns (vrows per CTA; the units without a projection).
 FUSENN_HD int64_t units_of(const Args& a, int64_t cta) { return min64(a.units, a.H - cta * a.units); }
+FUSENN_HD int64_t vrows_of(const Args& a, int64_t cta) { return min64(a.vrows, a.P - cta * a.vrows); }
 
-// Forward, the k-th step processed, CTA c: gate products for its rows, then the cell for each (b, j in J_c).
+// Forward, the k-th step processed, CTA c: gate products for its rows, then the cell for each (b, j in J_c);
+// with a projection the cell leaves m_t (forward_project then makes h_t).
 template <class T>
 FUSENN_HD void forward_step(const Args& a, int64_t cta, int64_t k, const T* w, T* st, float* acc, const Layout& l,
                             int tid, int nt) {
-  const int64_t B = a.B, H = a.H, G = a.gates, U = a.units, Uc = units_of(a, cta), j0 = cta * U;
+  const int64_t B = a.B, H = a.H, P = a.P, G = a.gates, U = a.units, Uc = units_of(a, cta), j0 = cta * U;
   const int64_t t = a.reverse ? a.T - 1 - k : k;
   int64_t before, after;
   slots(t, k, a.reverse, a.save, &before, &after);
-  const T* op_in = static_cast<const T*>(a.op) + (k % 2) * B * H;
-  T* op_out = static_cast<T*>(a.op) + ((k + 1) % 2) * B * H;
+  const T* op_in = static_cast<const T*>(a.op) + (k % 2) * B * P;
+  T* op_out = static_cast<T*>(a.op) + ((k + 1) % 2) * B * P;
   const Step s{t, a.T, B, a.lengths, a.rscale, a.zo};
   const void* gx = static_cast<const T*>(a.gx) + t * B * G * H;
-  void* y = static_cast<T*>(a.y) + t * B * H;
+  void* y = static_cast<T*>(a.y) + t * B * P;
+  float* m = a.proj ? a.ms + (a.save ? t : 0) * B * H : nullptr;
   for (int64_t b0 = 0; b0 < B; b0 += kTileB) {
     tile_product(op_in, B, b0, w, l, st, acc, tid, nt);
     for (int64_t idx = tid; idx < kTileB * Uc; idx += nt) {
@@ -449,8 +606,8 @@ FUSENN_HD void forward_step(const Args& a, int64_t cta, int64_t k, const T* w, T
       if (b >= B) continue;
       for (int64_t q = 0; q < G; ++q) a.gh[b * G * H + q * H + j] = acc[bl * l.Np + q * U + u];
       if (G == 4) {
-        const LstmCell cell{s,       H,        H,           gx, a.gh,    a.cs + before * B * H, a.cs + after * B * H,
-                            a.hs + before * B * H, a.hs + after * B * H, y,  op_out, nullptr,  nullptr};
+        const LstmCell cell{s,        H,       P,  gx, a.gh, a.cs + before * B * H, a.cs + after * B * H,
+                            a.hs + before * B * P, a.hs + after * B * P, y, op_out, m, a.m_op};
         run_at<T>(cell, b, j);
       } else {
         const GruCell cell{s, H, gx, a.gh, a.b_hh, a.hs + before * B * H, a.hs + after * B * H, y, op_out};
@@ -460,50 +617,108 @@ FUSENN_HD void forward_step(const Args& a, int64_t cta, int64_t k, const T* w, T
   }
 }
 
-// Backward: dh[:, J_c] += (dgates W_hh)[:, J_c] of the step processed k-th (AddRecurrent's update: times
-// r/(1-p), rows that have that step), from the operand every CTA published for it.
+// Forward with a projection, after a grid barrier: CTA c's columns Q_c of h_t = m_t W_hr^T (from the m_t
+// every CTA published), then zoneout, lengths, outputs and the next step's operand for them (EmitH's).
+template <class T>
+FUSENN_HD void forward_project(const Args& a, int64_t cta, int64_t k, const T* w, T* st, float* acc,
+                               const Layout& l, int tid, int nt) {
+  const int64_t B = a.B, P = a.P, Vc = vrows_of(a, cta), p0 = cta * a.vrows;
+  if (Vc <= 0) return;  // the whole CTA alike
+  const int64_t t = a.reverse ? a.T - 1 - k : k;
+  int64_t before, after;
+  slots(t, k, a.reverse, a.save, &before, &after);
+  T* op_out = static_cast<T*>(a.op) + ((k + 1) % 2) * B * P;
+  const Step s{t, a.T, B, a.lengths, a.rscale, a.zo};
+  void* y = static_cast<T*>(a.y) + t * B * P;
+  for (int64_t b0 = 0; b0 < B; b0 += kTileB) {
+    tile_product(static_cast<const T*>(a.m_op), B, b0, w, l, st, acc, tid, nt);
+    for (int64_t idx = tid; idx < kTileB * Vc; idx += nt) {
+      int64_t bl, v;
+      divmod(idx, Vc, &bl, &v);
+      const int64_t b = b0 + bl;
+      if (b >= B) continue;
+      emit_h<T>(s, P, b, p0 + v, acc[bl * l.Np + v], a.hs + before * B * P, a.hs + after * B * P, y, op_out);
+    }
+  }
+}
+
+// Backward: dh[:, Q_c] += (dgates W_hh)[:, Q_c] of the step processed k-th (AddRecurrent's update: times
+// r/(1-p), rows that have that step), from the operand every CTA published for it (Q_c = J_c without a
+// projection).
 template <class T>
 FUSENN_HD void backward_recurrent(const Args& a, int64_t cta, int64_t k, const T* w, T* st, float* acc,
                                   const Layout& l, int tid, int nt) {
-  const int64_t B = a.B, H = a.H, G = a.gates, Uc = units_of(a, cta), j0 = cta * a.units;
+  const int64_t B = a.B, H = a.H, P = a.P, G = a.gates, Vc = vrows_of(a, cta), p0 = cta * a.vrows;
+  if (Vc <= 0) return;
   const int64_t t = a.reverse ? k : a.T - 1 - k;
   const Step s{t, a.T, B, a.lengths, a.rscale, a.zo};
   const T* g = static_cast<const T*>(a.dg_op) + (k % 2) * B * G * H;
   for (int64_t b0 = 0; b0 < B; b0 += kTileB) {
     tile_product(g, B, b0, w, l, st, acc, tid, nt);
-    for (int64_t idx = tid; idx < kTileB * Uc; idx += nt) {
-      int64_t bl, u;
-      divmod(idx, Uc, &bl, &u);
+    for (int64_t idx = tid; idx < kTileB * Vc; idx += nt) {
+      int64_t bl, v;
+      divmod(idx, Vc, &bl, &v);
       const int64_t b = b0 + bl;
       if (b >= B || !has_step(s, b)) continue;
-      const int64_t i = b * H + j0 + u;
-      const float v = acc[bl * l.Np + u];
-      a.dh[i] += a.rscale ? v * a.rscale[i] : v;
+      const int64_t i = b * P + p0 + v;
+      const float val = acc[bl * l.Np + v];
+      a.dh[i] += a.rscale ? val * a.rscale[i] : val;
     }
   }
 }
 
-// Backward, the k-th step processed, CTA c: the gradients reaching J_c's gates (publishing dgates_t).
+// Backward with a projection, the k-th step processed, CTA c: the gradient reaching h_t's columns Q_c and
+// its share reaching the pre-zoneout h_new (LstmDh: dhz, published as the operand of dm_t = dhz W_hr, and
+// dhs for grad W_hr); a grid barrier follows.
 template <class T>
-FUSENN_HD void backward_cells(const Args& a, int64_t cta, int64_t k, int tid, int nt) {
-  const int64_t B = a.B, H = a.H, G = a.gates, Uc = units_of(a, cta), j0 = cta * a.units;
+FUSENN_HD void backward_dh(const Args& a, int64_t cta, int64_t k, int tid, int nt) {
+  const int64_t B = a.B, P = a.P, Vc = vrows_of(a, cta), p0 = cta * a.vrows;
+  if (Vc <= 0) return;
+  const int64_t t = a.reverse ? k : a.T - 1 - k;
+  const Step s{t, a.T, B, a.lengths, a.rscale, a.zo};
+  const void* dy = static_cast<const T*>(a.dy) + t * B * P;
+  FUSENN_SYNC();  // backward_recurrent's writes of dh come from other threads
+  for (int64_t idx = tid; idx < B * Vc; idx += nt) {
+    int64_t b, v;
+    divmod(idx, Vc, &b, &v);
+    run_at<T>(LstmDh{s, P, dy, a.dh, a.dhz, a.dhz_op, a.dhs + t * B * P}, b, p0 + v);
+  }
+}
+
+// Backward, the k-th step processed, CTA c: the gradients reaching J_c's gates (publishing dgates_t). With a
+// projection, first dm_t[:, J_c] = dhz W_hr[:, J_c] from the dhz every CTA published before the last barrier
+// (w, l: the CTA's slice b of W_hr's columns).
+template <class T>
+FUSENN_HD void backward_cells(const Args& a, int64_t cta, int64_t k, const T* w, T* st, float* acc, const Layout& l,
+                              int tid, int nt) {
+  const int64_t B = a.B, H = a.H, P = a.P, G = a.gates, Uc = units_of(a, cta), j0 = cta * a.units;
   const int64_t t = a.reverse ? k : a.T - 1 - k;
   int64_t before, after;
   slots(t, k, a.reverse, true, &before, &after);
   const Step s{t, a.T, B, a.lengths, a.rscale, a.zo};
   const void* gx = static_cast<const T*>(a.gx) + t * B * G * H;
-  const void* dy = static_cast<const T*>(a.dy) + t * B * H;
+  const void* dy = static_cast<const T*>(a.dy) + t * B * P;
   const float* gh = a.ghs + t * B * G * H;
   void* g_op = static_cast<T*>(a.dg_op) + (k % 2) * B * G * H;
-  FUSENN_SYNC();  // backward_recurrent's writes of dh come from other threads
+  if (a.proj) {
+    for (int64_t b0 = 0; b0 < B; b0 += kTileB) {
+      tile_product(static_cast<const T*>(a.dhz_op), B, b0, w, l, st, acc, tid, nt);
+      for (int64_t idx = tid; idx < kTileB * Uc; idx += nt) {
+        int64_t bl, u;
+        divmod(idx, Uc, &bl, &u);
+        if (b0 + bl < B) a.dm[(b0 + bl) * H + j0 + u] = acc[bl * l.Np + u];
+      }
+    }
+  }
+  FUSENN_SYNC();  // backward_recurrent's writes of dh (dm's with a projection) come from other threads
   for (int64_t idx = tid; idx < B * Uc; idx += nt) {
     int64_t b, u;
     divmod(idx, Uc, &b, &u);
     const int64_t j = j0 + u;
     if (G == 4) {
-      run_at<T>(LstmDh{s, H, dy, a.dh, a.dhz, nullptr, nullptr}, b, j);
-      const LstmCellBackward cell{s,  H, H, gx, gh, a.cs + before * B * H, a.cs + after * B * H, a.dhz, a.dc,
-                                  a.dg + t * B * G * H, g_op};
+      if (!a.proj) run_at<T>(LstmDh{s, H, dy, a.dh, a.dhz, nullptr, nullptr}, b, j);
+      const LstmCellBackward cell{s,  H, P, gx, gh, a.cs + before * B * H, a.cs + after * B * H,
+                                  a.proj ? a.dm : a.dhz, a.dc, a.dg + t * B * G * H, g_op};
       run_at<T>(cell, b, j);
     } else {
       const GruCellBackward cell{s, H, gx, gh, a.b_hh, a.hs + before * B * H, dy, a.dh, a.dg + t * B * G * H,
@@ -518,7 +733,7 @@ FUSENN_HD void backward_cells(const Args& a, int64_t cta, int64_t k, int tid, in
 // launches it cooperatively on `stream` and returns a cudaError_t value; a grid it cannot launch leaves a
 // reason in *why and launches nothing. persist_reason gives that reason alone (empty: it can launch).
 int launch_persist(const Args& args, Dtype dtype, bool backward, int64_t grid_req, Stream stream, std::string* why);
-std::string persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t grid_req);
+std::string persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req);
 
 }  // namespace persist
 }  // namespace fusenn

@@ -2,9 +2,10 @@
 
 Without a GPU the C++ ops run on CPU tensors as the grid's emulation: every CTA's slice of a step in turn
 through the very functions the kernels run, with fp16/bf16 MMA operands (h_{t-1}, W_hh, dgates) rounded as
-on the GPU. So partitioning, masks, lengths, reverse and backward are checked here; the GPU tests (marked
-`gpu`) check the kernels themselves. The static test compiles the kernels for sm_90a and checks ptxas's
-registers and shared memory against the launcher's plan.
+on the GPU, and fp32's rounded to TF32 as cvt.rna does where TF32 is allowed (judged against PyTorch
+computing its products in TF32, fusenn.testing.tf32_products). So partitioning, masks, lengths, reverse and
+backward are checked here; the GPU tests (marked `gpu`) check the kernels themselves. The static test
+compiles the kernels for sm_90a and checks ptxas's registers and shared memory against the launcher's plan.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import fusenn
 from fusenn import dispatch
 from fusenn.ops import rnn as ops
 from fusenn.reference import rnn as reference
-from fusenn.testing import assert_close, poisoned_outputs
+from fusenn.testing import assert_close, poisoned_outputs, round_tf32, tf32_products
 
 from conftest import CSRC, cpp_host_unavailable
-from test_rnn_kernels import _check_layer, _gru_inputs, _lstm_inputs
+from test_rnn_kernels import _check_layer, _gru_inputs, _lstm_inputs, _outputs_and_grads
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 H200 = [132, 232448, 233472, 65536, 2048, 32]  # what persist::kH200 holds (csrc/rnn_persist.cuh)
@@ -44,7 +45,9 @@ def twin():
 @pytest.fixture
 def persistent(twin, monkeypatch):
     """fusenn.ops.rnn's LSTM / GRU layers on the persistent path with CPU tensors (dispatch sends CPU
-    tensors to the reference under every real backend), checking its support function takes them."""
+    tensors to the reference under every real backend), checking its support function takes them; fp32
+    exact (TF32 off) unless a test turns torch.backends.cudnn.allow_tf32 on."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     def choose(op, device, unsupported, *args):
         if op in ("lstm", "gru"):
             assert unsupported["persistent"] is None, unsupported["persistent"]
@@ -231,13 +234,24 @@ def test_persist_inference_keeps_two_state_slots(persistent):
     assert_close(lstm_out, reference.lstm_layer(*[x.double() if x is not None else None for x in lstm_in],
                                                 lengths=lens, reverse=True), name="lstm")
     assert_close(gru_out, reference.gru_layer(*[x.double() for x in gru_in], lengths=lens.clamp(max=4)), name="gru")
+    proj_in = _lstm_inputs(5, 3, 33, 17, torch.float32, "cpu")  # with a projection: m_t in one slot too
+    with torch.no_grad(), poisoned_outputs():
+        proj_out = ops.lstm_layer(*proj_in, lengths=lens, reverse=True)
+    assert_close(proj_out, reference.lstm_layer(*[x.double() for x in proj_in], lengths=lens, reverse=True),
+                 name="lstm proj")
 
 
 def test_persist_ops_check_their_inputs(twin):
     gx, h0, c0, w_hh, w_hr = _lstm_inputs(3, 2, 5, 3, torch.float32, "cpu")
     regs = (None, None, 0, 0, 1.0, 0)
-    with pytest.raises(RuntimeError, match="has no projection"):
-        twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr, None, False, True, *regs, 0)
+    with pytest.raises(RuntimeError, match=r"expected w_hr of shape \[3, 5\], got \[3, 4\]"):
+        twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr[:, :4], None, False, True, *regs, 0)
+    with pytest.raises(RuntimeError, match="without w_hr, h0 must have hidden_size columns"):
+        twin.lstm_persist_forward(gx, h0, c0, w_hh, None, None, False, True, *regs, 0)
+    fwd = twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr, None, False, True, *regs, 0)
+    with pytest.raises(RuntimeError, match=r"expected dy of shape \[3, 2, 3\], got \[3, 2, 5\]"):  # (T, B, P)
+        twin.lstm_persist_backward(torch.zeros(3, 2, 5), fwd[1], fwd[2], gx, w_hh, w_hr, None, False, fwd[3], fwd[4],
+                                   *regs, 0)
     gx, h0, c0, w_hh, _ = _lstm_inputs(3, 2, 5, None, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="expected w_hh of dtype Half"):
         twin.lstm_persist_forward(gx.half(), h0.half(), c0.half(), w_hh, None, None, False, True, *regs, 0)
@@ -273,7 +287,8 @@ def test_persist_refuses_what_cannot_be_co_resident(twin):
 def test_persist_support_reasons(twin):
     gx, h0, c0, w_hh, w_hr = _lstm_inputs(2, 3, 7, 5, torch.float32, "cpu")
     lstm, gru = ops.LSTM_SUPPORT["persistent"], ops.GRU_SUPPORT["persistent"]
-    assert "no projection" in lstm(gx, h0, w_hh, w_hr)
+    assert lstm(gx, h0, w_hh, w_hr) is None  # proj_size: the projection runs in the persistent kernels too
+    assert "float64" in lstm(gx.double(), h0.double(), w_hh.double(), w_hr.double())  # the dtype's reason first
     assert "float64" in lstm(gx.double(), h0.double(), w_hh[:, :7].double(), None)
     assert "batch 129 > 128" in gru(torch.zeros(1, 129, 21), torch.zeros(129, 7), torch.zeros(21, 7), None)
     assert gru(torch.zeros(1, 128, 21), torch.zeros(128, 7), torch.zeros(21, 7), None) is None
@@ -284,6 +299,380 @@ def test_persist_support_reasons(twin):
     with fusenn.set_backend("persistent"), pytest.raises(fusenn.BackendError, match="cuda: "):
         # the recurrent-dropout masks of a persistent layer come from fusenn._C's other kernels
         dispatch.choose("dropout_mask", torch.device("cpu"), {"reference": None, "cuda": None})
+
+
+# ---- TF32: fp32 products on tensor cores where torch.backends.cudnn.allow_tf32 allows them ----
+
+def test_round_tf32_rounds_to_nearest_with_ties_away_from_zero():
+    """fusenn.testing.round_tf32, which the TF32 checks below rely on, against cvt.rna.tf32.f32's definition."""
+    ulp = 2.0 ** -10  # TF32's spacing in [1, 2)
+    x = torch.tensor([1 + ulp / 2, -(1 + ulp / 2), 1 + 1.5 * ulp, 1 + ulp / 2 - 2 ** -23, 2 - 2 ** -23, 1e-40,
+                      float("inf"), -float("inf"), 3.4028234663852886e38])
+    expected = [1 + ulp, -(1 + ulp), 1 + 2 * ulp, 1.0, 2.0, 9 * 2.0 ** -136, float("inf"), -float("inf"),
+                float("inf")]
+    assert round_tf32(x).tolist() == expected
+    assert torch.isnan(round_tf32(torch.tensor([float("nan")]))).all()
+
+
+def _ties(x):
+    """x with its 13 bits below TF32's mantissa set to exactly half a TF32 ulp (a tie for every element)."""
+    return ((x.view(torch.int32) & ~0x1FFF) | 0x1000).view(torch.float32)
+
+
+def _round_even(x):
+    """Ties rounded to even instead (cvt.rn), to show the emulation does not do that."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    up = (bits & 0x1FFF) + ((bits >> 13) & 1) > 0x1000
+    out = (bits & 0xFFFFE000) + torch.where(up, 0x2000, 0)
+    return torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_persist_tf32_rounds_operands_like_cvt_rna(twin, kind):
+    """h0 and W_hh all on exact ties: the emulated TF32 step must equal float64 on operands rounded away from
+    zero (cvt.rna) to fp32 accumulation error, and be far from the results of rounding ties to even or of
+    truncating (what the tensor cores do with unrounded fp32)."""
+    torch.manual_seed(7)
+    T, B, H = 1, 3, 33
+    if kind == "lstm":
+        gx, h0, c0, w_hh, _ = _lstm_inputs(T, B, H, None, torch.float32, "cpu")
+        h0, w_hh = _ties(2 * h0), _ties(2 * w_hh)
+        out = twin.lstm_persist_forward(gx, h0, c0, w_hh, None, None, False, False, None, None, 0, 0, 1.0, 0, 0,
+                                        True)[:3]
+
+        def ref(rounding):
+            return reference.lstm_layer(gx.double(), rounding(h0).double(), c0.double(), rounding(w_hh).double())
+    else:
+        gx, h0, w_hh, b_hh = _gru_inputs(T, B, H, True, torch.float32, "cpu")
+        h0, w_hh = _ties(2 * h0), _ties(2 * w_hh)
+        out = twin.gru_persist_forward(gx, h0, w_hh, b_hh, None, False, False, None, None, 0, 0, 1.0, 0, 0, True)[:2]
+
+        def ref(rounding):  # h0 enters the cell unrounded; only the product's operands are TF32
+            gh = rounding(h0).double() @ rounding(w_hh).double().t() + b_hh.double()
+            r, z = torch.sigmoid(gx[0, :, :2 * H].double() + gh[:, :2 * H]).chunk(2, dim=-1)
+            n = torch.tanh(gx[0, :, 2 * H:].double() + r * gh[:, 2 * H:])
+            h = (1 - z) * n + z * h0.double()
+            return h[None], h
+
+    def err(rounding):
+        return max((o.double() - r).abs().max().item() for o, r in zip(out, ref(rounding)))
+
+    exact, even = err(round_tf32), err(_round_even)
+    truncated = err(lambda x: (x.view(torch.int32) & ~0x1FFF).view(torch.float32))
+    assert exact <= 2e-6, exact
+    assert even > 20 * exact and truncated > 20 * exact, (exact, even, truncated)
+
+
+def _tf32_case(T, B, H, reverse=False, lengths=None, grid=0, regs=False):
+    return _case(T, B, H, "fp32", reverse, lengths, grid, regs)
+
+
+TF32_FORWARD_CASES = [
+    _tf32_case(1, 1, 7),
+    _tf32_case(4, 3, 7, reverse=True, lengths=[4, 1, 2]),
+    _tf32_case(3, 17, 33, lengths=[3, 1, 2] * 5 + [1, 3]),
+    _tf32_case(3, 3, 33, grid=5),  # 7 units per CTA: 28 LSTM / 21 GRU gate rows in two 16-row tiles, K split 4
+    _tf32_case(3, 3, 33, grid=33),  # one unit per CTA: one tile, K split over all 8 warps
+    _tf32_case(2, 3, 129, reverse=True),
+    _tf32_case(3, 5, 64, lengths=[3, 2, 1, 3, 3]),  # h staged 16 bytes at a time
+    _tf32_case(2, 1, 1000),
+    _tf32_case(4, 3, 33, regs=True, lengths=[4, 2, 3]),
+]
+
+
+def _tf32_forward(twin, kind, T, B, H, reverse, lens, grid, rd, zo, tf32):
+    if kind == "lstm":
+        gx, h0, c0, w_hh, _ = _lstm_inputs(T, B, H, None, torch.float32, "cpu")
+        out = twin.lstm_persist_forward(gx, h0, c0, w_hh, None, lens, reverse, True, *_regs(rd, zo, B, H), grid, tf32)
+        return out[:3], (gx, h0, c0, w_hh), reference.lstm_layer
+    gx, h0, w_hh, b_hh = _gru_inputs(T, B, H, True, torch.float32, "cpu")
+    out = twin.gru_persist_forward(gx, h0, w_hh, b_hh, lens, reverse, True, *_regs(rd, zo, B, H), grid, tf32)
+    return out[:2], (gx, h0, w_hh, b_hh), reference.gru_layer
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("T,B,H,dtype,reverse,lengths,grid,regs", TF32_FORWARD_CASES)
+def test_persist_tf32_forward_op_matches_reference(twin, kind, T, B, H, dtype, reverse, lengths, grid, regs):
+    """fp32 with TF32 allowed: the outputs (poisoned first) against float64, within 2x PyTorch's own error
+    when its products run in TF32 (fusenn.testing.tf32_products)."""
+    torch.manual_seed(T * 1000 + B * 100 + H)
+    lens = torch.tensor(lengths) if lengths else None
+    rd, zo = ((0.3, 17), (0.25, 29)) if regs else (None, None)
+    kw = dict(lengths=lens, reverse=reverse, recurrent_dropout=rd, zoneout=zo)
+    with poisoned_outputs():
+        out, inputs, layer = _tf32_forward(twin, kind, T, B, H, reverse, lens, grid, rd, zo, True)
+    ref = layer(*[x.double() for x in inputs], **kw)
+    with tf32_products():
+        base = layer(*inputs, **kw)
+    for o, r, b, name in zip(out, ref, base, ("y", "h_n", "c_n")):
+        assert o.dtype == torch.float32
+        assert_close(o, r, b, name=name)
+
+
+def _check_layer_tf32(op, ref, inputs, upstream, names):
+    """test_rnn_kernels._check_layer for the TF32 path: PyTorch's error is ref's in fp32 with its products
+    (forward and backward) in TF32. Returns the op's outputs and gradients."""
+    with poisoned_outputs():
+        out, grads = _outputs_and_grads(op, inputs, upstream)
+    ref_out, ref_grads = _outputs_and_grads(ref, [x.double() if x is not None else None for x in inputs], upstream)
+    with tf32_products():
+        base_out, base_grads = _outputs_and_grads(ref, inputs, upstream)
+    for o, r, b, name in zip(out, ref_out, base_out, ("y", "h_n", "c_n")):
+        assert_close(o, r, b, name=name)
+    wrt = [name for name, x in zip(names, inputs) if x is not None]
+    for g, r, b, name in zip(grads, ref_grads, base_grads, wrt):
+        assert_close(g, r, b, factor=3.0, name=f"grad {name}")
+    return out, grads
+
+
+TF32_LAYER_CASES = [
+    _layer_case(1, 1, 7),
+    _layer_case(4, 3, 7, reverse=True, lengths=[4, 1, 2]),
+    _layer_case(3, 17, 33, lengths=[3, 1, 2] * 5 + [1, 3], bias=False),
+    _layer_case(2, 3, 129, reverse=True),
+    _layer_case(1, 17, 129),
+    _layer_case(2, 3, 300),  # backward stages K = 4H = 1200 (GRU 900) in chunks, TF32 both ways
+    _layer_case(1, 1, 1000),  # forward on TF32; backward's 16-row padded columns do not fit: exact FMA
+]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("T,B,H,dtype,reverse,lengths,bias", TF32_LAYER_CASES)
+def test_persist_tf32_layer_and_gradients_match_reference(persistent, monkeypatch, kind, T, B, H, dtype, reverse,
+                                                          lengths, bias):
+    """Through fusenn.ops.rnn with torch.backends.cudnn.allow_tf32 on (torch's default): outputs within 2x and
+    gradients within 3x PyTorch's own error with TF32 products."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    torch.manual_seed(T * 1000 + B * 100 + H)
+    lens = torch.tensor(lengths) if lengths else None
+    kw = dict(lengths=lens, reverse=reverse)
+    if kind == "lstm":
+        inputs = _lstm_inputs(T, B, H, None, dtype, "cpu")
+        upstream = [torch.randn(T, B, H), torch.randn(B, H), torch.randn(B, H)]
+        _check_layer_tf32(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs,
+                          upstream, ("gx", "h0", "c0", "w_hh", "w_hr"))
+    else:
+        inputs = _gru_inputs(T, B, H, bias, dtype, "cpu")
+        upstream = [torch.randn(T, B, H), torch.randn(B, H)]
+        _check_layer_tf32(lambda *a: ops.gru_layer(*a, **kw), lambda *a: reference.gru_layer(*a, **kw), inputs,
+                          upstream, ("gx", "h0", "w_hh", "b_hh"))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_persist_allow_tf32_changes_the_products_and_both_paths_hold_their_tolerance(persistent, monkeypatch, kind):
+    """The flag really switches the path: with it the outputs and gradients differ from the exact path's
+    (by far more than fp32 rounding), each within its own tolerance, and the exact path within fp32's."""
+    T, B, H = 3, 5, 129
+    kw = dict(lengths=torch.tensor([3, 1, 2, 3, 3]), reverse=True, recurrent_dropout=(0.2, 5), zoneout=(0.1, 6))
+    torch.manual_seed(11)
+    if kind == "lstm":
+        inputs = _lstm_inputs(T, B, H, None, torch.float32, "cpu")
+        upstream = [torch.randn(T, B, H), torch.randn(B, H), torch.randn(B, H)]
+        op, ref, names = ops.lstm_layer, reference.lstm_layer, ("gx", "h0", "c0", "w_hh", "w_hr")
+    else:
+        inputs = _gru_inputs(T, B, H, True, torch.float32, "cpu")
+        upstream = [torch.randn(T, B, H), torch.randn(B, H)]
+        op, ref, names = ops.gru_layer, reference.gru_layer, ("gx", "h0", "w_hh", "b_hh")
+    layer, ref_layer = (lambda *a: op(*a, **kw)), (lambda *a: ref(*a, **kw))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    _check_layer(layer, ref_layer, inputs, upstream, names)
+    with poisoned_outputs():
+        exact = _outputs_and_grads(layer, inputs, upstream)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    tf32 = _check_layer_tf32(layer, ref_layer, inputs, upstream, names)
+    ref64 = _outputs_and_grads(ref_layer, [x.double() if x is not None else None for x in inputs], upstream)
+    for e, t, r in zip(exact[0] + exact[1], tf32[0] + tf32[1], ref64[0] + ref64[1]):
+        if r.numel() == 0 or r.abs().max() == 0:
+            continue
+        assert (e - t).abs().max() > 1e-5, "TF32 on gives the exact path's results"
+        assert (t.double() - r).abs().max() > 4 * (e.double() - r).abs().max()
+
+
+def test_persist_tf32_follows_torchs_rnn_precision_flag(persistent, monkeypatch):
+    """torch's per-operator flag for cuDNN RNNs decides too, and a mix of it with the legacy flag (where reading
+    allow_tf32 raises) is read as torch's RNNs read it."""
+    torch.manual_seed(12)
+    inputs = _lstm_inputs(3, 3, 33, None, torch.float32, "cpu")
+    exact = ops.lstm_layer(*inputs)[0]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    tf32 = ops.lstm_layer(*inputs)[0]
+    assert not torch.equal(exact, tf32)
+    if not hasattr(torch.backends.cudnn, "rnn") or not hasattr(torch.backends.cudnn.rnn, "fp32_precision"):
+        return  # older torch: allow_tf32 is the only flag
+    monkeypatch.setattr(torch.backends.cudnn.rnn, "fp32_precision", "ieee")
+    assert torch.equal(ops.lstm_layer(*inputs)[0], exact)
+    monkeypatch.setattr(torch.backends.cudnn.rnn, "fp32_precision", "tf32")
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")  # now allow_tf32 itself raises
+    assert torch.equal(ops.lstm_layer(*inputs)[0], tf32)
+
+
+def test_persist_tf32_plan_pads_the_slice_and_keeps_exact_fma_where_that_does_not_fit(twin):
+    """The plan accounts for TF32's layout (gate rows / columns padded to 16-row tiles, rows 16 bytes apart)
+    and takes TF32 only where that launches, else the exact layout; 16-bit layers ignore the flag."""
+    def plan(gates, backward, elem, H, grid=0, tf32=True):
+        return twin.persist_plan(gates, backward, elem, H, grid, H200, 0, 0, tf32)
+
+    # LSTM H = 512 backward: 4 columns per CTA, padded to a 16-row tile over K = 2048 (+4 floats per row)
+    exact, tf32 = plan(4, True, 4, 512, tf32=False), plan(4, True, 4, 512)
+    assert exact[4] == tf32[4] == "" and not exact[5] and tf32[5]
+    assert tf32[2] >= 16 * 2052 * 4 > exact[2] and exact[0] == tf32[0] == 128
+    assert plan(4, False, 4, 512)[5] and plan(3, False, 4, 1024)[5] and plan(4, False, 4, 1024)[5]
+    # backward H = 1024: 16 x (4096 + 4) floats > 227 KiB per CTA, so exact FMA (8 columns, as without TF32)
+    assert plan(4, True, 4, 1024)[1:] == plan(4, True, 4, 1024, tf32=False)[1:]
+    assert not plan(4, True, 4, 1024)[5] and plan(4, True, 4, 1024)[4] == ""
+    # 65 units per CTA: 260 gate rows, past the 128 the MMA warps cover: exact FMA
+    assert not plan(4, False, 4, 129, grid=2)[5] and plan(4, False, 4, 129, grid=2)[4] == ""
+    assert not plan(4, False, 2, 512)[5]
+
+
+def test_persist_tf32_falls_back_to_exact_bit_for_bit(twin):
+    """Where TF32's layout cannot launch (here 65 units per CTA) the op computes exactly what it does with
+    TF32 off."""
+    torch.manual_seed(2)
+    gx, h0, c0, w_hh, _ = _lstm_inputs(2, 3, 129, None, torch.float32, "cpu")
+    args = (gx, h0, c0, w_hh, None, None, False, True, None, None, 0, 0, 1.0, 0, 2)
+    for a, b in zip(twin.lstm_persist_forward(*args, True), twin.lstm_persist_forward(*args, False)):
+        assert torch.equal(a, b)
+    assert not torch.equal(twin.lstm_persist_forward(*args[:-1], 0, True)[0], twin.lstm_persist_forward(*args)[0])
+
+
+# ---- proj_size: the LSTM's projection, a second grid-wide phase per step ----
+
+def _proj_case(T, B, H, P, dtype="fp32", reverse=False, lengths=None, grid=0, regs=False, tf32=False):
+    parts = [f"T{T}", f"B{B}", f"H{H}", f"P{P}", dtype] + (["reverse"] if reverse else [])
+    parts += (["packed"] if lengths else []) + ([f"grid{grid}"] if grid else []) + (["regs"] if regs else [])
+    return pytest.param(T, B, H, P, DTYPES[dtype], reverse, lengths, grid, regs, tf32,
+                        id="-".join(parts + (["tf32"] if tf32 else [])))
+
+
+PROJ_FORWARD_CASES = [
+    _proj_case(1, 1, 7, 3),
+    _proj_case(4, 3, 7, 5, reverse=True, lengths=[4, 1, 2]),
+    _proj_case(3, 17, 33, 17, lengths=[3, 1, 2] * 5 + [1, 3]),
+    _proj_case(3, 3, 33, 32, grid=5),  # 7 units and 7 of h's columns per CTA
+    _proj_case(3, 3, 33, 5, grid=33),  # 28 CTAs own none of h's 5 columns
+    _proj_case(2, 3, 129, 64, reverse=True),
+    _proj_case(2, 1, 1000, 500),
+    _proj_case(4, 3, 33, 17, regs=True, lengths=[4, 2, 3]),
+    _proj_case(3, 3, 33, 17, "fp16", lengths=[3, 1, 2]),
+    _proj_case(2, 17, 129, 64, "bf16", reverse=True, regs=True),
+    _proj_case(2, 3, 33, 16, "bf16", grid=33),  # K = P = 16: operands staged 16 bytes at a time
+    _proj_case(3, 5, 129, 40, tf32=True, lengths=[3, 2, 1, 3, 3]),
+    _proj_case(2, 3, 33, 17, grid=5, tf32=True),
+    _proj_case(0, 3, 7, 3),
+    _proj_case(4, 0, 7, 3),
+]
+
+
+@pytest.mark.parametrize("T,B,H,P,dtype,reverse,lengths,grid,regs,tf32", PROJ_FORWARD_CASES)
+def test_persist_proj_forward_op_matches_reference(twin, T, B, H, P, dtype, reverse, lengths, grid, regs, tf32):
+    """With w_hr (P < H): y, h_n, c_n (poisoned first) and the saved m_t against float64, within 2x PyTorch's
+    own error in the dtype (with its products in TF32 on the TF32 path)."""
+    torch.manual_seed(T * 1000 + B * 100 + H + P)
+    lens = torch.tensor(lengths) if lengths else None
+    rd, zo = ((0.3, 17), (0.25, 29)) if regs else (None, None)
+    kw = dict(lengths=lens, reverse=reverse, recurrent_dropout=rd, zoneout=zo)
+    gx, h0, c0, w_hh, w_hr = _lstm_inputs(T, B, H, P, dtype, "cpu")
+    with poisoned_outputs():
+        out = twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr, lens, reverse, True, *_regs(rd, zo, B, P), grid, tf32)
+    ref = reference.lstm_layer(gx.double(), h0.double(), c0.double(), w_hh.double(), w_hr.double(), **kw)
+    if tf32:
+        with tf32_products():
+            base = reference.lstm_layer(gx, h0, c0, w_hh, w_hr, **kw)
+    else:
+        base = reference.lstm_layer(gx, h0, c0, w_hh, w_hr, **kw)
+    for o, r, b, name in zip(out, ref, base, ("y", "h_n", "c_n")):
+        assert o.dtype == dtype and o.shape == r.shape
+        assert_close(o, r, b, name=name)
+    # m_t = o tanh(c_t) of every step, what grad W_hr needs: the same as the stepwise C++ layer's up to rounding
+    step = twin.lstm_forward(gx, h0, c0, w_hh, w_hr, lens, reverse, True, *_regs(rd, zo, B, P))
+    assert out[5].shape == (T, B, H)
+    assert_close(out[5], step[5].double(), atol={torch.float32: 1e-3 if tf32 else 1e-5}.get(dtype, 0.05), name="ms")
+
+
+PROJ_LAYER_CASES = [
+    _proj_case(1, 1, 7, 3),
+    _proj_case(4, 3, 7, 5, reverse=True, lengths=[4, 1, 2]),
+    _proj_case(3, 17, 33, 17, lengths=[3, 1, 2] * 5 + [1, 3]),
+    _proj_case(3, 3, 33, 32),
+    _proj_case(2, 3, 129, 64, reverse=True),
+    _proj_case(1, 17, 129, 100),
+    _proj_case(3, 3, 33, 17, "fp16", lengths=[3, 1, 2]),
+    _proj_case(2, 3, 33, 17, "bf16", reverse=True),
+    _proj_case(2, 3, 129, 64, tf32=True, lengths=[2, 1, 2]),
+]
+
+
+@pytest.mark.parametrize("T,B,H,P,dtype,reverse,lengths,grid,regs,tf32", PROJ_LAYER_CASES)
+def test_persist_proj_layer_and_gradients_match_reference(persistent, monkeypatch, T, B, H, P, dtype, reverse,
+                                                          lengths, grid, regs, tf32):
+    """Forward and backward with a projection through fusenn.ops.rnn (grad W_hr one GEMM of the kernel's dhs
+    and ms) against float64: outputs within 2x, gradients within 3x PyTorch's own error."""
+    assert grid == 0 and not regs  # the layers take the plan's grid; regularisers: the test below
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    torch.manual_seed(T * 1000 + B * 100 + H + P)
+    inputs = _lstm_inputs(T, B, H, P, dtype, "cpu")
+    upstream = [torch.randn(T, B, P), torch.randn(B, P), torch.randn(B, H)]
+    kw = dict(lengths=torch.tensor(lengths) if lengths else None, reverse=reverse)
+    check = _check_layer_tf32 if tf32 else _check_layer
+    check(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs, upstream,
+          ("gx", "h0", "c0", "w_hh", "w_hr"))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_persist_proj_regularisers_and_gradients_match_reference(persistent, reverse):
+    """Recurrent dropout on h (P wide) and sampled zoneout on h and c with a projection: the reference's masks."""
+    torch.manual_seed(3)
+    T, B, H, P = 4, 3, 33, 17
+    regs = dict(recurrent_dropout=(0.3, 17), zoneout=(0.25, 29), lengths=torch.tensor([4, 2, 3]), reverse=reverse)
+    inputs = _lstm_inputs(T, B, H, P, torch.float32, "cpu")
+    upstream = [torch.randn(T, B, P), torch.randn(B, P), torch.randn(B, H)]
+    _check_layer(lambda *a: ops.lstm_layer(*a, **regs), lambda *a: reference.lstm_layer(*a, **regs), inputs,
+                 upstream, ("gx", "h0", "c0", "w_hh", "w_hr"))
+
+
+def test_persist_proj_partition_does_not_change_a_bit(twin):
+    """fp32 exact with a projection: every product is one CTA's dot in k order whatever the partition, so 2, 3,
+    5, the plan's and one CTA per unit (most owning none of h's columns) agree bit for bit, forward and backward;
+    and the backward's results are the stepwise C++ layer's up to fp32 rounding."""
+    torch.manual_seed(1)
+    T, B, H, P = 3, 5, 33, 12
+    lens = torch.tensor([3, 1, 2, 3, 2])
+    regs = _regs((0.2, 5), (0.3, 7), B, P)
+    gx, h0, c0, w_hh, w_hr = _lstm_inputs(T, B, H, P, torch.float32, "cpu")
+    dy, dh, dc = torch.randn(T, B, P), torch.randn(B, P), torch.randn(B, H)
+    results = []
+    for grid in (2, 3, 5, 0, H):
+        fwd = twin.lstm_persist_forward(gx, h0, c0, w_hh, w_hr, lens, True, True, *regs, grid)
+        bwd = twin.lstm_persist_backward(dy, dh, dc, gx, w_hh, w_hr, lens, True, fwd[3], fwd[4], *regs, grid)
+        results.append(list(fwd) + list(bwd))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    fwd = twin.lstm_forward(gx, h0, c0, w_hh, w_hr, lens, True, True, *regs)
+    bwd = twin.lstm_backward(dy, dh, dc, gx, w_hh, w_hr, lens, True, fwd[3], fwd[4], *regs)
+    for a, b in zip(results[0][6:], bwd):
+        assert_close(a, b.double(), atol=1e-5, name="backward")
+
+
+def test_persist_proj_plan_keeps_both_slices(twin):
+    """With a projection each CTA keeps its W_hh slice over K = P and its W_hr slice (forward: V rows over H;
+    backward: V columns of W_hh over 4H and U columns of W_hr over P), sharing staging and partial sums."""
+    def plan(backward, elem, H, P, grid=0, tf32=False):
+        return twin.persist_plan(4, backward, elem, H, grid, H200, 0, 0, tf32, P)
+
+    for elem in (2, 4):
+        for backward in (False, True):
+            g, units, smem, per_sm, why, _ = plan(backward, elem, 1024, 512)
+            assert why == "" and g == 128 and units == 8 and per_sm >= 1
+            # the two slices at least (forward: 32 x 512 and 4 x 1024; backward: 4 x 4096 and 8 x 512, unpadded)
+            assert smem >= elem * (32 * 512 + 4 * 1024 if not backward else 4 * 4096 + 8 * 512)
+    # a projection of the W_hh slice shrinks it: P = 256 of H = 1024 needs less than P = 1000
+    assert plan(False, 2, 1024, 256)[2] < plan(False, 2, 1024, 1000)[2]
+    with pytest.raises(RuntimeError, match=r"P \(proj_size, 0: none\) must be in \[0, H\)"):
+        plan(False, 2, 64, 64)
+    with pytest.raises(RuntimeError, match="only the LSTM has a projection"):
+        twin.persist_plan(3, False, 2, 64, 0, H200, 0, 0, False, 32)
 
 
 # ---- static: the kernels compiled for sm_90a, ptxas's numbers against the launcher's plan ----
@@ -310,8 +699,12 @@ def _ptxas_report():
     return kernels
 
 
-# (kind, dtype bytes, H) that must launch on an H200, forward and backward
+# (kind, dtype bytes, H) that must launch on an H200, forward and backward; of the fp32 ones, those whose
+# TF32 layout fits (backward's columns padded to a 16-row tile over K = gates x H: not the LSTM's at H = 1024)
 MUST_FIT = [(4, 2, 512), (4, 2, 1024), (3, 2, 1024), (4, 2, 1500), (4, 4, 512), (4, 4, 1024), (3, 4, 1024)]
+TF32_FITS = {"forward": [(4, 4, 512), (4, 4, 1024), (3, 4, 1024)], "backward": [(4, 4, 512), (3, 4, 1024)]}
+# (dtype bytes, H, proj_size) of LSTMs with a projection that must launch, forward and backward
+PROJ_MUST_FIT = [(2, 1024, 512), (2, 1536, 512), (4, 1024, 512), (4, 1024, 256)]
 
 
 def test_persist_kernels_compile_for_sm90a_without_spills_and_fit_their_grid(twin):
@@ -324,23 +717,36 @@ def test_persist_kernels_compile_for_sm90a_without_spills_and_fit_their_grid(twi
         assert info["spills"] == 0, f"{name} spills: {info}"
     for gates, elem, H in MUST_FIT:
         for direction, stem in names.items():
+            for tag, tf32 in [(tag, tf32) for tag in dtypes[elem] for tf32 in (False, True)]:
+                (name,) = [k for k in kernels if stem in k and tag in k]
+                info = kernels[name]
+                grid, units, smem, per_sm, why, took_tf32 = twin.persist_plan(
+                    gates, direction == "backward", elem, H, 0, H200, info["regs"], info["smem"], tf32)
+                assert why == "", f"{name} H{H}: {why}"
+                assert took_tf32 == (tf32 and (gates, elem, H) in TF32_FITS[direction]), f"{name} H{H} tf32 {tf32}"
+                assert per_sm >= 1 and grid <= per_sm * H200[0]
+                assert smem + info["smem"] <= H200[1]
+                assert info["regs"] * 256 * per_sm <= H200[3]
+    for elem, H, P in PROJ_MUST_FIT:
+        for direction, stem in names.items():
             for tag in dtypes[elem]:
                 (name,) = [k for k in kernels if stem in k and tag in k]
                 info = kernels[name]
-                grid, units, smem, per_sm, why = twin.persist_plan(gates, direction == "backward", elem, H, 0, H200,
-                                                                   info["regs"], info["smem"])
-                assert why == "", f"{name} H{H}: {why}"
-                assert per_sm >= 1 and grid <= per_sm * H200[0]
-                assert smem + info["smem"] <= H200[1]
+                grid, units, smem, per_sm, why, _ = twin.persist_plan(
+                    4, direction == "backward", elem, H, 0, H200, info["regs"], info["smem"], True, P)
+                assert why == "", f"{name} H{H} P{P}: {why}"
+                assert per_sm >= 1 and grid <= per_sm * H200[0] and smem + info["smem"] <= H200[1]
                 assert info["regs"] * 256 * per_sm <= H200[3]
 
 
 # ---- GPU: the kernels themselves ----
 
 @pytest.fixture
-def on_gpu():
+def on_gpu(monkeypatch):
+    """The persistent backend on the GPU; fp32 exact (TF32 off) unless a test turns allow_tf32 on."""
     if not fusenn.backends()["persistent"].usable:
         pytest.skip(fusenn.backends()["persistent"].detail)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     with fusenn.set_backend("persistent"):
         yield torch.device("cuda")
 
@@ -397,6 +803,56 @@ def test_persist_gpu_small(on_gpu, kind, dtype):
                      upstream, ("gx", "h0", "w_hh", "b_hh"))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("case", [dict(T=100, B=64, H=512), dict(T=200, B=8, H=1024, reverse=True),
+                                  dict(T=3, B=3, H=33, lengths=[3, 1, 2], regs=True)],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "lengths"))
+def test_persist_gpu_tf32_matches_reference_with_gradients(on_gpu, monkeypatch, kind, case):
+    """fp32 under allow_tf32 (torch's default) on the GPU's TF32 tensor cores: within the TF32 tolerance, and
+    not the exact path's results."""
+    T, B, H, reverse = case["T"], case["B"], case["H"], case.get("reverse", False)
+    kw = dict(lengths=torch.tensor(case["lengths"]) if "lengths" in case else None, reverse=reverse)
+    if case.get("regs"):
+        kw.update(recurrent_dropout=(0.3, 3), zoneout=(0.2, 4))
+    torch.manual_seed(T + B + H)
+    if kind == "lstm":
+        inputs = _lstm_inputs(T, B, H, None, torch.float32, on_gpu)
+        upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu),
+                    torch.randn(B, H, device=on_gpu)]
+        op, ref, names = ops.lstm_layer, reference.lstm_layer, ("gx", "h0", "c0", "w_hh", "w_hr")
+    else:
+        inputs = _gru_inputs(T, B, H, True, torch.float32, on_gpu)
+        upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu)]
+        op, ref, names = ops.gru_layer, reference.gru_layer, ("gx", "h0", "w_hh", "b_hh")
+    exact = op(*inputs, **kw)[0]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    out, _ = _check_layer_tf32(lambda *a: op(*a, **kw), lambda *a: ref(*a, **kw), inputs, upstream, names)
+    assert (out[0] - exact).abs().max() > 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [dict(T=100, B=16, H=512, P=256, dtype="bf16"),
+                                  dict(T=50, B=33, H=129, P=64, reverse=True, lengths=[50 - i for i in range(33)]),
+                                  dict(T=3, B=3, H=33, P=17, regs=True, lengths=[3, 1, 2]),
+                                  dict(T=20, B=8, H=1024, P=512, tf32=True)],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "lengths"))
+def test_persist_gpu_proj_matches_reference_with_gradients(on_gpu, monkeypatch, case):
+    """The projection's two grid phases a step on the GPU, forward and backward."""
+    T, B, H, P, dtype = case["T"], case["B"], case["H"], case["P"], DTYPES[case.get("dtype", "fp32")]
+    kw = dict(lengths=torch.tensor(case["lengths"]) if "lengths" in case else None, reverse=case.get("reverse", False))
+    if case.get("regs"):
+        kw.update(recurrent_dropout=(0.3, 3), zoneout=(0.2, 4))
+    torch.manual_seed(T + B + H + P)
+    inputs = _lstm_inputs(T, B, H, P, dtype, on_gpu)
+    upstream = [torch.randn(T, B, P, device=on_gpu), torch.randn(B, P, device=on_gpu),
+                torch.randn(B, H, device=on_gpu)]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", case.get("tf32", False))
+    check = _check_layer_tf32 if case.get("tf32") else _check_layer
+    check(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs, upstream,
+          ("gx", "h0", "c0", "w_hh", "w_hr"))
+
+
 def _gpu_lstm_run(device, regs=True):
     torch.manual_seed(0)
     inputs = [x.requires_grad_() for x in _lstm_inputs(60, 16, 512, None, torch.bfloat16, device)[:4]]
@@ -438,8 +894,9 @@ def test_persist_gpu_is_first_under_auto_and_falls_back_with_reasons():
     with fusenn.set_backend("auto"):
         assert dispatch.choose("lstm", gx.device, reasons, ops.GPU_ORDER) == "persistent"
     gx, h0, c0, w_hh, w_hr = _lstm_inputs(3, 4, 64, 16, torch.float32, torch.device("cuda"))
-    with fusenn.set_backend("persistent"), pytest.raises(fusenn.BackendError, match="no projection"):
-        ops.lstm_layer(gx, h0, c0, w_hh, w_hr)
+    reasons = {name: why(gx, h0, w_hh, w_hr) for name, why in ops.LSTM_SUPPORT.items()}
+    with fusenn.set_backend("auto"):  # proj_size too
+        assert dispatch.choose("lstm", gx.device, reasons, ops.GPU_ORDER) == "persistent"
     with fusenn.set_backend("persistent"), pytest.raises(RuntimeError, match="co-resident"):
         H = 4096
         torch.ops.fusenn_cuda.lstm_persist_forward(
@@ -451,9 +908,10 @@ def test_persist_gpu_is_first_under_auto_and_falls_back_with_reasons():
 
 
 @pytest.mark.gpu
-def test_persist_gpu_runs_on_the_tensors_device():
+def test_persist_gpu_runs_on_the_tensors_device(monkeypatch):
     if torch.cuda.device_count() < 2 or not fusenn.backends()["persistent"].usable:
         pytest.skip("needs two GPUs and fusenn._C")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32, as the tolerance below assumes
     inputs = _lstm_inputs(5, 3, 33, None, torch.float32, torch.device("cuda:1"))
     with fusenn.set_backend("persistent"):
         y, h, c = ops.lstm_layer(*inputs)

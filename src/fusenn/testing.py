@@ -32,6 +32,38 @@ def poisoned_outputs():
             os.environ["FUSENN_POISON"] = previous
 
 
+def round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 x rounded to TF32 (10 mantissa bits), to nearest with ties away from zero, as the GPU's
+    cvt.rna.tf32.f32 does; NaN and infinity pass through."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    finite = (bits & 0x7F800000) != 0x7F800000
+    rounded = torch.where(finite, (bits + 0x1000) & 0xFFFFE000, bits)
+    return torch.where(rounded >= 2 ** 31, rounded - 2 ** 32, rounded).to(torch.int32).view(torch.float32)
+
+
+_MATMULS = ("mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "dot")
+
+
+@contextmanager
+def tf32_products():
+    """PyTorch computing in TF32: every fp32 matrix product (forward and backward) takes its operands rounded
+    to TF32 (round_tf32), accumulating in fp32, as cuBLAS and cuDNN do under allow_tf32. The baseline for
+    a kernel's TF32 path, as plain PyTorch in fp16/bf16 is for theirs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Tf32(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket.__name__ in _MATMULS:
+                start = 1 if func.overloadpacket.__name__.startswith(("add", "badd")) else 0
+                args = tuple(round_tf32(a) if i >= start and isinstance(a, torch.Tensor) and a.dtype == torch.float32
+                             else a for i, a in enumerate(args))
+            return func(*args, **kwargs)
+
+    with _Tf32():
+        yield
+
+
 def _flatten(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]

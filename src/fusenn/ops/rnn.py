@@ -61,17 +61,18 @@ _PERSIST_REASONS: dict[tuple, str] = {}
 
 
 @torch.compiler.assume_constant_result  # torch.compile bakes the answer in, as for dispatch.choose
-def _persist_plan_reason(device: int, dtype: int, gates: int, H: int, training: bool) -> str:
-    """The launcher's reason (csrc/rnn_persist.cu) it cannot take hidden_size H, or ''; '' when fusenn_cuda's
-    ops are not loaded (then the backend itself is unusable and says so). Cached per argument tuple."""
-    key = (device, dtype, gates, H, training)
+def _persist_plan_reason(device: int, dtype: int, gates: int, H: int, P: int, training: bool) -> str:
+    """The launcher's reason (csrc/rnn_persist.cu) it cannot take hidden_size H (and proj_size P, 0: none), or '';
+    '' when fusenn_cuda's ops are not loaded (then the backend itself is unusable and says so). Cached per
+    argument tuple."""
+    key = (device, dtype, gates, H, P, training)
     if key not in _PERSIST_REASONS:
         try:
             reason = torch.ops.fusenn_cuda.persist_reason
         except (AttributeError, RuntimeError):
             return ""
-        _PERSIST_REASONS[key] = reason(device, dtype, gates, False, H, 0) or (
-            reason(device, dtype, gates, True, H, 0) if training else "")
+        _PERSIST_REASONS[key] = reason(device, dtype, gates, False, H, 0, P) or (
+            reason(device, dtype, gates, True, H, 0, P) if training else "")
     return _PERSIST_REASONS[key]
 
 
@@ -80,8 +81,6 @@ def _persist_reason(gates: int):
         why = _kernel_reason("persistent C++")(gx)
         if why:
             return why
-        if gates == 4 and extra is not None:
-            return "the persistent LSTM has no projection (proj_size); the other C++ and Triton kernels have"
         if gx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return "it checks its grid barrier's flag with a host sync, which CUDA graph capture forbids"
         if guard_or_false(gx.shape[1] > PERSIST_MAX_BATCH):  # packed input traced: a data-dependent batch
@@ -90,7 +89,8 @@ def _persist_reason(gates: int):
             else gx.device.index
         training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gx, h0, w_hh, extra))
         H = int(gx.shape[-1]) // gates
-        return _persist_plan_reason(device, _PERSIST_DTYPES[gx.dtype], gates, H, training) or None
+        P = int(extra.shape[0]) if gates == 4 and extra is not None else 0  # the LSTM's w_hr: (proj_size, H)
+        return _persist_plan_reason(device, _PERSIST_DTYPES[gx.dtype], gates, H, P, training) or None
     return reason
 
 
@@ -105,12 +105,21 @@ GRU_SUPPORT = dict(LSTM_SUPPORT, persistent=_persist_reason(3))
 GPU_ORDER = ("persistent", "triton", "cuda")
 
 
+def _rnn_tf32() -> bool:
+    """Whether torch lets its cuDNN RNNs compute fp32 products in TF32: torch.backends.cudnn.allow_tf32 (its
+    default True), as the RNN-specific precision reads it where torch has one (reading allow_tf32 itself
+    raises once the legacy and the per-operator flags disagree)."""
+    precision = getattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(torch.backends.cudnn.allow_tf32)
+
+
 def _cpp(impl: str, name: str):
     """The C++ op `name` of torch.ops.fusenn_cuda, or for impl "persistent" its persistent twin (the same
-    arguments, and the grid the launcher plans)."""
+    arguments, the grid the launcher plans, and TF32 for fp32 products where torch allows it for cuDNN's RNNs,
+    read at each call as cuDNN's nn.LSTM and the Triton kernels do: _rnn_tf32)."""
     if impl == "persistent":
         op = getattr(torch.ops.fusenn_cuda, name.replace("_", "_persist_", 1))
-        return lambda *args: op(*args, 0)
+        return lambda *args: op(*args, 0, _rnn_tf32())
     return getattr(torch.ops.fusenn_cuda, name)
 
 
