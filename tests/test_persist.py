@@ -499,11 +499,17 @@ def test_persist_tf32_follows_torchs_rnn_precision_flag(persistent, monkeypatch)
     assert not torch.equal(exact, tf32)
     if not hasattr(torch.backends.cudnn, "rnn") or not hasattr(torch.backends.cudnn.rnn, "fp32_precision"):
         return  # older torch: allow_tf32 is the only flag
-    monkeypatch.setattr(torch.backends.cudnn.rnn, "fp32_precision", "ieee")
-    assert torch.equal(ops.lstm_layer(*inputs)[0], exact)
-    monkeypatch.setattr(torch.backends.cudnn.rnn, "fp32_precision", "tf32")
-    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")  # now allow_tf32 itself raises
-    assert torch.equal(ops.lstm_layer(*inputs)[0], tf32)
+    # saved and restored by hand: monkeypatch cannot undo these properties on every torch (2.14's conv one)
+    rnn, conv = torch.backends.cudnn.rnn, torch.backends.cudnn.conv
+    saved = rnn.fp32_precision, conv.fp32_precision
+    try:
+        rnn.fp32_precision = "ieee"
+        assert torch.equal(ops.lstm_layer(*inputs)[0], exact)
+        rnn.fp32_precision = "tf32"
+        conv.fp32_precision = "ieee"  # now allow_tf32 itself raises
+        assert torch.equal(ops.lstm_layer(*inputs)[0], tf32)
+    finally:
+        rnn.fp32_precision, conv.fp32_precision = saved
 
 
 def test_persist_tf32_plan_pads_the_slice_and_keeps_exact_fma_where_that_does_not_fit(twin):
