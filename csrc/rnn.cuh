@@ -73,7 +73,8 @@ struct Step {
 FUSENN_HD bool has_step(const Step& s, int64_t b) { return s.lengths == nullptr || s.t < s.lengths[b]; }
 
 // Element (b, k) of h_t, of width W: the zoneout mix with h_{t-1} (counter (t*B + b)*W + k), rows without
-// step t keep h_{t-1} and output 0; also writes the next step's GEMM operand h_t * r/(1-p) in T.
+// step t keep h_{t-1} and output 0; also writes the next step's GEMM operand h_t * r/(1-p) in T (op null: h_out
+// itself is the operand, fp32 without recurrent dropout on CPU).
 template <class T>
 FUSENN_HD void emit_h(const Step& s, int64_t W, int64_t b, int64_t k, float h_new, const float* h_in, float* h_out,
                       void* y, void* op) {
@@ -87,7 +88,7 @@ FUSENN_HD void emit_h(const Step& s, int64_t W, int64_t b, int64_t k, float h_ne
   const float h = valid ? h_new : h_prev;
   h_out[i] = h;
   store<T>(y, i, valid ? h_new : 0.0f);
-  store<T>(op, i, s.rscale ? h * s.rscale[i] : h);
+  if (op != nullptr) store<T>(op, i, s.rscale ? h * s.rscale[i] : h);
 }
 
 // Activated LSTM gates i, f, g, o of element (b, j): gx_t + gh, gh = h_{t-1} [* r/(1-p)] W_hh^T in fp32.
@@ -218,7 +219,7 @@ struct LstmCellBackward {
   const float* dm;
   float* dc;
   float* dg;    // (B, 4H) of step t
-  void* dg_op;  // (B, 4H) T
+  void* dg_op;  // (B, 4H) T, or null where dg itself is the GEMM operand (fp32 on CPU)
   const float* tc = nullptr;  // (B, H): tanh of the new c before zoneout, precomputed (CPU), or null
 };
 
@@ -244,7 +245,7 @@ FUSENN_HD void run_at(const LstmCellBackward& a, int64_t b, int64_t j) {
   for (int q = 0; q < 4; ++q) {
     const int64_t at = b * 4 * H + q * H + j;
     a.dg[at] = valid ? grads[q] : 0.0f;
-    store<T>(a.dg_op, at, valid ? grads[q] : 0.0f);
+    if (a.dg_op != nullptr) store<T>(a.dg_op, at, valid ? grads[q] : 0.0f);
   }
   a.dc[idx] = valid ? dc_pass + dc * f : dc_next;
 }

@@ -136,15 +136,15 @@ void run_step(const StepArgs& args, int64_t n, const Tensor& like, int64_t strea
 // zoneout masks, over contiguous rows in loops the compiler vectorises (built with -fno-trapping-math, so the
 // clamps become blends; FUSENN_VECTOR_CLONES: AVX2 too). Five scalar expf calls per LSTM element, and a Philox
 // evaluation per mask use, were most of a step's element-wise time; the scalar step functions then do the rest. ----
-// g[j] := sigmoid(g[j] + x[j] + bias[j]) (bias may be null), or tanh(g[j] + x[j]), for j < n.
-FUSENN_VECTOR_CLONES void activate_row(float* __restrict g, const float* __restrict x, const float* __restrict bias,
-                                       int64_t n, bool tanh) {
+// out[j] := sigmoid(g[j] + x[j] + bias[j]) (bias may be null), or tanh(g[j] + x[j]), for j < n.
+FUSENN_VECTOR_CLONES void activate_row(float* __restrict out, const float* __restrict g, const float* __restrict x,
+                                       const float* __restrict bias, int64_t n, bool tanh) {
   if (tanh) {
-    for (int64_t j = 0; j < n; ++j) g[j] = tanhf(g[j] + x[j]);
+    for (int64_t j = 0; j < n; ++j) out[j] = tanhf(g[j] + x[j]);
   } else if (bias != nullptr) {
-    for (int64_t j = 0; j < n; ++j) g[j] = 1.0f / (1.0f + exp_poly(-(g[j] + x[j] + bias[j])));
+    for (int64_t j = 0; j < n; ++j) out[j] = 1.0f / (1.0f + exp_poly(-(g[j] + x[j] + bias[j])));
   } else {
-    for (int64_t j = 0; j < n; ++j) g[j] = 1.0f / (1.0f + exp_poly(-(g[j] + x[j])));
+    for (int64_t j = 0; j < n; ++j) out[j] = 1.0f / (1.0f + exp_poly(-(g[j] + x[j])));
   }
 }
 
@@ -164,12 +164,12 @@ void sample_zoneout(Zoneout& zo, int64_t counters, const Tensor& like, Tensor& k
   zo.keep = out;
 }
 
-// For CPU tensors (like): gh (rows, gates * H) fp32 := the activated gates from gx (rows, gates * H, in like's
-// dtype): the LSTM's i, f, g, o (gates 4), or the GRU's r and z with bias, its b_hh's first 2H as fp32 or null
-// (gates 3; n needs r, so its gh_n stays). The LSTM's tc (rows, H), where given, := tanh of the new c, from
-// c_prev (rows, H). Returns whether it did (Step::activated); CUDA tensors: false.
-bool activate_gates(const Tensor& like, float* gh, const void* gx, int64_t rows, int64_t gates, int64_t H,
-                    const float* bias, const float* c_prev = nullptr, float* tc = nullptr) {
+// For CPU tensors (like): act (rows, gates * H) fp32 := the activated gates from gh (the recurrent products) and gx
+// (rows, gates * H, in like's dtype): the LSTM's i, f, g, o (gates 4), or the GRU's r and z with bias, its b_hh's
+// first 2H as fp32 or null, and its gh_n as it is (gates 3; n needs r). The LSTM's tc (rows, H), where given,
+// := tanh of the new c, from c_prev (rows, H). Returns whether it did (Step::activated); CUDA tensors: false.
+bool activate_gates(const Tensor& like, float* act, const float* gh, const void* gx, int64_t rows, int64_t gates,
+                    int64_t H, const float* bias, const float* c_prev = nullptr, float* tc = nullptr) {
   if (like.is_cuda() || rows == 0) return !like.is_cuda();
   const int64_t width = gates * H;
   const auto pass = [&](auto* tag) {
@@ -177,7 +177,8 @@ bool activate_gates(const Tensor& like, float* gh, const void* gx, int64_t rows,
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / width), [&](int64_t begin, int64_t end) {
       std::vector<float> converted(std::is_same_v<T, float> ? 0 : width);
       for (int64_t r = begin; r < end; ++r) {
-        float* g = gh + r * width;
+        float* a = act + r * width;
+        const float* g = gh + r * width;
         const T* xt = static_cast<const T*>(gx) + r * width;
         const float* x = reinterpret_cast<const float*>(xt);
         if constexpr (!std::is_same_v<T, float>) {
@@ -185,12 +186,13 @@ bool activate_gates(const Tensor& like, float* gh, const void* gx, int64_t rows,
           x = converted.data();
         }
         if (gates == 4) {
-          activate_row(g, x, nullptr, 2 * H, false);
-          activate_row(g + 2 * H, x + 2 * H, nullptr, H, true);
-          activate_row(g + 3 * H, x + 3 * H, nullptr, H, false);
-          if (tc != nullptr) tanh_c_new_row(tc + r * H, g, g + H, g + 2 * H, c_prev + r * H, H);
+          activate_row(a, g, x, nullptr, 2 * H, false);
+          activate_row(a + 2 * H, g + 2 * H, x + 2 * H, nullptr, H, true);
+          activate_row(a + 3 * H, g + 3 * H, x + 3 * H, nullptr, H, false);
+          if (tc != nullptr) tanh_c_new_row(tc + r * H, a, a + H, a + 2 * H, c_prev + r * H, H);
         } else {
-          activate_row(g, x, bias, 2 * H, false);
+          activate_row(a, g, x, bias, 2 * H, false);
+          std::memcpy(a + 2 * H, g + 2 * H, H * sizeof(float));
         }
       }
     });
@@ -320,7 +322,7 @@ Tensor entering_product(const Tensor& hs, int64_t T, bool reverse, const OptTens
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr,
     const OptTensor& lengths, bool reverse, bool save, const OptTensor& rscale, const OptTensor& zo_seed,
-    int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream) {
+    int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream, const OptTensor& gates_out) {
   constexpr const char* op = "lstm_forward";
   const OpDevice device(gx);
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, P), got ", h0.sizes());
@@ -335,6 +337,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   expect(op, "c0", c0, {B, H}, gx.scalar_type(), gx, false);
   if (proj) expect(op, "w_hr", *w_hr, {P, H}, gx.scalar_type(), gx, false);
   TORCH_CHECK(proj || P == H, "fusenn_cuda::", op, ": without w_hr, h0 must have hidden_size columns");
+  if (gates_out) {
+    expect(op, "gates_out", *gates_out, {T, B, 4 * H}, at::kFloat, gx);
+    TORCH_CHECK(!gx.is_cuda(), "fusenn_cuda::", op, ": gates_out is for CPU tensors (a GPU backward recomputes them)");
+  }
 
   const int64_t slot_count = save ? T + 1 : 2, first = (save && reverse) ? T : 0;
   Tensor hs = new_output({slot_count, B, P}, at::kFloat, gx), cs = new_output({slot_count, B, H}, at::kFloat, gx);
@@ -344,8 +350,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   Tensor y = new_output({T, B, P}, gx.scalar_type(), gx);
   if (T > 0 && B > 0) {
     Tensor gh = at::empty({B, 4 * H}, gx.options().dtype(at::kFloat)), tc = at::empty({B, H}, gh.options());
+    Tensor act = gates_out ? Tensor() : at::empty_like(gh);  // the activated gates (CPU), kept in gates_out
     // h0 as the first operand: a buffer of its own (the steps write it), never a view of hs
-    Tensor op_h = (rscale ? hs[first] * *rscale : hs[first]).to(gx.scalar_type(), false, true);
+    // fp32 on CPU without recurrent dropout: the state itself is the next GEMM's operand (no copy per step)
+    const bool direct = !gx.is_cuda() && gx.scalar_type() == at::kFloat && !rscale;
+    Tensor op_h = direct ? Tensor() : (rscale ? hs[first] * *rscale : hs[first]).to(gx.scalar_type(), false, true);
     Tensor m_op = proj ? at::empty({B, H}, gx.options()) : Tensor();
     Tensor hp = proj ? at::empty({B, P}, gx.options().dtype(at::kFloat)) : Tensor();
     const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? w_hr->t() : Tensor();
@@ -353,19 +362,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
       const int64_t t = reverse ? T - 1 - k : k;
       int64_t before, after;
       slots(t, k, reverse, save, &before, &after);
-      mm_f32(gh, op_h, w_hh_t);
+      mm_f32(gh, direct ? hs[before] : op_h, w_hh_t);
       Step s = step_at(t, T, B, lengths, regs);
-      s.activated = activate_gates(gx, gh.data_ptr<float>(), row(gx, t), B, 4, H, nullptr, row<float>(cs, before),
+      float* a = gates_out ? row<float>(*gates_out, t) : act.data_ptr<float>();
+      s.activated = activate_gates(gx, a, gh.data_ptr<float>(), row(gx, t), B, 4, H, nullptr, row<float>(cs, before),
                                    tc.data_ptr<float>());
-      const LstmCell cell{s, H, P, row(gx, t), gh.data_ptr<float>(), row<float>(cs, before), row<float>(cs, after),
-                          row<float>(hs, before), row<float>(hs, after), row(y, t), op_h.data_ptr(),
+      const LstmCell cell{s, H, P, row(gx, t), s.activated ? a : gh.data_ptr<float>(), row<float>(cs, before),
+                          row<float>(cs, after),
+                          row<float>(hs, before), row<float>(hs, after), row(y, t), direct ? nullptr : op_h.data_ptr(),
                           proj ? row<float>(ms, save ? t : 0) : nullptr, proj ? m_op.data_ptr() : nullptr,
                           s.activated ? tc.data_ptr<float>() : nullptr};
       run_step(cell, B * H, gx, stream);
       if (proj) {
         mm_f32(hp, m_op, w_hr_t);
         const EmitH emit{s, P, hp.data_ptr<float>(), row<float>(hs, before), row<float>(hs, after), row(y, t),
-                         op_h.data_ptr()};
+                         direct ? nullptr : op_h.data_ptr()};
         run_step(emit, B * P, gx, stream);
       }
     }
@@ -379,7 +390,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
     const Tensor& dy_in, const Tensor& dh_n, const Tensor& dc_n, const Tensor& gx, const Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& lengths, bool reverse, const Tensor& hs, const Tensor& cs,
     const OptTensor& rscale, const OptTensor& zo_seed, int64_t zo_mode, int64_t zo_threshold, double zo_u,
-    int64_t stream) {
+    int64_t stream, const OptTensor& gates) {
   constexpr const char* op = "lstm_backward";
   const OpDevice device(gx);
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, P), got ", hs.sizes());
@@ -396,6 +407,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
   expect(op, "dh_n", dh_n, {B, P}, dh_n.scalar_type(), gx, false);
   expect(op, "dc_n", dc_n, {B, H}, dc_n.scalar_type(), gx, false);
   if (proj) expect(op, "w_hr", *w_hr, {P, H}, gx.scalar_type(), gx, false);
+  if (gates) expect(op, "gates", *gates, {T, B, 4 * H}, at::kFloat, gx);
 
   const Tensor dy = dy_in.to(gx.scalar_type()).contiguous();
   Tensor dh = dh_n.to(at::kFloat, false, true).contiguous(), dc = dc_n.to(at::kFloat, false, true).contiguous();
@@ -403,15 +415,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
   Tensor dhs = proj ? new_output({T, B, P}, at::kFloat, gx) : none(gx);
   if (T > 0 && B > 0) {
     const auto f32 = gx.options().dtype(at::kFloat);
-    Tensor gh = at::empty({T * B, 4 * H}, f32);
-    mm_f32(gh, entering_product(hs, T, reverse, rscale, gx), w_hh.t());
-    Tensor tcs = at::empty({T, B, H}, f32);  // tanh of each step's new c; c_prev of step t: slot t (t + 1 in reverse)
-    const bool activated = activate_gates(gx, gh.data_ptr<float>(), gx.data_ptr(), T * B, 4, H, nullptr,
-                                          row<float>(cs, reverse ? 1 : 0), tcs.data_ptr<float>());
+    // Every step's gate pre-activations: gx + the recurrent products, recomputed in one GEMM over the saved states,
+    // unless the forward kept the activated gates (CPU). tcs: tanh of each step's new c (CPU).
+    Tensor gh, tcs = at::empty({gx.is_cuda() ? 0 : T, B, H}, f32);
+    const float* c_prev = row<float>(cs, reverse ? 1 : 0);  // entering step t: slot t (t + 1 in reverse)
+    bool activated = false;
+    if (gates) {
+      gh = *gates;
+      activated = true;
+      const auto pass = [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const float* a = gh.data_ptr<float>() + r * 4 * H;
+          tanh_c_new_row(tcs.data_ptr<float>() + r * H, a, a + H, a + 2 * H, c_prev + r * H, H);
+        }
+      };
+      at::parallel_for(0, T * B, std::max<int64_t>(1, 16384 / H), pass);
+    } else {
+      Tensor products = at::empty({T * B, 4 * H}, f32);
+      mm_f32(products, entering_product(hs, T, reverse, rscale, gx), w_hh.t());
+      gh = gx.is_cuda() ? products : at::empty_like(products);
+      activated = activate_gates(gx, gh.data_ptr<float>(), products.data_ptr<float>(), gx.data_ptr(), T * B, 4, H,
+                                 nullptr, c_prev, tcs.data_ptr<float>());
+    }
     Tensor dhz = at::empty({B, P}, f32), acc = at::empty({B, P}, f32);
     Tensor dhz_op = proj ? at::empty({B, P}, gx.options()) : Tensor();
     Tensor dm = proj ? at::empty({B, H}, f32) : dhz;
-    Tensor dg_op = at::empty({B, 4 * H}, gx.options());
+    // fp32 on CPU: each step's dg is the GEMM's operand itself
+    const bool direct = !gx.is_cuda() && gx.scalar_type() == at::kFloat;
+    Tensor dg_op = direct ? Tensor() : at::empty({B, 4 * H}, gx.options());
     const Tensor w_hh_b = gemm_rhs(w_hh), w_hr_b = proj ? gemm_rhs(*w_hr) : Tensor();
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = reverse ? k : T - 1 - k;
@@ -425,9 +456,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
       if (proj) mm_f32(dm, dhz_op, w_hr_b);
       const LstmCellBackward cell{s, H, P, row(gx, t), gh.data_ptr<float>() + t * B * 4 * H, row<float>(cs, before),
                                   row<float>(cs, after), dm.data_ptr<float>(), dc.data_ptr<float>(), row<float>(dg, t),
-                                  dg_op.data_ptr(), activated ? row<float>(tcs, t) : nullptr};
+                                  direct ? nullptr : dg_op.data_ptr(), activated ? row<float>(tcs, t) : nullptr};
       run_step(cell, B * H, gx, stream);
-      mm_f32(acc, dg_op, w_hh_b);
+      mm_f32(acc, direct ? dg[t] : dg_op, w_hh_b);
       run_step(AddRecurrent{s, P, acc.data_ptr<float>(), dh.data_ptr<float>()}, B * P, gx, stream);
     }
   }
@@ -461,20 +492,22 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h
   hs[first].copy_(h0);
   Tensor y = new_output({T, B, H}, gx.scalar_type(), gx);
   if (T > 0 && B > 0) {
-    Tensor gh = at::empty({B, 3 * H}, gx.options().dtype(at::kFloat));
-    Tensor op_h = (rscale ? hs[first] * *rscale : hs[first]).to(gx.scalar_type(), false, true);
+    Tensor gh = at::empty({B, 3 * H}, gx.options().dtype(at::kFloat)), act = at::empty_like(gh);
+    const bool direct = !gx.is_cuda() && gx.scalar_type() == at::kFloat && !rscale;  // as the LSTM's
+    Tensor op_h = direct ? Tensor() : (rscale ? hs[first] * *rscale : hs[first]).to(gx.scalar_type(), false, true);
     const Tensor w_hh_t = w_hh.t();
     const OptTensor bias_rz = gru_bias_rz(b_hh, H);
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = reverse ? T - 1 - k : k;
       int64_t before, after;
       slots(t, k, reverse, save, &before, &after);
-      mm_f32(gh, op_h, w_hh_t);
+      mm_f32(gh, direct ? hs[before] : op_h, w_hh_t);
       Step s = step_at(t, T, B, lengths, regs);
-      s.activated = activate_gates(gx, gh.data_ptr<float>(), row(gx, t), B, 3, H, data_or_null<float>(bias_rz));
-      const GruCell cell{s, H, row(gx, t), gh.data_ptr<float>(),
+      s.activated = activate_gates(gx, act.data_ptr<float>(), gh.data_ptr<float>(), row(gx, t), B, 3, H,
+                                   data_or_null<float>(bias_rz));
+      const GruCell cell{s, H, row(gx, t), (s.activated ? act : gh).data_ptr<float>(),
                          b_hh ? b_hh->data_ptr() : nullptr, row<float>(hs, before), row<float>(hs, after), row(y, t),
-                         op_h.data_ptr()};
+                         direct ? nullptr : op_h.data_ptr()};
       run_step(cell, B * H, gx, stream);
     }
   }
@@ -506,10 +539,12 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dy_in, const Tenso
   Tensor dg = new_output({T, B, 3 * H}, at::kFloat, gx), dghn = new_output({T, B, H}, at::kFloat, gx);
   if (T > 0 && B > 0) {
     const auto f32 = gx.options().dtype(at::kFloat);
-    Tensor gh = at::empty({T * B, 3 * H}, f32);
-    mm_f32(gh, entering_product(hs, T, reverse, rscale, gx), w_hh.t());
+    Tensor products = at::empty({T * B, 3 * H}, f32);
+    mm_f32(products, entering_product(hs, T, reverse, rscale, gx), w_hh.t());
     const OptTensor bias_rz = gru_bias_rz(b_hh, H);
-    const bool activated = activate_gates(gx, gh.data_ptr<float>(), gx.data_ptr(), T * B, 3, H, data_or_null<float>(bias_rz));
+    const Tensor gh = gx.is_cuda() ? products : at::empty_like(products);
+    const bool activated = activate_gates(gx, gh.data_ptr<float>(), products.data_ptr<float>(), gx.data_ptr(), T * B,
+                                          3, H, data_or_null<float>(bias_rz));
     Tensor acc = at::empty({B, H}, f32), g_op = at::empty({B, 3 * H}, gx.options());
     const Tensor w_hh_b = gemm_rhs(w_hh);
     for (int64_t k = 0; k < T; ++k) {
@@ -862,12 +897,14 @@ std::string persist_reason(int64_t device, int64_t dtype, int64_t gates, bool ba
 // zoneout as (zo_seed, zo_mode, zo_threshold, zo_u), see Zoneout in rnn.cuh. stream: the CUDA stream as an
 // integer (ignored for CPU tensors).
 TORCH_LIBRARY_FRAGMENT(fusenn_cuda, m) {
+  // gates_out (CPU): filled with every step's activated gates (T, B, 4H) fp32, which lstm_backward then takes as
+  // `gates` instead of recomputing them with a GEMM.
   m.def("lstm_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
-        "bool save, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool save, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream, "
+        "Tensor(a!)? gates_out=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor gx, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
         "bool reverse, Tensor hs, Tensor cs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, "
-        "float zo_u, int stream) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float zo_u, int stream, Tensor? gates=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gru_forward(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, bool save, "
         "Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream) -> "
         "(Tensor, Tensor, Tensor)");
