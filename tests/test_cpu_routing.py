@@ -391,3 +391,31 @@ def test_cpp_dropout_mask_is_the_reference_bit_for_bit(choices, numel, p, seed, 
         got = fusenn.functional.dropout_mask((numel,), p, seed, offset)
     assert [c[:2] for c in choices()] == [("dropout_mask", "cpp")]
     assert torch.equal(got, philox.dropout_mask(numel, p, seed, offset))
+
+
+@pytest.mark.parametrize("shape,bias", [((7, 3, 33), True), ((1, 1, 5), False), ((4, 0, 9), True), ((129, 2, 16), True),
+                                        ((0, 3, 4), False)])
+def test_cpp_input_projection_is_f_linear(shape, bias):
+    """The C++ layers' input GEMM through oneDNN (CPU fp32, backend cpp) gives F.linear's output and gradients
+    (float64 reference), empty batches and sequences included; other backends and dtypes take F.linear itself."""
+    from fusenn.ops import rnn as ops
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    w = torch.randn(12, shape[-1], requires_grad=True)
+    b = torch.randn(12, requires_grad=True) if bias else None
+    leaves = [x, w] + ([b] if bias else [])
+    y = ops.input_projection(x, w, b, "cpp")
+    if x.numel() and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        assert type(y.grad_fn).__name__ == "_OneDNNLinearBackward"  # (empty inputs: F.linear)
+    grad = torch.randn_like(y)
+    got = [y] + list(torch.autograd.grad(y, leaves, grad))
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    ref_y = torch.nn.functional.linear(doubles[0], doubles[1], doubles[2] if bias else None)
+    want = [ref_y] + list(torch.autograd.grad(ref_y, doubles, grad.double()))
+    for g, r in zip(got, want):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+    for backend, dtype in (("reference", torch.float32), ("cpp", torch.float64)):
+        plain = ops.input_projection(x.to(dtype), w.to(dtype), b.to(dtype) if bias else None, backend)
+        assert "OneDNN" not in type(plain.grad_fn).__name__
