@@ -154,16 +154,6 @@ FUSENN_VECTOR_CLONES void tanh_c_new_row(float* __restrict tc, const float* __re
   for (int64_t j = 0; j < n; ++j) tc[j] = tanhf(lstm_c_new(i[j], f[j], g[j], c_prev[j]));
 }
 
-// For CPU tensors under sampled zoneout: every counter's mask of the layer, [0, counters), into keep (uint8),
-// which zo.keep then points at (one vectorised pass instead of a Philox evaluation per element and use).
-void sample_zoneout(Zoneout& zo, int64_t counters, const Tensor& like, Tensor& keep) {
-  if (zo.mode != 1 || like.is_cuda() || counters == 0) return;
-  keep = at::empty({counters}, like.options().dtype(at::kByte));
-  uint8_t* out = keep.data_ptr<uint8_t>();
-  philox_keep_host(out, 0, counters, static_cast<uint64_t>(*zo.seed), zo.threshold);
-  zo.keep = out;
-}
-
 // For CPU tensors (like): act (rows, gates * H) fp32 := the activated gates from gh (the recurrent products) and gx
 // (rows, gates * H, in like's dtype): the LSTM's i, f, g, o (gates 4), or the GRU's r and z with bias, its b_hh's
 // first 2H as fp32 or null, and its gh_n as it is (gates 3; n needs r). The LSTM's tc (rows, H), where given,
@@ -295,6 +285,18 @@ Regularisers check_common(const char* op, const Tensor& gx, int64_t gates, const
            static_cast<uint32_t>(zo_threshold), static_cast<float>(zo_u)}};
 }
 
+// For CPU tensors under sampled zoneout: every counter's mask of the layer, [0, counters), which zo.keep then
+// points at (one vectorised pass instead of a Philox evaluation per element and use): drawn into keep (a new
+// uint8 tensor where undefined, else the caller's buffer), or, where `drawn`, keep already holds them.
+void sample_zoneout(const char* op, Zoneout& zo, int64_t counters, const Tensor& like, Tensor& keep,
+                    bool drawn = false) {
+  if (keep.defined()) expect(op, "zoneout keep", keep, {counters}, at::kByte, like);
+  if (zo.mode != 1 || like.is_cuda() || counters == 0) return;
+  if (!keep.defined()) keep = at::empty({counters}, like.options().dtype(at::kByte));
+  if (!drawn) philox_keep_host(keep.data_ptr<uint8_t>(), 0, counters, static_cast<uint64_t>(*zo.seed), zo.threshold);
+  zo.keep = keep.data_ptr<uint8_t>();
+}
+
 Step step_at(int64_t t, int64_t T, int64_t B, const OptTensor& lengths, const Regularisers& r) {
   return {t, T, B, data_or_null<int64_t>(lengths), r.rscale, r.zo};
 }
@@ -322,7 +324,8 @@ Tensor entering_product(const Tensor& hs, int64_t T, bool reverse, const OptTens
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr,
     const OptTensor& lengths, bool reverse, bool save, const OptTensor& rscale, const OptTensor& zo_seed,
-    int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream, const OptTensor& gates_out) {
+    int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream, const OptTensor& gates_out,
+    const OptTensor& zo_keep_out) {
   constexpr const char* op = "lstm_forward";
   const OpDevice device(gx);
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, P), got ", h0.sizes());
@@ -330,8 +333,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   Regularisers regs =
       check_common(op, gx, 4, w_hh, P, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
   const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2) / 4;
-  Tensor zo_keep;
-  sample_zoneout(regs.zo, T * B * (P + H), gx, zo_keep);
+  Tensor zo_keep = zo_keep_out ? *zo_keep_out : Tensor();
+  sample_zoneout(op, regs.zo, T * B * (P + H), gx, zo_keep);
   const bool proj = w_hr.has_value();
   expect(op, "h0", h0, {B, P}, gx.scalar_type(), gx, false);
   expect(op, "c0", c0, {B, H}, gx.scalar_type(), gx, false);
@@ -390,7 +393,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
     const Tensor& dy_in, const Tensor& dh_n, const Tensor& dc_n, const Tensor& gx, const Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& lengths, bool reverse, const Tensor& hs, const Tensor& cs,
     const OptTensor& rscale, const OptTensor& zo_seed, int64_t zo_mode, int64_t zo_threshold, double zo_u,
-    int64_t stream, const OptTensor& gates) {
+    int64_t stream, const OptTensor& gates, const OptTensor& zo_keep_in) {
   constexpr const char* op = "lstm_backward";
   const OpDevice device(gx);
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, P), got ", hs.sizes());
@@ -398,8 +401,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
   Regularisers regs =
       check_common(op, gx, 4, w_hh, P, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
   const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2) / 4;
-  Tensor zo_keep;
-  sample_zoneout(regs.zo, T * B * (P + H), gx, zo_keep);
+  Tensor zo_keep = zo_keep_in ? *zo_keep_in : Tensor();
+  sample_zoneout(op, regs.zo, T * B * (P + H), gx, zo_keep, zo_keep_in.has_value());
   const bool proj = w_hr.has_value();
   expect(op, "hs", hs, {T + 1, B, P}, at::kFloat, gx);
   expect(op, "cs", cs, {T + 1, B, H}, at::kFloat, gx);
@@ -483,7 +486,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h
       check_common(op, gx, 3, w_hh, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
   const int64_t T = gx.size(0), B = gx.size(1);
   Tensor zo_keep;
-  sample_zoneout(regs.zo, T * B * H, gx, zo_keep);
+  sample_zoneout(op, regs.zo, T * B * H, gx, zo_keep);
   expect(op, "h0", h0, {B, H}, gx.scalar_type(), gx, false);
   if (b_hh) expect(op, "b_hh", *b_hh, {3 * H}, gx.scalar_type(), gx);
 
@@ -528,7 +531,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dy_in, const Tenso
       check_common(op, gx, 3, w_hh, H, lengths, rscale, zo_seed, zo_mode, zo_threshold, zo_u);
   const int64_t T = gx.size(0), B = gx.size(1);
   Tensor zo_keep;
-  sample_zoneout(regs.zo, T * B * H, gx, zo_keep);
+  sample_zoneout(op, regs.zo, T * B * H, gx, zo_keep);
   expect(op, "hs", hs, {T + 1, B, H}, at::kFloat, gx);
   expect(op, "dy", dy_in, {T, B, H}, dy_in.scalar_type(), gx, false);
   expect(op, "dh_n", dh_n, {B, H}, dh_n.scalar_type(), gx, false);
@@ -898,13 +901,15 @@ std::string persist_reason(int64_t device, int64_t dtype, int64_t gates, bool ba
 // integer (ignored for CPU tensors).
 TORCH_LIBRARY_FRAGMENT(fusenn_cuda, m) {
   // gates_out (CPU): filled with every step's activated gates (T, B, 4H) fp32, which lstm_backward then takes as
-  // `gates` instead of recomputing them with a GEMM.
+  // `gates` instead of recomputing them with a GEMM; zo_keep_out (CPU, sampled zoneout): filled with its masks
+  // (T * B * (P + H) uint8), which lstm_backward takes as zo_keep instead of drawing them again.
   m.def("lstm_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
         "bool save, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream, "
-        "Tensor(a!)? gates_out=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor(a!)? gates_out=None, Tensor(b!)? zo_keep_out=None) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor gx, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
         "bool reverse, Tensor hs, Tensor cs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, "
-        "float zo_u, int stream, Tensor? gates=None) -> (Tensor, Tensor, Tensor, Tensor)");
+        "float zo_u, int stream, Tensor? gates=None, Tensor? zo_keep=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gru_forward(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, bool save, "
         "Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream) -> "
         "(Tensor, Tensor, Tensor)");

@@ -137,14 +137,14 @@ def _opcheck_cases(device, impl):
     # The backward ops have no derivative of their own: check them on inputs that do not require grad.
     gx, h0, c0, w, wr = (r(T, B, 4 * H, grad=False), r(B, P, grad=False), r(B, H, grad=False),
                          r(4 * H, P, grad=False), r(P, H, grad=False))
-    _, _, _, hs, cs, ms, gates = ops.lstm_layer_forward(gx, h0, c0, w, wr, lengths, False, True, 0.25, seed(7), None,
-                                                        None, impl)
+    _, _, _, hs, cs, ms, gates, zo_keep = ops.lstm_layer_forward(gx, h0, c0, w, wr, lengths, False, True, 0.25, seed(7),
+                                                                 None, None, impl)
     yield "lstm_bwd", ops.lstm_layer_backward.default, (
         r(T, B, P, grad=False), r(B, P, grad=False), r(B, H, grad=False), gx, w, wr, lengths, False, hs, cs, ms,
-        gates, 0.25, seed(7), None, None, True, True, impl)
+        gates, zo_keep, 0.25, seed(7), None, None, True, True, impl)
     yield "lstm_bwd_no_weights", ops.lstm_layer_backward.default, (
         r(T, B, P, grad=False), r(B, P, grad=False), r(B, H, grad=False), gx, w, wr, lengths, False, hs, cs, ms,
-        gates, 0.25, seed(7), None, None, False, False, impl)
+        gates, zo_keep, 0.25, seed(7), None, None, False, False, impl)
     gx, h0, w, b = r(T, B, 3 * H, grad=False), r(B, H, grad=False), r(3 * H, H, grad=False), r(3 * H, grad=False)
     _, _, hs = ops.gru_layer_forward(gx, h0, w, b, None, True, True, 0.25, seed(7), 0.5, seed(11), impl)
     yield "gru_bwd", ops.gru_layer_backward.default, (

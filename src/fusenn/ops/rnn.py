@@ -288,33 +288,38 @@ def _regularisers(rd_p, rd_seed, zo_p, zo_seed, device):
 def lstm_layer_forward(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
                        lengths: Optional[Tensor], reverse: bool, save: bool, rd_p: Optional[float],
                        rd_seed: Optional[Tensor], zo_p: Optional[float], zo_seed: Optional[Tensor], impl: str
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, h_n, c_n, hs, cs, ms, gates): the outputs and, when `save`, the fp32 buffers backward needs
-    (fusenn.kernels.lstm.lstm_forward); gates: every step's activated gates, kept by the C++ layers on CPU
-    tensors (_keeps_gates) so that backward needs no GEMM to recompute them. Empty tensors stand for the buffers
-    not kept."""
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, h_n, c_n, hs, cs, ms, gates, zo_keep): the outputs and, when `save`, the fp32 buffers backward needs
+    (fusenn.kernels.lstm.lstm_forward); gates and zo_keep: every step's activated gates and sampled zoneout's
+    masks, kept by the C++ layers on CPU tensors (_kept) so that backward neither recomputes the gates with a
+    GEMM nor draws the masks again. Empty tensors stand for the buffers not kept."""
     gx, h0, c0, w_hh, w_hr = _contiguous(gx, h0, c0, w_hh, w_hr)
-    gates = _empty(gx.device)
+    gates, zo_keep = _kept(gx, h0, save, zo_p, zo_seed, impl)
     if impl in ("cuda", "persistent"):
-        extra = ()
-        if _keeps_gates(gx, save, impl):
-            gates = gx.new_empty(gx.shape, dtype=torch.float32)
-            extra = (gates,)
+        extra = (gates, zo_keep if zo_keep.numel() else None) if gates.numel() else ()
         return tuple(_cpp(impl, "lstm_forward")(
             gx, h0, c0, w_hh, w_hr, lengths, reverse, save,
-            *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], h0.shape[-1], gx.device), *extra)) + (gates,)
+            *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], h0.shape[-1], gx.device),
+            *extra)) + (gates, zo_keep)
     from fusenn.kernels import lstm as kernels
 
     y, h_n, c_n, states = kernels.lstm_forward(gx, h0, c0, w_hh, w_hr, lengths, reverse, save,
                                                *_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device))
     hs, cs, ms = states if save else (None, None, None)
-    return (y, h_n, c_n) + tuple(t if t is not None else _empty(gx.device) for t in (hs, cs, ms)) + (gates,)
+    return (y, h_n, c_n) + tuple(t if t is not None else _empty(gx.device) for t in (hs, cs, ms)) + (gates, zo_keep)
 
 
-def _keeps_gates(gx: Tensor, save: bool, impl: str) -> bool:
-    """Whether the layer's forward keeps its activated gates for backward: the C++ stepwise layers on CPU
-    tensors when saving (a GPU recomputes them in one GEMM rather than hold T x B x 4H floats)."""
-    return save and impl == "cuda" and gx.device.type == "cpu"
+def _kept(gx: Tensor, h0: Tensor, save: bool, zo_p, zo_seed, impl: str, new=None) -> tuple[Tensor, Tensor]:
+    """The buffers the LSTM's forward fills for its backward: (gates (T, B, 4H) fp32, sampled zoneout's masks
+    (T * B * (P + H),) uint8), empty where not kept. The C++ stepwise layers keep them on CPU tensors when saving
+    (a GPU recomputes the gates in one GEMM and draws the masks in its kernels rather than hold them)."""
+    new = new or torch.empty
+    if not (save and impl == "cuda" and gx.device.type == "cpu"):
+        return _empty(gx.device), _empty(gx.device)
+    T, B, G = gx.shape
+    counters = T * B * (h0.shape[-1] + G // 4) if zo_p is not None and zo_seed is not None else 0
+    return (new(gx.shape, dtype=torch.float32, device=gx.device),
+            new(counters, dtype=torch.uint8 if counters else torch.float32, device=gx.device))
 
 
 @lstm_layer_forward.register_fake
@@ -324,15 +329,15 @@ def _(gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_se
     f32 = dict(dtype=torch.float32)
     kept = (gx.new_empty((T + 1, B, P), **f32), gx.new_empty((T + 1, B, H), **f32),
             gx.new_empty((T, B, H), **f32) if w_hr is not None else gx.new_empty(0, **f32))
-    gates = gx.new_empty(gx.shape if _keeps_gates(gx, save, impl) else 0, **f32)
+    gates, zo_keep = _kept(gx, h0, save, zo_p, zo_seed, impl, new=lambda *shape, **kw: gx.new_empty(*shape, **kw))
     return ((gx.new_empty((T, B, P)), gx.new_empty((B, P)), gx.new_empty((B, H)))
-            + (kept if save else tuple(gx.new_empty(0, **f32) for _ in range(3))) + (gates,))
+            + (kept if save else tuple(gx.new_empty(0, **f32) for _ in range(3))) + (gates, zo_keep))
 
 
 @torch.library.custom_op("fusenn::lstm_layer_backward", mutates_args=())
 def lstm_layer_backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, gx: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
                         lengths: Optional[Tensor], reverse: bool, hs: Tensor, cs: Tensor, ms: Tensor, gates: Tensor,
-                        rd_p: Optional[float], rd_seed: Optional[Tensor], zo_p: Optional[float],
+                        zo_keep: Tensor, rd_p: Optional[float], rd_seed: Optional[Tensor], zo_p: Optional[float],
                         zo_seed: Optional[Tensor], grad_w_hh: bool, grad_w_hr: bool, impl: str
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(d gx, d h0, d c0 in gx's dtype, d w_hh, d w_hr in theirs); a weight gradient not asked for (or w_hr
@@ -343,7 +348,7 @@ def lstm_layer_backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, gx: Tensor, w_hh
         dg, dh0, dc0, dhs = _cpp(impl, "lstm_backward")(
             dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs,
             *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], hs.shape[-1], gx.device),
-            *((gates,) if gates.numel() else ()))
+            *((gates, zo_keep if zo_keep.numel() else None) if gates.numel() else ()))
     else:
         from fusenn.kernels import lstm as kernels
 
@@ -360,8 +365,8 @@ def lstm_layer_backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, gx: Tensor, w_hh
 
 
 @lstm_layer_backward.register_fake
-def _(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs, ms, gates, rd_p, rd_seed, zo_p, zo_seed, grad_w_hh,
-      grad_w_hr, impl):
+def _(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs, ms, gates, zo_keep, rd_p, rd_seed, zo_p, zo_seed,
+      grad_w_hh, grad_w_hr, impl):
     B, H, P = gx.shape[1], gx.shape[2] // 4, w_hh.shape[-1]
     empty = gx.new_empty(0, dtype=torch.float32)
     return (gx.new_empty(gx.shape), gx.new_empty((B, P)), gx.new_empty((B, H)),
@@ -371,21 +376,21 @@ def _(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs, ms, gates, rd_p,
 
 def _lstm_setup(ctx, inputs, output):
     gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed, impl = inputs
-    _, _, _, hs, cs, ms, gates = output
-    ctx.mark_non_differentiable(hs, cs, ms, gates)
-    ctx.save_for_backward(gx, w_hh, w_hr, lengths, hs, cs, ms, gates, rd_seed, zo_seed)
+    _, _, _, hs, cs, ms, gates, zo_keep = output
+    ctx.mark_non_differentiable(hs, cs, ms, gates, zo_keep)
+    ctx.save_for_backward(gx, w_hh, w_hr, lengths, hs, cs, ms, gates, zo_keep, rd_seed, zo_seed)
     ctx.args = (reverse, rd_p, zo_p, impl)
     ctx.saved = save
 
 
-def _lstm_backward(ctx, dy, dh_n, dc_n, _hs, _cs, _ms, _gates):
+def _lstm_backward(ctx, dy, dh_n, dc_n, _hs, _cs, _ms, _gates, _zo_keep):
     if not ctx.saved:
         raise RuntimeError("fusenn: lstm_layer_forward ran with save=False, so it cannot be differentiated")
-    gx, w_hh, w_hr, lengths, hs, cs, ms, gates, rd_seed, zo_seed = ctx.saved_tensors
+    gx, w_hh, w_hr, lengths, hs, cs, ms, gates, zo_keep, rd_seed, zo_seed = ctx.saved_tensors
     reverse, rd_p, zo_p, impl = ctx.args
     needs = ctx.needs_input_grad
     dg, dh0, dc0, d_w_hh, d_w_hr = _LSTMBackward.apply(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs, ms,
-                                                       gates, rd_p, rd_seed, zo_p, zo_seed, needs[3],
+                                                       gates, zo_keep, rd_p, rd_seed, zo_p, zo_seed, needs[3],
                                                        w_hr is not None and needs[4], impl)
     return (dg if needs[0] else None, dh0 if needs[1] else None, dc0 if needs[2] else None,
             d_w_hh if needs[3] else None, d_w_hr if w_hr is not None and needs[4] else None) + (None,) * 8
