@@ -17,7 +17,8 @@ recorded launch is then compiled by Triton for sm_90a, specialised as Triton spe
 csrc/*.cu are compiled with nvcc (-Xptxas -v), their kernels read the same way (256 threads per block,
 the csrc launchers' block size).
 
-Writes results/static-sm90a/<family>.json and prints a table. `violations()` is what the CI test
+Writes results/static-sm90a/triton-<version>/<family>.json (one folder per Triton: each bundles its own ptxas,
+and the GPU image's 3.6 and a bare install's 3.8 both matter) and prints a table. `violations()` is what the CI test
 (tests/test_static.py) fails on: a spill in any default config, a replicated dot in a bf16/fp16 default
 config, a bf16/fp16 attention kernel without wgmma. "Default" means what runs without opting in: every
 launcher choice and every conv_pool tile the tuner may pick; the RNN split mode (FUSENN_RNN_SPLIT) is
@@ -605,10 +606,17 @@ def write(records: list[dict], out_dir: str) -> None:
                        "records": [r for r in records if r["family"] == family]}, f, indent=1)
 
 
+def report_dir(results: str) -> str:
+    """results/static-sm90a/triton-<major.minor>: the report of the installed Triton (and its ptxas)."""
+    import triton
+
+    return os.path.join(results, "static-sm90a", "triton-" + ".".join(triton.__version__.split(".")[:2]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks --static", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "static-sm90a"))
+    parser.add_argument("--out", default=None, help="default: results/static-sm90a/triton-<major.minor>")
     parser.add_argument("--scope", choices=("full", "ci"), default="full")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: one per core)")
     parser.add_argument("--json", default=None, help="also write every record to this one file")
@@ -620,6 +628,7 @@ def main(argv=None) -> int:
         return subprocess.run([sys.executable, "-m", "benchmarks.static", *(argv or sys.argv[1:])], env=env,
                               cwd=ROOT).returncode
     os.environ["TRITON_INTERPRET"] = "0"
+    args.out = args.out or report_dir(os.path.join(HERE, "results"))
     records = collect(args.scope, args.jobs)
     write(records, args.out)
     if args.json:
