@@ -295,7 +295,7 @@ _HALF = {
 }
 _HALF_DROPOUT = {("fwd", 64): (128, 64, 8, 3), ("dkdv", 64): (128, 64, 8, 2)}
 _FP32 = {  # tf32x3 needs three products' operands live: small tiles, dK and dV in two launches
-    ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 4, 1), ("fwd", 256): (64, 32, 4, 1),
+    ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 4, 1), ("fwd", 256): (16, 32, 8, 1),
     ("dq", 64): (64, 32, 4, 2), ("dq", 128): (16, 32, 4, 1), ("dq", 256): (16, 32, 4, 1),
     ("dkdv", 64): (16, 32, 4, 1), ("dkdv", 128): (16, 32, 4, 1), ("dkdv", 256): (16, 16, 4, 1),
     ("dk", 128): (16, 32, 8, 1),  # the dK launch alone: spills on 4 warps (8 B under 3.6, 120 B under 3.8)
