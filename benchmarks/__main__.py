@@ -221,7 +221,7 @@ def main(argv=None):
     if args.static:
         from benchmarks import static
 
-        return static.main(rest + ["--out", os.path.join(args.out, "static-sm90a")])
+        return static.main(rest + ["--out", static.report_dir(args.out)])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 

@@ -11,7 +11,8 @@ diagonal, so fully masked tiles are never loaded.
 Backward: dQ programs own query rows (and first write delta = rowsum(dO * O)); dK/dV programs own key
 rows and walk the query rows of every query head sharing their kv head, so nothing is accumulated with
 atomics and the result is deterministic. Both recompute P = exp2(scores - lse). Where one program cannot
-hold both the dK and the dV accumulators in registers (d256, fp32), dK and dV are two launches (PART).
+hold both the dK and the dV accumulators in registers (d256, fp32; d128 with dropout under Triton 3.6), dK and
+dV are two launches (PART), the dK one with its own tiles where the tables give them ("dk").
 Tiles per kernel, head dim and dtype (_config) come from the static sm_90a report (benchmarks/static.py).
 Grid and offsets: one 1-D grid (a program's (tile, n, h) decoded by _tile), so N * heads has no 65535
 limit; offsets are int64 in their n and h parts, and in their row parts too (WIDE) when the host sees a
@@ -251,6 +252,8 @@ def attention_backward_dkdv_kernel(
         for start in range(_bound(lo), _bound(L), BLOCK_M):
             rows = _span(start, BLOCK_M, WIDE)
             row_ok = rows < L
+            if DROPOUT:  # first, while no score tile is live: Philox's rounds need four words per element
+                keep = _keep(nh, rows, cols, L, S, SEED, threshold)
             q = tl.load(q_base + rows[:, None] * sql + d[None, :] * sqd,
                         mask=row_ok[:, None] & (d[None, :] < E), other=0.0)
             do = tl.load(do_base + rows[:, None] * sdl + dv[None, :] * sdd,
@@ -258,8 +261,6 @@ def attention_backward_dkdv_kernel(
             lse = tl.load(LSE + nh * L + rows, mask=row_ok, other=float("inf"))
             s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, F32_DOT)
             p = tl.exp2(s - lse[:, None])
-            if DROPOUT:
-                keep = _keep(nh, rows, cols, L, S, SEED, threshold)
             if PART != 2:  # dV += P_dropped^T dO
                 if DROPOUT:
                     dv_acc += _dot(tl.trans(tl.where(keep, p * drop_scale, 0.0)), do, F32_DOT)
@@ -294,9 +295,10 @@ _HALF = {
 }
 _HALF_DROPOUT = {("fwd", 64): (128, 64, 8, 3), ("dkdv", 64): (128, 64, 8, 2)}
 _FP32 = {  # tf32x3 needs three products' operands live: small tiles, dK and dV in two launches
-    ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 4, 1), ("fwd", 256): (64, 32, 4, 1),
+    ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 4, 1), ("fwd", 256): (16, 32, 8, 1),
     ("dq", 64): (64, 32, 4, 2), ("dq", 128): (16, 32, 4, 1), ("dq", 256): (16, 32, 4, 1),
     ("dkdv", 64): (16, 32, 4, 1), ("dkdv", 128): (16, 32, 4, 1), ("dkdv", 256): (16, 16, 4, 1),
+    ("dk", 128): (16, 32, 8, 1),  # the dK launch alone: spills on 4 warps (8 B under 3.6, 120 B under 3.8)
 }
 # Triton 3.7 on (a newer ptxas) spills in these three at the tiles above; they take smaller key tiles there.
 _NEWER_PTXAS = {(torch.float32, "fwd", 128): (64, 16, 4, 1), (torch.float16, "dq", 256): (128, 32, 8, 1),
@@ -305,7 +307,8 @@ _SPLIT_DKDV = {256}  # head dims whose dK and dV accumulators do not both fit in
 
 
 def _config(d: int, dtype: torch.dtype, kernel: str, dropout: bool) -> dict:
-    """Tile sizes and launch settings of `kernel` ("fwd", "dq", "dkdv"). Small tiles under the interpreter
+    """Tile sizes and launch settings of `kernel` ("fwd", "dq", "dkdv"; "dk": the dK launch where dK and dV
+    are two, which takes the "dkdv" tiles unless a table has its own). Small tiles under the interpreter
     (many partial tiles get tested, and its cost is per operation), dK/dV split there from head dim 65 up
     so that the tests cover both forms; on the GPU, the tables above."""
     bucket = 64 if d <= 64 else 128 if d <= 128 else 256
@@ -314,10 +317,13 @@ def _config(d: int, dtype: torch.dtype, kernel: str, dropout: bool) -> dict:
         split = d > 64
     else:
         table = _FP32 if dtype == torch.float32 else _HALF
-        tile = (_HALF_DROPOUT.get((kernel, bucket)) if dropout and dtype != torch.float32 else None) \
-            or (_NEWER_PTXAS.get((dtype, kernel, bucket)) if NEWER_PTXAS else None) or table[(kernel, bucket)]
+        tile = next(t for name in (("dk", "dkdv") if kernel == "dk" else (kernel,)) for t in (
+            _HALF_DROPOUT.get((name, bucket)) if dropout and dtype != torch.float32 else None,
+            _NEWER_PTXAS.get((dtype, name, bucket)) if NEWER_PTXAS else None, table.get((name, bucket))) if t)
         cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
-        split = bucket in _SPLIT_DKDV or dtype == torch.float32
+        # with dropout at d128, dK's Philox rounds beside both accumulators spill: two launches (under 3.6; 3.8's
+        # ptxas spills more in the dK launch alone than in one launch, static.KNOWN)
+        split = bucket in _SPLIT_DKDV or dtype == torch.float32 or (dropout and bucket == 128 and not NEWER_PTXAS)
     if kernel == "dkdv":
         cfg["SPLIT_DKDV"] = split
     return cfg
@@ -401,7 +407,8 @@ def attention_backward(grad, q, k, v, out, lse, mask, dropout_p: float, is_causa
     N, H, HKV, L, S, E, EV = c["sizes"]
     cfg = _config(max(E, EV), q.dtype, "dq", dropout_p > 0.0)
     dkdv_cfg = _config(max(E, EV), q.dtype, "dkdv", dropout_p > 0.0)
-    split = dkdv_cfg.pop("SPLIT_DKDV")
+    parts = [(1, dkdv_cfg), (2, _config(max(E, EV), q.dtype, "dk", dropout_p > 0.0))] if dkdv_cfg.pop(
+        "SPLIT_DKDV") else [(0, dkdv_cfg)]
     shared = (*c["mstrides"],)
     with device_guard(q):
         programs = grid(L, cfg["BLOCK_M"], N * H)
@@ -410,11 +417,11 @@ def attention_backward(grad, q, k, v, out, lse, mask, dropout_p: float, is_causa
                 q, k, v, out, grad, lse, delta, dq, c["mask"], *q.stride(), *k.stride(), *v.stride(),
                 *out.stride(), *grad.stride(), *shared, H, L, S, E, EV, H // HKV, c["qk_scale"], scale,
                 c["drop_scale"], *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **cfg)
-        programs = grid(S, dkdv_cfg["BLOCK_N"], N * HKV)
-        for part in (1, 2) if split else (0,):
+        for part, part_cfg in parts:
+            programs = grid(S, part_cfg["BLOCK_N"], N * HKV)
             if programs[0]:
                 attention_backward_dkdv_kernel[programs](
                     q, k, v, grad, lse, delta, dk, dv, c["mask"], *q.stride(), *k.stride(), *v.stride(),
                     *grad.stride(), *shared, H, HKV, L, S, E, EV, H // HKV, c["qk_scale"], scale, c["drop_scale"],
-                    *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **dkdv_cfg, PART=part)
+                    *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **part_cfg, PART=part)
     return dq, dk, dv

@@ -157,6 +157,8 @@ def _consts(gx, nsplit, backward: bool, regularised: bool, save: bool = True):
         stages = 1 if regularised else 3
     elif regularised and NEWER_PTXAS:
         stages = 1  # Triton 3.8's ptxas spills 8 B at two stages (H 650)
+    elif NEWER_PTXAS:  # and 4-8 B at two stages in bf16 (H 256), at one or two in fp32 (H 512-2048)
+        stages = 3
     else:
         stages = 2 if gx.dtype != torch.float32 or (regularised and save) else 1
     return dict(H=H, FP32_DOT=fp32_dot(gx.dtype), BLOCK_B=BLOCK_B, BLOCK_H=block_h, num_warps=dot_warps(block_h),

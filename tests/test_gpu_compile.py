@@ -127,3 +127,41 @@ for dtype, act, pool in (("bf16", "relu", True), ("fp32", "gelu", False)):
                      num_warps=config.num_warps, num_stages=config.num_stages)
 print("ok")
 """)
+
+
+def test_cooperative_launch_and_tf32x3_reach_the_compiled_kernels():
+    """What the code relies on from Triton (3.6 to 3.8): the split-mode launch's `launch_cooperative_grid`
+    keyword is a CUDA compile option that ends up in the kernel's metadata (which Triton's CUDA launcher
+    turns into CU_LAUNCH_ATTRIBUTE_COOPERATIVE), and fp32 attention's input_precision="tf32x3" becomes three
+    TF32 tensor-core products per dot (no IEEE fallback)."""
+    compile_in_subprocess(r"""
+from triton.backends.nvidia.compiler import CUDABackend
+from fusenn.kernels import attention as A, gru
+
+options = CUDABackend(GPUTarget("cuda", 90, 32)).parse_options(dict(launch_cooperative_grid=True, num_warps=4))
+assert options.launch_cooperative_grid is True  # kernel[grid](..., launch_cooperative_grid=True) is accepted
+types = {"gx_ptr": "*bf16", "w_hh_ptr": "*bf16", "b_hh_ptr": "*bf16", "y_ptr": "*bf16", "len_ptr": "*i64",
+         "zo_seed_ptr": "*i64", "bar_ptr": "*i32", "zo_u": "fp32"}
+consts = dict(H=256, HAS_BIAS=True, HAS_LENGTHS=False, REVERSE=False, SAVE=True, FP32_DOT="none", RDROP=False,
+              ZONEOUT=0, BLOCK_B=gru.BLOCK_B, BLOCK_H=32, NSPLIT=8, PHASES=3)
+for coop in (True, False):
+    kernel = compile_for_sm90(gru.gru_forward_kernel, consts, lambda a: types.get(a, "*fp32" if a.endswith("_ptr")
+                              else "i32"), num_warps=4, launch_cooperative_grid=coop)
+    assert kernel.metadata.launch_cooperative_grid is coop
+
+dots = {}
+for precision, dtype in (("tf32x3", "fp32"), ("none", "bf16")):
+    types = {n: f"*{dtype}" for n in ("Q", "K", "V", "O")}
+    types.update(LSE="*fp32", MASK=f"*{dtype}", SEED="*i64", qk_scale="fp32", drop_scale="fp32")
+    consts = dict(BLOCK_M=64, BLOCK_N=32, D=64, DV=64, MASK_KIND=0, IS_CAUSAL=True, DROPOUT=False, F32_DOT=precision,
+                  WIDE=False)
+    kernel = compile_for_sm90(A.attention_forward_kernel, consts, lambda a: types.get(a, "i32"), num_warps=4,
+                              num_stages=1)
+    ttgir = kernel.asm["ttgir"]
+    dots[precision] = ttgir.count("ttng.warp_group_dot ") + ttgir.count("tt.dot ")
+    if precision == "tf32x3":
+        assert "inputPrecision = ieee" not in ttgir
+        assert "tf32" in kernel.asm["ptx"], "no TF32 tensor-core instruction"
+assert dots == {"tf32x3": 6, "none": 2}, dots  # q k^T and p v, three TF32 products each
+print("ok")
+""")

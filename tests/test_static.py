@@ -42,8 +42,12 @@ def test_no_default_config_spills_replicates_or_misses_wgmma(records):
 
 def test_known_issues_are_still_real(records):
     """Every static.KNOWN exemption still matches a record that violates a rule: fixed ones get removed."""
+    from fusenn.kernels import NEWER_PTXAS
+
     flagged = set(static.violations(records, include_known=True)) - set(static.violations(records))
     for match, why in static.KNOWN:
+        if match.get("NEWER_PTXAS", NEWER_PTXAS) != NEWER_PTXAS:  # another Triton's exemption
+            continue
         hits = [r for r in records if "error" not in r and static.known(r) == why]
         assert hits, f"no record matches KNOWN {match}"
         assert any(line.startswith(f"{r['family']} {r['kernel']} {r['case']} ") for r in hits for line in flagged), \
