@@ -241,6 +241,12 @@ def _once_differentiable(op, name: str):
         backward=staticmethod(_no_double_backward(name)), generate_vmap_rule=True))
 
 
+def _grads_or_zeros(like: Tensor, *pairs) -> list:
+    """Each (gradient, shape) pair's gradient, zeros in like's dtype where autograd passed None (an output not
+    used; the layers' setup turns off zero-filled gradients so the large buffers they return get none)."""
+    return [g if g is not None else like.new_zeros(shape) for g, shape in pairs]
+
+
 def _setup_nothing(ctx, inputs, output):
     pass
 
@@ -378,6 +384,7 @@ def _lstm_setup(ctx, inputs, output):
     gx, h0, c0, w_hh, w_hr, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed, impl = inputs
     _, _, _, hs, cs, ms, gates, zo_keep = output
     ctx.mark_non_differentiable(hs, cs, ms, gates, zo_keep)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the buffers (_grads_or_zeros for the rest)
     ctx.save_for_backward(gx, w_hh, w_hr, lengths, hs, cs, ms, gates, zo_keep, rd_seed, zo_seed)
     ctx.args = (reverse, rd_p, zo_p, impl)
     ctx.saved = save
@@ -388,6 +395,8 @@ def _lstm_backward(ctx, dy, dh_n, dc_n, _hs, _cs, _ms, _gates, _zo_keep):
         raise RuntimeError("fusenn: lstm_layer_forward ran with save=False, so it cannot be differentiated")
     gx, w_hh, w_hr, lengths, hs, cs, ms, gates, zo_keep, rd_seed, zo_seed = ctx.saved_tensors
     reverse, rd_p, zo_p, impl = ctx.args
+    T, B, P, H = gx.shape[0], gx.shape[1], hs.shape[-1], cs.shape[-1]
+    dy, dh_n, dc_n = _grads_or_zeros(gx, (dy, (T, B, P)), (dh_n, (B, P)), (dc_n, (B, H)))
     needs = ctx.needs_input_grad
     dg, dh0, dc0, d_w_hh, d_w_hr = _LSTMBackward.apply(dy, dh_n, dc_n, gx, w_hh, w_hr, lengths, reverse, hs, cs, ms,
                                                        gates, zo_keep, rd_p, rd_seed, zo_p, zo_seed, needs[3],
@@ -477,6 +486,7 @@ def _(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, rd_p, rd_seed, zo_p, zo_se
 def _gru_setup(ctx, inputs, output):
     gx, h0, w_hh, b_hh, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed, impl = inputs
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(gx, w_hh, b_hh, lengths, output[2], rd_seed, zo_seed)
     ctx.args = (reverse, rd_p, zo_p, impl)
     ctx.saved = save
@@ -487,6 +497,8 @@ def _gru_backward(ctx, dy, dh_n, _hs):
         raise RuntimeError("fusenn: gru_layer_forward ran with save=False, so it cannot be differentiated")
     gx, w_hh, b_hh, lengths, hs, rd_seed, zo_seed = ctx.saved_tensors
     reverse, rd_p, zo_p, impl = ctx.args
+    T, B, H = gx.shape[0], gx.shape[1], hs.shape[-1]
+    dy, dh_n = _grads_or_zeros(gx, (dy, (T, B, H)), (dh_n, (B, H)))
     needs = ctx.needs_input_grad
     has_b = b_hh is not None and needs[3]
     dg, dh0, d_w_hh, d_b_hh = _GRUBackward.apply(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, rd_p, rd_seed, zo_p,
