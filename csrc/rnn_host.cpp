@@ -102,6 +102,88 @@ int64_t width(const AddRecurrent& a) { return a.W; }
 int64_t width(const GruCell& a) { return a.H; }
 int64_t width(const GruCellBackward& a) { return a.H; }
 
+// The LSTM cell's common rows on CPU (the row has step t, the transcendentals are precomputed, no projection):
+// the step function runs on a local copy with those facts, zoneout's mode and which pointers are null written
+// into it, so that the compiler folds its branches and vectorises the row (every other row runs it as it is).
+#if defined(__GNUC__) && !defined(__clang__)
+#define FUSENN_IVDEP _Pragma("GCC ivdep")  // a row's elements touch only their own index (as the kernel's threads)
+#else
+#define FUSENN_IVDEP
+#endif
+
+template <class P>
+void assume(P* p, bool nonnull, P*& field) {
+  if (!nonnull) field = nullptr;
+  else if (p == nullptr) __builtin_unreachable();
+}
+
+void assume_zoneout(Zoneout& z, int mode) {
+  z.mode = mode;
+  if (mode == 1 && z.keep == nullptr) __builtin_unreachable();
+}
+
+template <class T, int kZo, bool kOp, bool kScale>
+void fast_row(LstmCell a, int64_t b) {
+  a.s.lengths = nullptr, a.s.activated = true, a.m = nullptr, a.m_op = nullptr;
+  assume_zoneout(a.s.zo, kZo);
+  assume(a.op, kOp, a.op);
+  assume(a.s.rscale, kScale, a.s.rscale);
+  assume(a.tc, true, a.tc);
+  FUSENN_IVDEP
+  for (int64_t j = 0; j < a.H; ++j) run_at<T>(a, b, j);
+}
+
+template <class T, int kZo, bool kOp>
+void fast_row(LstmCellBackward a, int64_t b) {
+  a.s.lengths = nullptr, a.s.activated = true;
+  assume_zoneout(a.s.zo, kZo);
+  assume(a.dg_op, kOp, a.dg_op);
+  assume(a.tc, true, a.tc);
+  FUSENN_IVDEP
+  for (int64_t j = 0; j < a.H; ++j) run_at<T>(a, b, j);
+}
+
+// Zoneout's mode as fast_row takes it (0, 1 with its masks precomputed, 2), or -1.
+int fast_zoneout(const Zoneout& z) { return z.mode == 1 && z.keep == nullptr ? -1 : z.mode; }
+
+template <class T, int kZo>
+bool fast_lstm_cell(const LstmCell& a, int64_t b) {
+  if (a.op == nullptr) {
+    if (a.s.rscale != nullptr) return false;
+    fast_row<T, kZo, false, false>(a, b);
+  } else if (a.s.rscale != nullptr) {
+    fast_row<T, kZo, true, true>(a, b);
+  } else {
+    fast_row<T, kZo, true, false>(a, b);
+  }
+  return true;
+}
+
+template <class T, int kZo>
+bool fast_lstm_cell(const LstmCellBackward& a, int64_t b) {
+  if (a.dg_op != nullptr) fast_row<T, kZo, true>(a, b);
+  else fast_row<T, kZo, false>(a, b);
+  return true;
+}
+
+// Whether row b of the step ran here, vectorised (LSTM cells only; false: run it element by element).
+template <class T, class Cell>
+bool try_fast_row(const Cell& a, int64_t b) {
+  if constexpr (std::is_same_v<Cell, LstmCell> || std::is_same_v<Cell, LstmCellBackward>) {
+    if constexpr (std::is_same_v<Cell, LstmCell>) {
+      if (a.m != nullptr) return false;
+    }
+    if (!a.s.activated || a.tc == nullptr || !has_step(a.s, b)) return false;
+    switch (fast_zoneout(a.s.zo)) {
+      case 0: return fast_lstm_cell<T, 0>(a, b);
+      case 1: return fast_lstm_cell<T, 1>(a, b);
+      case 2: return fast_lstm_cell<T, 2>(a, b);
+      default: return false;
+    }
+  }
+  return false;
+}
+
 // run<T>(args, i) for i in [0, n = B * W): a kernel for CUDA tensors, loops over rows for CPU tensors.
 template <class StepArgs>
 void run_step(const StepArgs& args, int64_t n, const Tensor& like, int64_t stream) {
@@ -121,6 +203,7 @@ void run_step(const StepArgs& args, int64_t n, const Tensor& like, int64_t strea
     using T = std::remove_pointer_t<decltype(tag)>;
     at::parallel_for(0, n / W, std::max<int64_t>(1, 4096 / W), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
+        if (try_fast_row<T>(args, b)) continue;
         for (int64_t j = 0; j < W; ++j) run_at<T>(args, b, j);
       }
     });
