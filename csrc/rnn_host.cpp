@@ -111,10 +111,11 @@ int64_t width(const GruCellBackward& a) { return a.H; }
 #define FUSENN_IVDEP
 #endif
 
+// field is null (nonnull false: written so), or known not to be (the caller checked).
 template <class P>
-void assume(P* p, bool nonnull, P*& field) {
+void assume(P*& field, bool nonnull) {
   if (!nonnull) field = nullptr;
-  else if (p == nullptr) __builtin_unreachable();
+  else if (field == nullptr) __builtin_unreachable();
 }
 
 void assume_zoneout(Zoneout& z, int mode) {
@@ -126,9 +127,9 @@ template <class T, int kZo, bool kOp, bool kScale>
 void fast_row(LstmCell a, int64_t b) {
   a.s.lengths = nullptr, a.s.activated = true, a.m = nullptr, a.m_op = nullptr;
   assume_zoneout(a.s.zo, kZo);
-  assume(a.op, kOp, a.op);
-  assume(a.s.rscale, kScale, a.s.rscale);
-  assume(a.tc, true, a.tc);
+  assume(a.op, kOp);
+  assume(a.s.rscale, kScale);
+  assume(a.tc, true);
   FUSENN_IVDEP
   for (int64_t j = 0; j < a.H; ++j) run_at<T>(a, b, j);
 }
@@ -137,8 +138,8 @@ template <class T, int kZo, bool kOp>
 void fast_row(LstmCellBackward a, int64_t b) {
   a.s.lengths = nullptr, a.s.activated = true;
   assume_zoneout(a.s.zo, kZo);
-  assume(a.dg_op, kOp, a.dg_op);
-  assume(a.tc, true, a.tc);
+  assume(a.dg_op, kOp);
+  assume(a.tc, true);
   FUSENN_IVDEP
   for (int64_t j = 0; j < a.H; ++j) run_at<T>(a, b, j);
 }
