@@ -23,8 +23,10 @@
 //   Two barriers a step, two weight slices per CTA (Layouts).
 // TF32 (fp32 layers under torch.backends.cudnn.allow_tf32): W_hh's slice and each staged chunk are rounded
 // to TF32 once, as cvt.rna.tf32.f32 does (round_tf32), and mma.sync m16n8k8 products accumulate in fp32. Its
-// 8-column tiles pad a slice's rows (forward) or columns (backward) to a multiple of 8, not wmma's 16: so the
-// LSTM's backward slice at H = 1024 (8 columns over K = 4096 on 128 CTAs) fits a CTA's shared memory.
+// 8-row tiles pad a slice's rows (forward) or columns (backward) to a multiple of 8, not wmma's 16, and only in
+// registers (zero fragments), not in shared memory: so the slice takes what the exact layout's does but for
+// 3 floats a row (and K padded to 16), and the LSTM's backward slice at H = 1024 (8 columns over K = 4096 on 128
+// CTAs) fits a CTA's shared memory.
 // The includer declares to_float / from_float for its 16-bit types first, as for rnn.cuh.
 #pragma once
 #include <cstdint>
@@ -46,8 +48,9 @@ namespace persist {
 constexpr int kThreads = 256;  // 8 warps per CTA
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kTileB = 16;     // batch rows per MMA tile
-constexpr int64_t kChunk = 256;    // K columns of the activation operand staged at once, at least
-constexpr int64_t kWideChunk = 1024;  // and at most, where shared memory allows (fewer rounds per step)
+constexpr int64_t kChunk = 256;       // K columns of the activation operand staged at once, as a rule;
+constexpr int64_t kWideChunk = 1024;  // up to this where shared memory allows (fewer rounds per step),
+constexpr int64_t kMinChunk = 16;     // down to this (one K block) where the weight slice needs the room
 constexpr int64_t kMaxRows = 128;  // weight rows (forward) / columns (backward) one CTA's warps cover
 
 FUSENN_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -78,13 +81,14 @@ FUSENN_HD float round_tf32(float x) {
 }
 
 // One CTA's shared memory for out[b][n] = sum_k A[b][k] W[n][k] over N weight rows (padded to Np) and K:
-// the weight slice (Np x ldw), a staged activation chunk (kTileB x lda), and fp32 partial sums
-// (splits x kTileB x Np; splits > 1 when the MMA warps split K). mma: tensor-core tiles (always for 16-bit,
-// TF32 for fp32), else fp32 FMA. Each MMA warp's item is 16 of the Np columns: one wmma 16x16x16 tile for
-// 16-bit (Np a multiple of 16), two m16n8k8 products for TF32 (Np a multiple of 8; the second absent past Np).
-// Offsets in bytes, 128-byte aligned.
+// the weight slice (`rows` x ldw: Np rows for wmma, whose loads read whole tiles; N for FMA and for TF32,
+// whose fragments of the padding rows are zeros in registers), a staged activation chunk (kTileB x lda), and
+// fp32 partial sums (splits x kTileB x Np; splits > 1 when the MMA warps split K). mma: tensor-core tiles
+// (always for 16-bit, TF32 for fp32), else fp32 FMA. Each MMA warp's item is 16 of the Np columns: one wmma
+// 16x16x16 tile for 16-bit (Np a multiple of 16), two m16n8k8 products for TF32 (Np a multiple of 8; the
+// second absent past Np). Offsets in bytes, 128-byte aligned.
 struct Layout {
-  int64_t N, Np, K, Kp, ldw, chunk, lda, splits;
+  int64_t N, Np, rows, K, Kp, ldw, chunk, lda, splits;
   int64_t w_off, a_off, acc_off, bytes;
   bool mma;
 };
@@ -94,6 +98,7 @@ FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk, bool tf32
   l.mma = elem == 2 || tf32;
   l.N = N;
   l.Np = l.mma ? round_up(N, elem == 2 ? 16 : 8) : N;  // MMA tiles of 16 (TF32: 8) rows; FMA needs no padding
+  l.rows = elem == 2 ? l.Np : N;
   l.K = K;
   l.Kp = round_up(K, 16);
   // weights: MMA rows padded by 16 bytes (wmma needs ldm a multiple of 16 bytes; TF32's fragment loads hit 32
@@ -105,7 +110,7 @@ FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk, bool tf32
   const int64_t tiles = (l.Np + 15) / 16;  // the warps' 16-column items
   l.splits = (l.mma && tiles < kWarps) ? kWarps / tiles : 1;
   l.w_off = 0;
-  l.a_off = round_up(l.Np * l.ldw * elem, 128);
+  l.a_off = round_up(l.rows * l.ldw * elem, 128);
   l.acc_off = l.a_off + round_up(kTileB * l.lda * elem, 128);
   l.bytes = l.acc_off + l.splits * kTileB * l.Np * 4;
   return l;
@@ -133,7 +138,7 @@ FUSENN_HD Layouts layouts_for(int gates, bool backward, int elem, int64_t H, int
   }
   ls.a = backward ? layout(V, gates * H, elem, chunk, tf32) : layout(gates * U, P, elem, chunk, tf32);
   ls.b = backward ? layout(U, P, elem, chunk, tf32) : layout(V, H, elem, chunk, tf32);
-  const int64_t wa = round_up(ls.a.Np * ls.a.ldw * elem, 128), wb = round_up(ls.b.Np * ls.b.ldw * elem, 128);
+  const int64_t wa = round_up(ls.a.rows * ls.a.ldw * elem, 128), wb = round_up(ls.b.rows * ls.b.ldw * elem, 128);
   const int64_t lda = ls.a.lda > ls.b.lda ? ls.a.lda : ls.b.lda;
   const int64_t acc_a = ls.a.splits * kTileB * ls.a.Np, acc_b = ls.b.splits * kTileB * ls.b.Np;
   ls.a.w_off = 0;
@@ -176,7 +181,12 @@ inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P
   p.grid = (H + p.units - 1) / p.units;
   p.vrows = P > 0 ? (P + p.grid - 1) / p.grid : p.units;
   p.chunk = kChunk;
-  const Layouts ls = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32);
+  Layouts ls = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32);
+  // a narrower staged chunk (down to one 16-wide K block) where the slice leaves too little room for kChunk's
+  while (ls.a.bytes + static_smem > m.smem_block && p.chunk > kMinChunk) {
+    p.chunk /= 2;
+    ls = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32);
+  }
   p.smem = ls.a.bytes;
   const char* what = backward ? "backward" : "forward";
   const int64_t rows = ls.a.Np > ls.b.Np ? ls.a.N : ls.b.N;
@@ -336,7 +346,7 @@ FUSENN_HD Source source_of(const Args& a, bool backward, bool second, int64_t ct
 template <class T>
 FUSENN_HD void load_weights(const Source& s, T* w, const Layout& l, int tid, int nt) {
   const T* src = static_cast<const T*>(s.m);
-  for (int64_t idx = tid; idx < l.Np * l.Kp; idx += nt) {
+  for (int64_t idx = tid; idx < l.rows * l.Kp; idx += nt) {
     int64_t n, k;
     divmod(idx, l.Kp, &n, &k);
     T v = zero<T>();
@@ -424,7 +434,7 @@ struct Mma {
   static __device__ __forceinline__ void load_a(A& a, const T* p, int64_t ld) {
     nvcuda::wmma::load_matrix_sync(a, p, static_cast<unsigned>(ld));
   }
-  static __device__ __forceinline__ void load_b(B& b, const T* p, int64_t ld) {
+  static __device__ __forceinline__ void load_b(B& b, const T* p, int64_t ld, int64_t) {  // all 16 rows stored
     nvcuda::wmma::load_matrix_sync(b, p, static_cast<unsigned>(ld));
   }
   static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) { nvcuda::wmma::mma_sync(c, a, b, c); }
@@ -465,13 +475,15 @@ struct Mma<float> {
       a.r[h][3] = __float_as_uint(r1[8 * h + 4]);
     }
   }
-  // p: weight row n0, K column k0 of w (rows ld apart): B[k][n] = p[n ld + k]
-  static __device__ __forceinline__ void load_b(B& b, const float* p, int64_t ld) {
-    const float* r = p + (lane() >> 2) * static_cast<int>(ld) + (lane() & 3);
+  // p: weight row n0, K column k0 of w (rows ld apart): B[k][n] = p[n ld + k] for the `stored` rows n, zero past
+  static __device__ __forceinline__ void load_b(B& b, const float* p, int64_t ld, int64_t stored) {
+    const int n = lane() >> 2;
+    const bool here = n < stored;
+    const float* r = p + (here ? n : 0) * static_cast<int>(ld) + (lane() & 3);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      b.r[h][0] = __float_as_uint(r[8 * h]);
-      b.r[h][1] = __float_as_uint(r[8 * h + 4]);
+      b.r[h][0] = here ? __float_as_uint(r[8 * h]) : 0u;
+      b.r[h][1] = here ? __float_as_uint(r[8 * h + 4]) : 0u;
     }
   }
   static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) {
@@ -515,8 +527,10 @@ struct HostMma {
   static void load_a(A& a, const T* p, int64_t ld) {
     for (int r = 0; r < 16; ++r) for (int k = 0; k < 16; ++k) a.v[r][k] = to_float(p[r * ld + k]);
   }
-  static void load_b(B& b, const T* p, int64_t ld) {
-    for (int n = 0; n < N; ++n) for (int k = 0; k < 16; ++k) b.v[k][n] = to_float(p[n * ld + k]);
+  static void load_b(B& b, const T* p, int64_t ld, int64_t stored) {  // rows past `stored` are not read: zero
+    for (int n = 0; n < N; ++n) {
+      for (int k = 0; k < 16; ++k) b.v[k][n] = n < stored ? to_float(p[n * ld + k]) : 0.0f;
+    }
   }
   static void mma(C& c, const A& a, const B& b) {
     for (int r = 0; r < 16; ++r) {
@@ -569,7 +583,8 @@ FUSENN_HD void tile_product_mma(const T* A, int64_t rows, int64_t b0, const T* w
         for (int h = 0; h < kParts; ++h) {
           if (h >= parts) break;
           typename M::B fb;
-          M::load_b(fb, w + (nt16 * 16 + h * M::kN) * l.ldw + c0 + kk, l.ldw);
+          const int64_t n0 = nt16 * 16 + h * M::kN;
+          M::load_b(fb, w + n0 * l.ldw + c0 + kk, l.ldw, l.rows - n0);
           M::mma(c[kWarpSlots == 1 ? 0 : slot][h], fa, fb);
         }
       }

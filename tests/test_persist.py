@@ -434,6 +434,7 @@ TF32_LAYER_CASES = [
     _layer_case(2, 3, 300),  # backward stages K = 4H = 1200 (GRU 900) in chunks, TF32 both ways
     _layer_case(1, 1, 1000),  # 8 units per CTA: backward's 8 columns in one m16n8k8 tile, K split over 8 warps
     _layer_case(2, 3, 1024, reverse=True),  # LSTM backward: 8 x 4100 floats a CTA, where 16 x 4100 do not fit
+    _layer_case(1, 3, 1136),  # LSTM: 12 units per CTA, 48 rows / 12 columns stored unpadded, h staged 64 at a time
 ]
 
 
@@ -540,29 +541,31 @@ def test_persist_tf32_follows_torchs_rnn_precision_flag(persistent, monkeypatch)
 
 def _tf32_smem(N, K, grid):
     """Dynamic shared memory of a CTA's TF32 layout (csrc/rnn_persist.cuh's Layout) for N weight rows over K:
-    rows padded to 8 (mma.sync m16n8k8's tile), K to 16; the slice Np x (Kp + 4) floats, the staged chunk 16 x
-    (chunk + 4), the warps' partial sums splits x 16 x Np, each 128-byte aligned; the widest chunk (1024, 512,
-    else 256) with which `grid` CTAs stay co-resident on an H200 (registers and static shared memory unknown)."""
+    the products' rows padded to Np (8-row mma.sync m16n8k8 tiles), K to 16; the slice N x (Kp + 4) floats (the
+    padding rows' fragments are zeros, not shared memory), the staged chunk 16 x (chunk + 4), the warps' partial
+    sums splits x 16 x Np, each 128-byte aligned; the widest chunk (1024, 512, else 256, or narrower down to 16
+    where the slice needs the room) with which `grid` CTAs stay co-resident on an H200 (registers and static
+    shared memory unknown)."""
     up = lambda x, m: -(-x // m) * m  # noqa: E731
     Np, Kp = up(N, 8), up(K, 16)
     tiles = up(Np, 16) // 16  # the warps' 16-column items
     splits = 8 // tiles if tiles < 8 else 1
-    for chunk in (1024, 512, 256):
-        smem = up(Np * (Kp + 4) * 4, 128) + up(16 * (min(Kp, chunk) + 4) * 4, 128) + splits * 16 * Np * 4
+    for chunk in (1024, 512, 256, 128, 64, 32, 16):
+        smem = up(N * (Kp + 4) * 4, 128) + up(16 * (min(Kp, chunk) + 4) * 4, 128) + splits * 16 * Np * 4
         per_sm = min(8, H200[2] // (smem + 1024))
-        if chunk == 256 or (smem <= H200[1] and per_sm * H200[0] >= grid):
+        if (chunk == 256 and smem <= H200[1]) or chunk == 16 or (smem <= H200[1] and per_sm * H200[0] >= grid):
             return smem
 
 
 def test_persist_tf32_plan_pads_the_slice_to_8_rows_and_keeps_exact_fma_where_that_does_not_fit(twin):
     """The plan accounts for TF32's layout exactly (gate rows / columns padded to mma.sync m16n8k8's 8-row
-    tiles, rows 16 bytes apart) and takes TF32 wherever that launches, else the exact layout; 16-bit layers
-    ignore the flag."""
+    tiles in the products, not in shared memory; rows 16 bytes apart) and takes TF32 wherever that launches,
+    else the exact layout; 16-bit layers ignore the flag."""
     def plan(gates, backward, elem, H, grid=0, tf32=True):
         return twin.persist_plan(gates, backward, elem, H, grid, H200, 0, 0, tf32)
 
-    # LSTM backward at H = 1024 on 128 CTAs: 8 columns over K = 4096 fit in 8-row tiles (8 x 4100 floats, with a
-    # 1024-wide staged chunk: 201088 bytes), where 16-row tiles (16 x 4100 floats) would exceed a CTA's 227 KiB
+    # LSTM backward at H = 1024 on 128 CTAs: 8 columns over K = 4096 fit in an 8-row tile (8 x 4100 floats, with a
+    # 1024-wide staged chunk: 201088 bytes), where a 16-row one (16 x 4100 floats) would exceed a CTA's 227 KiB
     grid, units, smem, per_sm, why, took = plan(4, True, 4, 1024)
     assert (grid, units, why, took) == (128, 8, "", True) and smem == _tf32_smem(8, 4096, 128) == 201088
     assert 16 * 4100 * 4 > H200[1] and per_sm * H200[0] >= grid
@@ -577,8 +580,14 @@ def test_persist_tf32_plan_pads_the_slice_to_8_rows_and_keeps_exact_fma_where_th
         N, K = (units, gates * H) if backward else (gates * units, H)
         assert why == "" and took, (gates, backward, H, why)
         assert smem == _tf32_smem(N, K, g), (gates, backward, H, smem, _tf32_smem(N, K, g))
-    # one unit per CTA (backward: 1 column over K = 132, padded to 144) takes one 8-row tile, not 16, K split 8
-    assert plan(4, True, 4, 33, grid=33)[2] == 8 * 148 * 4 + 16 * 148 * 4 + 8 * 16 * 8 * 4
+    # one unit per CTA (backward: 1 column over K = 132, padded to 144): one row in shared memory, one 8-row
+    # tile in the products, K split 8 ways
+    assert plan(4, True, 4, 33, grid=33)[2] == 640 + 16 * 148 * 4 + 8 * 16 * 8 * 4
+    # GRU backward at H = 1200 (12 columns on 100 CTAs): 12 rows of 3604 floats fit; 16 would not, even staging
+    # 16 columns at a time
+    g, units, smem, _, why, took = plan(3, True, 4, 1200)
+    assert (g, units, why, took) == (100, 12, "", True) and smem == _tf32_smem(12, 3600, 100)
+    assert 16 * 3604 * 4 + 16 * 20 * 4 + 8 * 16 * 16 * 4 > H200[1] - 128 >= smem
     # 65 units per CTA: 260 gate rows, past the 128 the MMA warps cover: exact FMA
     assert not plan(4, False, 4, 129, grid=2)[5] and plan(4, False, 4, 129, grid=2)[4] == ""
     assert not plan(4, False, 2, 512)[5]
@@ -760,9 +769,10 @@ def _ptxas_report():
 
 # (kind, dtype bytes, H) that must launch on an H200, forward and backward; every fp32 one must take TF32 where
 # allowed (backward's columns padded to an 8-row m16n8k8 tile over K = gates x H fit, the LSTM's at H = 1024 too)
-MUST_FIT = [(4, 2, 512), (4, 2, 1024), (3, 2, 1024), (4, 2, 1500), (4, 4, 512), (4, 4, 1024), (3, 4, 1024)]
-TF32_FITS = {"forward": [(4, 4, 512), (4, 4, 1024), (3, 4, 1024)],
-             "backward": [(4, 4, 512), (4, 4, 1024), (3, 4, 1024)]}
+MUST_FIT = [(4, 2, 512), (4, 2, 1024), (3, 2, 1024), (4, 2, 1500), (4, 4, 512), (4, 4, 1024), (3, 4, 1024),
+            (4, 4, 1136), (3, 4, 1200)]
+TF32_FITS = {"forward": [(4, 4, 512), (4, 4, 1024), (3, 4, 1024), (4, 4, 1136), (3, 4, 1200)],
+             "backward": [(4, 4, 512), (4, 4, 1024), (3, 4, 1024), (4, 4, 1136), (3, 4, 1200)]}
 # (dtype bytes, H, proj_size) of LSTMs with a projection that must launch, forward and backward
 PROJ_MUST_FIT = [(2, 1024, 512), (2, 1536, 512), (4, 1024, 512), (4, 1024, 256)]
 
