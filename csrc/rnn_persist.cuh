@@ -230,8 +230,13 @@ inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P
 }
 
 // plan_layout's grid; tf32 (fp32 layers only) allows TF32 tensor cores, which the plan takes where their
-// layout (gate rows / columns padded to 8-row tiles) can launch, else exact FMA as without it: allowed, not required,
-// like torch's flag for cuDNN.
+// layout (gate rows / columns padded to 8-row tiles in the products) can launch, else exact FMA as without it:
+// allowed, not required, like torch's flag for cuDNN. TF32's slice needs a little more than the exact one's
+// (rows 3 floats longer, for conflict-free fragment loads; the warps' K-split partial sums, splits x 16 x Np
+// floats instead of 16 x N), so just below the exact layout's own limit it still falls to exact FMA: on an
+// H200, fp32 LSTM forward at H 1153-1184 and backward at 1157-1196, GRU forward 1553-1584 and backward
+// 1542-1584 (a few proj_size cases near their limits too). Fewer K splits where shared memory is short (a
+// Plan field the kernels' Layouts would take) would close most of that gap; not done.
 inline Plan plan(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
                  int64_t static_smem, int64_t grid_req, bool tf32) {
   if (elem == 4 && tf32) {

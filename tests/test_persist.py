@@ -590,6 +590,11 @@ def test_persist_tf32_plan_pads_the_slice_to_8_rows_and_keeps_exact_fma_where_th
     assert 16 * 3604 * 4 + 16 * 20 * 4 + 8 * 16 * 16 * 4 > H200[1] - 128 >= smem
     # 65 units per CTA: 260 gate rows, past the 128 the MMA warps cover: exact FMA
     assert not plan(4, False, 4, 129, grid=2)[5] and plan(4, False, 4, 129, grid=2)[4] == ""
+    # just below the exact layout's limit (the kernels' 128 bytes of static shared memory) TF32's does not fit
+    # (csrc/rnn_persist.cuh's plan names the ranges): exact FMA
+    for gates, H in [(4, 1160), (3, 1560)]:
+        grid, units, smem, _, why, took = twin.persist_plan(gates, True, 4, H, 0, H200, 0, 128, True)
+        assert why == "" and not took and smem + 128 <= H200[1]
     assert not plan(4, False, 2, 512)[5]
 
 
