@@ -50,7 +50,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kTileB = 16;     // batch rows per MMA tile
 constexpr int64_t kChunk = 256;       // K columns of the activation operand staged at once, as a rule;
 constexpr int64_t kWideChunk = 1024;  // up to this where shared memory allows (fewer rounds per step),
-constexpr int64_t kMinChunk = 16;     // down to this (one K block) where the weight slice needs the room
+constexpr int64_t kMinChunk = 64;     // down to this where the weight slice needs the room (staging rounds are
+                                      // latency, so not below: K / 64 rounds a step)
 constexpr int64_t kMaxRows = 128;  // weight rows (forward) / columns (backward) one CTA's warps cover
 
 FUSENN_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -182,7 +183,7 @@ inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P
   p.vrows = P > 0 ? (P + p.grid - 1) / p.grid : p.units;
   p.chunk = kChunk;
   Layouts ls = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32);
-  // a narrower staged chunk (down to one 16-wide K block) where the slice leaves too little room for kChunk's
+  // a narrower staged chunk (down to kMinChunk) where the slice leaves too little room for kChunk's
   while (ls.a.bytes + static_smem > m.smem_block && p.chunk > kMinChunk) {
     p.chunk /= 2;
     ls = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32);
@@ -234,8 +235,8 @@ inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P
 // allowed, not required, like torch's flag for cuDNN. TF32's slice needs a little more than the exact one's
 // (rows 3 floats longer, for conflict-free fragment loads; the warps' K-split partial sums, splits x 16 x Np
 // floats instead of 16 x N), so just below the exact layout's own limit it still falls to exact FMA: on an
-// H200, fp32 LSTM forward at H 1153-1184 and backward at 1157-1196, GRU forward 1553-1584 and backward
-// 1542-1584 (a few proj_size cases near their limits too). Fewer K splits where shared memory is short (a
+// H200, fp32 LSTM forward at H 1137-1168 and backward at 1141-1180, GRU forward 1537-1552 and backward
+// 1521-1573 (a few proj_size cases near their limits too). Fewer K splits where shared memory is short (a
 // Plan field the kernels' Layouts would take) would close most of that gap; not done.
 inline Plan plan(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
                  int64_t static_smem, int64_t grid_req, bool tf32) {

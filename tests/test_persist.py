@@ -543,17 +543,17 @@ def _tf32_smem(N, K, grid):
     """Dynamic shared memory of a CTA's TF32 layout (csrc/rnn_persist.cuh's Layout) for N weight rows over K:
     the products' rows padded to Np (8-row mma.sync m16n8k8 tiles), K to 16; the slice N x (Kp + 4) floats (the
     padding rows' fragments are zeros, not shared memory), the staged chunk 16 x (chunk + 4), the warps' partial
-    sums splits x 16 x Np, each 128-byte aligned; the widest chunk (1024, 512, else 256, or narrower down to 16
+    sums splits x 16 x Np, each 128-byte aligned; the widest chunk (1024, 512, else 256, or narrower down to 64
     where the slice needs the room) with which `grid` CTAs stay co-resident on an H200 (registers and static
     shared memory unknown)."""
     up = lambda x, m: -(-x // m) * m  # noqa: E731
     Np, Kp = up(N, 8), up(K, 16)
     tiles = up(Np, 16) // 16  # the warps' 16-column items
     splits = 8 // tiles if tiles < 8 else 1
-    for chunk in (1024, 512, 256, 128, 64, 32, 16):
+    for chunk in (1024, 512, 256, 128, 64):
         smem = up(N * (Kp + 4) * 4, 128) + up(16 * (min(Kp, chunk) + 4) * 4, 128) + splits * 16 * Np * 4
         per_sm = min(8, H200[2] // (smem + 1024))
-        if (chunk == 256 and smem <= H200[1]) or chunk == 16 or (smem <= H200[1] and per_sm * H200[0] >= grid):
+        if (chunk == 256 and smem <= H200[1]) or chunk == 64 or (smem <= H200[1] and per_sm * H200[0] >= grid):
             return smem
 
 
@@ -584,10 +584,15 @@ def test_persist_tf32_plan_pads_the_slice_to_8_rows_and_keeps_exact_fma_where_th
     # tile in the products, K split 8 ways
     assert plan(4, True, 4, 33, grid=33)[2] == 640 + 16 * 148 * 4 + 8 * 16 * 8 * 4
     # GRU backward at H = 1200 (12 columns on 100 CTAs): 12 rows of 3604 floats fit; 16 would not, even staging
-    # 16 columns at a time
+    # 64 columns at a time
     g, units, smem, _, why, took = plan(3, True, 4, 1200)
     assert (g, units, why, took) == (100, 12, "", True) and smem == _tf32_smem(12, 3600, 100)
-    assert 16 * 3604 * 4 + 16 * 20 * 4 + 8 * 16 * 16 * 4 > H200[1] - 128 >= smem
+    assert 16 * 3604 * 4 + 16 * 68 * 4 + 8 * 16 * 16 * 4 > H200[1] - 128 >= smem
+    # LSTM at H = 1136 (12 units on 95 CTAs) stages 64 columns at a time both ways
+    for backward, N, K in [(False, 48, 1136), (True, 12, 4544)]:
+        g, units, smem, _, why, took = plan(4, backward, 4, 1136)
+        assert (g, units, why, took) == (95, 12, "", True) and smem == _tf32_smem(N, K, 95)
+        assert smem - 16 * 68 * 4 + 16 * 132 * 4 > H200[1]  # a 128-wide chunk would not fit
     # 65 units per CTA: 260 gate rows, past the 128 the MMA warps cover: exact FMA
     assert not plan(4, False, 4, 129, grid=2)[5] and plan(4, False, 4, 129, grid=2)[4] == ""
     # just below the exact layout's limit (the kernels' 128 bytes of static shared memory) TF32's does not fit
