@@ -237,7 +237,9 @@ inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P
 // floats instead of 16 x N), so just below the exact layout's own limit it still falls to exact FMA: on an
 // H200, fp32 LSTM forward at H 1137-1168 and backward at 1141-1180, GRU forward 1537-1552 and backward
 // 1521-1573 (a few proj_size cases near their limits too). Fewer K splits where shared memory is short (a
-// Plan field the kernels' Layouts would take) would close most of that gap; not done.
+// Plan field the kernels' Layouts would take) would close most of that gap, but leave most warps idle in the
+// products (one of 8 busy at 12 columns with no split), perhaps slower than the FMA it replaces: not done
+// before GPU timings say which wins.
 inline Plan plan(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
                  int64_t static_smem, int64_t grid_req, bool tf32) {
   if (elem == 4 && tf32) {
