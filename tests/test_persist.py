@@ -863,24 +863,28 @@ def test_persist_gpu_matches_reference_with_gradients(on_gpu, kind, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_persist_gpu_small(on_gpu, kind, dtype):
+@pytest.mark.parametrize("dtype", ["fp32", "tf32", "bf16"])
+def test_persist_gpu_small(on_gpu, monkeypatch, kind, dtype):
     """Small shapes with everything on (lengths, reverse, both regularisers): what benchmarks/device_run.sh
-    also runs under compute-sanitizer's memcheck, racecheck and synccheck."""
+    also runs under compute-sanitizer's memcheck, racecheck and synccheck ("tf32": fp32 under allow_tf32, the
+    mma.sync path with its unpadded slices)."""
     torch.manual_seed(5)
     T, B, H = 3, 3, 33
     kw = dict(lengths=torch.tensor([3, 1, 2]), reverse=True, recurrent_dropout=(0.3, 3), zoneout=(0.2, 4))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dtype == "tf32")
+    check = _check_layer_tf32 if dtype == "tf32" else _check_layer
+    dt = torch.float32 if dtype == "tf32" else DTYPES[dtype]
     if kind == "lstm":
-        inputs = _lstm_inputs(T, B, H, None, DTYPES[dtype], on_gpu)
+        inputs = _lstm_inputs(T, B, H, None, dt, on_gpu)
         upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu),
                     torch.randn(B, H, device=on_gpu)]
-        _check_layer(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs,
-                     upstream, ("gx", "h0", "c0", "w_hh", "w_hr"))
+        check(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs,
+              upstream, ("gx", "h0", "c0", "w_hh", "w_hr"))
     else:
-        inputs = _gru_inputs(T, B, H, True, DTYPES[dtype], on_gpu)
+        inputs = _gru_inputs(T, B, H, True, dt, on_gpu)
         upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu)]
-        _check_layer(lambda *a: ops.gru_layer(*a, **kw), lambda *a: reference.gru_layer(*a, **kw), inputs,
-                     upstream, ("gx", "h0", "w_hh", "b_hh"))
+        check(lambda *a: ops.gru_layer(*a, **kw), lambda *a: reference.gru_layer(*a, **kw), inputs,
+              upstream, ("gx", "h0", "w_hh", "b_hh"))
 
 
 @pytest.mark.gpu
