@@ -686,8 +686,8 @@ void emulate_grid(const persist::Args& a, bool backward) {
                   a.tf32);
   const Layout &l = ls.a, &l2 = ls.b;
   // each CTA's shared-memory slices; one staging buffer and one set of partial sums, sized for both
-  std::vector<std::vector<T>> w(a.grid, std::vector<T>(l.Np * l.ldw));
-  std::vector<std::vector<T>> w2(a.grid, std::vector<T>(a.proj ? l2.Np * l2.ldw : 0));
+  std::vector<std::vector<T>> w(a.grid, std::vector<T>(l.rows * l.ldw));
+  std::vector<std::vector<T>> w2(a.grid, std::vector<T>(a.proj ? l2.rows * l2.ldw : 0));
   std::vector<T> st(kTileB * std::max(l.lda, l2.lda));
   std::vector<float> acc(std::max(l.splits * l.Np, l2.splits * l2.Np) * kTileB);
   for (int64_t c = 0; c < a.grid; ++c) {

@@ -6,8 +6,8 @@
 // Partition: with U units per CTA, CTA c owns hidden units J_c = [c U, min((c + 1) U, H)).
 // - Forward keeps the gate rows of J_c (gates x U rows of W_hh, row q U + u = W_hh row q H + c U + u). Per
 //   step and 16-row batch tile: stage h_{t-1} (the previous step's operand, T, B x H) in shared memory in
-//   K-chunks, gate products with fp32 accumulation (wmma tensor cores for fp16/bf16; for fp32 TF32 wmma
-//   where the launch allows TF32 and its padded slice fits, else exact fp32 FMA), then csrc/rnn.cuh's
+//   K-chunks, gate products with fp32 accumulation (wmma tensor cores for fp16/bf16; for fp32 TF32 mma.sync
+//   m16n8k8 where the launch allows TF32 and its padded slice fits, else exact fp32 FMA), then csrc/rnn.cuh's
 //   LstmCell / GruCell for each (b, j in J_c): gates, cell, zoneout, lengths, outputs and the next step's
 //   operand (times recurrent dropout's r/(1-p), rounded to T). One grid barrier per step publishes the operand;
 //   two operand buffers alternate.
@@ -22,7 +22,11 @@
 //   LstmDh for Q_c (dhz published); a barrier; dm_t[:, J_c] = dhz W_hr[:, J_c], the cells for J_c; a barrier.
 //   Two barriers a step, two weight slices per CTA (Layouts).
 // TF32 (fp32 layers under torch.backends.cudnn.allow_tf32): W_hh's slice and each staged chunk are rounded
-// to TF32 once, as cvt.rna.tf32.f32 does (round_tf32), and the m16n16k8 products accumulate in fp32.
+// to TF32 once, as cvt.rna.tf32.f32 does (round_tf32), and mma.sync m16n8k8 products accumulate in fp32. Its
+// 8-row tiles pad a slice's rows (forward) or columns (backward) to a multiple of 8, not wmma's 16, and only in
+// registers (zero fragments), not in shared memory: so the slice takes what the exact layout's does but for
+// 3 floats a row (and K padded to 16), and the LSTM's backward slice at H = 1024 (8 columns over K = 4096 on 128
+// CTAs) fits a CTA's shared memory.
 // The includer declares to_float / from_float for its 16-bit types first, as for rnn.cuh.
 #pragma once
 #include <cstdint>
@@ -44,8 +48,10 @@ namespace persist {
 constexpr int kThreads = 256;  // 8 warps per CTA
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kTileB = 16;     // batch rows per MMA tile
-constexpr int64_t kChunk = 256;    // K columns of the activation operand staged at once, at least
-constexpr int64_t kWideChunk = 1024;  // and at most, where shared memory allows (fewer rounds per step)
+constexpr int64_t kChunk = 256;       // K columns of the activation operand staged at once, as a rule;
+constexpr int64_t kWideChunk = 1024;  // up to this where shared memory allows (fewer rounds per step),
+constexpr int64_t kMinChunk = 64;     // down to this where the weight slice needs the room (staging rounds are
+                                      // latency, so not below: K / 64 rounds a step)
 constexpr int64_t kMaxRows = 128;  // weight rows (forward) / columns (backward) one CTA's warps cover
 
 FUSENN_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -76,11 +82,14 @@ FUSENN_HD float round_tf32(float x) {
 }
 
 // One CTA's shared memory for out[b][n] = sum_k A[b][k] W[n][k] over N weight rows (padded to Np) and K:
-// the weight slice (Np x ldw), a staged activation chunk (kTileB x lda), and fp32 partial sums
-// (splits x kTileB x Np; splits > 1 when the MMA warps split K). mma: tensor-core tiles (always for 16-bit,
-// TF32 for fp32), else fp32 FMA. Offsets in bytes, 128-byte aligned.
+// the weight slice (`rows` x ldw: Np rows for wmma, whose loads read whole tiles; N for FMA and for TF32,
+// whose fragments of the padding rows are zeros in registers), a staged activation chunk (kTileB x lda), and
+// fp32 partial sums (splits x kTileB x Np; splits > 1 when the MMA warps split K). mma: tensor-core tiles
+// (always for 16-bit, TF32 for fp32), else fp32 FMA. Each MMA warp's item is 16 of the Np columns: one wmma
+// 16x16x16 tile for 16-bit (Np a multiple of 16), two m16n8k8 products for TF32 (Np a multiple of 8; the
+// second absent past Np). Offsets in bytes, 128-byte aligned.
 struct Layout {
-  int64_t N, Np, K, Kp, ldw, chunk, lda, splits;
+  int64_t N, Np, rows, K, Kp, ldw, chunk, lda, splits;
   int64_t w_off, a_off, acc_off, bytes;
   bool mma;
 };
@@ -89,19 +98,20 @@ FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk, bool tf32
   Layout l{};
   l.mma = elem == 2 || tf32;
   l.N = N;
-  l.Np = l.mma ? round_up(N, 16) : N;  // MMA tiles of 16 weight rows; the FMA path needs no padding
+  l.Np = l.mma ? round_up(N, elem == 2 ? 16 : 8) : N;  // MMA tiles of 16 (TF32: 8) rows; FMA needs no padding
+  l.rows = elem == 2 ? l.Np : N;
   l.K = K;
   l.Kp = round_up(K, 16);
-  // weights: MMA rows padded by 16 bytes (wmma needs ldm a multiple of 16 bytes), FMA rows by 1 float (an odd
-  // stride: no bank conflicts); the staged chunk's rows stay 16-byte aligned for vector stores (and 4 floats
-  // apart in banks for fp32)
+  // weights: MMA rows padded by 16 bytes (wmma needs ldm a multiple of 16 bytes; TF32's fragment loads hit 32
+  // distinct banks with rows 4 floats apart), FMA rows by 1 float (an odd stride: no bank conflicts); the
+  // staged chunk's rows stay 16-byte aligned for vector stores (and 4 floats apart in banks for fp32)
   l.ldw = l.Kp + (elem == 2 ? 8 : l.mma ? 4 : 1);
   l.chunk = min64(l.Kp, chunk);  // a multiple of 16
   l.lda = l.chunk + (elem == 2 ? 8 : 4);
-  const int64_t tiles = l.Np / 16;
+  const int64_t tiles = (l.Np + 15) / 16;  // the warps' 16-column items
   l.splits = (l.mma && tiles < kWarps) ? kWarps / tiles : 1;
   l.w_off = 0;
-  l.a_off = round_up(l.Np * l.ldw * elem, 128);
+  l.a_off = round_up(l.rows * l.ldw * elem, 128);
   l.acc_off = l.a_off + round_up(kTileB * l.lda * elem, 128);
   l.bytes = l.acc_off + l.splits * kTileB * l.Np * 4;
   return l;
@@ -129,7 +139,7 @@ FUSENN_HD Layouts layouts_for(int gates, bool backward, int elem, int64_t H, int
   }
   ls.a = backward ? layout(V, gates * H, elem, chunk, tf32) : layout(gates * U, P, elem, chunk, tf32);
   ls.b = backward ? layout(U, P, elem, chunk, tf32) : layout(V, H, elem, chunk, tf32);
-  const int64_t wa = round_up(ls.a.Np * ls.a.ldw * elem, 128), wb = round_up(ls.b.Np * ls.b.ldw * elem, 128);
+  const int64_t wa = round_up(ls.a.rows * ls.a.ldw * elem, 128), wb = round_up(ls.b.rows * ls.b.ldw * elem, 128);
   const int64_t lda = ls.a.lda > ls.b.lda ? ls.a.lda : ls.b.lda;
   const int64_t acc_a = ls.a.splits * kTileB * ls.a.Np, acc_b = ls.b.splits * kTileB * ls.b.Np;
   ls.a.w_off = 0;
@@ -172,7 +182,12 @@ inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P
   p.grid = (H + p.units - 1) / p.units;
   p.vrows = P > 0 ? (P + p.grid - 1) / p.grid : p.units;
   p.chunk = kChunk;
-  const Layouts ls = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32);
+  Layouts ls = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32);
+  // a narrower staged chunk (down to kMinChunk) where the slice leaves too little room for kChunk's
+  while (ls.a.bytes + static_smem > m.smem_block && p.chunk > kMinChunk) {
+    p.chunk /= 2;
+    ls = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32);
+  }
   p.smem = ls.a.bytes;
   const char* what = backward ? "backward" : "forward";
   const int64_t rows = ls.a.Np > ls.b.Np ? ls.a.N : ls.b.N;
@@ -216,8 +231,15 @@ inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P
 }
 
 // plan_layout's grid; tf32 (fp32 layers only) allows TF32 tensor cores, which the plan takes where their
-// layout (gate rows padded to 16-row tiles) can launch, else exact FMA as without it: allowed, not required,
-// like torch's flag for cuDNN.
+// layout (gate rows / columns padded to 8-row tiles in the products) can launch, else exact FMA as without it:
+// allowed, not required, like torch's flag for cuDNN. TF32's slice needs a little more than the exact one's
+// (rows 3 floats longer, for conflict-free fragment loads; the warps' K-split partial sums, splits x 16 x Np
+// floats instead of 16 x N), so just below the exact layout's own limit it still falls to exact FMA: on an
+// H200, fp32 LSTM forward at H 1137-1168 and backward at 1141-1180, GRU forward 1537-1552 and backward
+// 1521-1573 (a few proj_size cases near their limits too). Fewer K splits where shared memory is short (a
+// Plan field the kernels' Layouts would take) would close most of that gap, but leave most warps idle in the
+// products (one of 8 busy at 12 columns with no split), perhaps slower than the FMA it replaces: not done
+// before GPU timings say which wins.
 inline Plan plan(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
                  int64_t static_smem, int64_t grid_req, bool tf32) {
   if (elem == 4 && tf32) {
@@ -332,7 +354,7 @@ FUSENN_HD Source source_of(const Args& a, bool backward, bool second, int64_t ct
 template <class T>
 FUSENN_HD void load_weights(const Source& s, T* w, const Layout& l, int tid, int nt) {
   const T* src = static_cast<const T*>(s.m);
-  for (int64_t idx = tid; idx < l.Np * l.Kp; idx += nt) {
+  for (int64_t idx = tid; idx < l.rows * l.Kp; idx += nt) {
     int64_t n, k;
     divmod(idx, l.Kp, &n, &k);
     T v = zero<T>();
@@ -405,12 +427,14 @@ FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, c
   }
 }
 
-// Tensor-core fragments of 16 x 16 x 16 tiles (A row-major, B column-major, fp32 accumulator): wmma's on the
-// GPU; on the host plain arrays with fp32 FMA accumulation, so the grid's emulation runs the MMA path's
-// tiling, K-split and reduction on the same fp16/bf16 (or TF32-rounded fp32) operands.
+// Tensor-core fragments for a 16-row batch tile times a 16-wide K block of kN weight rows (A row-major, B
+// column-major, fp32 accumulator): wmma 16x16x16 for 16-bit, mma.sync m16n8k8 for TF32 on the GPU; on the host
+// plain arrays with fp32 FMA accumulation, so the grid's emulation runs the MMA path's tiling, K-split and
+// reduction on the same fp16/bf16 (or TF32-rounded fp32) operands.
 #if defined(__CUDA_ARCH__)
 template <class T>
 struct Mma {
+  static constexpr int kN = 16;  // weight rows (columns of the product) per MMA
   using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
   using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
   using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
@@ -418,7 +442,7 @@ struct Mma {
   static __device__ __forceinline__ void load_a(A& a, const T* p, int64_t ld) {
     nvcuda::wmma::load_matrix_sync(a, p, static_cast<unsigned>(ld));
   }
-  static __device__ __forceinline__ void load_b(B& b, const T* p, int64_t ld) {
+  static __device__ __forceinline__ void load_b(B& b, const T* p, int64_t ld, int64_t) {  // all 16 rows stored
     nvcuda::wmma::load_matrix_sync(b, p, static_cast<unsigned>(ld));
   }
   static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) { nvcuda::wmma::mma_sync(c, a, b, c); }
@@ -426,50 +450,84 @@ struct Mma {
     nvcuda::wmma::store_matrix_sync(p, c, static_cast<unsigned>(ld), nvcuda::wmma::mem_row_major);
   }
 };
-// fp32 on TF32 tensor cores: a 16-wide K block is two m16n16k8 products. The operands in shared memory are
-// TF32 already (stage, load_weights), so the fragments need no conversion.
+// fp32 on TF32 tensor cores: mma.sync m16n8k8 (TF32 operands, fp32 accumulation) in PTX, so a product covers
+// 8 weight rows (kN) and a 16-wide K block is two of them. The operands in shared memory are TF32 already
+// (stage, load_weights), so the fragments take their bits as they are. Lane l = 4 g + i holds A (16 x 8, row
+// major) at (g, i), (g + 8, i), (g, i + 4), (g + 8, i + 4); B (8 x 8, K by column) at (i, g), (i + 4, g); C
+// (16 x 8) at (g, 2 i), (g, 2 i + 1), (g + 8, 2 i), (g + 8, 2 i + 1).
 template <>
 struct Mma<float> {
-  using A8 = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32,
-                                    nvcuda::wmma::row_major>;
-  using B8 = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32,
-                                    nvcuda::wmma::col_major>;
-  using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
+  static constexpr int kN = 8;
   struct A {
-    A8 k[2];
+    uint32_t r[2][4];  // [K half][register]
   };
   struct B {
-    B8 k[2];
+    uint32_t r[2][2];
   };
-  static __device__ __forceinline__ void zero(C& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
-  static __device__ __forceinline__ void load_a(A& a, const float* p, int64_t ld) {
-    nvcuda::wmma::load_matrix_sync(a.k[0], p, static_cast<unsigned>(ld));
-    nvcuda::wmma::load_matrix_sync(a.k[1], p + 8, static_cast<unsigned>(ld));
+  struct C {
+    float v[4];
+  };
+  static __device__ __forceinline__ int lane() { return static_cast<int>(threadIdx.x) & 31; }
+  static __device__ __forceinline__ void zero(C& c) {
+    for (float& x : c.v) x = 0.0f;
   }
-  static __device__ __forceinline__ void load_b(B& b, const float* p, int64_t ld) {
-    nvcuda::wmma::load_matrix_sync(b.k[0], p, static_cast<unsigned>(ld));
-    nvcuda::wmma::load_matrix_sync(b.k[1], p + 8, static_cast<unsigned>(ld));
+  static __device__ __forceinline__ void load_a(A& a, const float* p, int64_t ld) {
+    const int g = lane() >> 2, i = lane() & 3, l = static_cast<int>(ld);
+    const float* r0 = p + g * l + i;
+    const float* r1 = r0 + 8 * l;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      a.r[h][0] = __float_as_uint(r0[8 * h]);
+      a.r[h][1] = __float_as_uint(r1[8 * h]);
+      a.r[h][2] = __float_as_uint(r0[8 * h + 4]);
+      a.r[h][3] = __float_as_uint(r1[8 * h + 4]);
+    }
+  }
+  // p: weight row n0, K column k0 of w (rows ld apart): B[k][n] = p[n ld + k] for the `stored` rows n, zero past
+  static __device__ __forceinline__ void load_b(B& b, const float* p, int64_t ld, int64_t stored) {
+    const int n = lane() >> 2;
+    const bool here = n < stored;
+    const float* r = p + (here ? n : 0) * static_cast<int>(ld) + (lane() & 3);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      b.r[h][0] = here ? __float_as_uint(r[8 * h]) : 0u;
+      b.r[h][1] = here ? __float_as_uint(r[8 * h + 4]) : 0u;
+    }
   }
   static __device__ __forceinline__ void mma(C& c, const A& a, const B& b) {
-    nvcuda::wmma::mma_sync(c, a.k[0], b.k[0], c);
-    nvcuda::wmma::mma_sync(c, a.k[1], b.k[1], c);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};"
+          : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
+          : "r"(a.r[h][0]), "r"(a.r[h][1]), "r"(a.r[h][2]), "r"(a.r[h][3]), "r"(b.r[h][0]), "r"(b.r[h][1]));
+    }
   }
   static __device__ __forceinline__ void store(float* p, const C& c, int64_t ld) {
-    nvcuda::wmma::store_matrix_sync(p, c, static_cast<unsigned>(ld), nvcuda::wmma::mem_row_major);
+    const int l = static_cast<int>(ld);
+    float* r0 = p + (lane() >> 2) * l + 2 * (lane() & 3);
+    r0[0] = c.v[0];
+    r0[1] = c.v[1];
+    r0[8 * l] = c.v[2];
+    r0[8 * l + 1] = c.v[3];
   }
 };
 constexpr int kWarpSlots = 1;  // a warp's one (tile, split) item
 #else
-template <class T>
-struct Mma {
+// The host's fragments: a 16 x 16 A block, a 16-wide K block of N weight rows, fp32 sums of products in k order
+// (fmaf; TF32 and 16-bit operands multiply exactly in fp32, so the emulation differs from the tensor cores only
+// in the order and rounding of the adds inside one MMA, which PTX leaves to the hardware).
+template <class T, int N>
+struct HostMma {
+  static constexpr int kN = N;
   struct A {
     float v[16][16];  // [row][k]
   };
   struct B {
-    float v[16][16];  // [k][column]
+    float v[16][N];  // [k][column]
   };
   struct C {
-    float v[16][16];  // [row][column]
+    float v[16][N];  // [row][column]
   };
   static void zero(C& c) {
     for (auto& r : c.v) for (float& x : r) x = 0.0f;
@@ -477,12 +535,14 @@ struct Mma {
   static void load_a(A& a, const T* p, int64_t ld) {
     for (int r = 0; r < 16; ++r) for (int k = 0; k < 16; ++k) a.v[r][k] = to_float(p[r * ld + k]);
   }
-  static void load_b(B& b, const T* p, int64_t ld) {
-    for (int n = 0; n < 16; ++n) for (int k = 0; k < 16; ++k) b.v[k][n] = to_float(p[n * ld + k]);
+  static void load_b(B& b, const T* p, int64_t ld, int64_t stored) {  // rows past `stored` are not read: zero
+    for (int n = 0; n < N; ++n) {
+      for (int k = 0; k < 16; ++k) b.v[k][n] = n < stored ? to_float(p[n * ld + k]) : 0.0f;
+    }
   }
   static void mma(C& c, const A& a, const B& b) {
     for (int r = 0; r < 16; ++r) {
-      for (int n = 0; n < 16; ++n) {
+      for (int n = 0; n < N; ++n) {
         float s = c.v[r][n];
         for (int k = 0; k < 16; ++k) s = fmaf(a.v[r][k], b.v[k][n], s);
         c.v[r][n] = s;
@@ -490,27 +550,32 @@ struct Mma {
     }
   }
   static void store(float* p, const C& c, int64_t ld) {
-    for (int r = 0; r < 16; ++r) for (int n = 0; n < 16; ++n) p[r * ld + n] = c.v[r][n];
+    for (int r = 0; r < 16; ++r) for (int n = 0; n < N; ++n) p[r * ld + n] = c.v[r][n];
   }
 };
+template <class T>
+struct Mma : HostMma<T, 16> {};  // wmma 16x16x16
+template <>
+struct Mma<float> : HostMma<float, 8> {};  // mma.sync m16n8k8, two per 16-wide K block
 constexpr int kWarpSlots = kWarps;  // the host plays every warp in turn
 #endif
 
-// The 16-bit tile product: warp w takes item w = (16-column tile w % tiles of the N rows, K-split w / tiles:
-// every splits-th 16-wide K block); the splits' partial sums are added after. On the host one thread plays
-// all the warps' items.
+// The tensor-core tile product: warp w takes item w = (16-column tile w % tiles of the Np rows, K-split
+// w / tiles: every splits-th 16-wide K block), 16 / kN MMAs per K block (TF32: the second 8 columns only where
+// Np has them); the splits' partial sums are added after. On the host one thread plays all the warps' items.
 template <class T>
 FUSENN_HD void tile_product_mma(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
                                 int tid, int nt) {
   using M = Mma<T>;
-  const int tiles = static_cast<int>(l.Np / 16), splits = static_cast<int>(l.splits), items = tiles * splits;
+  constexpr int kParts = 16 / M::kN;  // MMAs per 16-column item
+  const int tiles = static_cast<int>((l.Np + 15) / 16), splits = static_cast<int>(l.splits), items = tiles * splits;
 #if defined(__CUDA_ARCH__)
   const int first = tid / 32, stride = kWarps;
 #else
   const int first = 0, stride = 1;
 #endif
-  typename M::C c[kWarpSlots];
-  for (int slot = 0; slot < kWarpSlots; ++slot) M::zero(c[slot]);
+  typename M::C c[kWarpSlots][kParts];
+  for (int slot = 0; slot < kWarpSlots; ++slot) for (int h = 0; h < kParts; ++h) M::zero(c[slot][h]);
   for (int64_t c0 = 0; c0 < l.Kp; c0 += l.chunk) {
     FUSENN_SYNC();  // the previous chunk's readers are done with the staging buffer
     stage(A, rows, b0, c0, st, l, tid, nt);
@@ -518,18 +583,29 @@ FUSENN_HD void tile_product_mma(const T* A, int64_t rows, int64_t b0, const T* w
     const int64_t width = min64(l.chunk, l.Kp - c0);
     for (int item = first, slot = 0; item < items; item += stride, ++slot) {
       const int nt16 = item % tiles, ks = item / tiles;
+      const int parts = static_cast<int>(min64(kParts, (l.Np - nt16 * 16) / M::kN));  // the same in a warp
       for (int64_t kk = ks * 16; kk < width; kk += splits * 16) {
         typename M::A fa;
-        typename M::B fb;
         M::load_a(fa, st + kk, l.lda);
-        M::load_b(fb, w + nt16 * 16 * l.ldw + c0 + kk, l.ldw);
-        M::mma(c[kWarpSlots == 1 ? 0 : slot], fa, fb);
+#pragma unroll
+        for (int h = 0; h < kParts; ++h) {
+          if (h >= parts) break;
+          typename M::B fb;
+          const int64_t n0 = nt16 * 16 + h * M::kN;
+          M::load_b(fb, w + n0 * l.ldw + c0 + kk, l.ldw, l.rows - n0);
+          M::mma(c[kWarpSlots == 1 ? 0 : slot][h], fa, fb);
+        }
       }
     }
   }
   for (int item = first, slot = 0; item < items; item += stride, ++slot) {
     const int nt16 = item % tiles, ks = item / tiles;
-    M::store(acc + ks * kTileB * l.Np + nt16 * 16, c[kWarpSlots == 1 ? 0 : slot], l.Np);
+    const int parts = static_cast<int>(min64(kParts, (l.Np - nt16 * 16) / M::kN));
+#pragma unroll
+    for (int h = 0; h < kParts; ++h) {
+      if (h >= parts) break;
+      M::store(acc + ks * kTileB * l.Np + nt16 * 16 + h * M::kN, c[kWarpSlots == 1 ? 0 : slot][h], l.Np);
+    }
   }
   FUSENN_SYNC();
   if (l.splits > 1) {

@@ -371,8 +371,8 @@ TF32_FORWARD_CASES = [
     _tf32_case(1, 1, 7),
     _tf32_case(4, 3, 7, reverse=True, lengths=[4, 1, 2]),
     _tf32_case(3, 17, 33, lengths=[3, 1, 2] * 5 + [1, 3]),
-    _tf32_case(3, 3, 33, grid=5),  # 7 units per CTA: 28 LSTM / 21 GRU gate rows in two 16-row tiles, K split 4
-    _tf32_case(3, 3, 33, grid=33),  # one unit per CTA: one tile, K split over all 8 warps
+    _tf32_case(3, 3, 33, grid=5),  # 7 units per CTA: 28 LSTM / 21 GRU gate rows in 4 / 3 8-row tiles, K split 4
+    _tf32_case(3, 3, 33, grid=33),  # one unit per CTA: one 8-row tile, K split over all 8 warps
     _tf32_case(2, 3, 129, reverse=True),
     _tf32_case(3, 5, 64, lengths=[3, 2, 1, 3, 3]),  # h staged 16 bytes at a time
     _tf32_case(2, 1, 1000),
@@ -432,7 +432,9 @@ TF32_LAYER_CASES = [
     _layer_case(2, 3, 129, reverse=True),
     _layer_case(1, 17, 129),
     _layer_case(2, 3, 300),  # backward stages K = 4H = 1200 (GRU 900) in chunks, TF32 both ways
-    _layer_case(1, 1, 1000),  # forward on TF32; backward's 16-row padded columns do not fit: exact FMA
+    _layer_case(1, 1, 1000),  # 8 units per CTA: backward's 8 columns in one m16n8k8 tile, K split over 8 warps
+    _layer_case(2, 3, 1024, reverse=True),  # LSTM backward: 8 x 4100 floats a CTA, where 16 x 4100 do not fit
+    _layer_case(1, 3, 1136),  # LSTM: 12 units per CTA, 48 rows / 12 columns stored unpadded, h staged 64 at a time
 ]
 
 
@@ -456,6 +458,31 @@ def test_persist_tf32_layer_and_gradients_match_reference(persistent, monkeypatc
         upstream = [torch.randn(T, B, H), torch.randn(B, H)]
         _check_layer_tf32(lambda *a: ops.gru_layer(*a, **kw), lambda *a: reference.gru_layer(*a, **kw), inputs,
                           upstream, ("gx", "h0", "w_hh", "b_hh"))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_persist_tf32_backward_at_h1024_runs_on_tf32(twin, kind):
+    """The backward op alone at H = 1024 with TF32 allowed computes other gradients than with it off (its
+    products on TF32 operands, not exact FMA): the 8-row TF32 tiles are what the emulation ran. Both within
+    their tolerance of the layer tests above; here the same forward states feed both."""
+    torch.manual_seed(4)
+    T, B, H = 2, 3, 1024
+    dy, dh_n, dc_n = torch.randn(T, B, H), torch.randn(B, H), torch.randn(B, H)
+    if kind == "lstm":
+        gx, h0, c0, w_hh, _ = _lstm_inputs(T, B, H, None, torch.float32, "cpu")
+        fwd = twin.lstm_persist_forward(gx, h0, c0, w_hh, None, None, False, True, None, None, 0, 0, 1.0, 0, 0, False)
+        bwd = [twin.lstm_persist_backward(dy, dh_n, dc_n, gx, w_hh, None, None, False, fwd[3], fwd[4], None, None, 0, 0,
+                                          1.0, 0, 0, tf32) for tf32 in (False, True)]
+    else:
+        gx, h0, w_hh, b_hh = _gru_inputs(T, B, H, True, torch.float32, "cpu")
+        fwd = twin.gru_persist_forward(gx, h0, w_hh, b_hh, None, False, True, None, None, 0, 0, 1.0, 0, 0, False)
+        bwd = [twin.gru_persist_backward(dy, dh_n, gx, w_hh, b_hh, None, False, fwd[2], None, None, 0, 0, 1.0, 0, 0,
+                                         tf32) for tf32 in (False, True)]
+    assert twin.persist_plan(4 if kind == "lstm" else 3, True, 4, H, 0, H200, 0, 0, True)[5]
+    exact, tf32 = bwd[0][0], bwd[1][0]  # dgates of every step
+    assert torch.equal(exact[-1], tf32[-1])  # the last step's dgates need no recurrent product
+    scale = exact[0].abs().max().item()
+    assert 1e-6 * scale < (exact[0] - tf32[0]).abs().max().item() < 1e-2 * scale
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -512,22 +539,67 @@ def test_persist_tf32_follows_torchs_rnn_precision_flag(persistent, monkeypatch)
         rnn.fp32_precision, conv.fp32_precision = saved
 
 
-def test_persist_tf32_plan_pads_the_slice_and_keeps_exact_fma_where_that_does_not_fit(twin):
-    """The plan accounts for TF32's layout (gate rows / columns padded to 16-row tiles, rows 16 bytes apart)
-    and takes TF32 only where that launches, else the exact layout; 16-bit layers ignore the flag."""
+def _tf32_smem(N, K, grid):
+    """Dynamic shared memory of a CTA's TF32 layout (csrc/rnn_persist.cuh's Layout) for N weight rows over K:
+    the products' rows padded to Np (8-row mma.sync m16n8k8 tiles), K to 16; the slice N x (Kp + 4) floats (the
+    padding rows' fragments are zeros, not shared memory), the staged chunk 16 x (chunk + 4), the warps' partial
+    sums splits x 16 x Np, each 128-byte aligned; the widest chunk (1024, 512, else 256, or narrower down to 64
+    where the slice needs the room) with which `grid` CTAs stay co-resident on an H200 (registers and static
+    shared memory unknown)."""
+    up = lambda x, m: -(-x // m) * m  # noqa: E731
+    Np, Kp = up(N, 8), up(K, 16)
+    tiles = up(Np, 16) // 16  # the warps' 16-column items
+    splits = 8 // tiles if tiles < 8 else 1
+    for chunk in (1024, 512, 256, 128, 64):
+        smem = up(N * (Kp + 4) * 4, 128) + up(16 * (min(Kp, chunk) + 4) * 4, 128) + splits * 16 * Np * 4
+        per_sm = min(8, H200[2] // (smem + 1024))
+        if (chunk == 256 and smem <= H200[1]) or chunk == 64 or (smem <= H200[1] and per_sm * H200[0] >= grid):
+            return smem
+
+
+def test_persist_tf32_plan_pads_the_slice_to_8_rows_and_keeps_exact_fma_where_that_does_not_fit(twin):
+    """The plan accounts for TF32's layout exactly (gate rows / columns padded to mma.sync m16n8k8's 8-row
+    tiles in the products, not in shared memory; rows 16 bytes apart) and takes TF32 wherever that launches,
+    else the exact layout; 16-bit layers ignore the flag."""
     def plan(gates, backward, elem, H, grid=0, tf32=True):
         return twin.persist_plan(gates, backward, elem, H, grid, H200, 0, 0, tf32)
 
-    # LSTM H = 512 backward: 4 columns per CTA, padded to a 16-row tile over K = 2048 (+4 floats per row)
-    exact, tf32 = plan(4, True, 4, 512, tf32=False), plan(4, True, 4, 512)
-    assert exact[4] == tf32[4] == "" and not exact[5] and tf32[5]
-    assert tf32[2] >= 16 * 2052 * 4 > exact[2] and exact[0] == tf32[0] == 128
-    assert plan(4, False, 4, 512)[5] and plan(3, False, 4, 1024)[5] and plan(4, False, 4, 1024)[5]
-    # backward H = 1024: 16 x (4096 + 4) floats > 227 KiB per CTA, so exact FMA (8 columns, as without TF32)
-    assert plan(4, True, 4, 1024)[1:] == plan(4, True, 4, 1024, tf32=False)[1:]
-    assert not plan(4, True, 4, 1024)[5] and plan(4, True, 4, 1024)[4] == ""
+    # LSTM backward at H = 1024 on 128 CTAs: 8 columns over K = 4096 fit in an 8-row tile (8 x 4100 floats, with a
+    # 1024-wide staged chunk: 201088 bytes), where a 16-row one (16 x 4100 floats) would exceed a CTA's 227 KiB
+    grid, units, smem, per_sm, why, took = plan(4, True, 4, 1024)
+    assert (grid, units, why, took) == (128, 8, "", True) and smem == _tf32_smem(8, 4096, 128) == 201088
+    assert 16 * 4100 * 4 > H200[1] and per_sm * H200[0] >= grid
+    exact = plan(4, True, 4, 1024, tf32=False)
+    assert exact[:2] == (128, 8) and exact[4] == "" and not exact[5] and exact[2] != smem
+    # every fp32 layer of these sizes takes TF32 both ways, with exactly that layout's bytes
+    for gates, backward, H, grid_req in [(4, True, 512, 0), (3, True, 1024, 0), (4, False, 1024, 0),
+                                         (3, False, 1024, 0), (4, False, 512, 0), (4, True, 1000, 0),
+                                         (3, True, 1000, 0), (4, True, 33, 33), (3, True, 33, 5), (3, False, 33, 5),
+                                         (4, False, 129, 0), (3, True, 129, 0)]:
+        g, units, smem, _, why, took = plan(gates, backward, 4, H, grid_req)
+        N, K = (units, gates * H) if backward else (gates * units, H)
+        assert why == "" and took, (gates, backward, H, why)
+        assert smem == _tf32_smem(N, K, g), (gates, backward, H, smem, _tf32_smem(N, K, g))
+    # one unit per CTA (backward: 1 column over K = 132, padded to 144): one row in shared memory, one 8-row
+    # tile in the products, K split 8 ways
+    assert plan(4, True, 4, 33, grid=33)[2] == 640 + 16 * 148 * 4 + 8 * 16 * 8 * 4
+    # GRU backward at H = 1200 (12 columns on 100 CTAs): 12 rows of 3604 floats fit; 16 would not, even staging
+    # 64 columns at a time
+    g, units, smem, _, why, took = plan(3, True, 4, 1200)
+    assert (g, units, why, took) == (100, 12, "", True) and smem == _tf32_smem(12, 3600, 100)
+    assert 16 * 3604 * 4 + 16 * 68 * 4 + 8 * 16 * 16 * 4 > H200[1] - 128 >= smem
+    # LSTM at H = 1136 (12 units on 95 CTAs) stages 64 columns at a time both ways
+    for backward, N, K in [(False, 48, 1136), (True, 12, 4544)]:
+        g, units, smem, _, why, took = plan(4, backward, 4, 1136)
+        assert (g, units, why, took) == (95, 12, "", True) and smem == _tf32_smem(N, K, 95)
+        assert smem - 16 * 68 * 4 + 16 * 132 * 4 > H200[1]  # a 128-wide chunk would not fit
     # 65 units per CTA: 260 gate rows, past the 128 the MMA warps cover: exact FMA
     assert not plan(4, False, 4, 129, grid=2)[5] and plan(4, False, 4, 129, grid=2)[4] == ""
+    # just below the exact layout's limit (the kernels' 128 bytes of static shared memory) TF32's does not fit
+    # (csrc/rnn_persist.cuh's plan names the ranges): exact FMA
+    for gates, H in [(4, 1160), (3, 1560)]:
+        grid, units, smem, _, why, took = twin.persist_plan(gates, True, 4, H, 0, H200, 0, 128, True)
+        assert why == "" and not took and smem + 128 <= H200[1]
     assert not plan(4, False, 2, 512)[5]
 
 
@@ -705,10 +777,12 @@ def _ptxas_report():
     return kernels
 
 
-# (kind, dtype bytes, H) that must launch on an H200, forward and backward; of the fp32 ones, those whose
-# TF32 layout fits (backward's columns padded to a 16-row tile over K = gates x H: not the LSTM's at H = 1024)
-MUST_FIT = [(4, 2, 512), (4, 2, 1024), (3, 2, 1024), (4, 2, 1500), (4, 4, 512), (4, 4, 1024), (3, 4, 1024)]
-TF32_FITS = {"forward": [(4, 4, 512), (4, 4, 1024), (3, 4, 1024)], "backward": [(4, 4, 512), (3, 4, 1024)]}
+# (kind, dtype bytes, H) that must launch on an H200, forward and backward; every fp32 one must take TF32 where
+# allowed (backward's columns padded to an 8-row m16n8k8 tile over K = gates x H fit, the LSTM's at H = 1024 too)
+MUST_FIT = [(4, 2, 512), (4, 2, 1024), (3, 2, 1024), (4, 2, 1500), (4, 4, 512), (4, 4, 1024), (3, 4, 1024),
+            (4, 4, 1136), (3, 4, 1200)]
+TF32_FITS = {"forward": [(4, 4, 512), (4, 4, 1024), (3, 4, 1024), (4, 4, 1136), (3, 4, 1200)],
+             "backward": [(4, 4, 512), (4, 4, 1024), (3, 4, 1024), (4, 4, 1136), (3, 4, 1200)]}
 # (dtype bytes, H, proj_size) of LSTMs with a projection that must launch, forward and backward
 PROJ_MUST_FIT = [(2, 1024, 512), (2, 1536, 512), (4, 1024, 512), (4, 1024, 256)]
 
@@ -789,24 +863,28 @@ def test_persist_gpu_matches_reference_with_gradients(on_gpu, kind, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_persist_gpu_small(on_gpu, kind, dtype):
+@pytest.mark.parametrize("dtype", ["fp32", "tf32", "bf16"])
+def test_persist_gpu_small(on_gpu, monkeypatch, kind, dtype):
     """Small shapes with everything on (lengths, reverse, both regularisers): what benchmarks/device_run.sh
-    also runs under compute-sanitizer's memcheck, racecheck and synccheck."""
+    also runs under compute-sanitizer's memcheck, racecheck and synccheck ("tf32": fp32 under allow_tf32, the
+    mma.sync path with its unpadded slices)."""
     torch.manual_seed(5)
     T, B, H = 3, 3, 33
     kw = dict(lengths=torch.tensor([3, 1, 2]), reverse=True, recurrent_dropout=(0.3, 3), zoneout=(0.2, 4))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dtype == "tf32")
+    check = _check_layer_tf32 if dtype == "tf32" else _check_layer
+    dt = torch.float32 if dtype == "tf32" else DTYPES[dtype]
     if kind == "lstm":
-        inputs = _lstm_inputs(T, B, H, None, DTYPES[dtype], on_gpu)
+        inputs = _lstm_inputs(T, B, H, None, dt, on_gpu)
         upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu),
                     torch.randn(B, H, device=on_gpu)]
-        _check_layer(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs,
-                     upstream, ("gx", "h0", "c0", "w_hh", "w_hr"))
+        check(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs,
+              upstream, ("gx", "h0", "c0", "w_hh", "w_hr"))
     else:
-        inputs = _gru_inputs(T, B, H, True, DTYPES[dtype], on_gpu)
+        inputs = _gru_inputs(T, B, H, True, dt, on_gpu)
         upstream = [torch.randn(T, B, H, device=on_gpu), torch.randn(B, H, device=on_gpu)]
-        _check_layer(lambda *a: ops.gru_layer(*a, **kw), lambda *a: reference.gru_layer(*a, **kw), inputs,
-                     upstream, ("gx", "h0", "w_hh", "b_hh"))
+        check(lambda *a: ops.gru_layer(*a, **kw), lambda *a: reference.gru_layer(*a, **kw), inputs,
+              upstream, ("gx", "h0", "w_hh", "b_hh"))
 
 
 @pytest.mark.gpu
@@ -857,6 +935,46 @@ def test_persist_gpu_proj_matches_reference_with_gradients(on_gpu, monkeypatch, 
     check = _check_layer_tf32 if case.get("tf32") else _check_layer
     check(lambda *a: ops.lstm_layer(*a, **kw), lambda *a: reference.lstm_layer(*a, **kw), inputs, upstream,
           ("gx", "h0", "c0", "w_hh", "w_hr"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("H", [1024, 1136])
+def test_persist_gpu_tf32_matches_its_emulation(on_gpu, twin, kind, H):
+    """fp32 with TF32 allowed, forward and backward, at H = 1024 (the LSTM's backward on an 8-row m16n8k8 tile)
+    and 1136 (12 units per CTA: slices stored unpadded, the LSTM's h staged 64 columns at a time): the GPU's
+    results against the host emulation's on the same inputs agree far closer than either does with the exact
+    path (only the order of the adds inside an MMA differs), so the emulation stands for the kernel."""
+    torch.manual_seed(9)
+    T, B = 5, 8
+    dy, dh_n, dc_n = torch.randn(T, B, H), torch.randn(B, H), torch.randn(B, H)
+    stream = torch.cuda.current_stream().cuda_stream
+    if kind == "lstm":
+        gx, h0, c0, w_hh, _ = _lstm_inputs(T, B, H, None, torch.float32, "cpu")
+
+        def run(device, tf32):
+            x = [t.to(device) for t in (gx, h0, c0, w_hh, dy, dh_n, dc_n)]
+            s = stream if device != "cpu" else 0
+            fwd = twin.lstm_persist_forward(*x[:4], None, None, False, True, None, None, 0, 0, 1.0, s, 0, tf32)
+            bwd = twin.lstm_persist_backward(x[4], x[5], x[6], x[0], x[3], None, None, False, fwd[3], fwd[4], None,
+                                             None, 0, 0, 1.0, s, 0, tf32)
+            return [fwd[0].cpu(), bwd[0].cpu(), bwd[1].cpu(), bwd[2].cpu()]  # y, dgates, dh_0, dc_0
+    else:
+        gx, h0, w_hh, b_hh = _gru_inputs(T, B, H, True, torch.float32, "cpu")
+
+        def run(device, tf32):
+            x = [t.to(device) for t in (gx, h0, w_hh, b_hh, dy, dh_n)]
+            s = stream if device != "cpu" else 0
+            fwd = twin.gru_persist_forward(*x[:4], None, False, True, None, None, 0, 0, 1.0, s, 0, tf32)
+            bwd = twin.gru_persist_backward(x[4], x[5], x[0], x[2], x[3], None, False, fwd[2], None, None, 0, 0, 1.0,
+                                            s, 0, tf32)
+            return [fwd[0].cpu(), bwd[0].cpu(), bwd[2].cpu()]  # y, dgates, dh_0
+
+    gpu, emulated, exact = run(on_gpu, True), run("cpu", True), run("cpu", False)
+    for g, e, x, name in zip(gpu, emulated, exact, ("y", "dgates", "dh_0", "dc_0")):
+        off = (e - x).abs().max().item()
+        assert off > 1e-6 * x.abs().max().item(), f"{name}: TF32 on gives the exact path's results"
+        assert (g - e).abs().max().item() < 0.1 * off, (name, (g - e).abs().max().item(), off)
 
 
 def _gpu_lstm_run(device, regs=True):
