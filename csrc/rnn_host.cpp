@@ -123,25 +123,42 @@ void assume_zoneout(Zoneout& z, int mode) {
   if (mode == 1 && z.keep == nullptr) __builtin_unreachable();
 }
 
-template <class T, int kZo, bool kOp, bool kScale>
-void fast_row(LstmCell a, int64_t b) {
-  a.s.lengths = nullptr, a.s.activated = true, a.m = nullptr, a.m_op = nullptr;
-  assume_zoneout(a.s.zo, kZo);
-  assume(a.op, kOp);
-  assume(a.s.rscale, kScale);
-  assume(a.tc, true);
-  FUSENN_IVDEP
-  for (int64_t j = 0; j < a.H; ++j) run_at<T>(a, b, j);
-}
+// fast_row, and on x86-64 Linux fast_row_avx2, the same code built for AVX2 (taken where the CPU has it; no
+// contraction into FMAs, so both compute the same bits).
+#define FUSENN_FAST_ROWS(NAME, ATTR)                                                \
+  template <class T, int kZo, bool kOp, bool kScale>                                \
+  ATTR void NAME(LstmCell a, int64_t b) {                                           \
+    a.s.lengths = nullptr, a.s.activated = true, a.m = nullptr, a.m_op = nullptr;   \
+    assume_zoneout(a.s.zo, kZo);                                                    \
+    assume(a.op, kOp);                                                              \
+    assume(a.s.rscale, kScale);                                                     \
+    assume(a.tc, true);                                                             \
+    FUSENN_IVDEP                                                                    \
+    for (int64_t j = 0; j < a.H; ++j) run_at<T>(a, b, j);                           \
+  }                                                                                 \
+  template <class T, int kZo, bool kOp, bool = false>                               \
+  ATTR void NAME(LstmCellBackward a, int64_t b) {                                   \
+    a.s.lengths = nullptr, a.s.activated = true;                                    \
+    assume_zoneout(a.s.zo, kZo);                                                    \
+    assume(a.dg_op, kOp);                                                           \
+    assume(a.tc, true);                                                             \
+    FUSENN_IVDEP                                                                    \
+    for (int64_t j = 0; j < a.H; ++j) run_at<T>(a, b, j);                           \
+  }
 
-template <class T, int kZo, bool kOp>
-void fast_row(LstmCellBackward a, int64_t b) {
-  a.s.lengths = nullptr, a.s.activated = true;
-  assume_zoneout(a.s.zo, kZo);
-  assume(a.dg_op, kOp);
-  assume(a.tc, true);
-  FUSENN_IVDEP
-  for (int64_t j = 0; j < a.H; ++j) run_at<T>(a, b, j);
+FUSENN_FAST_ROWS(fast_row, )
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+FUSENN_FAST_ROWS(fast_row_avx2, __attribute__((target("avx2"))))
+#define FUSENN_FAST_ROW_AVX2 1
+#endif
+
+template <class T, int kZo, bool kOp, bool kScale, class Cell>
+void run_fast_row(const Cell& a, int64_t b) {
+#ifdef FUSENN_FAST_ROW_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return fast_row_avx2<T, kZo, kOp, kScale>(a, b);
+#endif
+  fast_row<T, kZo, kOp, kScale>(a, b);
 }
 
 // Zoneout's mode as fast_row takes it (0, 1 with its masks precomputed, 2), or -1.
@@ -151,19 +168,19 @@ template <class T, int kZo>
 bool fast_lstm_cell(const LstmCell& a, int64_t b) {
   if (a.op == nullptr) {
     if (a.s.rscale != nullptr) return false;
-    fast_row<T, kZo, false, false>(a, b);
+    run_fast_row<T, kZo, false, false>(a, b);
   } else if (a.s.rscale != nullptr) {
-    fast_row<T, kZo, true, true>(a, b);
+    run_fast_row<T, kZo, true, true>(a, b);
   } else {
-    fast_row<T, kZo, true, false>(a, b);
+    run_fast_row<T, kZo, true, false>(a, b);
   }
   return true;
 }
 
 template <class T, int kZo>
 bool fast_lstm_cell(const LstmCellBackward& a, int64_t b) {
-  if (a.dg_op != nullptr) fast_row<T, kZo, true>(a, b);
-  else fast_row<T, kZo, false>(a, b);
+  if (a.dg_op != nullptr) run_fast_row<T, kZo, true, false>(a, b);
+  else run_fast_row<T, kZo, false, false>(a, b);
   return true;
 }
 
