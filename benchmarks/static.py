@@ -515,10 +515,6 @@ KNOWN = [
     (dict(family="attention", kernel="attention_backward_dkdv_kernel", D=128, DROPOUT=True, NEWER_PTXAS=True),
      "d128 dK/dV with dropout under Triton 3.7+: the keep mask's Philox rounds beside both accumulators spill "
      "~30 B at 128 x 64 (the dK launch alone, as under 3.6, spills 100 B; 20 B at two stages)"),
-    (dict(family="attention", kernel="attention_backward_dkdv_kernel", D=256),
-     "d256 dK/dV: two launches (PART) of 128 x 64 tiles still spill ~20 B when causal; 64-row tiles (4 or 8 "
-     "warps), a keys-first (transposed) step and a separate loop for the tiles off the diagonal spill more; a "
-     "dK/dV split over the head dim is open"),
 ]
 
 

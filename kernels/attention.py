@@ -44,6 +44,10 @@ if INTERPRET:
         return x.handle.data.item()
 
     @triton.jit
+    def _opaque_zero():
+        return 0
+
+    @triton.jit
     def _cast(x, dtype: tl.constexpr):
         """x.to(dtype) rounding to nearest even, as the GPU does: the interpreter truncates fp32 -> bf16,
         so add half an ulp (ties to even) first."""
@@ -59,6 +63,11 @@ else:
     @triton.jit
     def _cast(x, dtype: tl.constexpr):
         return x.to(dtype)
+
+    @triton.jit
+    def _opaque_zero():
+        """0, from an instruction the compiler may neither move nor merge (not pure)."""
+        return tl.inline_asm_elementwise("mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -273,6 +282,10 @@ def attention_backward_dkdv_kernel(
                     dp = tl.where(keep, dp * drop_scale, 0.0)
                 ds = p * (dp - delta[:, None])
                 dk += _dot(tl.trans(ds), q, F32_DOT)
+    # the store's offsets afresh: computed before the loop, they would be held (or spilled) through it
+    cols = _span(tl.multiple_of(pid_n * BLOCK_N + _opaque_zero(), BLOCK_N), BLOCK_N, WIDE)
+    k_mask = (cols[:, None] < S) & (d[None, :] < E)
+    v_mask = (cols[:, None] < S) & (dv[None, :] < EV)
     out = nhk.to(tl.int64) * S
     if PART != 1:
         tl.store(DK + (out + cols[:, None]) * E + d[None, :], _cast(dk * scale, DK.dtype.element_ty), mask=k_mask)
