@@ -283,7 +283,8 @@ def attention_backward_dkdv_kernel(
                 ds = p * (dp - delta[:, None])
                 dk += _dot(tl.trans(ds), q, F32_DOT)
     # the store's offsets afresh: computed before the loop, they would be held (or spilled) through it
-    cols = _span(tl.multiple_of(pid_n * BLOCK_N + _opaque_zero(), BLOCK_N), BLOCK_N, WIDE)
+    pid_n, nhk = _tile(S + _opaque_zero(), BLOCK_N)
+    cols = _span(tl.multiple_of(pid_n * BLOCK_N, BLOCK_N), BLOCK_N, WIDE)
     k_mask = (cols[:, None] < S) & (d[None, :] < E)
     v_mask = (cols[:, None] < S) & (dv[None, :] < EV)
     out = nhk.to(tl.int64) * S
