@@ -505,10 +505,6 @@ def _cuda_dtype(name: str) -> str:
 # Default configs the report still flags, each with why it is not fixed yet: violations() leaves them out
 # and known() lists them apart, so the CI test fails on anything new while these stay visible.
 KNOWN = [
-    (dict(family="attention", dtype="fp32", D=256, kernel="attention_backward_dq_kernel"),
-     "fp32 d256 dQ on tf32x3 (three TF32 products per dot, torch's SDPA accuracy) spills 0.1-0.6 KB at every "
-     "tile down to 16 x 16 on 4 or 8 warps (16 warps cap registers at 64); splitting the head dim, or a 1-pass "
-     "TF32 mode, is open (the forward fits at 16 x 32 on 8 warps)"),
     (dict(family="attention", dtype="fp32", D=256, kernel="attention_backward_dkdv_kernel"),
      "fp32 d256 dK/dV on tf32x3 spill 0.1-7 KB in two launches at 16 x 16 on 4, 8 or 16 warps; splitting the "
      "head dim is open"),

@@ -12,7 +12,8 @@ Backward: dQ programs own query rows (and first write delta = rowsum(dO * O)); d
 rows and walk the query rows of every query head sharing their kv head, so nothing is accumulated with
 atomics and the result is deterministic. Both recompute P = exp2(scores - lse). Where one program cannot
 hold both the dK and the dV accumulators in registers (d256, fp32; d128 with dropout under Triton 3.6), dK and
-dV are two launches (PART), the dK one with its own tiles where the tables give them ("dk").
+dV are two launches (PART), the dK one with its own tiles where the tables give them ("dk"). fp32 d256 splits
+dQ too: two programs per query tile, each accumulating half of dQ's columns (DQ_PARTS), both recomputing P and dP.
 Tiles per kernel, head dim and dtype (_config) come from the static sm_90a report (benchmarks/static.py).
 Grid and offsets: one 1-D grid (a program's (tile, n, h) decoded by _tile), so N * heads has no 65535
 limit; offsets are int64 in their n and h parts, and in their row parts too (WIDE) when the host sees a
@@ -184,14 +185,19 @@ def attention_backward_dq_kernel(
         H, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
-        WIDE: tl.constexpr):
-    pid_m, nh = _tile(L, BLOCK_M)
+        WIDE: tl.constexpr, DQ_PARTS: tl.constexpr):
+    """DQ_PARTS programs per query tile, each accumulating D // DQ_PARTS columns of dQ (all recompute the
+    scores and dP): where one program cannot hold the whole dQ dot (_config's DQ_PARTS)."""
+    pid_m, nh_part = _tile(L, BLOCK_M)
+    nh = nh_part // DQ_PARTS
+    part = nh_part % DQ_PARTS
     n = (nh // H).to(tl.int64)
     h = (nh % H).to(tl.int64)
     hk = h // GROUP
     rows = _span(pid_m * BLOCK_M, BLOCK_M, WIDE)
     d = _span(0, D, WIDE)
     dv = _span(0, DV, WIDE)
+    dq_cols = _span(part * (D // DQ_PARTS), D // DQ_PARTS, WIDE)
     row_ok = rows < L
     q_mask = row_ok[:, None] & (d[None, :] < E)
     o_mask = row_ok[:, None] & (dv[None, :] < EV)
@@ -199,13 +205,13 @@ def attention_backward_dq_kernel(
     do = tl.load(DO + n * sdn + h * sdh + rows[:, None] * sdl + dv[None, :] * sdd, mask=o_mask, other=0.0)
     o = tl.load(O + n * son + h * soh + rows[:, None] * sol + dv[None, :] * sod, mask=o_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + nh.to(tl.int64) * L + rows, delta, mask=row_ok)
+    tl.store(DELTA + nh.to(tl.int64) * L + rows, delta, mask=row_ok & (part == 0))
     lse = tl.load(LSE + nh.to(tl.int64) * L + rows, mask=row_ok, other=float("inf"))
     k_base = K + n * skn + hk * skh
     v_base = V + n * svn + hk * svh
     mask_base = MASK + n * smn + h * smh
 
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    dq = tl.zeros([BLOCK_M, D // DQ_PARTS], tl.float32)
     hi = S
     if IS_CAUSAL:
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
@@ -221,9 +227,12 @@ def attention_backward_dq_kernel(
         if DROPOUT:
             dp = tl.where(_keep(nh, rows, cols, L, S, SEED, threshold), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if DQ_PARTS > 1:  # this program's columns of K (in L1: the whole tile was just read)
+            k = tl.load(k_base + cols[:, None] * sks + dq_cols[None, :] * skd,
+                        mask=(cols[:, None] < S) & (dq_cols[None, :] < E), other=0.0)
         dq += _dot(ds, k, F32_DOT)
-    tl.store(DQ + nh.to(tl.int64) * L * E + rows[:, None] * E + d[None, :], _cast(dq * scale, DQ.dtype.element_ty),
-             mask=q_mask)
+    tl.store(DQ + nh.to(tl.int64) * L * E + rows[:, None] * E + dq_cols[None, :],
+             _cast(dq * scale, DQ.dtype.element_ty), mask=row_ok[:, None] & (dq_cols[None, :] < E))
 
 
 @triton.jit(do_not_specialize=["threshold"])
@@ -310,13 +319,14 @@ _HALF = {
 _HALF_DROPOUT = {("fwd", 64): (128, 64, 8, 3), ("dkdv", 64): (128, 64, 8, 2)}
 _FP32 = {  # tf32x3 needs three products' operands live: small tiles, dK and dV in two launches
     ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 4, 1), ("fwd", 256): (16, 32, 8, 1),
-    ("dq", 64): (64, 32, 4, 2), ("dq", 128): (16, 32, 4, 1), ("dq", 256): (16, 32, 4, 1),
+    ("dq", 64): (64, 32, 4, 2), ("dq", 128): (16, 32, 4, 1), ("dq", 256): (16, 32, 8, 1),
     ("dkdv", 64): (16, 32, 4, 1), ("dkdv", 128): (16, 32, 4, 1), ("dkdv", 256): (16, 16, 4, 1),
     ("dk", 128): (16, 32, 8, 1),  # the dK launch alone: spills on 4 warps (8 B under 3.6, 120 B under 3.8)
 }
 # Triton 3.7 on (a newer ptxas) spills in these three at the tiles above; they take smaller key tiles there.
 _NEWER_PTXAS = {(torch.float32, "fwd", 128): (64, 16, 4, 1), (torch.float16, "dq", 256): (128, 32, 8, 1),
                 (torch.bfloat16, "dq", 256): (128, 32, 8, 1), (torch.float32, "dkdv", 64): (16, 16, 2, 1)}
+_DQ_PARTS = {(torch.float32, 256)}  # dQ in two column halves (two programs per tile, both recompute S and dP)
 _SPLIT_DKDV = {256}  # head dims whose dK and dV accumulators do not both fit in one program's registers
 
 
@@ -340,6 +350,8 @@ def _config(d: int, dtype: torch.dtype, kernel: str, dropout: bool) -> dict:
         split = bucket in _SPLIT_DKDV or dtype == torch.float32 or (dropout and bucket == 128 and not NEWER_PTXAS)
     if kernel == "dkdv":
         cfg["SPLIT_DKDV"] = split
+    if kernel == "dq":
+        cfg["DQ_PARTS"] = 2 if (d > 64 if INTERPRET else (dtype, bucket) in _DQ_PARTS) else 1
     return cfg
 
 
@@ -425,7 +437,7 @@ def attention_backward(grad, q, k, v, out, lse, mask, dropout_p: float, is_causa
         "SPLIT_DKDV") else [(0, dkdv_cfg)]
     shared = (*c["mstrides"],)
     with device_guard(q):
-        programs = grid(L, cfg["BLOCK_M"], N * H)
+        programs = grid(L, cfg["BLOCK_M"], N * H * cfg["DQ_PARTS"])
         if programs[0]:
             attention_backward_dq_kernel[programs](
                 q, k, v, out, grad, lse, delta, dq, c["mask"], *q.stride(), *k.stride(), *v.stride(),
