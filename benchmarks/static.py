@@ -511,7 +511,10 @@ KNOWN = [
      "spill 0.8-9 KB"),
     (dict(family="attention", kernel="attention_backward_dkdv_kernel", D=128, DROPOUT=True, NEWER_PTXAS=True),
      "d128 dK/dV with dropout under Triton 3.7+: the keep mask's Philox rounds beside both accumulators spill "
-     "~30 B at 128 x 64 (the dK launch alone, as under 3.6, spills 100 B; 20 B at two stages)"),
+     "24 B at 128 x 64 (in the loop: reloads of a few loop-invariant words). Tried: the dK launch alone (as under "
+     "3.6) 76 B, 24 B at two stages; one launch at two stages 60 B; 128 x 32 fits but runs the dK and dV products "
+     "on mma.sync; 64 x 64 on 4 warps 216 B; the seed load kept in the loop 60 B; dS as P_dropped dP - P delta "
+     "20 B"),
 ]
 
 
