@@ -12,7 +12,9 @@ Backward: dQ programs own query rows (and first write delta = rowsum(dO * O)); d
 rows and walk the query rows of every query head sharing their kv head, so nothing is accumulated with
 atomics and the result is deterministic. Both recompute P = exp2(scores - lse). Where one program cannot
 hold both the dK and the dV accumulators in registers (d256, fp32; d128 with dropout under Triton 3.6), dK and
-dV are two launches (PART), the dK one with its own tiles where the tables give them ("dk").
+dV are two launches (PART), the dK one with its own tiles where the tables give them ("dk"). fp32 d256 splits
+dQ, dV and dK too: two programs per query (key) tile, each accumulating half of the columns (DQ_PARTS,
+COL_PARTS), both recomputing P (and dP for dQ and dK).
 Tiles per kernel, head dim and dtype (_config) come from the static sm_90a report (benchmarks/static.py).
 Grid and offsets: one 1-D grid (a program's (tile, n, h) decoded by _tile), so N * heads has no 65535
 limit; offsets are int64 in their n and h parts, and in their row parts too (WIDE) when the host sees a
@@ -44,6 +46,10 @@ if INTERPRET:
         return x.handle.data.item()
 
     @triton.jit
+    def _opaque_zero():
+        return 0
+
+    @triton.jit
     def _cast(x, dtype: tl.constexpr):
         """x.to(dtype) rounding to nearest even, as the GPU does: the interpreter truncates fp32 -> bf16,
         so add half an ulp (ties to even) first."""
@@ -59,6 +65,11 @@ else:
     @triton.jit
     def _cast(x, dtype: tl.constexpr):
         return x.to(dtype)
+
+    @triton.jit
+    def _opaque_zero():
+        """0, from an instruction the compiler may neither move nor merge (not pure)."""
+        return tl.inline_asm_elementwise("mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -175,14 +186,19 @@ def attention_backward_dq_kernel(
         H, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
-        WIDE: tl.constexpr):
-    pid_m, nh = _tile(L, BLOCK_M)
+        WIDE: tl.constexpr, DQ_PARTS: tl.constexpr):
+    """DQ_PARTS programs per query tile, each accumulating D // DQ_PARTS columns of dQ (all recompute the
+    scores and dP): where one program cannot hold the whole dQ dot (_config's DQ_PARTS)."""
+    pid_m, nh_part = _tile(L, BLOCK_M)
+    nh = nh_part // DQ_PARTS
+    part = nh_part % DQ_PARTS
     n = (nh // H).to(tl.int64)
     h = (nh % H).to(tl.int64)
     hk = h // GROUP
     rows = _span(pid_m * BLOCK_M, BLOCK_M, WIDE)
     d = _span(0, D, WIDE)
     dv = _span(0, DV, WIDE)
+    dq_cols = _span(part * (D // DQ_PARTS), D // DQ_PARTS, WIDE)
     row_ok = rows < L
     q_mask = row_ok[:, None] & (d[None, :] < E)
     o_mask = row_ok[:, None] & (dv[None, :] < EV)
@@ -190,13 +206,13 @@ def attention_backward_dq_kernel(
     do = tl.load(DO + n * sdn + h * sdh + rows[:, None] * sdl + dv[None, :] * sdd, mask=o_mask, other=0.0)
     o = tl.load(O + n * son + h * soh + rows[:, None] * sol + dv[None, :] * sod, mask=o_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + nh.to(tl.int64) * L + rows, delta, mask=row_ok)
+    tl.store(DELTA + nh.to(tl.int64) * L + rows, delta, mask=row_ok & (part == 0))
     lse = tl.load(LSE + nh.to(tl.int64) * L + rows, mask=row_ok, other=float("inf"))
     k_base = K + n * skn + hk * skh
     v_base = V + n * svn + hk * svh
     mask_base = MASK + n * smn + h * smh
 
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    dq = tl.zeros([BLOCK_M, D // DQ_PARTS], tl.float32)
     hi = S
     if IS_CAUSAL:
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
@@ -212,9 +228,12 @@ def attention_backward_dq_kernel(
         if DROPOUT:
             dp = tl.where(_keep(nh, rows, cols, L, S, SEED, threshold), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if DQ_PARTS > 1:  # this program's columns of K (in L1: the whole tile was just read)
+            k = tl.load(k_base + cols[:, None] * sks + dq_cols[None, :] * skd,
+                        mask=(cols[:, None] < S) & (dq_cols[None, :] < E), other=0.0)
         dq += _dot(ds, k, F32_DOT)
-    tl.store(DQ + nh.to(tl.int64) * L * E + rows[:, None] * E + d[None, :], _cast(dq * scale, DQ.dtype.element_ty),
-             mask=q_mask)
+    tl.store(DQ + nh.to(tl.int64) * L * E + rows[:, None] * E + dq_cols[None, :],
+             _cast(dq * scale, DQ.dtype.element_ty), mask=row_ok[:, None] & (dq_cols[None, :] < E))
 
 
 @triton.jit(do_not_specialize=["threshold"])
@@ -224,22 +243,27 @@ def attention_backward_dkdv_kernel(
         H, HKV, L, S, E, EV, GROUP, qk_scale, scale, drop_scale, SEED, threshold,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
         MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, F32_DOT: tl.constexpr,
-        WIDE: tl.constexpr, PART: tl.constexpr):
+        WIDE: tl.constexpr, PART: tl.constexpr, COL_PARTS: tl.constexpr):
     """PART 0: dK and dV; 1: dV alone; 2: dK alone (two launches where one program cannot hold both
-    accumulators in registers: _config's SPLIT_DKDV)."""
-    pid_n, nhk = _tile(S, BLOCK_N)
+    accumulators in registers: _config's SPLIT_DKDV). With PART 1 or 2, COL_PARTS programs per key tile each
+    accumulate 1 / COL_PARTS of the columns (all recompute P, and dP for dK): _config's COL_PARTS."""
+    pid_n, nhk_part = _tile(S, BLOCK_N)
+    nhk = nhk_part // COL_PARTS
+    cpart = nhk_part % COL_PARTS
     n = (nhk // HKV).to(tl.int64)
     hk = (nhk % HKV).to(tl.int64)
     cols = _span(pid_n * BLOCK_N, BLOCK_N, WIDE)
     d = _span(0, D, WIDE)
     dv = _span(0, DV, WIDE)
+    dk_cols = _span(cpart * (D // COL_PARTS), D // COL_PARTS, WIDE)  # this program's columns of dK, dV
+    dv_cols = _span(cpart * (DV // COL_PARTS), DV // COL_PARTS, WIDE)
     k_mask = (cols[:, None] < S) & (d[None, :] < E)
     v_mask = (cols[:, None] < S) & (dv[None, :] < EV)
     k = tl.load(K + n * skn + hk * skh + cols[:, None] * sks + d[None, :] * skd, mask=k_mask, other=0.0)
     v = tl.load(V + n * svn + hk * svh + cols[:, None] * svs + dv[None, :] * svd, mask=v_mask, other=0.0)
 
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv_acc = tl.zeros([BLOCK_N, DV], tl.float32)
+    dk = tl.zeros([BLOCK_N, D // COL_PARTS], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, DV // COL_PARTS], tl.float32)
     lo = 0
     if IS_CAUSAL:  # rows above the first key of this tile see none of it
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
@@ -262,23 +286,37 @@ def attention_backward_dkdv_kernel(
             s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, F32_DOT)
             p = tl.exp2(s - lse[:, None])
             if PART != 2:  # dV += P_dropped^T dO
+                do_part = do
+                if COL_PARTS > 1:  # only this program's columns of dO (dP is not computed here: PART 1)
+                    do_part = tl.load(do_base + rows[:, None] * sdl + dv_cols[None, :] * sdd,
+                                      mask=row_ok[:, None] & (dv_cols[None, :] < EV), other=0.0)
                 if DROPOUT:
-                    dv_acc += _dot(tl.trans(tl.where(keep, p * drop_scale, 0.0)), do, F32_DOT)
+                    dv_acc += _dot(tl.trans(tl.where(keep, p * drop_scale, 0.0)), do_part, F32_DOT)
                 else:
-                    dv_acc += _dot(tl.trans(p), do, F32_DOT)
+                    dv_acc += _dot(tl.trans(p), do_part, F32_DOT)
             if PART != 1:  # dK += dS^T Q
                 delta = tl.load(DELTA + nh * L + rows, mask=row_ok, other=0.0)
                 dp = _dot(do, tl.trans(v), F32_DOT)
                 if DROPOUT:
                     dp = tl.where(keep, dp * drop_scale, 0.0)
                 ds = p * (dp - delta[:, None])
+                if COL_PARTS > 1:  # this program's columns of Q (in L1: the whole tile was just read)
+                    q = tl.load(q_base + rows[:, None] * sql + dk_cols[None, :] * sqd,
+                                mask=row_ok[:, None] & (dk_cols[None, :] < E), other=0.0)
                 dk += _dot(tl.trans(ds), q, F32_DOT)
-    out = nhk.to(tl.int64) * S
+    # the store's offsets afresh: computed before the loop, they would be held (or spilled) through it
+    pid_n, nhk_part = _tile(S + _opaque_zero(), BLOCK_N)
+    cpart = nhk_part % COL_PARTS
+    cols = _span(tl.multiple_of(pid_n * BLOCK_N, BLOCK_N), BLOCK_N, WIDE)
+    dk_cols = _span(cpart * (D // COL_PARTS), D // COL_PARTS, WIDE)
+    dv_cols = _span(cpart * (DV // COL_PARTS), DV // COL_PARTS, WIDE)
+    out = (nhk_part // COL_PARTS).to(tl.int64) * S
     if PART != 1:
-        tl.store(DK + (out + cols[:, None]) * E + d[None, :], _cast(dk * scale, DK.dtype.element_ty), mask=k_mask)
+        tl.store(DK + (out + cols[:, None]) * E + dk_cols[None, :], _cast(dk * scale, DK.dtype.element_ty),
+                 mask=(cols[:, None] < S) & (dk_cols[None, :] < E))
     if PART != 2:
-        tl.store(DV_OUT + (out + cols[:, None]) * EV + dv[None, :], _cast(dv_acc, DV_OUT.dtype.element_ty),
-                 mask=v_mask)
+        tl.store(DV_OUT + (out + cols[:, None]) * EV + dv_cols[None, :], _cast(dv_acc, DV_OUT.dtype.element_ty),
+                 mask=(cols[:, None] < S) & (dv_cols[None, :] < EV))
 
 
 def _pad(dim: int) -> int:
@@ -296,13 +334,15 @@ _HALF = {
 _HALF_DROPOUT = {("fwd", 64): (128, 64, 8, 3), ("dkdv", 64): (128, 64, 8, 2)}
 _FP32 = {  # tf32x3 needs three products' operands live: small tiles, dK and dV in two launches
     ("fwd", 64): (64, 32, 4, 2), ("fwd", 128): (64, 32, 4, 1), ("fwd", 256): (16, 32, 8, 1),
-    ("dq", 64): (64, 32, 4, 2), ("dq", 128): (16, 32, 4, 1), ("dq", 256): (16, 32, 4, 1),
-    ("dkdv", 64): (16, 32, 4, 1), ("dkdv", 128): (16, 32, 4, 1), ("dkdv", 256): (16, 16, 4, 1),
+    ("dq", 64): (64, 32, 4, 2), ("dq", 128): (16, 32, 4, 1), ("dq", 256): (16, 32, 8, 1),
+    ("dkdv", 64): (16, 32, 4, 1), ("dkdv", 128): (16, 32, 4, 1), ("dkdv", 256): (16, 32, 8, 1),
     ("dk", 128): (16, 32, 8, 1),  # the dK launch alone: spills on 4 warps (8 B under 3.6, 120 B under 3.8)
 }
 # Triton 3.7 on (a newer ptxas) spills in these three at the tiles above; they take smaller key tiles there.
 _NEWER_PTXAS = {(torch.float32, "fwd", 128): (64, 16, 4, 1), (torch.float16, "dq", 256): (128, 32, 8, 1),
                 (torch.bfloat16, "dq", 256): (128, 32, 8, 1), (torch.float32, "dkdv", 64): (16, 16, 2, 1)}
+_DQ_PARTS = {(torch.float32, 256)}  # dQ in two column halves (two programs per tile, both recompute S and dP)
+_COL_PARTS = {(torch.float32, 256)}  # likewise dV (recomputing S) and dK (S and dP), in their two launches
 _SPLIT_DKDV = {256}  # head dims whose dK and dV accumulators do not both fit in one program's registers
 
 
@@ -326,6 +366,11 @@ def _config(d: int, dtype: torch.dtype, kernel: str, dropout: bool) -> dict:
         split = bucket in _SPLIT_DKDV or dtype == torch.float32 or (dropout and bucket == 128 and not NEWER_PTXAS)
     if kernel == "dkdv":
         cfg["SPLIT_DKDV"] = split
+    if kernel == "dq":
+        cfg["DQ_PARTS"] = 2 if (d > 64 if INTERPRET else (dtype, bucket) in _DQ_PARTS) else 1
+    if kernel in ("dkdv", "dk"):  # used where dK and dV are two launches (interpreter: fp32 there, so both forms run)
+        cfg["COL_PARTS"] = 2 if ((d > 64 and dtype == torch.float32) if INTERPRET else
+                                 (dtype, bucket) in _COL_PARTS) else 1
     return cfg
 
 
@@ -408,17 +453,17 @@ def attention_backward(grad, q, k, v, out, lse, mask, dropout_p: float, is_causa
     cfg = _config(max(E, EV), q.dtype, "dq", dropout_p > 0.0)
     dkdv_cfg = _config(max(E, EV), q.dtype, "dkdv", dropout_p > 0.0)
     parts = [(1, dkdv_cfg), (2, _config(max(E, EV), q.dtype, "dk", dropout_p > 0.0))] if dkdv_cfg.pop(
-        "SPLIT_DKDV") else [(0, dkdv_cfg)]
+        "SPLIT_DKDV") else [(0, dict(dkdv_cfg, COL_PARTS=1))]
     shared = (*c["mstrides"],)
     with device_guard(q):
-        programs = grid(L, cfg["BLOCK_M"], N * H)
+        programs = grid(L, cfg["BLOCK_M"], N * H * cfg["DQ_PARTS"])
         if programs[0]:
             attention_backward_dq_kernel[programs](
                 q, k, v, out, grad, lse, delta, dq, c["mask"], *q.stride(), *k.stride(), *v.stride(),
                 *out.stride(), *grad.stride(), *shared, H, L, S, E, EV, H // HKV, c["qk_scale"], scale,
                 c["drop_scale"], *c["philox"], IS_CAUSAL=is_causal, **c["consts"], **cfg)
         for part, part_cfg in parts:
-            programs = grid(S, part_cfg["BLOCK_N"], N * HKV)
+            programs = grid(S, part_cfg["BLOCK_N"], N * HKV * part_cfg["COL_PARTS"])
             if programs[0]:
                 attention_backward_dkdv_kernel[programs](
                     q, k, v, grad, lse, delta, dk, dv, c["mask"], *q.stride(), *k.stride(), *v.stride(),

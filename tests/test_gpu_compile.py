@@ -62,7 +62,9 @@ for name, fn in (("fwd", A.attention_forward_kernel), ("dq", A.attention_backwar
     wides = []
     for wide in (False, True):
         consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], D=64, DV=64, MASK_KIND=1, IS_CAUSAL=True,
-                      DROPOUT=True, F32_DOT="none", WIDE=wide, **({"PART": 0} if name == "dkdv" else {}))
+                      DROPOUT=True, F32_DOT="none", WIDE=wide,
+                      **({"PART": 0, "COL_PARTS": 1} if name == "dkdv" else {}),
+                      **({"DQ_PARTS": cfg["DQ_PARTS"]} if name == "dq" else {}))
         ptx = compile_for_sm90(fn, consts, lambda a: types.get(a, "i32"), num_warps=cfg.get("num_warps", 4),
                                num_stages=cfg.get("num_stages", 2)).asm["ptx"]
         wides.append(ptx.count("mul.lo.s64") + ptx.count("mul.wide.s32") + ptx.count("mad.lo.s64"))
