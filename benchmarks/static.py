@@ -507,8 +507,8 @@ def _cuda_dtype(name: str) -> str:
 KNOWN = [
     (dict(family="attention", dtype="fp32", D=256, kernel="attention_backward_dkdv_kernel", NEWER_PTXAS=True),
      "fp32 d256 dK on tf32x3 under Triton 3.7+: the dK launch (its columns in two programs, 16 x 32 on 8 warps; "
-     "clean under 3.6) still spills ~0.9 KB; 16 x 16 and 32 x 32 tiles, 4 warps, four column parts, 2 stages "
-     "spill 0.8-9 KB"),
+     "clean under 3.6) still spills ~0.9 KB; 16 x 16, 32 x 16 and 32 x 32 tiles, 4 or 16 warps, four column "
+     "parts, 2 stages spill 0.8-9 KB"),
     (dict(family="attention", kernel="attention_backward_dkdv_kernel", D=128, DROPOUT=True, NEWER_PTXAS=True),
      "d128 dK/dV with dropout under Triton 3.7+: the keep mask's Philox rounds beside both accumulators spill "
      "24 B at 128 x 64 (in the loop: reloads of a few loop-invariant words). Tried: the dK launch alone (as under "
