@@ -126,7 +126,8 @@ def extension():
         return None, None, "FUSENN_CPP=0"
     std = f"-std={cxx_std()}"
     # -fno-trapping-math: the CPU loops' clamps become vector blends (csrc/rnn_host.cpp, activate_row)
-    cxx = ["-O3", std, "-fno-trapping-math"]
+    # -ffp-contract=off: the AVX-512 clones of those loops (x86-64-v4 has FMA) compute the same bits as the others
+    cxx = ["-O3", std, "-fno-trapping-math", "-ffp-contract=off"]
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     if no_cuda:
         kind = f"host-only (the C++ RNN layers on CPU tensors; no CUDA kernels: {no_cuda})"

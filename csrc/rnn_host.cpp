@@ -123,8 +123,8 @@ void assume_zoneout(Zoneout& z, int mode) {
   if (mode == 1 && z.keep == nullptr) __builtin_unreachable();
 }
 
-// fast_row, and on x86-64 Linux fast_row_avx2, the same code built for AVX2 (taken where the CPU has it; no
-// contraction into FMAs, so both compute the same bits).
+// fast_row, and on x86-64 Linux fast_row_avx2 and (GCC) fast_row_v4, the same code built for AVX2 and AVX-512
+// (taken where the CPU has them; no contraction into FMAs, so all compute the same bits).
 #define FUSENN_FAST_ROWS(NAME, ATTR)                                                \
   template <class T, int kZo, bool kOp, bool kScale>                                \
   ATTR void NAME(LstmCell a, int64_t b) {                                           \
@@ -144,6 +144,20 @@ void assume_zoneout(Zoneout& z, int mode) {
     assume(a.tc, true);                                                             \
     FUSENN_IVDEP                                                                    \
     for (int64_t j = 0; j < a.H; ++j) run_at<T>(a, b, j);                           \
+  }                                                                                 \
+  template <class T, int kZo, bool, bool = false>                                   \
+  ATTR void NAME(LstmDh a, int64_t b) {                                             \
+    a.s.lengths = nullptr, a.dhz_op = nullptr, a.dhs = nullptr;                     \
+    assume_zoneout(a.s.zo, kZo);                                                    \
+    FUSENN_IVDEP                                                                    \
+    for (int64_t k = 0; k < a.P; ++k) run_at<T>(a, b, k);                           \
+  }                                                                                 \
+  template <class T, int, bool, bool kScale>                                        \
+  ATTR void NAME(AddRecurrent a, int64_t b) {                                       \
+    a.s.lengths = nullptr;                                                          \
+    assume(a.s.rscale, kScale);                                                     \
+    FUSENN_IVDEP                                                                    \
+    for (int64_t k = 0; k < a.W; ++k) run_at<T>(a, b, k);                           \
   }
 
 FUSENN_FAST_ROWS(fast_row, )
@@ -151,9 +165,16 @@ FUSENN_FAST_ROWS(fast_row, )
 FUSENN_FAST_ROWS(fast_row_avx2, __attribute__((target("avx2"))))
 #define FUSENN_FAST_ROW_AVX2 1
 #endif
+#ifdef FUSENN_HAS_V4_CLONES
+FUSENN_FAST_ROWS(fast_row_v4, __attribute__((target("arch=x86-64-v4"))))
+#endif
 
 template <class T, int kZo, bool kOp, bool kScale, class Cell>
 void run_fast_row(const Cell& a, int64_t b) {
+#ifdef FUSENN_HAS_V4_CLONES
+  static const bool v4 = __builtin_cpu_supports("x86-64-v4");
+  if (v4) return fast_row_v4<T, kZo, kOp, kScale>(a, b);
+#endif
 #ifdef FUSENN_FAST_ROW_AVX2
   static const bool avx2 = __builtin_cpu_supports("avx2");
   if (avx2) return fast_row_avx2<T, kZo, kOp, kScale>(a, b);
@@ -184,10 +205,24 @@ bool fast_lstm_cell(const LstmCellBackward& a, int64_t b) {
   return true;
 }
 
-// Whether row b of the step ran here, vectorised (LSTM cells only; false: run it element by element).
+// Whether row b of the step ran here, vectorised (the LSTM's cells, its dh split without a projection, the
+// recurrent gradient's sum; false: run it element by element).
 template <class T, class Cell>
 bool try_fast_row(const Cell& a, int64_t b) {
-  if constexpr (std::is_same_v<Cell, LstmCell> || std::is_same_v<Cell, LstmCellBackward>) {
+  if constexpr (std::is_same_v<Cell, AddRecurrent>) {
+    if (!has_step(a.s, b)) return false;
+    if (a.s.rscale != nullptr) run_fast_row<T, 0, false, true>(a, b);
+    else run_fast_row<T, 0, false, false>(a, b);
+    return true;
+  } else if constexpr (std::is_same_v<Cell, LstmDh>) {
+    if (a.dhz_op != nullptr || a.dhs != nullptr || !has_step(a.s, b)) return false;
+    switch (fast_zoneout(a.s.zo)) {
+      case 0: run_fast_row<T, 0, false, false>(a, b); return true;
+      case 1: run_fast_row<T, 1, false, false>(a, b); return true;
+      case 2: run_fast_row<T, 2, false, false>(a, b); return true;
+      default: return false;
+    }
+  } else if constexpr (std::is_same_v<Cell, LstmCell> || std::is_same_v<Cell, LstmCellBackward>) {
     if constexpr (std::is_same_v<Cell, LstmCell>) {
       if (a.m != nullptr) return false;
     }
@@ -235,7 +270,7 @@ void run_step(const StepArgs& args, int64_t n, const Tensor& like, int64_t strea
 
 // ---- The CPU loops' first passes: a step's transcendentals (gate activations, tanh of the new c) and a layer's
 // zoneout masks, over contiguous rows in loops the compiler vectorises (built with -fno-trapping-math, so the
-// clamps become blends; FUSENN_VECTOR_CLONES: AVX2 too). Five scalar expf calls per LSTM element, and a Philox
+// clamps become blends; FUSENN_VECTOR_CLONES: AVX2 and AVX-512 too). Five scalar expf calls per LSTM element, and a Philox
 // evaluation per mask use, were most of a step's element-wise time; the scalar step functions then do the rest. ----
 // out[j] := sigmoid(g[j] + x[j] + bias[j]) (bias may be null), or tanh(g[j] + x[j]), for j < n.
 FUSENN_VECTOR_CLONES void activate_row(float* __restrict out, const float* __restrict g, const float* __restrict x,
@@ -296,25 +331,53 @@ bool activate_gates(const Tensor& like, float* act, const float* gh, const void*
   return true;
 }
 
+// Below this many multiply-adds a @ b is faster through at::mm than through oneDNN's primitive call (~10 us
+// fixed cost on this project's CPU; at::mm is 2-5x faster at, e.g., B 1-4 x H 128).
+constexpr int64_t kOneDnnMinMacs = int64_t{1} << 19;
+
+// The right operand b (K, N) of a layer's per-step GEMMs out = a @ b, a (rows, K). On CPU, b^T contiguous (that
+// spares oneDNN a reorder a step), and, for fp32 where the steps amortise it (T >= 8, oneDNN serves the shape),
+// b^T also in oneDNN's packed layout for `rows` rows (torch's mkldnn::_reorder_linear_weight): no step's call
+// then repacks the whole weight (1.2-2x faster a step at H 256-650, B 4-64; the products are the same bits).
+struct Rhs {
+  Tensor b;
+  Tensor packed;  // undefined: none
+};
+
+Rhs step_rhs(const Tensor& b, int64_t rows, int64_t steps) {
+  if (b.is_cuda()) return {b, Tensor()};
+  static const std::optional<c10::OperatorHandle> reorder =
+      c10::Dispatcher::singleton().findOp({"mkldnn::_reorder_linear_weight", ""});
+  const Tensor bt = b.t().contiguous();
+  if (b.scalar_type() != at::kFloat || steps < 8 || rows < 2 || !reorder ||
+      rows * b.size(0) * b.size(1) < kOneDnnMinMacs) {
+    return {bt.t(), Tensor()};
+  }
+  std::vector<c10::IValue> stack{bt, c10::IValue(rows)};
+  reorder->callBoxed(stack);
+  return {bt.t(), stack[0].toTensor()};
+}
+
 // out (fp32) = a @ b, a and b in the layer's dtype: fp32 accumulation and result for every dtype; out may be
 // replaced by a new tensor (its data pointer is read after the call).
-// CPU fp32: a @ b through oneDNN (torch's mkldnn::_linear_pointwise, linear(a, b^T); b^T contiguous spares it a
-// reorder) where torch has it: on some CPUs (AMD) MKL's sgemm takes a generic path 2-3x slower at these
-// shapes. False where it cannot, for at::mm to serve.
-bool onednn_mm(Tensor& out, const Tensor& a, const Tensor& b) {
+// CPU fp32: a @ b through oneDNN (torch's mkldnn::_linear_pointwise, linear(a, b^T); `packed` is b^T in its
+// layout) where torch has it and the shape is large enough: on some CPUs (AMD) MKL's sgemm takes a generic path
+// 2-3x slower at these shapes. False where it cannot, for at::mm to serve.
+bool onednn_mm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& packed = Tensor()) {
   static const std::optional<c10::OperatorHandle> op =
       c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
   if (!op || !a.device().is_cpu() || a.numel() == 0 || b.numel() == 0 || !a.is_contiguous()) return false;
-  std::vector<c10::IValue> stack{a, b.t(), c10::IValue(), std::string("none"),
+  if (!packed.defined() && a.size(0) * b.size(0) * b.size(1) < kOneDnnMinMacs) return false;
+  std::vector<c10::IValue> stack{a, packed.defined() ? packed : b.t(), c10::IValue(), std::string("none"),
                                  c10::List<std::optional<at::Scalar>>(), c10::IValue()};
   op->callBoxed(stack);
   out = stack[0].toTensor();
   return true;
 }
 
-void mm_f32(Tensor& out, const Tensor& a, const Tensor& b) {
+void mm_f32(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& packed = Tensor()) {
   if (a.scalar_type() == at::kFloat) {
-    if (!onednn_mm(out, a, b)) at::mm_out(out, a, b);
+    if (!onednn_mm(out, a, b, packed)) at::mm_out(out, a, b);
   } else if (a.is_cuda()) {
     at::mm_out(out, a, b, at::kFloat);
   } else {  // CPU has no half-in, float-out mm
@@ -322,9 +385,7 @@ void mm_f32(Tensor& out, const Tensor& a, const Tensor& b) {
   }
 }
 
-// w as mm_f32's right operand for every step of a loop: on CPU laid out so that oneDNN's weight (b^T) is
-// contiguous (one transposed copy per layer instead of a reorder per step).
-Tensor gemm_rhs(const Tensor& w) { return w.is_cuda() ? w : w.t().contiguous().t(); }
+void mm_f32(Tensor& out, const Tensor& a, const Rhs& b) { mm_f32(out, a, b.b, b.packed); }
 
 // An output buffer; NaN under FUSENN_POISON=1 (the tests), so an element never written cannot pass.
 Tensor new_output(at::IntArrayRef shape, at::ScalarType dtype, const Tensor& like) {
@@ -461,7 +522,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
     Tensor op_h = direct ? Tensor() : (rscale ? hs[first] * *rscale : hs[first]).to(gx.scalar_type(), false, true);
     Tensor m_op = proj ? at::empty({B, H}, gx.options()) : Tensor();
     Tensor hp = proj ? at::empty({B, P}, gx.options().dtype(at::kFloat)) : Tensor();
-    const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? w_hr->t() : Tensor();
+    const Rhs w_hh_t = step_rhs(w_hh.t(), B, T), w_hr_t = proj ? step_rhs(w_hr->t(), B, T) : Rhs{};
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = reverse ? T - 1 - k : k;
       int64_t before, after;
@@ -547,7 +608,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(
     // fp32 on CPU: each step's dg is the GEMM's operand itself
     const bool direct = !gx.is_cuda() && gx.scalar_type() == at::kFloat;
     Tensor dg_op = direct ? Tensor() : at::empty({B, 4 * H}, gx.options());
-    const Tensor w_hh_b = gemm_rhs(w_hh), w_hr_b = proj ? gemm_rhs(*w_hr) : Tensor();
+    const Rhs w_hh_b = step_rhs(w_hh, B, T), w_hr_b = proj ? step_rhs(*w_hr, B, T) : Rhs{};
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = reverse ? k : T - 1 - k;
       int64_t before, after;
@@ -599,7 +660,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h
     Tensor gh = at::empty({B, 3 * H}, gx.options().dtype(at::kFloat)), act = at::empty_like(gh);
     const bool direct = !gx.is_cuda() && gx.scalar_type() == at::kFloat && !rscale;  // as the LSTM's
     Tensor op_h = direct ? Tensor() : (rscale ? hs[first] * *rscale : hs[first]).to(gx.scalar_type(), false, true);
-    const Tensor w_hh_t = w_hh.t();
+    const Rhs w_hh_t = step_rhs(w_hh.t(), B, T);
     const OptTensor bias_rz = gru_bias_rz(b_hh, H);
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = reverse ? T - 1 - k : k;
@@ -650,7 +711,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dy_in, const Tenso
     const bool activated = activate_gates(gx, gh.data_ptr<float>(), products.data_ptr<float>(), gx.data_ptr(), T * B,
                                           3, H, data_or_null<float>(bias_rz));
     Tensor acc = at::empty({B, H}, f32), g_op = at::empty({B, 3 * H}, gx.options());
-    const Tensor w_hh_b = gemm_rhs(w_hh);
+    const Rhs w_hh_b = step_rhs(w_hh, B, T);
     for (int64_t k = 0; k < T; ++k) {
       const int64_t t = reverse ? k : T - 1 - k;
       int64_t before, after;

@@ -158,7 +158,7 @@ def _grad_matmul(grad_rows: Tensor, inputs: Tensor, dtype) -> Tensor:
     Autocast is off here: backward may run inside the caller's autocast region."""
     with torch.autocast(grad_rows.device.type, enabled=False):
         a, b = grad_rows.reshape(-1, grad_rows.shape[-1]).t(), inputs.reshape(-1, inputs.shape[-1])
-        if _onednn_fp32(a, b):  # oneDNN's linear, 2-3x MKL's sgemm on some CPUs (AMD); its input is made
+        if _onednn_fp32(a, b, a.shape[0] * a.shape[1] * b.shape[1]):  # oneDNN's linear, 2-3x MKL's sgemm on some CPUs (AMD); its input is made
             # contiguous, so the narrower of the two is the one transposed: (b^T a)^T or a b
             if b.shape[1] <= a.shape[0]:
                 return _onednn_linear(b.t().contiguous(), a).t().contiguous().to(dtype)
@@ -170,7 +170,7 @@ def input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend:
     """F.linear(x, weight, bias): a layer's input GEMM over all steps. For the C++ layers on CPU tensors (backend
     "cpp", fp32, no autocast, not traced) forward and backward run through oneDNN, as the layers' own GEMMs do."""
     if (backend != "cpp" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-            or not _onednn_fp32(x, weight) or (bias is not None and bias.dtype != torch.float32)):
+            or not _onednn_fp32(x, weight, x.numel() * weight.shape[0]) or (bias is not None and bias.dtype != torch.float32)):
         return torch.nn.functional.linear(x, weight, bias)
     return _OneDNNLinear.apply(x, weight, bias)
 
@@ -209,8 +209,11 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db
 
 
-def _onednn_fp32(a: Tensor, b: Tensor) -> bool:
-    return (a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and a.numel() > 0 and b.numel() > 0
+_ONEDNN_MIN_MACS = 1 << 19  # below this a GEMM is faster through at::mm (oneDNN's call costs ~10 us; csrc's too)
+
+
+def _onednn_fp32(a: Tensor, b: Tensor, macs: int) -> bool:
+    return (a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and macs >= _ONEDNN_MIN_MACS
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
@@ -315,12 +318,16 @@ def lstm_layer_forward(gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: O
     return (y, h_n, c_n) + tuple(t if t is not None else _empty(gx.device) for t in (hs, cs, ms)) + (gates, zo_keep)
 
 
+def _keeps_gates(gx: Tensor, save: bool, impl: str) -> bool:
+    return save and impl == "cuda" and gx.device.type == "cpu"
+
+
 def _kept(gx: Tensor, h0: Tensor, save: bool, zo_p, zo_seed, impl: str, new=None) -> tuple[Tensor, Tensor]:
     """The buffers the LSTM's forward fills for its backward: (gates (T, B, 4H) fp32, sampled zoneout's masks
     (T * B * (P + H),) uint8), empty where not kept. The C++ stepwise layers keep them on CPU tensors when saving
     (a GPU recomputes the gates in one GEMM and draws the masks in its kernels rather than hold them)."""
     new = new or torch.empty
-    if not (save and impl == "cuda" and gx.device.type == "cpu"):
+    if not _keeps_gates(gx, save, impl):
         return _empty(gx.device), _empty(gx.device)
     T, B, G = gx.shape
     counters = T * B * (h0.shape[-1] + G // 4) if zo_p is not None and zo_seed is not None else 0
@@ -385,7 +392,10 @@ def _lstm_setup(ctx, inputs, output):
     _, _, _, hs, cs, ms, gates, zo_keep = output
     ctx.mark_non_differentiable(hs, cs, ms, gates, zo_keep)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the buffers (_grads_or_zeros for the rest)
-    ctx.save_for_backward(gx, w_hh, w_hr, lengths, hs, cs, ms, gates, zo_keep, rd_seed, zo_seed)
+    # With the gates kept, backward reads gx only for its shape and dtype: fp32 gates stand in for an fp32 gx,
+    # which is then freed after the forward (its memory serves the next layer: fewer fresh pages a step on CPU)
+    stand_in = gates if _keeps_gates(gx, save, impl) and gx.dtype == torch.float32 else gx
+    ctx.save_for_backward(stand_in, w_hh, w_hr, lengths, hs, cs, ms, gates, zo_keep, rd_seed, zo_seed)
     ctx.args = (reverse, rd_p, zo_p, impl)
     ctx.saved = save
 
