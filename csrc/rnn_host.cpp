@@ -102,7 +102,7 @@ int64_t width(const AddRecurrent& a) { return a.W; }
 int64_t width(const GruCell& a) { return a.H; }
 int64_t width(const GruCellBackward& a) { return a.H; }
 
-// The LSTM cell's common rows on CPU (the row has step t, the transcendentals are precomputed, no projection):
+// The LSTM's common rows on CPU (the row has step t; cells: the transcendentals are precomputed, no projection):
 // the step function runs on a local copy with those facts, zoneout's mode and which pointers are null written
 // into it, so that the compiler folds its branches and vectorises the row (every other row runs it as it is).
 #if defined(__GNUC__) && !defined(__clang__)
@@ -270,8 +270,9 @@ void run_step(const StepArgs& args, int64_t n, const Tensor& like, int64_t strea
 
 // ---- The CPU loops' first passes: a step's transcendentals (gate activations, tanh of the new c) and a layer's
 // zoneout masks, over contiguous rows in loops the compiler vectorises (built with -fno-trapping-math, so the
-// clamps become blends; FUSENN_VECTOR_CLONES: AVX2 and AVX-512 too). Five scalar expf calls per LSTM element, and a Philox
-// evaluation per mask use, were most of a step's element-wise time; the scalar step functions then do the rest. ----
+// clamps become blends; FUSENN_VECTOR_CLONES: AVX2 and AVX-512 too). Five scalar expf calls per LSTM element, and
+// a Philox evaluation per mask use, were most of a step's element-wise time; the step functions then do the rest.
+// ----
 // out[j] := sigmoid(g[j] + x[j] + bias[j]) (bias may be null), or tanh(g[j] + x[j]), for j < n.
 FUSENN_VECTOR_CLONES void activate_row(float* __restrict out, const float* __restrict g, const float* __restrict x,
                                        const float* __restrict bias, int64_t n, bool tanh) {

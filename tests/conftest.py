@@ -56,7 +56,8 @@ def cpp_host_unavailable():
     from fusenn._cxx import cxx_std
 
     try:
-        load(name="fusenn_host_twin", extra_include_paths=[CSRC], extra_cflags=["-O1", f"-std={cxx_std()}", "-ffp-contract=off"],
+        load(name="fusenn_host_twin", extra_include_paths=[CSRC],
+             extra_cflags=["-O1", f"-std={cxx_std()}", "-ffp-contract=off"],
              sources=[os.path.join(CSRC, f) for f in ("rnn_host.cpp", "bindings.cpp")])
     except Exception as exc:  # noqa: BLE001 - compiler failures come in many types
         lines = str(exc).splitlines()

@@ -158,8 +158,9 @@ def _grad_matmul(grad_rows: Tensor, inputs: Tensor, dtype) -> Tensor:
     Autocast is off here: backward may run inside the caller's autocast region."""
     with torch.autocast(grad_rows.device.type, enabled=False):
         a, b = grad_rows.reshape(-1, grad_rows.shape[-1]).t(), inputs.reshape(-1, inputs.shape[-1])
-        if _onednn_fp32(a, b, a.shape[0] * a.shape[1] * b.shape[1]):  # oneDNN's linear, 2-3x MKL's sgemm on some CPUs (AMD); its input is made
-            # contiguous, so the narrower of the two is the one transposed: (b^T a)^T or a b
+        # oneDNN's linear, 2-3x MKL's sgemm on some CPUs (AMD); its input is made contiguous, so the narrower
+        # of the two is the one transposed: (b^T a)^T or a b
+        if _onednn_fp32(a, b, a.shape[0] * a.shape[1] * b.shape[1]):
             if b.shape[1] <= a.shape[0]:
                 return _onednn_linear(b.t().contiguous(), a).t().contiguous().to(dtype)
             return _onednn_linear(a.contiguous(), b.t()).to(dtype)
@@ -170,7 +171,8 @@ def input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend:
     """F.linear(x, weight, bias): a layer's input GEMM over all steps. For the C++ layers on CPU tensors (backend
     "cpp", fp32, no autocast, not traced) forward and backward run through oneDNN, as the layers' own GEMMs do."""
     if (backend != "cpp" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-            or not _onednn_fp32(x, weight, x.numel() * weight.shape[0]) or (bias is not None and bias.dtype != torch.float32)):
+            or not _onednn_fp32(x, weight, x.numel() * weight.shape[0])
+            or (bias is not None and bias.dtype != torch.float32)):
         return torch.nn.functional.linear(x, weight, bias)
     return _OneDNNLinear.apply(x, weight, bias)
 
