@@ -118,10 +118,17 @@ def _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale,
 
 
 @triton.jit
-def _keep(nh, rows, cols, L, S, SEED, threshold):
-    """Dropout keep-bits of a tile: the element's flat index in (N, Hq, L, S) is its Philox counter."""
+def _keep(nh, rows, cols, L, S, SEED, threshold, RELOAD_KEY: tl.constexpr = False):
+    """Dropout keep-bits of a tile: the element's flat index in (N, Hq, L, S) is its Philox counter.
+    RELOAD_KEY: read the seed afresh for this tile (a volatile load, which the compiler may not hoist out of
+    the loop): hoisted, the key words of all ten rounds (k + i * W) are computed once and held in registers
+    through the loop, 20 of them, which the dK/dV kernel cannot spare."""
     counter = (nh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :]
-    k0, k1 = philox_key(SEED)  # one cached scalar load per tile
+    if RELOAD_KEY:
+        seed = tl.load(SEED, volatile=True)
+        k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    else:
+        k0, k1 = philox_key(SEED)  # one cached scalar load per tile
     return philox_keep(counter, k0, k1, threshold)
 
 
@@ -277,7 +284,7 @@ def attention_backward_dkdv_kernel(
             rows = _span(start, BLOCK_M, WIDE)
             row_ok = rows < L
             if DROPOUT:  # first, while no score tile is live: Philox's rounds need four words per element
-                keep = _keep(nh, rows, cols, L, S, SEED, threshold)
+                keep = _keep(nh, rows, cols, L, S, SEED, threshold, RELOAD_KEY=True)
             q = tl.load(q_base + rows[:, None] * sql + d[None, :] * sqd,
                         mask=row_ok[:, None] & (d[None, :] < E), other=0.0)
             do = tl.load(do_base + rows[:, None] * sdl + dv[None, :] * sdd,
@@ -361,8 +368,8 @@ def _config(d: int, dtype: torch.dtype, kernel: str, dropout: bool) -> dict:
             _HALF_DROPOUT.get((name, bucket)) if dropout and dtype != torch.float32 else None,
             _NEWER_PTXAS.get((dtype, name, bucket)) if NEWER_PTXAS else None, table.get((name, bucket))) if t)
         cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
-        # with dropout at d128, dK's Philox rounds beside both accumulators spill: two launches (under 3.6; 3.8's
-        # ptxas spills more in the dK launch alone than in one launch, static.KNOWN)
+        # with dropout at d128, dK's Philox rounds beside both accumulators spill under 3.6: two launches (3.8's
+        # ptxas fits one launch, with the Philox key reloaded per tile: _keep's RELOAD_KEY)
         split = bucket in _SPLIT_DKDV or dtype == torch.float32 or (dropout and bucket == 128 and not NEWER_PTXAS)
     if kernel == "dkdv":
         cfg["SPLIT_DKDV"] = split
