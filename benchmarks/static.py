@@ -504,12 +504,7 @@ def _cuda_dtype(name: str) -> str:
 
 # Default configs the report still flags, each with why it is not fixed yet: violations() leaves them out
 # and known() lists them apart, so the CI test fails on anything new while these stay visible.
-KNOWN = [
-    (dict(family="attention", dtype="fp32", D=256, kernel="attention_backward_dkdv_kernel", NEWER_PTXAS=True),
-     "fp32 d256 dK on tf32x3 under Triton 3.7+: the dK launch (its columns in two programs, 16 x 32 on 8 warps; "
-     "clean under 3.6) still spills ~0.9 KB; 16 x 16, 32 x 16 and 32 x 32 tiles, 4 or 16 warps, four column "
-     "parts, 2 stages spill 0.8-9 KB"),
-]
+KNOWN: list = []  # (match, why) pairs; none left
 
 
 def known(r: dict):
