@@ -504,18 +504,7 @@ def _cuda_dtype(name: str) -> str:
 
 # Default configs the report still flags, each with why it is not fixed yet: violations() leaves them out
 # and known() lists them apart, so the CI test fails on anything new while these stay visible.
-KNOWN = [
-    (dict(family="attention", dtype="fp32", D=256, kernel="attention_backward_dkdv_kernel", NEWER_PTXAS=True),
-     "fp32 d256 dK on tf32x3 under Triton 3.7+: the dK launch (its columns in two programs, 16 x 32 on 8 warps; "
-     "clean under 3.6) still spills ~0.9 KB; 16 x 16, 32 x 16 and 32 x 32 tiles, 4 or 16 warps, four column "
-     "parts, 2 stages spill 0.8-9 KB"),
-    (dict(family="attention", kernel="attention_backward_dkdv_kernel", D=128, DROPOUT=True, NEWER_PTXAS=True),
-     "d128 dK/dV with dropout under Triton 3.7+: the keep mask's Philox rounds beside both accumulators spill "
-     "24 B at 128 x 64 (in the loop: reloads of a few loop-invariant words). Tried: the dK launch alone (as under "
-     "3.6) 76 B, 24 B at two stages; one launch at two stages 60 B; 128 x 32 fits but runs the dK and dV products "
-     "on mma.sync; 64 x 64 on 4 warps 216 B; the seed load kept in the loop 60 B; dS as P_dropped dP - P delta "
-     "20 B"),
-]
+KNOWN: list = []  # (match, why) pairs; none left
 
 
 def known(r: dict):

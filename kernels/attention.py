@@ -14,7 +14,8 @@ atomics and the result is deterministic. Both recompute P = exp2(scores - lse). 
 hold both the dK and the dV accumulators in registers (d256, fp32; d128 with dropout under Triton 3.6), dK and
 dV are two launches (PART), the dK one with its own tiles where the tables give them ("dk"). fp32 d256 splits
 dQ, dV and dK too: two programs per query (key) tile, each accumulating half of the columns (DQ_PARTS,
-COL_PARTS), both recomputing P (and dP for dQ and dK).
+COL_PARTS), both recomputing P (and dP for dQ and dK); its dV and dK programs sum S (and dP) over two slices
+of the head dim, so that fewer operands are live at once.
 Tiles per kernel, head dim and dtype (_config) come from the static sm_90a report (benchmarks/static.py).
 Grid and offsets: one 1-D grid (a program's (tile, n, h) decoded by _tile), so N * heads has no 65535
 limit; offsets are int64 in their n and h parts, and in their row parts too (WIDE) when the host sees a
@@ -103,7 +104,15 @@ def _dot(a, b, F32_DOT: tl.constexpr):
 def _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale,
             MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, F32_DOT: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of (q k^T * scale + mask) * log2(e); -inf where the key is not visible."""
-    s = _dot(q, tl.trans(k), F32_DOT) * qk_scale
+    return _masked_scores(_dot(q, tl.trans(k), F32_DOT), rows, cols, L, S, mask_base, sml, sms, qk_scale,
+                          MASK_KIND, IS_CAUSAL)
+
+
+@triton.jit
+def _masked_scores(qk, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr):
+    """_scores from the product q k^T."""
+    s = qk * qk_scale
     in_bounds = (rows[:, None] < L) & (cols[None, :] < S)
     visible = in_bounds
     if IS_CAUSAL:
@@ -118,10 +127,35 @@ def _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale,
 
 
 @triton.jit
-def _keep(nh, rows, cols, L, S, SEED, threshold):
-    """Dropout keep-bits of a tile: the element's flat index in (N, Hq, L, S) is its Philox counter."""
+def _dot_nt_sliced(a_base, sar, sac, b_base, sbr, sbc, rows, cols, L, S, E, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, SLICES: tl.constexpr, F32_DOT: tl.constexpr,
+                   WIDE: tl.constexpr):
+    """a[rows, :E] @ b[cols, :E]^T summed over SLICES slices of the head dim, each slice of a and b loaded
+    apart: the operands live at once are a slice's, not the whole head dim's (b's slices do not depend on
+    the caller's loop, and the compiler keeps them in shared memory across it, as it would the whole b)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for c in tl.static_range(SLICES):
+        dc = _span(c * (D // SLICES), D // SLICES, WIDE)
+        a = tl.load(a_base + rows[:, None] * sar + dc[None, :] * sac, mask=(rows[:, None] < L) & (dc[None, :] < E),
+                    other=0.0)
+        b = tl.load(b_base + cols[:, None] * sbr + dc[None, :] * sbc, mask=(cols[:, None] < S) & (dc[None, :] < E),
+                    other=0.0)
+        acc += _dot(a, tl.trans(b), F32_DOT)
+    return acc
+
+
+@triton.jit
+def _keep(nh, rows, cols, L, S, SEED, threshold, RELOAD_KEY: tl.constexpr = False):
+    """Dropout keep-bits of a tile: the element's flat index in (N, Hq, L, S) is its Philox counter.
+    RELOAD_KEY: read the seed afresh for this tile (a volatile load, which the compiler may not hoist out of
+    the loop): hoisted, the key words of all ten rounds (k + i * W) are computed once and held in registers
+    through the loop, 20 of them, which the dK/dV kernel cannot spare."""
     counter = (nh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :]
-    k0, k1 = philox_key(SEED)  # one cached scalar load per tile
+    if RELOAD_KEY:
+        seed = tl.load(SEED, volatile=True)
+        k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    else:
+        k0, k1 = philox_key(SEED)  # one cached scalar load per tile
     return philox_keep(counter, k0, k1, threshold)
 
 
@@ -246,7 +280,9 @@ def attention_backward_dkdv_kernel(
         WIDE: tl.constexpr, PART: tl.constexpr, COL_PARTS: tl.constexpr):
     """PART 0: dK and dV; 1: dV alone; 2: dK alone (two launches where one program cannot hold both
     accumulators in registers: _config's SPLIT_DKDV). With PART 1 or 2, COL_PARTS programs per key tile each
-    accumulate 1 / COL_PARTS of the columns (all recompute P, and dP for dK): _config's COL_PARTS."""
+    accumulate 1 / COL_PARTS of the columns (all recompute P, and dP for dK): _config's COL_PARTS. Those
+    programs also sum q k^T and dO v^T over COL_PARTS slices of the head dim (_dot_nt_sliced): where the
+    columns are split, whole-head-dim operands do not fit beside the rest either."""
     pid_n, nhk_part = _tile(S, BLOCK_N)
     nhk = nhk_part // COL_PARTS
     cpart = nhk_part % COL_PARTS
@@ -259,8 +295,10 @@ def attention_backward_dkdv_kernel(
     dv_cols = _span(cpart * (DV // COL_PARTS), DV // COL_PARTS, WIDE)
     k_mask = (cols[:, None] < S) & (d[None, :] < E)
     v_mask = (cols[:, None] < S) & (dv[None, :] < EV)
-    k = tl.load(K + n * skn + hk * skh + cols[:, None] * sks + d[None, :] * skd, mask=k_mask, other=0.0)
-    v = tl.load(V + n * svn + hk * svh + cols[:, None] * svs + dv[None, :] * svd, mask=v_mask, other=0.0)
+    k_base = K + n * skn + hk * skh
+    v_base = V + n * svn + hk * svh
+    k = tl.load(k_base + cols[:, None] * sks + d[None, :] * skd, mask=k_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * svs + dv[None, :] * svd, mask=v_mask, other=0.0)
 
     dk = tl.zeros([BLOCK_N, D // COL_PARTS], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, DV // COL_PARTS], tl.float32)
@@ -277,13 +315,18 @@ def attention_backward_dkdv_kernel(
             rows = _span(start, BLOCK_M, WIDE)
             row_ok = rows < L
             if DROPOUT:  # first, while no score tile is live: Philox's rounds need four words per element
-                keep = _keep(nh, rows, cols, L, S, SEED, threshold)
+                keep = _keep(nh, rows, cols, L, S, SEED, threshold, RELOAD_KEY=True)
             q = tl.load(q_base + rows[:, None] * sql + d[None, :] * sqd,
                         mask=row_ok[:, None] & (d[None, :] < E), other=0.0)
             do = tl.load(do_base + rows[:, None] * sdl + dv[None, :] * sdd,
                          mask=row_ok[:, None] & (dv[None, :] < EV), other=0.0)
             lse = tl.load(LSE + nh * L + rows, mask=row_ok, other=float("inf"))
-            s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, F32_DOT)
+            if COL_PARTS > 1:
+                qk = _dot_nt_sliced(q_base, sql, sqd, k_base, sks, skd, rows, cols, L, S, E, BLOCK_M, BLOCK_N, D,
+                                    COL_PARTS, F32_DOT, WIDE)
+                s = _masked_scores(qk, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL)
+            else:
+                s = _scores(q, k, rows, cols, L, S, mask_base, sml, sms, qk_scale, MASK_KIND, IS_CAUSAL, F32_DOT)
             p = tl.exp2(s - lse[:, None])
             if PART != 2:  # dV += P_dropped^T dO
                 do_part = do
@@ -296,7 +339,11 @@ def attention_backward_dkdv_kernel(
                     dv_acc += _dot(tl.trans(p), do_part, F32_DOT)
             if PART != 1:  # dK += dS^T Q
                 delta = tl.load(DELTA + nh * L + rows, mask=row_ok, other=0.0)
-                dp = _dot(do, tl.trans(v), F32_DOT)
+                if COL_PARTS > 1:
+                    dp = _dot_nt_sliced(do_base, sdl, sdd, v_base, svs, svd, rows, cols, L, S, EV, BLOCK_M, BLOCK_N,
+                                        DV, COL_PARTS, F32_DOT, WIDE)
+                else:
+                    dp = _dot(do, tl.trans(v), F32_DOT)
                 if DROPOUT:
                     dp = tl.where(keep, dp * drop_scale, 0.0)
                 ds = p * (dp - delta[:, None])
@@ -342,7 +389,10 @@ _FP32 = {  # tf32x3 needs three products' operands live: small tiles, dK and dV 
 _NEWER_PTXAS = {(torch.float32, "fwd", 128): (64, 16, 4, 1), (torch.float16, "dq", 256): (128, 32, 8, 1),
                 (torch.bfloat16, "dq", 256): (128, 32, 8, 1), (torch.float32, "dkdv", 64): (16, 16, 2, 1)}
 _DQ_PARTS = {(torch.float32, 256)}  # dQ in two column halves (two programs per tile, both recompute S and dP)
-_COL_PARTS = {(torch.float32, 256)}  # likewise dV (recomputing S) and dK (S and dP), in their two launches
+# likewise dV (recomputing S) and dK (S and dP), in their two launches, which also sum S and dP over two slices
+# of the head dim: over the whole of it, tf32x3's 16 x 256 and 256 x 32 operands left Triton 3.8's ptxas too few
+# registers in the dK launch (~0.9 KB spilled); sliced, both launches take ~168 registers under 3.6 and 3.8
+_COL_PARTS = {(torch.float32, 256)}
 _SPLIT_DKDV = {256}  # head dims whose dK and dV accumulators do not both fit in one program's registers
 
 
@@ -361,8 +411,8 @@ def _config(d: int, dtype: torch.dtype, kernel: str, dropout: bool) -> dict:
             _HALF_DROPOUT.get((name, bucket)) if dropout and dtype != torch.float32 else None,
             _NEWER_PTXAS.get((dtype, name, bucket)) if NEWER_PTXAS else None, table.get((name, bucket))) if t)
         cfg = dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
-        # with dropout at d128, dK's Philox rounds beside both accumulators spill: two launches (under 3.6; 3.8's
-        # ptxas spills more in the dK launch alone than in one launch, static.KNOWN)
+        # with dropout at d128, dK's Philox rounds beside both accumulators spill under 3.6: two launches (3.8's
+        # ptxas fits one launch, with the Philox key reloaded per tile: _keep's RELOAD_KEY)
         split = bucket in _SPLIT_DKDV or dtype == torch.float32 or (dropout and bucket == 128 and not NEWER_PTXAS)
     if kernel == "dkdv":
         cfg["SPLIT_DKDV"] = split
