@@ -116,6 +116,14 @@ def test_sdpa_dropout_matches_reference_for_a_seed(attention_backend, dtype):
     check_sdpa(q, k, v, dropout_p=0.3, seed=1234, is_causal=True)
 
 
+@pytest.mark.parametrize("E", [100, 111])
+def test_sdpa_fp32_wide_head_dims_causal_dropout_gqa(attention_backend, E):
+    """fp32 past head dim 64: dK and dV from S and dP summed over slices of the head dim (kernels/attention.py,
+    _dot_nt_sliced), with the causal mask, dropout and GQA at once."""
+    q, k, v = qkv(1, 2, 19, 23, E, E, torch.float32, attention_backend[1], Hkv=1)
+    check_sdpa(q, k, v, dropout_p=0.25, seed=99, is_causal=True, enable_gqa=True)
+
+
 def test_sdpa_dropout_repeats_bitwise_and_drops_the_right_fraction(attention_backend):
     device = attention_backend[1]
     L, S, p = 64, 32, 0.3
