@@ -146,12 +146,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
-def time_cpu_case(case, repeats, min_s, max_rounds=200):
+def time_cpu_case(case, repeats, min_s, max_rounds=200, clock=None):
     """{impl: {"ms": min over rounds, "runs": rounds}}, the implementations interleaved (each round runs every
     one once, so load that comes and goes hits all alike): at least `repeats` rounds after a warm-up, more
-    until min_s seconds have passed (short cases get many rounds, so the minimum finds a quiet moment)."""
+    until min_s seconds have passed (short cases get many rounds, so the minimum finds a quiet moment).
+    `clock` times each run (default time.perf_counter)."""
     import time
 
+    clock = clock or time.perf_counter
     fns = case.setup(torch.device("cpu"))
     times, errors = {impl: [] for impl in fns}, {}
     start = time.perf_counter()
@@ -160,9 +162,9 @@ def time_cpu_case(case, repeats, min_s, max_rounds=200):
             if impl in errors:
                 continue
             try:
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                took = time.perf_counter() - t0
+                took = clock() - t0
             except Exception as exc:  # noqa: BLE001 - a baseline that cannot run this case is reported as such
                 errors[impl] = repr(exc)[:200]
                 continue
@@ -175,15 +177,20 @@ def time_cpu_case(case, repeats, min_s, max_rounds=200):
 
 
 def benchmark_cpu(entries, quick, out_dir, env, threads):
+    import time
+
     torch.set_num_threads(threads)
-    env = dict(env, processor=cpu_name(), machine=platform.machine(), threads=threads,
+    # One thread: the CPU time of the thread that runs it all (page faults included), so that a run on a shared
+    # machine does not count the time other processes held the core; more threads: wall-clock time.
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    env = dict(env, processor=cpu_name(), machine=platform.machine(), threads=threads, clock=clock.__name__,
                backends={name: b.detail for name, b in fusenn.backends().items() if name in ("torch", "cpp")})
     slug = "cpu-" + re.sub(r"[^A-Za-z0-9]+", "-", env["processor"]).strip("-").lower()
     table = []
     for entry in entries:
         records = []
         for case in entry.cpu_cases(quick):
-            timings = time_cpu_case(case, repeats=3 if quick else 5, min_s=0.5 if quick else 3.0)
+            timings = time_cpu_case(case, repeats=3 if quick else 5, min_s=0.5 if quick else 3.0, clock=clock)
             records.append({"case": case.name, "flops": case.flops, "bytes": case.bytes, "timings": timings})
             ours = timings.get("fusenn", {}).get("ms")
             for impl, t in timings.items():
