@@ -143,7 +143,9 @@ CPU_REGULARISERS = {
 
 
 def _masked_cell_loop(cells, kwargs):
-    """A user's training forward with every mask of `kwargs`: per layer and step torch's LSTMCell kernel."""
+    """A user's training forward with every mask of `kwargs`: per layer and step torch's LSTMCell (GRUCell)
+    kernel."""
+    gru = isinstance(cells[0], nn.GRUCell)
     p_in, p_out, p_mid = (kwargs.get(k, 0.0) for k in ("input_dropout", "output_dropout", "dropout"))
     p_w, p_rec, p_zo = (kwargs.get(k, 0.0) for k in ("weight_dropout", "recurrent_dropout", "zoneout"))
     locked = kwargs.get("variational", False)
@@ -164,6 +166,15 @@ def _masked_cell_loop(cells, kwargs):
             h = c = x.new_zeros(B, cell.hidden_size)
             ys = []
             for t in range(T):
+                if gru:
+                    h_new = torch._VF.gru_cell(x[t], h * rmask if p_rec else h, cell.weight_ih, w_hh, cell.bias_ih,
+                                               cell.bias_hh)
+                    if p_zo:
+                        keep_h = (torch.rand(B, cell.hidden_size) < p_zo).to(x.dtype)
+                        h_new = keep_h * h + (1 - keep_h) * h_new
+                    h = h_new
+                    ys.append(h)
+                    continue
                 h_new, c_new = torch._VF.lstm_cell(x[t], (h * rmask if p_rec else h, c), cell.weight_ih, w_hh,
                                                    cell.bias_ih, cell.bias_hh)
                 if p_zo:
@@ -178,23 +189,29 @@ def _masked_cell_loop(cells, kwargs):
 
 
 def cpu_cases(quick):
+    """The LSTM with each set of regularisers (case names without a prefix), the GRU with those inside the
+    recurrence ("GRU-"), each against its masked cell loop and the plain torch module."""
     sizes = [(50, 32, 256, 256)] + ([] if quick else [(35, 20, 650, 650)])
+    gru = ("recurrent_dropout", "recurrent_dropout+zoneout+variational")
+    runs = [("LSTM", name) for name in CPU_REGULARISERS] + [("GRU", name) for name in gru]
     out = []
-    for name, kwargs in CPU_REGULARISERS.items():
+    for mode, name in runs:
+        kwargs = CPU_REGULARISERS[name]
         for T, B, I, H in sizes:
-            def setup(device, kwargs=kwargs, T=T, B=B, I=I, H=H):
-                ours = fusenn.LSTM(I, H, 2, **kwargs).train()
-                plain = nn.LSTM(I, H, 2)
+            def setup(device, kwargs=kwargs, T=T, B=B, I=I, H=H, mode=mode):
+                ours = getattr(fusenn, mode)(I, H, 2, **kwargs).train()
+                plain = getattr(nn, mode)(I, H, 2)
                 plain.load_state_dict(ours.state_dict())
-                cells = [nn.LSTMCell(I if layer == 0 else H, H) for layer in range(2)]
+                cells = [getattr(nn, mode + "Cell")(I if layer == 0 else H, H) for layer in range(2)]
                 loop = _masked_cell_loop(cells, kwargs)
                 x = torch.randn(T, B, I, requires_grad=True)
                 return {"fusenn": lambda: ours(x)[0].sum().backward(),
                         "torch-cell-loop": lambda: loop(x).sum().backward(),
                         "torch-plain": lambda: plain(x)[0].sum().backward()}
 
-            flops = 3 * 2 * T * B * 4 * H * (I + H) * 2
-            out.append(Case(f"{name}-L2-T{T}-B{B}-H{H}-train", setup, flops=flops))
+            flops = 3 * 2 * T * B * (4 if mode == "LSTM" else 3) * H * (I + H) * 2
+            prefix = "" if mode == "LSTM" else "GRU-"
+            out.append(Case(f"{prefix}{name}-L2-T{T}-B{B}-H{H}-train", setup, flops=flops))
     return out
 
 

@@ -368,7 +368,11 @@ bool onednn_mm(Tensor& out, const Tensor& a, const Tensor& b, const Tensor& pack
   static const std::optional<c10::OperatorHandle> op =
       c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
   if (!op || !a.device().is_cpu() || a.numel() == 0 || b.numel() == 0 || !a.is_contiguous()) return false;
-  if (!packed.defined() && a.size(0) * b.size(0) * b.size(1) < kOneDnnMinMacs) return false;
+  // b dense in one order or the other: other strides would take oneDNN's reference kernel, ~100x slower
+  if (!packed.defined() && (a.size(0) * b.size(0) * b.size(1) < kOneDnnMinMacs ||
+                            !(b.is_contiguous() || b.t().is_contiguous()))) {
+    return false;
+  }
   std::vector<c10::IValue> stack{a, packed.defined() ? packed : b.t(), c10::IValue(), std::string("none"),
                                  c10::List<std::optional<at::Scalar>>(), c10::IValue()};
   op->callBoxed(stack);

@@ -380,6 +380,31 @@ def test_regularised_rnn_runs_cpp_where_loaded(choices):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sliced", [False, True])
+def test_grad_matmul_hands_onednn_dense_operands(monkeypatch, sliced):
+    """oneDNN's linear takes its reference kernel (~100x slower) for a weight neither row- nor column-major, e.g.
+    a column slice (the GRU's [dr, dz] once was): _grad_matmul hands it dense operands only, and the product is
+    the float64 one's."""
+    from fusenn.ops import rnn as ops
+
+    seen, real = [], ops._onednn_linear
+
+    def spy(a, weight, bias=None):
+        seen.append(a.is_contiguous() and (weight.is_contiguous() or weight.t().is_contiguous()))
+        return real(a, weight, bias)
+
+    monkeypatch.setattr(ops, "_onednn_linear", spy)
+    torch.manual_seed(0)
+    g = torch.randn(50, 32, 3 * 129)[..., :2 * 129] if sliced else torch.randn(50, 32, 2 * 129)
+    x = torch.randn(50, 32, 129)
+    got = ops._grad_matmul(g, x, torch.float32)
+    want = g.reshape(-1, 2 * 129).double().t() @ x.reshape(-1, 129).double()
+    torch_fp32 = g.reshape(-1, 2 * 129).t() @ x.reshape(-1, 129)
+    fusenn.testing.assert_close(got, want, torch_fp32, factor=4.0, name="weight gradient")
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        assert seen == [True]
+
+
 @pytest.mark.parametrize("mode,kwargs", [("LSTM", dict(zoneout=0.1, recurrent_dropout=0.2)),
                                          ("LSTM", dict(recurrent_dropout=0.3, proj_size=65)),
                                          ("GRU", dict(zoneout=0.2, recurrent_dropout=0.1, bidirectional=True))])

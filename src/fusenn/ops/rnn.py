@@ -159,12 +159,19 @@ def _grad_matmul(grad_rows: Tensor, inputs: Tensor, dtype) -> Tensor:
     with torch.autocast(grad_rows.device.type, enabled=False):
         a, b = grad_rows.reshape(-1, grad_rows.shape[-1]).t(), inputs.reshape(-1, inputs.shape[-1])
         # oneDNN's linear, 2-3x MKL's sgemm on some CPUs (AMD); its input is made contiguous, so the narrower
-        # of the two is the one transposed: (b^T a)^T or a b
+        # of the two is the one transposed: (b^T a)^T or a b. Its weight (the other) must be dense in one order
+        # or the other: any other strides (a column slice) take oneDNN's reference kernel, ~100x slower.
         if _onednn_fp32(a, b, a.shape[0] * a.shape[1] * b.shape[1]):
+            a, b = _dense(a), _dense(b)
             if b.shape[1] <= a.shape[0]:
                 return _onednn_linear(b.t().contiguous(), a).t().contiguous().to(dtype)
             return _onednn_linear(a.contiguous(), b.t()).to(dtype)
         return (a @ b).to(dtype)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """A 2-D t laid out row- or column-major (as it is, or a contiguous copy)."""
+    return t if t.is_contiguous() or t.t().is_contiguous() else t.contiguous()
 
 
 def input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
@@ -478,12 +485,13 @@ def gru_layer_backward(dy: Tensor, dh_n: Tensor, gx: Tensor, w_hh: Tensor, b_hh:
                                              zoneout)
     T, H, rev = gx.shape[0], w_hh.shape[-1], int(reverse)
     d_w_hh, d_b_hh = _empty(gx.device), _empty(gx.device)
-    if grad_w_hh:  # gh = h W_hh^T + b_hh gets [dr, dz] from gx's gradient and dn * r for its n part
-        h_prev = _entering_product(hs[rev:T + rev], recurrent_dropout)
-        d_w_hh = torch.cat([_grad_matmul(dg[..., :2 * H], h_prev, w_hh.dtype),
-                            _grad_matmul(dghn, h_prev, w_hh.dtype)])
-    if b_hh is not None and grad_b_hh:
-        d_b_hh = torch.cat([dg[..., :2 * H].sum((0, 1)), dghn.sum((0, 1))]).to(b_hh.dtype)
+    if grad_w_hh or (b_hh is not None and grad_b_hh):
+        # gh = h W_hh^T + b_hh gets [dr, dz] from gx's gradient and dn * r for its n part: one GEMM for W_hh
+        dgh = torch.cat([dg[..., :2 * H], dghn], -1)
+        if grad_w_hh:
+            d_w_hh = _grad_matmul(dgh, _entering_product(hs[rev:T + rev], recurrent_dropout), w_hh.dtype)
+        if b_hh is not None and grad_b_hh:
+            d_b_hh = dgh.sum((0, 1)).to(b_hh.dtype)
     return dg.to(gx.dtype), dh0.to(gx.dtype), d_w_hh, d_b_hh
 
 
