@@ -16,7 +16,7 @@
 // load where the CPU has them (x86-64 Linux; built with -ffp-contract=off, so every version computes the same bits).
 // AVX-512 runs zoneout's Philox 2.6x faster than AVX2 on this project's CPU (AMD Zen 5).
 #if !defined(__CUDACC__) && defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    __GNUC__ >= 11
+    __GNUC__ >= 12
 #define FUSENN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #define FUSENN_HAS_V4_CLONES 1
 #elif !defined(__CUDACC__) && defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
