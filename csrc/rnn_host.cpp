@@ -14,10 +14,14 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <optional>
+#include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -694,7 +698,123 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
   return a;
 }
 
-// Every CTA's slice of a step in turn, then the next step: the kernels' loop with the barrier a no-op.
+// The grid's emulation runs each CTA's share of a phase (the work between two of the kernels' grid barriers) in
+// turn; the GPU runs them at once, so within a phase no CTA may read what another writes, nor two write one
+// element. The sequential run hides such a race (a CTA sees the shares run before it), so FUSENN_PERSIST_EMULATION
+// (read here only: CPU tensors) changes what it would hide, for tests/test_persist.py to compare bit for bit with
+// the plain run. Space-separated words:
+//   reverse, shuffle=SEED  the CTAs of every phase in reverse or a seeded random order (plain: index order);
+//   snapshot               each CTA's share sees the buffers the kernels write as the last barrier left them (and
+//                          its own writes); the shares' writes are merged at the barrier; two shares writing one
+//                          byte raise;
+//   drop=N, twice=C        races made on purpose, which the modes above must see: the N-th barrier (from 1) left
+//                          out; CTA C's share run twice a phase, as if a second CTA owned its slice.
+class EmulatedGrid {
+ public:
+  struct Buffer {  // a buffer the kernels write: name, data, bytes, bytes per element
+    const char* name;
+    void* data;
+    int64_t bytes, elem;
+  };
+
+  EmulatedGrid(int64_t grid, std::vector<Buffer> buffers) : grid_(grid), buffers_(std::move(buffers)) {
+    const char* env = std::getenv("FUSENN_PERSIST_EMULATION");
+    std::istringstream words(env != nullptr ? env : "");
+    for (std::string w; words >> w;) {
+      const std::string key = w.substr(0, w.find('=')), value = w.find('=') == w.npos ? "" : w.substr(w.find('=') + 1);
+      const bool number = !value.empty() && value.find_first_not_of("0123456789") == value.npos;
+      if (w == "reverse") reverse_ = true;
+      else if (w == "snapshot") snapshot_ = true;
+      else if (key == "shuffle" && number) shuffle_ = true, rng_.seed(std::stoull(value));
+      else if (key == "drop" && number) drop_ = std::stoll(value);
+      else if (key == "twice" && number) twice_ = std::stoll(value);
+      else TORCH_CHECK(false, "FUSENN_PERSIST_EMULATION: unknown word '", w, "' (reverse, shuffle=SEED, snapshot, "
+                       "drop=N, twice=C)");
+    }
+  }
+  // Every CTA's share of the work up to the next barrier (called with the CTA's index).
+  void each(std::function<void(int64_t)> share) { shares_.push_back(std::move(share)); }
+  // Where the kernels have a grid barrier: the shares queued since the last one run, CTA by CTA.
+  void barrier() {
+    if (++barriers_ != drop_) run();
+  }
+  void finish() { run(); }
+
+ private:
+  void run() {
+    std::vector<int64_t> order(grid_);
+    for (int64_t c = 0; c < grid_; ++c) order[c] = reverse_ ? grid_ - 1 - c : c;
+    if (shuffle_) std::shuffle(order.begin(), order.end(), rng_);
+    if (twice_ >= 0 && twice_ < grid_) order.push_back(twice_);
+    if (!snapshot_) {
+      for (const int64_t c : order) for (const auto& share : shares_) share(c);
+    } else {
+      std::vector<std::vector<uint8_t>> last(buffers_.size()), next(buffers_.size());
+      std::vector<std::vector<int32_t>> writer(buffers_.size());  // which share wrote each byte (-1: none)
+      for (size_t i = 0; i < buffers_.size(); ++i) {
+        const auto* p = static_cast<const uint8_t*>(buffers_[i].data);
+        last[i].assign(p, p + buffers_[i].bytes);
+        next[i] = last[i];
+        writer[i].assign(buffers_[i].bytes, -1);
+      }
+      for (size_t r = 0; r < order.size(); ++r) {
+        for (size_t i = 0; i < buffers_.size(); ++i) std::memcpy(buffers_[i].data, last[i].data(), buffers_[i].bytes);
+        for (const auto& share : shares_) share(order[r]);
+        for (size_t i = 0; i < buffers_.size(); ++i) {
+          const auto* p = static_cast<const uint8_t*>(buffers_[i].data);
+          for (int64_t j = 0; j < buffers_[i].bytes; ++j) {
+            if (p[j] == last[i][j]) continue;
+            TORCH_CHECK(writer[i][j] < 0, "persistent kernel emulation: CTAs ", order[writer[i][j]], " and ", order[r],
+                        " both write ", buffers_[i].name, "[", j / buffers_[i].elem, "] between grid barriers ",
+                        barriers_ - 1, " and ", barriers_);
+            next[i][j] = p[j];
+            writer[i][j] = static_cast<int32_t>(r);
+          }
+        }
+      }
+      for (size_t i = 0; i < buffers_.size(); ++i) std::memcpy(buffers_[i].data, next[i].data(), buffers_[i].bytes);
+    }
+    shares_.clear();
+  }
+
+  int64_t grid_;
+  std::vector<Buffer> buffers_;
+  std::vector<std::function<void(int64_t)>> shares_;
+  int64_t barriers_ = 0, drop_ = 0, twice_ = -1;
+  bool reverse_ = false, shuffle_ = false, snapshot_ = false;
+  std::mt19937_64 rng_;
+};
+
+// Every buffer the kernels write (what the snapshot mode keeps), from the sizes the ops allocate.
+std::vector<EmulatedGrid::Buffer> written_buffers(const persist::Args& a, bool backward, int64_t elem) {
+  const int64_t T = a.T, B = a.B, H = a.H, P = a.P, G = a.gates, slots = a.save ? T + 1 : 2;
+  std::vector<EmulatedGrid::Buffer> v;
+  const auto add = [&](const char* name, void* p, int64_t n, int64_t size) {
+    if (p != nullptr) v.push_back({name, p, n * size, size});
+  };
+  if (!backward) {
+    add("hs", a.hs, slots * B * P, 4);
+    add("cs", a.cs, slots * B * H, 4);
+    add("y", a.y, T * B * P, elem);
+    add("op", a.op, 2 * B * P, elem);
+    add("gh", a.gh, B * G * H, 4);
+    add("ms", a.ms, (a.save ? T : 1) * B * H, 4);
+    add("m_op", a.m_op, B * H, elem);
+  } else {
+    add("dh", a.dh, B * P, 4);
+    add("dc", a.dc, B * H, 4);
+    add("dhz", a.dhz, B * P, 4);
+    add("dhz_op", a.dhz_op, B * P, elem);
+    add("dhs", a.dhs, T * B * P, 4);
+    add("dm", a.dm, B * H, 4);
+    add("dg", a.dg, T * B * G * H, 4);
+    add("dghn", a.dghn, T * B * H, 4);
+    add("dg_op", a.dg_op, 2 * B * G * H, elem);
+  }
+  return v;
+}
+
+// The kernels' loop (csrc/rnn_persist.cu), barrier for barrier, each phase's CTAs run in turn (EmulatedGrid).
 template <class T>
 void emulate_grid(const persist::Args& a, bool backward) {
   using namespace persist;
@@ -705,39 +825,39 @@ void emulate_grid(const persist::Args& a, bool backward) {
   // each CTA's shared-memory slices; one staging buffer and one set of partial sums, sized for both
   std::vector<std::vector<T>> w(a.grid, std::vector<T>(l.rows * l.ldw));
   std::vector<std::vector<T>> w2(a.grid, std::vector<T>(a.proj ? l2.rows * l2.ldw : 0));
-  std::vector<T> st(kTileB * std::max(l.lda, l2.lda));
-  std::vector<float> acc(std::max(l.splits * l.Np, l2.splits * l2.Np) * kTileB);
+  std::vector<T> staged(kTileB * std::max(l.lda, l2.lda));
+  std::vector<float> sums(std::max(l.splits * l.Np, l2.splits * l2.Np) * kTileB);
+  T* st = staged.data();
+  float* acc = sums.data();
   for (int64_t c = 0; c < a.grid; ++c) {
     load_weights<T>(source_of(a, backward, false, c), w[c].data(), l, 0, 1);
     if (a.proj) load_weights<T>(source_of(a, backward, true, c), w2[c].data(), l2, 0, 1);
   }
-  // each loop over the CTAs ends where the kernels have a grid barrier
+  EmulatedGrid grid(a.grid, written_buffers(a, backward, sizeof(T)));
   for (int64_t k = 0; k < a.T; ++k) {
     if (!backward) {
-      for (int64_t c = 0; c < a.grid; ++c) forward_step<T>(a, c, k, w[c].data(), st.data(), acc.data(), l, 0, 1);
+      grid.each([&, k](int64_t c) { forward_step<T>(a, c, k, w[c].data(), st, acc, l, 0, 1); });
       if (a.proj) {
-        for (int64_t c = 0; c < a.grid; ++c) {
-          forward_project<T>(a, c, k, w2[c].data(), st.data(), acc.data(), l2, 0, 1);
-        }
+        grid.barrier();
+        grid.each([&, k](int64_t c) { forward_project<T>(a, c, k, w2[c].data(), st, acc, l2, 0, 1); });
       }
+      if (k + 1 < a.T) grid.barrier();
     } else {
+      if (k > 0) grid.each([&, k](int64_t c) { backward_recurrent<T>(a, c, k - 1, w[c].data(), st, acc, l, 0, 1); });
       if (a.proj) {
-        for (int64_t c = 0; c < a.grid; ++c) {
-          if (k > 0) backward_recurrent<T>(a, c, k - 1, w[c].data(), st.data(), acc.data(), l, 0, 1);
-          backward_dh<T>(a, c, k, 0, 1);
-        }
+        grid.each([&, k](int64_t c) { backward_dh<T>(a, c, k, 0, 1); });
+        grid.barrier();
       }
-      for (int64_t c = 0; c < a.grid; ++c) {
-        if (k > 0 && !a.proj) backward_recurrent<T>(a, c, k - 1, w[c].data(), st.data(), acc.data(), l, 0, 1);
-        backward_cells<T>(a, c, k, a.proj ? w2[c].data() : nullptr, st.data(), acc.data(), l2, 0, 1);
-      }
+      grid.each([&, k](int64_t c) {
+        backward_cells<T>(a, c, k, a.proj ? w2[c].data() : nullptr, st, acc, l2, 0, 1);
+      });
+      grid.barrier();
     }
   }
   if (backward && a.T > 0) {
-    for (int64_t c = 0; c < a.grid; ++c) {
-      backward_recurrent<T>(a, c, a.T - 1, w[c].data(), st.data(), acc.data(), l, 0, 1);
-    }
+    grid.each([&](int64_t c) { backward_recurrent<T>(a, c, a.T - 1, w[c].data(), st, acc, l, 0, 1); });
   }
+  grid.finish();
 }
 
 void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t grid, bool tf32, int64_t stream,
