@@ -290,6 +290,14 @@ struct Args {
   uint64_t timeout_ns;
 };
 
+// Whether a grid barrier's arrival counter has reached its target (csrc/rnn_persist.cu): both count modulo 2^32
+// (barriers x grid arrivals, past 2^32 after 2^31 / grid steps at two barriers a step: 16 million at 128 CTAs),
+// and the counter is always within one grid's arrivals of the target, so their difference read as signed decides.
+FUSENN_HD constexpr bool arrived(uint32_t count, uint32_t target) { return static_cast<int32_t>(count - target) >= 0; }
+static_assert(arrived(640u, 640u) && !arrived(639u, 640u) && arrived(700u, 640u), "arrivals in plain counting");
+static_assert(!arrived(0xffffff80u, 0x80u) && arrived(0x80u, 0x80u) && arrived(0x10u, 0xfffffff0u),
+              "arrivals across the counter's wrap past 2^32: the last barrier before it must still wait");
+
 // The state slots entering and leaving step t, processed k-th (as csrc/rnn_host.cpp's slots()).
 FUSENN_HD void slots(int64_t t, int64_t k, bool reverse, bool save, int64_t* before, int64_t* after) {
   if (save) {
