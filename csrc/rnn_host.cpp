@@ -705,7 +705,7 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
 // the plain run. Space-separated words:
 //   reverse, shuffle=SEED  the CTAs of every phase in reverse or a seeded random order (plain: index order);
 //   snapshot               each CTA's share sees the buffers the kernels write as the last barrier left them (and
-//                          its own writes); the shares' writes are merged at the barrier; two shares writing one
+//                          its own writes); the shares' writes are merged at the barrier; two shares changing one
 //                          byte raise;
 //   drop=N, twice=C        races made on purpose, which the modes above must see: the N-th barrier (from 1) left
 //                          out; CTA C's share run twice a phase, as if a second CTA owned its slice.
@@ -723,14 +723,23 @@ class EmulatedGrid {
     for (std::string w; words >> w;) {
       const std::string key = w.substr(0, w.find('=')), value = w.find('=') == w.npos ? "" : w.substr(w.find('=') + 1);
       const bool number = !value.empty() && value.find_first_not_of("0123456789") == value.npos;
-      if (w == "reverse") reverse_ = true;
-      else if (w == "snapshot") snapshot_ = true;
-      else if (key == "shuffle" && number) shuffle_ = true, rng_.seed(std::stoull(value));
-      else if (key == "drop" && number) drop_ = std::stoll(value);
-      else if (key == "twice" && number) twice_ = std::stoll(value);
-      else TORCH_CHECK(false, "FUSENN_PERSIST_EMULATION: unknown word '", w, "' (reverse, shuffle=SEED, snapshot, "
-                       "drop=N, twice=C)");
+      if (w == "reverse") {
+        reverse_ = true;
+      } else if (w == "snapshot") {
+        snapshot_ = true;
+      } else if (key == "shuffle" && number) {
+        shuffle_ = true;
+        rng_.seed(std::stoull(value));
+      } else if (key == "drop" && number) {
+        drop_ = std::stoll(value);
+      } else if (key == "twice" && number) {
+        twice_ = std::stoll(value);
+      } else {
+        TORCH_CHECK(false, "FUSENN_PERSIST_EMULATION: unknown word '", w, "' (reverse, shuffle=SEED, snapshot, "
+                    "drop=N, twice=C)");
+      }
     }
+    TORCH_CHECK(twice_ < grid_, "FUSENN_PERSIST_EMULATION: twice=", twice_, " names no CTA of the grid's ", grid_);
   }
   // Every CTA's share of the work up to the next barrier (called with the CTA's index).
   void each(std::function<void(int64_t)> share) { shares_.push_back(std::move(share)); }
@@ -745,7 +754,7 @@ class EmulatedGrid {
     std::vector<int64_t> order(grid_);
     for (int64_t c = 0; c < grid_; ++c) order[c] = reverse_ ? grid_ - 1 - c : c;
     if (shuffle_) std::shuffle(order.begin(), order.end(), rng_);
-    if (twice_ >= 0 && twice_ < grid_) order.push_back(twice_);
+    if (twice_ >= 0) order.push_back(twice_);
     if (!snapshot_) {
       for (const int64_t c : order) for (const auto& share : shares_) share(c);
     } else {
@@ -765,8 +774,8 @@ class EmulatedGrid {
           for (int64_t j = 0; j < buffers_[i].bytes; ++j) {
             if (p[j] == last[i][j]) continue;
             TORCH_CHECK(writer[i][j] < 0, "persistent kernel emulation: CTAs ", order[writer[i][j]], " and ", order[r],
-                        " both write ", buffers_[i].name, "[", j / buffers_[i].elem, "] between grid barriers ",
-                        barriers_ - 1, " and ", barriers_);
+                        " both write ", buffers_[i].name, "[", j / buffers_[i].elem, "] after grid barrier ", ran_,
+                        " (0: the launch)");
             next[i][j] = p[j];
             writer[i][j] = static_cast<int32_t>(r);
           }
@@ -775,12 +784,13 @@ class EmulatedGrid {
       for (size_t i = 0; i < buffers_.size(); ++i) std::memcpy(buffers_[i].data, next[i].data(), buffers_[i].bytes);
     }
     shares_.clear();
+    ran_ = barriers_;
   }
 
   int64_t grid_;
   std::vector<Buffer> buffers_;
   std::vector<std::function<void(int64_t)>> shares_;
-  int64_t barriers_ = 0, drop_ = 0, twice_ = -1;
+  int64_t barriers_ = 0, ran_ = 0, drop_ = 0, twice_ = -1;  // barriers met, and up to the last phase run
   bool reverse_ = false, shuffle_ = false, snapshot_ = false;
   std::mt19937_64 rng_;
 };

@@ -881,12 +881,14 @@ def test_persist_emulation_sees_any_missing_barrier(twin, monkeypatch, case):
 def test_persist_emulation_snapshot_refuses_two_writers(twin, monkeypatch, case):
     """The snapshot mode raises where two CTAs write one element between two barriers (twice=C: CTA C's share run
     a second time, as if another CTA owned its slice), forward and backward."""
-    with pytest.raises(RuntimeError, match=r"CTAs 2 and 2 both write \w+\[\d+\] between grid barriers 0 and 1"):
+    with pytest.raises(RuntimeError, match=r"CTAs 2 and 2 both write \w+\[\d+\] after grid barrier 0 "):
         _race_results(twin, monkeypatch, case, "snapshot twice=2")
-    with pytest.raises(RuntimeError, match=r"CTAs 1 and 1 both write \w+\[\d+\] between grid barriers 0 and 1"):
+    with pytest.raises(RuntimeError, match=r"CTAs 1 and 1 both write \w+\[\d+\] after grid barrier 0 "):
         _race_results(twin, monkeypatch, case, "", "snapshot twice=1")
     with pytest.raises(RuntimeError, match="FUSENN_PERSIST_EMULATION: unknown word 'shuffle'"):
         _race_results(twin, monkeypatch, case, "snapshot shuffle")
+    with pytest.raises(RuntimeError, match="twice=99 names no CTA of the grid's 5"):
+        _race_results(twin, monkeypatch, case, "snapshot twice=99")
 
 
 # ---- static: the kernels compiled for sm_90a, ptxas's numbers against the launcher's plan ----
