@@ -18,11 +18,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <condition_variable>
 #include <functional>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "launch.h"
@@ -707,8 +710,79 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
 //   snapshot               each CTA's share sees the buffers the kernels write as the last barrier left them (and
 //                          its own writes); the shares' writes are merged at the barrier; two shares changing one
 //                          byte raise;
-//   drop=N, twice=C        races made on purpose, which the modes above must see: the N-th barrier (from 1) left
-//                          out; CTA C's share run twice a phase, as if a second CTA owned its slice.
+//   threads                each CTA played by kWarps host threads taking turns between its __syncthreads
+//                          (Turnstile), in index order or as reverse / shuffle order the CTAs; threads of a CTA
+//                          reaching different numbers of __syncthreads raise;
+//   drop=N, twice=C,       races made on purpose, which the modes above must see: the N-th barrier (from 1) left
+//   nosync=N, diverge=N    out; CTA C's share run twice a phase, as if a second CTA owned its slice; every thread's
+//                          (diverge: thread 0's) N-th __syncthreads of each share left out.
+class EmulatedGrid;
+
+// One CTA's share of a phase played by host threads in turns: between two __syncthreads (FUSENN_SYNC) every thread
+// runs in `order`, one at a time, so where one thread writes what another reads with no __syncthreads between,
+// the reader sees the value or not depending on the order, and the results change.
+class Turnstile {
+ public:
+  Turnstile(std::vector<int> order, int64_t nosync, int64_t diverge)
+      : order_(std::move(order)), live_(order_.size(), true), calls_(order_.size(), 0), syncs_(order_.size(), 0),
+        nosync_(nosync), diverge_(diverge) {}
+
+  // body(tid, nt) in every thread; returns false if the threads reached different numbers of __syncthreads.
+  bool run(const std::function<void(int, int)>& body) {
+    const int nt = static_cast<int>(order_.size());
+    std::vector<std::thread> threads;
+    for (int tid = 0; tid < nt; ++tid) {
+      threads.emplace_back([this, &body, tid, nt] {
+        current_ = this;
+        me_ = tid;
+        persist::host_sync = [] { current_->sync(me_); };
+        wait_turn(tid);
+        body(tid, nt);
+        std::lock_guard<std::mutex> lock(mutex_);
+        live_[tid] = false;
+        if (--alive_ > 0) pass();
+        turn_.notify_all();
+      });
+    }
+    for (auto& t : threads) t.join();
+    return std::all_of(syncs_.begin(), syncs_.end(), [&](int64_t n) { return n == syncs_[0]; });
+  }
+
+ private:
+  void wait_turn(int tid) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    turn_.wait(lock, [&] { return order_[pos_] == tid; });
+  }
+  void pass() {  // to the next live thread in order; past the last, the next segment begins
+    do pos_ = (pos_ + 1) % order_.size();
+    while (!live_[order_[pos_]]);
+  }
+  void sync(int tid) {
+    const int64_t n = ++calls_[tid];
+    if (n == nosync_ || (tid == 0 && n == diverge_)) return;
+    ++syncs_[tid];
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      pass();
+    }
+    turn_.notify_all();
+    wait_turn(tid);
+  }
+
+  static thread_local Turnstile* current_;
+  static thread_local int me_;
+  std::vector<int> order_;
+  std::vector<bool> live_;
+  std::vector<int64_t> calls_, syncs_;  // FUSENN_SYNC calls, and the __syncthreads they made, per thread
+  int64_t nosync_, diverge_;
+  size_t pos_ = 0;
+  int alive_ = static_cast<int>(order_.size());
+  std::mutex mutex_;
+  std::condition_variable turn_;
+};
+thread_local Turnstile* Turnstile::current_ = nullptr;
+thread_local int Turnstile::me_ = 0;
+
 class EmulatedGrid {
  public:
   struct Buffer {  // a buffer the kernels write: name, data, bytes, bytes per element
@@ -734,15 +808,21 @@ class EmulatedGrid {
         drop_ = std::stoll(value);
       } else if (key == "twice" && number) {
         twice_ = std::stoll(value);
+      } else if (w == "threads") {
+        threads_ = true;
+      } else if (key == "nosync" && number) {
+        nosync_ = std::stoll(value);
+      } else if (key == "diverge" && number) {
+        diverge_ = std::stoll(value);
       } else {
         TORCH_CHECK(false, "FUSENN_PERSIST_EMULATION: unknown word '", w, "' (reverse, shuffle=SEED, snapshot, "
-                    "drop=N, twice=C)");
+                    "threads, drop=N, twice=C, nosync=N, diverge=N)");
       }
     }
     TORCH_CHECK(twice_ < grid_, "FUSENN_PERSIST_EMULATION: twice=", twice_, " names no CTA of the grid's ", grid_);
   }
-  // Every CTA's share of the work up to the next barrier (called with the CTA's index).
-  void each(std::function<void(int64_t)> share) { shares_.push_back(std::move(share)); }
+  // Every CTA's share of the work up to the next barrier: share(cta, tid, nt).
+  void each(std::function<void(int64_t, int, int)> share) { shares_.push_back(std::move(share)); }
   // Where the kernels have a grid barrier: the shares queued since the last one run, CTA by CTA.
   void barrier() {
     if (++barriers_ != drop_) run();
@@ -756,7 +836,7 @@ class EmulatedGrid {
     if (shuffle_) std::shuffle(order.begin(), order.end(), rng_);
     if (twice_ >= 0) order.push_back(twice_);
     if (!snapshot_) {
-      for (const int64_t c : order) for (const auto& share : shares_) share(c);
+      for (const int64_t c : order) run_cta(c);
     } else {
       std::vector<std::vector<uint8_t>> last(buffers_.size()), next(buffers_.size());
       std::vector<std::vector<int32_t>> writer(buffers_.size());  // which share wrote each byte (-1: none)
@@ -768,7 +848,7 @@ class EmulatedGrid {
       }
       for (size_t r = 0; r < order.size(); ++r) {
         for (size_t i = 0; i < buffers_.size(); ++i) std::memcpy(buffers_[i].data, last[i].data(), buffers_[i].bytes);
-        for (const auto& share : shares_) share(order[r]);
+        run_cta(order[r]);
         for (size_t i = 0; i < buffers_.size(); ++i) {
           const auto* p = static_cast<const uint8_t*>(buffers_[i].data);
           for (int64_t j = 0; j < buffers_[i].bytes; ++j) {
@@ -787,11 +867,26 @@ class EmulatedGrid {
     ran_ = barriers_;
   }
 
+  void run_cta(int64_t c) {
+    if (!threads_) {
+      for (const auto& share : shares_) share(c, 0, 1);
+      return;
+    }
+    std::vector<int> order(persist::kWarps);
+    for (int t = 0; t < persist::kWarps; ++t) order[t] = reverse_ ? persist::kWarps - 1 - t : t;
+    if (shuffle_) std::shuffle(order.begin(), order.end(), rng_);
+    Turnstile turns(order, nosync_, diverge_);
+    TORCH_CHECK(turns.run([&](int tid, int nt) {
+      for (const auto& share : shares_) share(c, tid, nt);
+    }), "persistent kernel emulation: the threads of CTA ", c, " reach different numbers of __syncthreads after grid "
+        "barrier ", ran_, " (0: the launch)");
+  }
+
   int64_t grid_;
   std::vector<Buffer> buffers_;
-  std::vector<std::function<void(int64_t)>> shares_;
-  int64_t barriers_ = 0, ran_ = 0, drop_ = 0, twice_ = -1;  // barriers met, and up to the last phase run
-  bool reverse_ = false, shuffle_ = false, snapshot_ = false;
+  std::vector<std::function<void(int64_t, int, int)>> shares_;
+  int64_t barriers_ = 0, ran_ = 0, drop_ = 0, twice_ = -1, nosync_ = 0, diverge_ = 0;  // ran_: up to the last phase run
+  bool reverse_ = false, shuffle_ = false, snapshot_ = false, threads_ = false;
   std::mt19937_64 rng_;
 };
 
@@ -844,28 +939,33 @@ void emulate_grid(const persist::Args& a, bool backward) {
     if (a.proj) load_weights<T>(source_of(a, backward, true, c), w2[c].data(), l2, 0, 1);
   }
   EmulatedGrid grid(a.grid, written_buffers(a, backward, sizeof(T)));
+  // each share takes (cta, tid, nt): the CTA, and the thread of nt playing it
   for (int64_t k = 0; k < a.T; ++k) {
     if (!backward) {
-      grid.each([&, k](int64_t c) { forward_step<T>(a, c, k, w[c].data(), st, acc, l, 0, 1); });
+      grid.each([&, k](int64_t c, int i, int n) { forward_step<T>(a, c, k, w[c].data(), st, acc, l, i, n); });
       if (a.proj) {
         grid.barrier();
-        grid.each([&, k](int64_t c) { forward_project<T>(a, c, k, w2[c].data(), st, acc, l2, 0, 1); });
+        grid.each([&, k](int64_t c, int i, int n) { forward_project<T>(a, c, k, w2[c].data(), st, acc, l2, i, n); });
       }
       if (k + 1 < a.T) grid.barrier();
     } else {
-      if (k > 0) grid.each([&, k](int64_t c) { backward_recurrent<T>(a, c, k - 1, w[c].data(), st, acc, l, 0, 1); });
+      if (k > 0) {
+        grid.each([&, k](int64_t c, int i, int n) {
+          backward_recurrent<T>(a, c, k - 1, w[c].data(), st, acc, l, i, n);
+        });
+      }
       if (a.proj) {
-        grid.each([&, k](int64_t c) { backward_dh<T>(a, c, k, 0, 1); });
+        grid.each([&, k](int64_t c, int i, int n) { backward_dh<T>(a, c, k, i, n); });
         grid.barrier();
       }
-      grid.each([&, k](int64_t c) {
-        backward_cells<T>(a, c, k, a.proj ? w2[c].data() : nullptr, st, acc, l2, 0, 1);
+      grid.each([&, k](int64_t c, int i, int n) {
+        backward_cells<T>(a, c, k, a.proj ? w2[c].data() : nullptr, st, acc, l2, i, n);
       });
       grid.barrier();
     }
   }
   if (backward && a.T > 0) {
-    grid.each([&](int64_t c) { backward_recurrent<T>(a, c, a.T - 1, w[c].data(), st, acc, l, 0, 1); });
+    grid.each([&](int64_t c, int i, int n) { backward_recurrent<T>(a, c, a.T - 1, w[c].data(), st, acc, l, i, n); });
   }
   grid.finish();
 }

@@ -756,7 +756,8 @@ def test_persist_proj_plan_keeps_both_slices(twin):
 # ---- races: what running each phase's CTAs in turn would hide (csrc/rnn_host.cpp, EmulatedGrid) ----
 # On the GPU the CTAs between two grid barriers run at once: none may read what another writes there, nor two write
 # one element. FUSENN_PERSIST_EMULATION runs them in other orders, or each against the buffers as the last barrier
-# left them (raising where two write one byte); a race changes the results, which must stay bit for bit the same.
+# left them (raising where two write one byte), or each CTA as 8 host threads taking turns between its
+# __syncthreads; a race changes the results, which must stay bit for bit the same.
 
 def _race_case(kind, T, B, H, P=0, dtype="fp32", reverse=False, lengths=None, regs=False, grid=0):
     tf32 = dtype == "tf32"
@@ -836,10 +837,12 @@ def _same_bits(xs, ys):
 @pytest.mark.parametrize("case", RACE_CASES)
 def test_persist_emulated_grid_has_no_race(twin, monkeypatch, case):
     """Every phase's CTAs in reverse and two shuffled orders, and each against the last barrier's buffers (with and
-    without a shuffle): forward and backward results bit for bit the plain emulation's, no two CTAs writing one
-    byte in a phase."""
+    without a shuffle), and each CTA's threads in turns between its __syncthreads (reversed, shuffled): forward and
+    backward results bit for bit the plain emulation's, no two CTAs writing one byte in a phase, every thread of a
+    CTA reaching the same __syncthreads."""
     plain = _race_results(twin, monkeypatch, case, "")
-    for mode in ("reverse", "shuffle=1", "shuffle=2", "snapshot", "snapshot shuffle=3"):
+    for mode in ("reverse", "shuffle=1", "shuffle=2", "snapshot", "snapshot shuffle=3", "threads reverse",
+                 "threads snapshot shuffle=4"):
         got = _race_results(twin, monkeypatch, case, mode)
         for direction in ("forward", "backward"):
             assert _same_bits(plain[direction], got[direction]), f"{direction} under {mode!r}"
@@ -874,6 +877,23 @@ def test_persist_emulation_sees_any_missing_barrier(twin, monkeypatch, case):
             assert not _same_bits(racy, run(f"drop={n} snapshot")), f"{direction}: barrier {n} of {count}, snapshot"
         # and a barrier past the last is no barrier: nothing changes
         assert _same_bits(run(f"drop={count + 1}"), run(""))
+
+
+@pytest.mark.parametrize("case", [_race_case("lstm", 2, 3, 33, grid=5), _race_case("gru", 2, 3, 33, dtype="tf32"),
+                                  _race_case("lstm", 2, 17, 33, P=17, dtype="bf16", grid=5)])
+def test_persist_emulation_sees_a_missing_syncthreads(twin, monkeypatch, case):
+    """The thread check can fail: without the __syncthreads between staging an operand and the products (the 2nd
+    of each share: nosync=2), or the one after the products (3rd), the threads in turns give other results, forward
+    and backward; a thread that skips one (diverge=2: thread 0's 2nd) raises."""
+    plain = _race_results(twin, monkeypatch, case, "")
+    for n in (2, 3):
+        for direction in ("forward", "backward"):
+            racy = [_race_results(twin, monkeypatch, case, f"threads{order} nosync={n}")[direction]
+                    for order in ("", " reverse")]
+            assert not all(_same_bits(plain[direction], r) for r in racy), f"{direction}: __syncthreads {n}"
+    with pytest.raises(RuntimeError, match="the threads of CTA 0 reach different numbers of __syncthreads after grid "
+                                           "barrier 0"):
+        _race_results(twin, monkeypatch, case, "threads diverge=2")
 
 
 @pytest.mark.parametrize("case", [_race_case("lstm", 2, 3, 33, grid=5), _race_case("gru", 2, 3, 33, grid=5),
