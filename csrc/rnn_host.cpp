@@ -713,6 +713,8 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
 //   threads                each CTA played by kWarps host threads taking turns between its __syncthreads
 //                          (Turnstile), in index order or as reverse / shuffle order the CTAs; threads of a CTA
 //                          reaching different numbers of __syncthreads raise;
+//   poison                 the shared memory a CTA stages through (operands, partial sums) all NaN before each of
+//                          its shares, so that a read of what the share did not write there shows;
 //   drop=N, twice=C,       races made on purpose, which the modes above must see: the N-th barrier (from 1) left
 //   nosync=N, diverge=N    out; CTA C's share run twice a phase, as if a second CTA owned its slice; every thread's
 //                          (diverge: thread 0's) N-th __syncthreads of each share left out.
@@ -791,7 +793,9 @@ class EmulatedGrid {
     int64_t bytes, elem;
   };
 
-  EmulatedGrid(int64_t grid, std::vector<Buffer> buffers) : grid_(grid), buffers_(std::move(buffers)) {
+  // buffers: what the kernels write in global memory; scratch: what the CTAs share as their staging memory
+  EmulatedGrid(int64_t grid, std::vector<Buffer> buffers, std::vector<Buffer> scratch)
+      : grid_(grid), buffers_(std::move(buffers)), scratch_(std::move(scratch)) {
     const char* env = std::getenv("FUSENN_PERSIST_EMULATION");
     std::istringstream words(env != nullptr ? env : "");
     for (std::string w; words >> w;) {
@@ -810,13 +814,15 @@ class EmulatedGrid {
         twice_ = std::stoll(value);
       } else if (w == "threads") {
         threads_ = true;
+      } else if (w == "poison") {
+        poison_ = true;
       } else if (key == "nosync" && number) {
         nosync_ = std::stoll(value);
       } else if (key == "diverge" && number) {
         diverge_ = std::stoll(value);
       } else {
         TORCH_CHECK(false, "FUSENN_PERSIST_EMULATION: unknown word '", w, "' (reverse, shuffle=SEED, snapshot, "
-                    "threads, drop=N, twice=C, nosync=N, diverge=N)");
+                    "threads, poison, drop=N, twice=C, nosync=N, diverge=N)");
       }
     }
     TORCH_CHECK(twice_ < grid_, "FUSENN_PERSIST_EMULATION: twice=", twice_, " names no CTA of the grid's ", grid_);
@@ -868,6 +874,9 @@ class EmulatedGrid {
   }
 
   void run_cta(int64_t c) {
+    if (poison_) {
+      for (const Buffer& b : scratch_) std::memset(b.data, 0xff, b.bytes);  // NaN in fp32, fp16 and bf16
+    }
     if (!threads_) {
       for (const auto& share : shares_) share(c, 0, 1);
       return;
@@ -883,10 +892,10 @@ class EmulatedGrid {
   }
 
   int64_t grid_;
-  std::vector<Buffer> buffers_;
+  std::vector<Buffer> buffers_, scratch_;
   std::vector<std::function<void(int64_t, int, int)>> shares_;
   int64_t barriers_ = 0, ran_ = 0, drop_ = 0, twice_ = -1, nosync_ = 0, diverge_ = 0;  // ran_: up to the last phase run
-  bool reverse_ = false, shuffle_ = false, snapshot_ = false, threads_ = false;
+  bool reverse_ = false, shuffle_ = false, snapshot_ = false, threads_ = false, poison_ = false;
   std::mt19937_64 rng_;
 };
 
@@ -938,7 +947,9 @@ void emulate_grid(const persist::Args& a, bool backward) {
     load_weights<T>(source_of(a, backward, false, c), w[c].data(), l, 0, 1);
     if (a.proj) load_weights<T>(source_of(a, backward, true, c), w2[c].data(), l2, 0, 1);
   }
-  EmulatedGrid grid(a.grid, written_buffers(a, backward, sizeof(T)));
+  EmulatedGrid grid(a.grid, written_buffers(a, backward, sizeof(T)),
+                    {{"staged", st, static_cast<int64_t>(staged.size() * sizeof(T)), sizeof(T)},
+                     {"sums", acc, static_cast<int64_t>(sums.size() * sizeof(float)), 4}});
   // each share takes (cta, tid, nt): the CTA, and the thread of nt playing it
   for (int64_t k = 0; k < a.T; ++k) {
     if (!backward) {

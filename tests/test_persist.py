@@ -757,7 +757,8 @@ def test_persist_proj_plan_keeps_both_slices(twin):
 # On the GPU the CTAs between two grid barriers run at once: none may read what another writes there, nor two write
 # one element. FUSENN_PERSIST_EMULATION runs them in other orders, or each against the buffers as the last barrier
 # left them (raising where two write one byte), or each CTA as 8 host threads taking turns between its
-# __syncthreads; a race changes the results, which must stay bit for bit the same.
+# __syncthreads, or with its staging memory poisoned; a race changes the results, which must stay bit for bit the
+# same.
 
 def _race_case(kind, T, B, H, P=0, dtype="fp32", reverse=False, lengths=None, regs=False, grid=0):
     tf32 = dtype == "tf32"
@@ -837,12 +838,12 @@ def _same_bits(xs, ys):
 @pytest.mark.parametrize("case", RACE_CASES)
 def test_persist_emulated_grid_has_no_race(twin, monkeypatch, case):
     """Every phase's CTAs in reverse and two shuffled orders, and each against the last barrier's buffers (with and
-    without a shuffle), and each CTA's threads in turns between its __syncthreads (reversed, shuffled): forward and
-    backward results bit for bit the plain emulation's, no two CTAs writing one byte in a phase, every thread of a
-    CTA reaching the same __syncthreads."""
+    without a shuffle), and each CTA's threads in turns between its __syncthreads (reversed, shuffled), some with
+    the staging memory NaN before each CTA's share: forward and backward results bit for bit the plain emulation's,
+    no two CTAs writing one byte in a phase, every thread of a CTA reaching the same __syncthreads."""
     plain = _race_results(twin, monkeypatch, case, "")
-    for mode in ("reverse", "shuffle=1", "shuffle=2", "snapshot", "snapshot shuffle=3", "threads reverse",
-                 "threads snapshot shuffle=4"):
+    for mode in ("reverse poison", "shuffle=1", "shuffle=2", "snapshot", "snapshot shuffle=3", "threads reverse",
+                 "threads snapshot shuffle=4 poison"):
         got = _race_results(twin, monkeypatch, case, mode)
         for direction in ("forward", "backward"):
             assert _same_bits(plain[direction], got[direction]), f"{direction} under {mode!r}"
