@@ -58,10 +58,10 @@ def persistent(twin, monkeypatch):
     return twin
 
 
-def _regs(recurrent_dropout, zoneout, B, H):
+def _regs(recurrent_dropout, zoneout, B, H, device=torch.device("cpu")):
     """The C++ ops' regularising arguments (rscale, zo_seed, zo_mode, zo_threshold, zo_u, stream)."""
-    rd_p, rd_seed, zo_p, zo_seed = ops._op_regularisers(recurrent_dropout, zoneout, torch.device("cpu"))
-    return ops._cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, B, H, torch.device("cpu"))
+    rd_p, rd_seed, zo_p, zo_seed = ops._op_regularisers(recurrent_dropout, zoneout, device)
+    return ops._cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, B, H, device)
 
 
 def _case(T, B, H, dtype="fp32", reverse=False, lengths=None, grid=0, regs=False):
@@ -787,7 +787,7 @@ RACE_CASES = [
 ]
 
 
-def _race_inputs(case):
+def _race_inputs(case, device=torch.device("cpu")):
     torch.manual_seed(case["T"] * 1000 + case["B"] * 100 + case["H"] + case["P"])
     T, B, H, P, dt = case["T"], case["B"], case["H"], case["P"], case["dtype"]
     width = P or H
@@ -795,22 +795,23 @@ def _race_inputs(case):
     inputs = _lstm_inputs(T, B, H, P or None, dt, "cpu") if case["kind"] == "lstm" else _gru_inputs(T, B, H, True, dt,
                                                                                                      "cpu")
     upstream = [torch.randn(T, B, width).to(dt), torch.randn(B, width), torch.randn(B, H)]
-    return inputs, upstream, _regs(rd, zo, B, width)
+    inputs, upstream = [[x.to(device) if x is not None else None for x in xs] for xs in (inputs, upstream)]
+    return inputs, upstream, _regs(rd, zo, B, width, device)
 
 
-def _race_forward(twin, case, inputs, regs, save):
-    lens = torch.tensor(case["lengths"]) if case["lengths"] else None
-    tail = (lens, case["reverse"], save, *regs, case["grid"], case["tf32"])
+def _race_forward(twin, case, inputs, regs, save, grid=None):
+    lens = torch.tensor(case["lengths"], device=inputs[0].device) if case["lengths"] else None
+    tail = (lens, case["reverse"], save, *regs, case["grid"] if grid is None else grid, case["tf32"])
     if case["kind"] == "lstm":
         return list(twin.lstm_persist_forward(*inputs, *tail))
     return list(twin.gru_persist_forward(*inputs, *tail))
 
 
-def _race_backward(twin, case, inputs, upstream, regs, fwd):
-    lens = torch.tensor(case["lengths"]) if case["lengths"] else None
+def _race_backward(twin, case, inputs, upstream, regs, fwd, grid=None):
+    lens = torch.tensor(case["lengths"], device=inputs[0].device) if case["lengths"] else None
     dy, dh, dc = upstream
     tail = (lens, case["reverse"])
-    end = (*regs, case["grid"], case["tf32"])
+    end = (*regs, case["grid"] if grid is None else grid, case["tf32"])
     if case["kind"] == "lstm":
         gx, _, _, w_hh, w_hr = inputs
         return list(twin.lstm_persist_backward(dy, dh, dc, gx, w_hh, w_hr, *tail, fwd[3], fwd[4], *end))
@@ -1143,6 +1144,24 @@ def _gpu_lstm_run(device, regs=True):
     y, h, c = ops.lstm_layer(*inputs, **kw)
     grads = torch.autograd.grad((y.float().square().sum() + h.float().sum()), inputs)
     return [y, h, c] + list(grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [_race_case("lstm", 4, 3, 33, reverse=True, lengths=[4, 1, 3], regs=True),
+                                  _race_case("gru", 4, 3, 33, reverse=True, lengths=[4, 1, 3], regs=True),
+                                  _race_case("lstm", 3, 17, 129, P=64, lengths=[3, 1, 2] * 5 + [1, 3], regs=True)])
+def test_persist_gpu_partition_does_not_change_a_bit(on_gpu, twin, case):
+    """Exact fp32 on the GPU: every gate product is one thread's FMA chain in k order whatever the grid, so 2, 5 and
+    11 CTAs and the plan's give bit-identical results, forward and backward (as the emulation's partition test); a
+    CTA reading what another writes in the same phase, or passing a grid barrier early, would break that."""
+    inputs, upstream, regs = _race_inputs(case, on_gpu)
+    results = []
+    for grid in (2, 5, 11, 0):
+        fwd = _race_forward(twin, case, inputs, regs, True, grid)
+        bwd = _race_backward(twin, case, inputs, upstream, regs, fwd, grid)
+        results.append([x.cpu() for x in fwd + bwd])
+    for grid, other in zip((5, 11, 0), results[1:]):
+        assert _same_bits(results[0], other), f"grid {grid} against 2 CTAs"
 
 
 @pytest.mark.gpu
