@@ -44,7 +44,7 @@ if command -v compute-sanitizer >/dev/null; then
     FUSENN_PERSIST_TIMEOUT_S=60 PYTORCH_NO_CUDA_MEMORY_CACHING=1 bounded 100 \
       compute-sanitizer --tool "$tool" --kernel-name kns=persist --error-exitcode 1 \
       python3 -m pytest -q -p no:cacheprovider tests/test_persist.py -k "gpu_small or (gpu_proj and H33)" 2>&1 \
-      | tail -n 12 | tee -a "$OUT/sanitizer.log"
+      | tee -a "$OUT/sanitizer.log" | tail -n 12
   done
 fi
 bounded 600 python3 -m pytest -q -p no:cacheprovider $TIMEOUT tests -k "not persist_gpu" 2>&1 \
