@@ -718,7 +718,7 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
 //   drop=N, twice=C,       races made on purpose, which the modes above must see: the N-th barrier (from 1) left
 //   nosync=N, diverge=N    out; CTA C's share run twice a phase, as if a second CTA owned its slice; every thread's
 //                          (diverge: thread 0's) N-th __syncthreads of each share left out.
-class EmulatedGrid;
+// (EmulatedGrid below; first the threads mode's turns.)
 
 // One CTA's share of a phase played by host threads in turns: between two __syncthreads (FUSENN_SYNC) every thread
 // runs in `order`, one at a time, so where one thread writes what another reads with no __syncthreads between,
