@@ -714,7 +714,8 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
 //                          (Turnstile), in index order or as reverse / shuffle order the CTAs; threads of a CTA
 //                          reaching different numbers of __syncthreads raise;
 //   poison                 the shared memory a CTA stages through (operands, partial sums) all NaN before each of
-//                          its shares, so that a read of what the share did not write there shows;
+//                          its shares, and the global buffers the ops leave uninitialised at the start, so that a
+//                          read of what was not written first shows;
 //   drop=N, twice=C,       races made on purpose, which the modes above must see: the N-th barrier (from 1) left
 //   nosync=N, diverge=N    out; CTA C's share run twice a phase, as if a second CTA owned its slice; every thread's
 //                          (diverge: thread 0's) N-th __syncthreads of each share left out.
@@ -787,10 +788,11 @@ thread_local int Turnstile::me_ = 0;
 
 class EmulatedGrid {
  public:
-  struct Buffer {  // a buffer the kernels write: name, data, bytes, bytes per element
+  struct Buffer {  // a buffer the kernels write: name, data, bytes, bytes per element, left uninitialised
     const char* name;
     void* data;
     int64_t bytes, elem;
+    bool undefined;
   };
 
   // buffers: what the kernels write in global memory; scratch: what the CTAs share as their staging memory
@@ -826,6 +828,9 @@ class EmulatedGrid {
       }
     }
     TORCH_CHECK(twice_ < grid_, "FUSENN_PERSIST_EMULATION: twice=", twice_, " names no CTA of the grid's ", grid_);
+    for (const Buffer& b : buffers_) {
+      if (poison_ && b.undefined) std::memset(b.data, 0xff, b.bytes);
+    }
   }
   // Every CTA's share of the work up to the next barrier: share(cta, tid, nt).
   void each(std::function<void(int64_t, int, int)> share) { shares_.push_back(std::move(share)); }
@@ -899,28 +904,29 @@ class EmulatedGrid {
   std::mt19937_64 rng_;
 };
 
-// Every buffer the kernels write (what the snapshot mode keeps), from the sizes the ops allocate.
+// Every buffer the kernels write (what the snapshot mode keeps), from the sizes the ops allocate; undefined: what
+// they leave uninitialised (at::empty), for the kernels to write before they read it.
 std::vector<EmulatedGrid::Buffer> written_buffers(const persist::Args& a, bool backward, int64_t elem) {
   const int64_t T = a.T, B = a.B, H = a.H, P = a.P, G = a.gates, slots = a.save ? T + 1 : 2;
   std::vector<EmulatedGrid::Buffer> v;
-  const auto add = [&](const char* name, void* p, int64_t n, int64_t size) {
-    if (p != nullptr) v.push_back({name, p, n * size, size});
+  const auto add = [&](const char* name, void* p, int64_t n, int64_t size, bool undefined = false) {
+    if (p != nullptr) v.push_back({name, p, n * size, size, undefined});
   };
   if (!backward) {
     add("hs", a.hs, slots * B * P, 4);
     add("cs", a.cs, slots * B * H, 4);
     add("y", a.y, T * B * P, elem);
     add("op", a.op, 2 * B * P, elem);
-    add("gh", a.gh, B * G * H, 4);
+    add("gh", a.gh, B * G * H, 4, true);
     add("ms", a.ms, (a.save ? T : 1) * B * H, 4);
     add("m_op", a.m_op, B * H, elem);
   } else {
     add("dh", a.dh, B * P, 4);
     add("dc", a.dc, B * H, 4);
-    add("dhz", a.dhz, B * P, 4);
+    add("dhz", a.dhz, B * P, 4, true);
     add("dhz_op", a.dhz_op, B * P, elem);
     add("dhs", a.dhs, T * B * P, 4);
-    add("dm", a.dm, B * H, 4);
+    add("dm", a.dm, B * H, 4, true);
     add("dg", a.dg, T * B * G * H, 4);
     add("dghn", a.dghn, T * B * H, 4);
     add("dg_op", a.dg_op, 2 * B * G * H, elem);
@@ -948,8 +954,8 @@ void emulate_grid(const persist::Args& a, bool backward) {
     if (a.proj) load_weights<T>(source_of(a, backward, true, c), w2[c].data(), l2, 0, 1);
   }
   EmulatedGrid grid(a.grid, written_buffers(a, backward, sizeof(T)),
-                    {{"staged", st, static_cast<int64_t>(staged.size() * sizeof(T)), sizeof(T)},
-                     {"sums", acc, static_cast<int64_t>(sums.size() * sizeof(float)), 4}});
+                    {{"staged", st, static_cast<int64_t>(staged.size() * sizeof(T)), sizeof(T), true},
+                     {"sums", acc, static_cast<int64_t>(sums.size() * sizeof(float)), 4, true}});
   // each share takes (cta, tid, nt): the CTA, and the thread of nt playing it
   for (int64_t k = 0; k < a.T; ++k) {
     if (!backward) {
