@@ -14,11 +14,18 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <optional>
+#include <random>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "launch.h"
@@ -760,7 +767,240 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
   return a;
 }
 
-// Every CTA's slice of a step in turn, then the next step: the kernels' loop with the barrier a no-op.
+// The grid's emulation runs each CTA's share of a phase (the work between two of the kernels' grid barriers) in
+// turn; the GPU runs them at once, so within a phase no CTA may read what another writes, nor two write one
+// element. The sequential run hides such a race (a CTA sees the shares run before it), so FUSENN_PERSIST_EMULATION
+// (read here only: CPU tensors) changes what it would hide, for tests/test_persist.py to compare bit for bit with
+// the plain run. Space-separated words:
+//   reverse, shuffle=SEED  the CTAs of every phase in reverse or a seeded random order (plain: index order);
+//   snapshot               each CTA's share sees the buffers the kernels write as the last barrier left them (and
+//                          its own writes); the shares' writes are merged at the barrier; two shares changing one
+//                          byte raise;
+//   threads                each CTA played by kWarps host threads taking turns between its __syncthreads
+//                          (Turnstile), in index order or as reverse / shuffle order the CTAs; threads of a CTA
+//                          reaching different numbers of __syncthreads raise;
+//   poison                 the shared memory a CTA stages through (operands, partial sums) all NaN before each of
+//                          its shares, and the global buffers the ops leave uninitialised at the start, so that a
+//                          read of what was not written first shows;
+//   drop=N, twice=C,       races made on purpose, which the modes above must see: the N-th barrier (from 1) left
+//   nosync=N, diverge=N    out; CTA C's share run twice a phase, as if a second CTA owned its slice; every thread's
+//                          (diverge: thread 0's) N-th __syncthreads of each share left out.
+// (EmulatedGrid below; first the threads mode's turns.)
+
+// One CTA's share of a phase played by host threads in turns: between two __syncthreads (FUSENN_SYNC) every thread
+// runs in `order`, one at a time, so where one thread writes what another reads with no __syncthreads between,
+// the reader sees the value or not depending on the order, and the results change.
+class Turnstile {
+ public:
+  Turnstile(std::vector<int> order, int64_t nosync, int64_t diverge)
+      : order_(std::move(order)), live_(order_.size(), true), calls_(order_.size(), 0), syncs_(order_.size(), 0),
+        nosync_(nosync), diverge_(diverge) {}
+
+  // body(tid, nt) in every thread; returns false if the threads reached different numbers of __syncthreads.
+  bool run(const std::function<void(int, int)>& body) {
+    const int nt = static_cast<int>(order_.size());
+    std::vector<std::thread> threads;
+    for (int tid = 0; tid < nt; ++tid) {
+      threads.emplace_back([this, &body, tid, nt] {
+        current_ = this;
+        me_ = tid;
+        persist::host_sync = [] { current_->sync(me_); };
+        wait_turn(tid);
+        body(tid, nt);
+        std::lock_guard<std::mutex> lock(mutex_);
+        live_[tid] = false;
+        if (--alive_ > 0) pass();
+        turn_.notify_all();
+      });
+    }
+    for (auto& t : threads) t.join();
+    return std::all_of(syncs_.begin(), syncs_.end(), [&](int64_t n) { return n == syncs_[0]; });
+  }
+
+ private:
+  void wait_turn(int tid) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    turn_.wait(lock, [&] { return order_[pos_] == tid; });
+  }
+  void pass() {  // to the next live thread in order; past the last, the next segment begins
+    do pos_ = (pos_ + 1) % order_.size();
+    while (!live_[order_[pos_]]);
+  }
+  void sync(int tid) {
+    const int64_t n = ++calls_[tid];
+    if (n == nosync_ || (tid == 0 && n == diverge_)) return;
+    ++syncs_[tid];
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      pass();
+    }
+    turn_.notify_all();
+    wait_turn(tid);
+  }
+
+  static thread_local Turnstile* current_;
+  static thread_local int me_;
+  std::vector<int> order_;
+  std::vector<bool> live_;
+  std::vector<int64_t> calls_, syncs_;  // FUSENN_SYNC calls, and the __syncthreads they made, per thread
+  int64_t nosync_, diverge_;
+  size_t pos_ = 0;
+  int alive_ = static_cast<int>(order_.size());
+  std::mutex mutex_;
+  std::condition_variable turn_;
+};
+thread_local Turnstile* Turnstile::current_ = nullptr;
+thread_local int Turnstile::me_ = 0;
+
+class EmulatedGrid {
+ public:
+  struct Buffer {  // a buffer the kernels write: name, data, bytes, bytes per element, left uninitialised
+    const char* name;
+    void* data;
+    int64_t bytes, elem;
+    bool undefined;
+  };
+
+  // buffers: what the kernels write in global memory; scratch: what the CTAs share as their staging memory
+  EmulatedGrid(int64_t grid, std::vector<Buffer> buffers, std::vector<Buffer> scratch)
+      : grid_(grid), buffers_(std::move(buffers)), scratch_(std::move(scratch)) {
+    const char* env = std::getenv("FUSENN_PERSIST_EMULATION");
+    std::istringstream words(env != nullptr ? env : "");
+    for (std::string w; words >> w;) {
+      const std::string key = w.substr(0, w.find('=')), value = w.find('=') == w.npos ? "" : w.substr(w.find('=') + 1);
+      const bool number = !value.empty() && value.find_first_not_of("0123456789") == value.npos;
+      if (w == "reverse") {
+        reverse_ = true;
+      } else if (w == "snapshot") {
+        snapshot_ = true;
+      } else if (key == "shuffle" && number) {
+        shuffle_ = true;
+        rng_.seed(std::stoull(value));
+      } else if (key == "drop" && number) {
+        drop_ = std::stoll(value);
+      } else if (key == "twice" && number) {
+        twice_ = std::stoll(value);
+      } else if (w == "threads") {
+        threads_ = true;
+      } else if (w == "poison") {
+        poison_ = true;
+      } else if (key == "nosync" && number) {
+        nosync_ = std::stoll(value);
+      } else if (key == "diverge" && number) {
+        diverge_ = std::stoll(value);
+      } else {
+        TORCH_CHECK(false, "FUSENN_PERSIST_EMULATION: unknown word '", w, "' (reverse, shuffle=SEED, snapshot, "
+                    "threads, poison, drop=N, twice=C, nosync=N, diverge=N)");
+      }
+    }
+    TORCH_CHECK(twice_ < grid_, "FUSENN_PERSIST_EMULATION: twice=", twice_, " names no CTA of the grid's ", grid_);
+    for (const Buffer& b : buffers_) {
+      if (poison_ && b.undefined) std::memset(b.data, 0xff, b.bytes);
+    }
+  }
+  // Every CTA's share of the work up to the next barrier: share(cta, tid, nt).
+  void each(std::function<void(int64_t, int, int)> share) { shares_.push_back(std::move(share)); }
+  // Where the kernels have a grid barrier: the shares queued since the last one run, CTA by CTA.
+  void barrier() {
+    if (++barriers_ != drop_) run();
+  }
+  void finish() { run(); }
+
+ private:
+  void run() {
+    std::vector<int64_t> order(grid_);
+    for (int64_t c = 0; c < grid_; ++c) order[c] = reverse_ ? grid_ - 1 - c : c;
+    if (shuffle_) std::shuffle(order.begin(), order.end(), rng_);
+    if (twice_ >= 0) order.push_back(twice_);
+    if (!snapshot_) {
+      for (const int64_t c : order) run_cta(c);
+    } else {
+      std::vector<std::vector<uint8_t>> last(buffers_.size()), next(buffers_.size());
+      std::vector<std::vector<int32_t>> writer(buffers_.size());  // which share wrote each byte (-1: none)
+      for (size_t i = 0; i < buffers_.size(); ++i) {
+        const auto* p = static_cast<const uint8_t*>(buffers_[i].data);
+        last[i].assign(p, p + buffers_[i].bytes);
+        next[i] = last[i];
+        writer[i].assign(buffers_[i].bytes, -1);
+      }
+      for (size_t r = 0; r < order.size(); ++r) {
+        for (size_t i = 0; i < buffers_.size(); ++i) std::memcpy(buffers_[i].data, last[i].data(), buffers_[i].bytes);
+        run_cta(order[r]);
+        for (size_t i = 0; i < buffers_.size(); ++i) {
+          const auto* p = static_cast<const uint8_t*>(buffers_[i].data);
+          for (int64_t j = 0; j < buffers_[i].bytes; ++j) {
+            if (p[j] == last[i][j]) continue;
+            TORCH_CHECK(writer[i][j] < 0, "persistent kernel emulation: CTAs ", order[writer[i][j]], " and ", order[r],
+                        " both write ", buffers_[i].name, "[", j / buffers_[i].elem, "] after grid barrier ", ran_,
+                        " (0: the launch)");
+            next[i][j] = p[j];
+            writer[i][j] = static_cast<int32_t>(r);
+          }
+        }
+      }
+      for (size_t i = 0; i < buffers_.size(); ++i) std::memcpy(buffers_[i].data, next[i].data(), buffers_[i].bytes);
+    }
+    shares_.clear();
+    ran_ = barriers_;
+  }
+
+  void run_cta(int64_t c) {
+    if (poison_) {
+      for (const Buffer& b : scratch_) std::memset(b.data, 0xff, b.bytes);  // NaN in fp32, fp16 and bf16
+    }
+    if (!threads_) {
+      for (const auto& share : shares_) share(c, 0, 1);
+      return;
+    }
+    std::vector<int> order(persist::kWarps);
+    for (int t = 0; t < persist::kWarps; ++t) order[t] = reverse_ ? persist::kWarps - 1 - t : t;
+    if (shuffle_) std::shuffle(order.begin(), order.end(), rng_);
+    Turnstile turns(order, nosync_, diverge_);
+    TORCH_CHECK(turns.run([&](int tid, int nt) {
+      for (const auto& share : shares_) share(c, tid, nt);
+    }), "persistent kernel emulation: the threads of CTA ", c, " reach different numbers of __syncthreads after grid "
+        "barrier ", ran_, " (0: the launch)");
+  }
+
+  int64_t grid_;
+  std::vector<Buffer> buffers_, scratch_;
+  std::vector<std::function<void(int64_t, int, int)>> shares_;
+  int64_t barriers_ = 0, ran_ = 0, drop_ = 0, twice_ = -1, nosync_ = 0, diverge_ = 0;  // ran_: up to the last phase run
+  bool reverse_ = false, shuffle_ = false, snapshot_ = false, threads_ = false, poison_ = false;
+  std::mt19937_64 rng_;
+};
+
+// Every buffer the kernels write (what the snapshot mode keeps), from the sizes the ops allocate; undefined: what
+// they leave uninitialised (at::empty), for the kernels to write before they read it.
+std::vector<EmulatedGrid::Buffer> written_buffers(const persist::Args& a, bool backward, int64_t elem) {
+  const int64_t T = a.T, B = a.B, H = a.H, P = a.P, G = a.gates, slots = a.save ? T + 1 : 2;
+  std::vector<EmulatedGrid::Buffer> v;
+  const auto add = [&](const char* name, void* p, int64_t n, int64_t size, bool undefined = false) {
+    if (p != nullptr) v.push_back({name, p, n * size, size, undefined});
+  };
+  if (!backward) {
+    add("hs", a.hs, slots * B * P, 4);
+    add("cs", a.cs, slots * B * H, 4);
+    add("y", a.y, T * B * P, elem);
+    add("op", a.op, 2 * B * P, elem);
+    add("gh", a.gh, B * G * H, 4, true);
+    add("ms", a.ms, (a.save ? T : 1) * B * H, 4);
+    add("m_op", a.m_op, B * H, elem);
+  } else {
+    add("dh", a.dh, B * P, 4);
+    add("dc", a.dc, B * H, 4);
+    add("dhz", a.dhz, B * P, 4, true);
+    add("dhz_op", a.dhz_op, B * P, elem);
+    add("dhs", a.dhs, T * B * P, 4);
+    add("dm", a.dm, B * H, 4, true);
+    add("dg", a.dg, T * B * G * H, 4);
+    add("dghn", a.dghn, T * B * H, 4);
+    add("dg_op", a.dg_op, 2 * B * G * H, elem);
+  }
+  return v;
+}
+
+// The kernels' loop (csrc/rnn_persist.cu), barrier for barrier, each phase's CTAs run in turn (EmulatedGrid).
 template <class T>
 void emulate_grid(const persist::Args& a, bool backward) {
   using namespace persist;
@@ -771,39 +1011,46 @@ void emulate_grid(const persist::Args& a, bool backward) {
   // each CTA's shared-memory slices; one staging buffer and one set of partial sums, sized for both
   std::vector<std::vector<T>> w(a.grid, std::vector<T>(l.rows * l.ldw));
   std::vector<std::vector<T>> w2(a.grid, std::vector<T>(a.proj ? l2.rows * l2.ldw : 0));
-  std::vector<T> st(kTileB * std::max(l.lda, l2.lda));
-  std::vector<float> acc(std::max(l.splits * l.Np, l2.splits * l2.Np) * kTileB);
+  std::vector<T> staged(kTileB * std::max(l.lda, l2.lda));
+  std::vector<float> sums(std::max(l.splits * l.Np, l2.splits * l2.Np) * kTileB);
+  T* st = staged.data();
+  float* acc = sums.data();
   for (int64_t c = 0; c < a.grid; ++c) {
     load_weights<T>(source_of(a, backward, false, c), w[c].data(), l, 0, 1);
     if (a.proj) load_weights<T>(source_of(a, backward, true, c), w2[c].data(), l2, 0, 1);
   }
-  // each loop over the CTAs ends where the kernels have a grid barrier
+  EmulatedGrid grid(a.grid, written_buffers(a, backward, sizeof(T)),
+                    {{"staged", st, static_cast<int64_t>(staged.size() * sizeof(T)), sizeof(T), true},
+                     {"sums", acc, static_cast<int64_t>(sums.size() * sizeof(float)), 4, true}});
+  // each share takes (cta, tid, nt): the CTA, and the thread of nt playing it
   for (int64_t k = 0; k < a.T; ++k) {
     if (!backward) {
-      for (int64_t c = 0; c < a.grid; ++c) forward_step<T>(a, c, k, w[c].data(), st.data(), acc.data(), l, 0, 1);
+      grid.each([&, k](int64_t c, int i, int n) { forward_step<T>(a, c, k, w[c].data(), st, acc, l, i, n); });
       if (a.proj) {
-        for (int64_t c = 0; c < a.grid; ++c) {
-          forward_project<T>(a, c, k, w2[c].data(), st.data(), acc.data(), l2, 0, 1);
-        }
+        grid.barrier();
+        grid.each([&, k](int64_t c, int i, int n) { forward_project<T>(a, c, k, w2[c].data(), st, acc, l2, i, n); });
       }
+      if (k + 1 < a.T) grid.barrier();
     } else {
+      if (k > 0) {
+        grid.each([&, k](int64_t c, int i, int n) {
+          backward_recurrent<T>(a, c, k - 1, w[c].data(), st, acc, l, i, n);
+        });
+      }
       if (a.proj) {
-        for (int64_t c = 0; c < a.grid; ++c) {
-          if (k > 0) backward_recurrent<T>(a, c, k - 1, w[c].data(), st.data(), acc.data(), l, 0, 1);
-          backward_dh<T>(a, c, k, 0, 1);
-        }
+        grid.each([&, k](int64_t c, int i, int n) { backward_dh<T>(a, c, k, i, n); });
+        grid.barrier();
       }
-      for (int64_t c = 0; c < a.grid; ++c) {
-        if (k > 0 && !a.proj) backward_recurrent<T>(a, c, k - 1, w[c].data(), st.data(), acc.data(), l, 0, 1);
-        backward_cells<T>(a, c, k, a.proj ? w2[c].data() : nullptr, st.data(), acc.data(), l2, 0, 1);
-      }
+      grid.each([&, k](int64_t c, int i, int n) {
+        backward_cells<T>(a, c, k, a.proj ? w2[c].data() : nullptr, st, acc, l2, i, n);
+      });
+      grid.barrier();
     }
   }
   if (backward && a.T > 0) {
-    for (int64_t c = 0; c < a.grid; ++c) {
-      backward_recurrent<T>(a, c, a.T - 1, w[c].data(), st.data(), acc.data(), l, 0, 1);
-    }
+    grid.each([&](int64_t c, int i, int n) { backward_recurrent<T>(a, c, a.T - 1, w[c].data(), st, acc, l, i, n); });
   }
+  grid.finish();
 }
 
 void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t grid, bool tf32, int64_t stream,

@@ -30,8 +30,9 @@ __device__ __forceinline__ unsigned long long now_ns() {
   return t;
 }
 
-// Every CTA has arrived `target` times in all (target = steps done x grid). False, in every thread of the
-// CTA, when the barrier timed out here or another CTA reported a failure: the caller leaves the kernel.
+// Every CTA has arrived `target` times in all (target = barriers passed x grid, modulo 2^32: see arrived()). False,
+// in every thread of the CTA, when the barrier timed out here or another CTA reported a failure: the caller leaves
+// the kernel.
 __device__ __forceinline__ bool grid_barrier(const Args& a, unsigned target) {
   __shared__ int failed;
   __syncthreads();  // the CTA's writes of this step are done
@@ -40,7 +41,7 @@ __device__ __forceinline__ bool grid_barrier(const Args& a, unsigned target) {
     atomicAdd(a.barrier, 1u);
     int bad = 0;
     const unsigned long long start = now_ns();
-    while (load_acquire(a.barrier) < target) {
+    while (!arrived(load_acquire(a.barrier), target)) {
       if (*reinterpret_cast<volatile int*>(a.error) != 0) {
         bad = 1;
         break;

@@ -39,11 +39,17 @@
 #include <mma.h>
 #define FUSENN_SYNC() __syncthreads()
 #else
-#define FUSENN_SYNC() ((void)0)
+#define FUSENN_SYNC() (::fusenn::persist::host_sync != nullptr ? ::fusenn::persist::host_sync() : (void)0)
 #endif
 
 namespace fusenn {
 namespace persist {
+
+#if !defined(__CUDA_ARCH__)
+// The host's __syncthreads: nothing, where one host thread plays a whole CTA; csrc/rnn_host.cpp's emulation sets
+// it in threads that play a CTA's threads in turns.
+inline thread_local void (*host_sync)() = nullptr;
+#endif
 
 constexpr int kThreads = 256;  // 8 warps per CTA
 constexpr int kWarps = kThreads / 32;
@@ -289,6 +295,14 @@ struct Args {
   int* error;
   uint64_t timeout_ns;
 };
+
+// Whether a grid barrier's arrival counter has reached its target (csrc/rnn_persist.cu): both count modulo 2^32
+// (barriers x grid arrivals, past 2^32 after 2^31 / grid steps at two barriers a step: 16 million at 128 CTAs),
+// and the counter is always within one grid's arrivals of the target, so their difference read as signed decides.
+FUSENN_HD constexpr bool arrived(uint32_t count, uint32_t target) { return static_cast<int32_t>(count - target) >= 0; }
+static_assert(arrived(640u, 640u) && !arrived(639u, 640u) && arrived(700u, 640u), "arrivals in plain counting");
+static_assert(!arrived(0xffffff80u, 0x80u) && arrived(0x80u, 0x80u) && arrived(0x10u, 0xfffffff0u),
+              "arrivals across the counter's wrap past 2^32: the last barrier before it must still wait");
 
 // The state slots entering and leaving step t, processed k-th (as csrc/rnn_host.cpp's slots()).
 FUSENN_HD void slots(int64_t t, int64_t k, bool reverse, bool save, int64_t* before, int64_t* after) {
@@ -562,7 +576,7 @@ constexpr int kWarpSlots = kWarps;  // the host plays every warp in turn
 
 // The tensor-core tile product: warp w takes item w = (16-column tile w % tiles of the Np rows, K-split
 // w / tiles: every splits-th 16-wide K block), 16 / kN MMAs per K block (TF32: the second 8 columns only where
-// Np has them); the splits' partial sums are added after. On the host one thread plays all the warps' items.
+// Np has them); the splits' partial sums are added after. On the host thread tid of nt plays warps tid, tid + nt, ...
 template <class T>
 FUSENN_HD void tile_product_mma(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
                                 int tid, int nt) {
@@ -572,7 +586,7 @@ FUSENN_HD void tile_product_mma(const T* A, int64_t rows, int64_t b0, const T* w
 #if defined(__CUDA_ARCH__)
   const int first = tid / 32, stride = kWarps;
 #else
-  const int first = 0, stride = 1;
+  const int first = tid, stride = nt;  // the host's threads play the warps (one thread: all of them)
 #endif
   typename M::C c[kWarpSlots][kParts];
   for (int slot = 0; slot < kWarpSlots; ++slot) for (int h = 0; h < kParts; ++h) M::zero(c[slot][h]);

@@ -58,10 +58,10 @@ def persistent(twin, monkeypatch):
     return twin
 
 
-def _regs(recurrent_dropout, zoneout, B, H):
+def _regs(recurrent_dropout, zoneout, B, H, device=torch.device("cpu")):
     """The C++ ops' regularising arguments (rscale, zo_seed, zo_mode, zo_threshold, zo_u, stream)."""
-    rd_p, rd_seed, zo_p, zo_seed = ops._op_regularisers(recurrent_dropout, zoneout, torch.device("cpu"))
-    return ops._cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, B, H, torch.device("cpu"))
+    rd_p, rd_seed, zo_p, zo_seed = ops._op_regularisers(recurrent_dropout, zoneout, device)
+    return ops._cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, B, H, device)
 
 
 def _case(T, B, H, dtype="fp32", reverse=False, lengths=None, grid=0, regs=False):
@@ -753,6 +753,166 @@ def test_persist_proj_plan_keeps_both_slices(twin):
         twin.persist_plan(3, False, 2, 64, 0, H200, 0, 0, False, 32)
 
 
+# ---- races: what running each phase's CTAs in turn would hide (csrc/rnn_host.cpp, EmulatedGrid) ----
+# On the GPU the CTAs between two grid barriers run at once: none may read what another writes there, nor two write
+# one element. FUSENN_PERSIST_EMULATION runs them in other orders, or each against the buffers as the last barrier
+# left them (raising where two write one byte), or each CTA as 8 host threads taking turns between its
+# __syncthreads, or with its staging memory poisoned; a race changes the results, which must stay bit for bit the
+# same.
+
+def _race_case(kind, T, B, H, P=0, dtype="fp32", reverse=False, lengths=None, regs=False, grid=0):
+    tf32 = dtype == "tf32"
+    case = dict(kind=kind, T=T, B=B, H=H, P=P, dtype=torch.float32 if tf32 else DTYPES[dtype], tf32=tf32,
+                reverse=reverse, lengths=lengths, regs=regs, grid=grid)
+    parts = [kind, f"T{T}", f"B{B}", f"H{H}"] + ([f"P{P}"] if P else []) + [dtype] + (["reverse"] if reverse else [])
+    parts += (["packed"] if lengths else []) + (["regs"] if regs else []) + ([f"grid{grid}"] if grid else [])
+    return pytest.param(case, id="-".join(parts))
+
+
+RACE_CASES = [
+    _race_case("lstm", 4, 3, 33, reverse=True, lengths=[4, 1, 3], regs=True, grid=5),
+    _race_case("gru", 4, 3, 33, reverse=True, lengths=[4, 1, 3], regs=True, grid=5),
+    _race_case("lstm", 3, 17, 129, dtype="tf32", lengths=[3, 1, 2] * 5 + [1, 3], regs=True),
+    _race_case("gru", 3, 17, 129, dtype="tf32", lengths=[3, 1, 2] * 5 + [1, 3], regs=True),
+    _race_case("lstm", 2, 3, 129, dtype="bf16", reverse=True),
+    _race_case("gru", 2, 3, 129, dtype="bf16", reverse=True, regs=True),
+    _race_case("lstm", 1, 1, 7, dtype="fp16"),
+    _race_case("gru", 1, 1, 7, dtype="fp16"),
+    _race_case("lstm", 3, 3, 33, grid=33),  # one unit per CTA
+    _race_case("gru", 3, 3, 33, dtype="bf16", grid=33),
+    _race_case("lstm", 4, 3, 33, P=17, reverse=True, lengths=[4, 1, 3], regs=True, grid=5),
+    _race_case("lstm", 3, 17, 129, P=64, dtype="tf32", lengths=[3, 1, 2] * 5 + [1, 3], regs=True),
+    _race_case("lstm", 2, 3, 33, P=16, dtype="fp16", grid=33),  # most CTAs own none of h's columns
+    _race_case("lstm", 3, 3, 129, P=40, dtype="bf16", reverse=True, regs=True),
+]
+
+
+def _race_inputs(case, device=torch.device("cpu")):
+    torch.manual_seed(case["T"] * 1000 + case["B"] * 100 + case["H"] + case["P"])
+    T, B, H, P, dt = case["T"], case["B"], case["H"], case["P"], case["dtype"]
+    width = P or H
+    rd, zo = ((0.3, 17), (0.25, 29)) if case["regs"] else (None, None)
+    inputs = _lstm_inputs(T, B, H, P or None, dt, "cpu") if case["kind"] == "lstm" else _gru_inputs(T, B, H, True, dt,
+                                                                                                     "cpu")
+    upstream = [torch.randn(T, B, width).to(dt), torch.randn(B, width), torch.randn(B, H)]
+    inputs, upstream = [[x.to(device) if x is not None else None for x in xs] for xs in (inputs, upstream)]
+    return inputs, upstream, _regs(rd, zo, B, width, device)
+
+
+def _race_forward(twin, case, inputs, regs, save, grid=None):
+    lens = torch.tensor(case["lengths"], device=inputs[0].device) if case["lengths"] else None
+    tail = (lens, case["reverse"], save, *regs, case["grid"] if grid is None else grid, case["tf32"])
+    if case["kind"] == "lstm":
+        return list(twin.lstm_persist_forward(*inputs, *tail))
+    return list(twin.gru_persist_forward(*inputs, *tail))
+
+
+def _race_backward(twin, case, inputs, upstream, regs, fwd, grid=None):
+    lens = torch.tensor(case["lengths"], device=inputs[0].device) if case["lengths"] else None
+    dy, dh, dc = upstream
+    tail = (lens, case["reverse"])
+    end = (*regs, case["grid"] if grid is None else grid, case["tf32"])
+    if case["kind"] == "lstm":
+        gx, _, _, w_hh, w_hr = inputs
+        return list(twin.lstm_persist_backward(dy, dh, dc, gx, w_hh, w_hr, *tail, fwd[3], fwd[4], *end))
+    gx, _, w_hh, b_hh = inputs
+    return list(twin.gru_persist_backward(dy, dh, gx, w_hh, b_hh, *tail, fwd[2], *end))
+
+
+def _race_results(twin, monkeypatch, case, forward_mode, backward_mode=None):
+    """Forward (every state saved, and inference's two slots) and backward under FUSENN_PERSIST_EMULATION."""
+    inputs, upstream, regs = _race_inputs(case)
+    monkeypatch.setenv("FUSENN_PERSIST_EMULATION", forward_mode)
+    fwd = _race_forward(twin, case, inputs, regs, True)
+    fwd_two_slots = _race_forward(twin, case, inputs, regs, False)[:3]
+    monkeypatch.setenv("FUSENN_PERSIST_EMULATION", forward_mode if backward_mode is None else backward_mode)
+    bwd = _race_backward(twin, case, inputs, upstream, regs, fwd)
+    return dict(forward=fwd + fwd_two_slots, backward=bwd)
+
+
+def _same_bits(xs, ys):
+    return len(xs) == len(ys) and all(x.shape == y.shape and torch.equal(x.flatten().view(torch.uint8),
+                                                                         y.flatten().view(torch.uint8))
+                                      for x, y in zip(xs, ys))
+
+
+@pytest.mark.parametrize("case", RACE_CASES)
+def test_persist_emulated_grid_has_no_race(twin, monkeypatch, case):
+    """Every phase's CTAs in reverse and two shuffled orders, and each against the last barrier's buffers (with and
+    without a shuffle), and each CTA's threads in turns between its __syncthreads (reversed, shuffled), some with
+    the staging memory NaN before each CTA's share: forward and backward results bit for bit the plain emulation's,
+    no two CTAs writing one byte in a phase, every thread of a CTA reaching the same __syncthreads."""
+    plain = _race_results(twin, monkeypatch, case, "")
+    for mode in ("reverse poison", "shuffle=1", "shuffle=2", "snapshot", "snapshot shuffle=3", "threads reverse",
+                 "threads snapshot shuffle=4 poison"):
+        got = _race_results(twin, monkeypatch, case, mode)
+        for direction in ("forward", "backward"):
+            assert _same_bits(plain[direction], got[direction]), f"{direction} under {mode!r}"
+
+
+def _barriers(P, T, direction):
+    """The grid barriers of one launch (csrc/rnn_persist.cu): forward one between steps (with a projection two a
+    step but the last); backward one a step (two with a projection)."""
+    per_step = 2 if P else 1
+    return per_step * T - (1 if direction == "forward" else 0)
+
+
+@pytest.mark.parametrize("case", [_race_case("lstm", 3, 3, 33, lengths=[3, 1, 2], regs=True, grid=5),
+                                  _race_case("gru", 3, 3, 33, lengths=[3, 1, 2], regs=True, grid=5),
+                                  _race_case("lstm", 3, 3, 33, P=17, lengths=[3, 1, 2], regs=True, grid=5),
+                                  _race_case("lstm", 2, 3, 33, P=16, dtype="bf16", grid=5)])
+def test_persist_emulation_sees_any_missing_barrier(twin, monkeypatch, case):
+    """The checks above can fail: with any one of the kernels' grid barriers left out (drop=N) the reversed order and
+    the snapshot give other results than the plain order, forward and backward. So every barrier is needed, and
+    a race across CTAs within a phase would show."""
+    for direction in ("forward", "backward"):
+        def run(mode):
+            if direction == "forward":
+                return _race_results(twin, monkeypatch, case, mode, "")[direction]
+            return _race_results(twin, monkeypatch, case, "", mode)[direction]
+
+        count = _barriers(case["P"], case["T"], direction)
+        assert count >= 1
+        for n in range(1, count + 1):
+            racy = run(f"drop={n}")
+            assert not _same_bits(racy, run(f"drop={n} reverse")), f"{direction}: barrier {n} of {count}, reverse"
+            assert not _same_bits(racy, run(f"drop={n} snapshot")), f"{direction}: barrier {n} of {count}, snapshot"
+        # and a barrier past the last is no barrier: nothing changes
+        assert _same_bits(run(f"drop={count + 1}"), run(""))
+
+
+@pytest.mark.parametrize("case", [_race_case("lstm", 2, 3, 33, grid=5), _race_case("gru", 2, 3, 33, dtype="tf32"),
+                                  _race_case("lstm", 2, 17, 33, P=17, dtype="bf16", grid=5)])
+def test_persist_emulation_sees_a_missing_syncthreads(twin, monkeypatch, case):
+    """The thread check can fail: without the __syncthreads between staging an operand and the products (the 2nd
+    of each share: nosync=2), or the one after the products (3rd), the threads in turns give other results, forward
+    and backward; a thread that skips one (diverge=2: thread 0's 2nd) raises."""
+    plain = _race_results(twin, monkeypatch, case, "")
+    for n in (2, 3):
+        for direction in ("forward", "backward"):
+            racy = [_race_results(twin, monkeypatch, case, f"threads{order} nosync={n}")[direction]
+                    for order in ("", " reverse")]
+            assert not all(_same_bits(plain[direction], r) for r in racy), f"{direction}: __syncthreads {n}"
+    with pytest.raises(RuntimeError, match="the threads of CTA 0 reach different numbers of __syncthreads after grid "
+                                           "barrier 0"):
+        _race_results(twin, monkeypatch, case, "threads diverge=2")
+
+
+@pytest.mark.parametrize("case", [_race_case("lstm", 2, 3, 33, grid=5), _race_case("gru", 2, 3, 33, grid=5),
+                                  _race_case("lstm", 2, 3, 33, P=17, grid=5)])
+def test_persist_emulation_snapshot_refuses_two_writers(twin, monkeypatch, case):
+    """The snapshot mode raises where two CTAs write one element between two barriers (twice=C: CTA C's share run
+    a second time, as if another CTA owned its slice), forward and backward."""
+    with pytest.raises(RuntimeError, match=r"CTAs 2 and 2 both write \w+\[\d+\] after grid barrier 0 "):
+        _race_results(twin, monkeypatch, case, "snapshot twice=2")
+    with pytest.raises(RuntimeError, match=r"CTAs 1 and 1 both write \w+\[\d+\] after grid barrier 0 "):
+        _race_results(twin, monkeypatch, case, "", "snapshot twice=1")
+    with pytest.raises(RuntimeError, match="FUSENN_PERSIST_EMULATION: unknown word 'shuffle'"):
+        _race_results(twin, monkeypatch, case, "snapshot shuffle")
+    with pytest.raises(RuntimeError, match="twice=99 names no CTA of the grid's 5"):
+        _race_results(twin, monkeypatch, case, "snapshot twice=99")
+
+
 # ---- static: the kernels compiled for sm_90a, ptxas's numbers against the launcher's plan ----
 
 def _ptxas_report():
@@ -984,6 +1144,24 @@ def _gpu_lstm_run(device, regs=True):
     y, h, c = ops.lstm_layer(*inputs, **kw)
     grads = torch.autograd.grad((y.float().square().sum() + h.float().sum()), inputs)
     return [y, h, c] + list(grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [_race_case("lstm", 4, 3, 33, reverse=True, lengths=[4, 1, 3], regs=True),
+                                  _race_case("gru", 4, 3, 33, reverse=True, lengths=[4, 1, 3], regs=True),
+                                  _race_case("lstm", 3, 17, 129, P=64, lengths=[3, 1, 2] * 5 + [1, 3], regs=True)])
+def test_persist_gpu_partition_does_not_change_a_bit(on_gpu, twin, case):
+    """Exact fp32 on the GPU: every gate product is one thread's FMA chain in k order whatever the grid, so 2, 5 and
+    11 CTAs and the plan's give bit-identical results, forward and backward (as the emulation's partition test); a
+    CTA reading what another writes in the same phase, or passing a grid barrier early, would break that."""
+    inputs, upstream, regs = _race_inputs(case, on_gpu)
+    results = []
+    for grid in (2, 5, 11, 0):
+        fwd = _race_forward(twin, case, inputs, regs, True, grid)
+        bwd = _race_backward(twin, case, inputs, upstream, regs, fwd, grid)
+        results.append([x.cpu() for x in fwd + bwd])
+    for grid, other in zip((5, 11, 0), results[1:]):
+        assert _same_bits(results[0], other), f"grid {grid} against 2 CTAs"
 
 
 @pytest.mark.gpu
