@@ -4,9 +4,12 @@
 # op. Every step is bounded in time, and the whole call ends within FUSENN_DEVICE_BUDGET_S seconds (570: inside
 # the device tool's 10-minute limit a command); a step the budget cuts says so in its log. Logs and
 # results/<gpu>/*.json land in $OUT (or .out/ when unset); copy the JSON into benchmarks/results/ and commit it.
+# Where the caller set OUT (the device tool, which returns at most 8 files from it), they end packed in one
+# archive, $OUT/device_run.tar.gz: `tar -xzf` it, then copy the JSON.
 #   usage: bash benchmarks/device_run.sh [--quick] [--only OP]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PACK=${OUT:+1}
 OUT=${OUT:-.out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -50,3 +53,8 @@ fi
 bounded 600 python3 -m pytest -q -p no:cacheprovider $TIMEOUT tests -k "not persist_gpu" 2>&1 \
   | tee "$OUT/tests.log" | tail -n 30
 bounded 600 python3 -m benchmarks --out "$OUT/results" "$@" 2>&1 | tee "$OUT/bench.log" | tail -n 80
+if [[ -n $PACK ]]; then
+  pack=$(mktemp -d)/device_run.tar.gz
+  tar -czf "$pack" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$pack" "$OUT/" \
+    && echo "== packed: $OUT/device_run.tar.gz" || echo "== packing $OUT failed"
+fi
