@@ -162,10 +162,9 @@ def _grad_matmul(grad_rows: Tensor, inputs: Tensor, dtype) -> Tensor:
         # of the two is the one transposed: (b^T a)^T or a b. Its weight (the other) must be dense in one order
         # or the other: any other strides (a column slice) take oneDNN's reference kernel, ~100x slower.
         if _onednn_fp32(a, b, a.shape[0] * a.shape[1] * b.shape[1]):
-            a, b = _dense(a), _dense(b)
             if b.shape[1] <= a.shape[0]:
-                return _onednn_linear(b.t().contiguous(), a).t().contiguous().to(dtype)
-            return _onednn_linear(a.contiguous(), b.t()).to(dtype)
+                return _onednn_linear(b.t().contiguous(), _dense(a)).t().contiguous().to(dtype)
+            return _onednn_linear(a.contiguous(), _dense(b).t()).to(dtype)
         return (a @ b).to(dtype)
 
 
