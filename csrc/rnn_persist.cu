@@ -1,14 +1,22 @@
 // The persistent LSTM / GRU kernels (csrc/rnn_persist.cuh) and their cooperative launcher. Each kernel loops
 // over the steps; between steps a grid-wide barrier on a global arrival counter (release by the arriving
 // CTA's fence, acquire by the waiting load), bounded in time: a barrier that cannot complete (CTAs not
-// co-resident) sets the error flag and every CTA leaves, and the host op raises instead of returning
-// stale numbers. The grid is checked against cudaOccupancyMaxActiveBlocksPerMultiprocessor before launch.
+// co-resident) sets the error flag and every CTA leaves; a one-thread kernel queued behind it then raises a
+// device-side assert with the reason, so the launch fails loudly (the host's next CUDA call raises, as for
+// torch's own device asserts) instead of leaving stale numbers, and the host never waits for the kernel: the
+// layers stay asynchronous, and CUDA graphs capture both launches. The grid is checked against
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor before launch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cassert>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "launch.h"
 #include "half.cuh"
@@ -122,6 +130,18 @@ __global__ void __launch_bounds__(kThreads, 1) persist_backward_kernel(const Arg
   if (a.T > 0) backward_recurrent<T>(a, cta, a.T - 1, w, st, acc, l, tid, kThreads);
 }
 
+// Queued behind each persistent launch: a device-side assert where one of its grid barriers timed out. Apart
+// from the kernels, so that the assert's call (an ABI call, ~10-25 more registers) stays out of their step loop.
+__global__ void persist_check_kernel(const int* error) {
+  if (*reinterpret_cast<const volatile int*>(error) != 0) {
+    // glibc's name for the assert hook that CUDA's device code provides (torch's CUDA_KERNEL_ASSERT calls it too)
+    __assert_fail(
+        "fusenn's persistent RNN kernel: a grid-wide barrier timed out, its CTAs were not all resident "
+        "(FUSENN_PERSIST_TIMEOUT_S sets the bound); its results are invalid",
+        __FILE__, __LINE__, __func__);
+  }
+}
+
 const void* kernel_of(Dtype dtype, bool backward) {
   switch (dtype) {
     case Dtype::f16:
@@ -139,17 +159,18 @@ const void* kernel_of(Dtype dtype, bool backward) {
 int elem_of(Dtype dtype) { return dtype == Dtype::f32 ? 4 : 2; }
 
 // The plan for the current device and the kernel's registers, confirmed by the occupancy API; *why says
-// what stops it (empty when nothing does).
-Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req, bool tf32,
-                 std::string* why) {
+// what stops it (empty when nothing does); *failed, whether a CUDA query failed. Kept per device and arguments
+// (device_plan), so that a launch costs the host no queries after the first.
+Plan plan_on(int device, Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req, bool tf32,
+             std::string* why, bool* failed) {
   Plan p{};
-  int device = 0, coop = 0;
+  int coop = 0;
   int v[6] = {0, 0, 0, 0, 0, 0};
   const cudaDeviceAttr attrs[6] = {
       cudaDevAttrMultiProcessorCount,           cudaDevAttrMaxSharedMemoryPerBlockOptin,
       cudaDevAttrMaxSharedMemoryPerMultiprocessor, cudaDevAttrMaxRegistersPerMultiprocessor,
       cudaDevAttrMaxThreadsPerMultiProcessor,   cudaDevAttrMaxBlocksPerMultiprocessor};
-  cudaError_t e = cudaGetDevice(&device);
+  cudaError_t e = cudaSuccess;
   for (int i = 0; i < 6 && e == cudaSuccess; ++i) e = cudaDeviceGetAttribute(&v[i], attrs[i], device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
   const void* fn = kernel_of(dtype, backward);
@@ -157,6 +178,7 @@ Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, in
   if (e == cudaSuccess) e = cudaFuncGetAttributes(&fa, fn);
   if (e != cudaSuccess) {
     *why = std::string("querying the device for the persistent kernel failed: ") + cudaGetErrorString(e);
+    *failed = true;
     return p;
   }
   if (!coop) {
@@ -170,15 +192,47 @@ Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, in
     *why = p.why;
     return p;
   }
-  e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem));
+  // the most any plan may take (not this plan's: the attribute is the kernel's, shared by every cached plan)
+  e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(m.smem_block - static_cast<int64_t>(fa.sharedSizeBytes)));
   int per_sm = 0;
   if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kThreads, p.smem);
   if (e != cudaSuccess) {
     *why = std::string("the occupancy query for the persistent kernel failed: ") + cudaGetErrorString(e);
+    *failed = true;
   } else if (static_cast<int64_t>(per_sm) * m.sms < p.grid) {
     *why = "the persistent kernel needs " + std::to_string(p.grid) + " co-resident CTAs of " + std::to_string(p.smem) +
            " bytes of shared memory; the occupancy API allows " + std::to_string(per_sm) + " per SM x " +
            std::to_string(m.sms) + " SMs";
+  }
+  return p;
+}
+
+Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req, bool tf32,
+                 std::string* why) {
+  int device = 0;
+  const cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) {
+    *why = std::string("querying the device for the persistent kernel failed: ") + cudaGetErrorString(e);
+    return Plan{};
+  }
+  using Key = std::tuple<int, int, int, bool, int64_t, int64_t, int64_t, bool>;
+  static std::mutex mutex;
+  static std::map<Key, std::pair<Plan, std::string>> plans;
+  const Key key{device, static_cast<int>(dtype), gates, backward, H, P, grid_req, tf32};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = plans.find(key);
+    if (it != plans.end()) {
+      *why = it->second.second;
+      return it->second.first;
+    }
+  }
+  bool failed = false;
+  const Plan p = plan_on(device, dtype, gates, backward, H, P, grid_req, tf32, why, &failed);
+  if (!failed) {  // a failed query is not kept: the next call asks again
+    const std::lock_guard<std::mutex> lock(mutex);
+    plans.emplace(key, std::make_pair(p, *why));
   }
   return p;
 }
@@ -198,8 +252,11 @@ int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_
   a.tf32 = p.tf32;
   Layouts ls = layouts_for(a.gates, backward, elem_of(dtype), a.H, a.proj ? a.P : 0, a.units, a.vrows, a.chunk, a.tf32);
   void* params[] = {&a, &ls.a, &ls.b};
-  return static_cast<int>(cudaLaunchCooperativeKernel(kernel_of(dtype, backward), dim3(static_cast<unsigned>(p.grid)),
-                                                      dim3(kThreads), params, static_cast<size_t>(p.smem), stream));
+  cudaError_t e = cudaLaunchCooperativeKernel(kernel_of(dtype, backward), dim3(static_cast<unsigned>(p.grid)),
+                                              dim3(kThreads), params, static_cast<size_t>(p.smem), stream);
+  if (e != cudaSuccess) return static_cast<int>(e);
+  persist_check_kernel<<<1, 1, 0, stream>>>(a.error);
+  return static_cast<int>(cudaGetLastError());
 }
 
 std::string persist::persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req) {

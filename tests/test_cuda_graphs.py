@@ -25,8 +25,10 @@ def call(name, module, x):
     return first(module(x))
 
 
-# The C++ RNN layers (backend "cuda") capture too: their host loop's GEMMs and step kernels.
-@pytest.mark.parametrize("name,backend", [(n, "triton") for n in sorted(CASES)] + [("gru", "cuda"), ("lstm", "cuda")])
+# The C++ RNN layers capture too: backend "cuda", their host loop's GEMMs and step kernels; "persistent", the
+# cooperative launches (a cooperative kernel node) and the check queued behind each.
+@pytest.mark.parametrize("name,backend", [(n, "triton") for n in sorted(CASES)]
+                         + [(n, b) for n in ("gru", "lstm") for b in ("cuda", "persistent")])
 def test_capture_and_replay(name, backend):
     make, shape = CASES[name]
     if not fusenn.backends()[backend].usable:
@@ -61,7 +63,7 @@ MASKED = {
     "sdpa": (lambda: None, lambda m, x: fusenn.functional.scaled_dot_product_attention(x, x, x, dropout_p=0.3),
              (2, 4, 33, 16), ("triton",)),
     "lstm": (lambda: fusenn.LSTM(16, 32, 2, input_dropout=0.2, recurrent_dropout=0.3, zoneout=0.2, dropout=0.1),
-             lambda m, x: m(x)[0], (7, 4, 16), ("triton", "cuda")),
+             lambda m, x: m(x)[0], (7, 4, 16), ("triton", "cuda", "persistent")),
 }
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -951,7 +952,8 @@ def test_persist_kernels_compile_for_sm90a_without_spills_and_fit_their_grid(twi
     kernels = _ptxas_report()
     names = {"forward": "persist_forward_kernel", "backward": "persist_backward_kernel"}
     dtypes = {2: ("6__half", "13__nv_bfloat16"), 4: ("If",)}
-    assert len(kernels) == 6, kernels
+    # forward and backward in three dtypes, and the one-thread check queued behind each launch
+    assert len(kernels) == 7 and len([k for k in kernels if "persist_check_kernel" in k]) == 1, kernels
     for name, info in kernels.items():
         assert "persist" in name
         assert info["spills"] == 0, f"{name} spills: {info}"
@@ -1220,3 +1222,39 @@ def test_persist_gpu_runs_on_the_tensors_device(monkeypatch):
     assert y.device == torch.device("cuda:1")
     assert_close(y, reference.lstm_layer(*[x.double() if x is not None else None for x in inputs])[0], name="y")
 
+
+
+@pytest.mark.gpu
+def test_persist_gpu_never_waits_for_its_kernels(on_gpu):
+    """The layers queue their kernels and return: no host sync in forward or backward (the error flag is checked
+    by a kernel queued behind each launch), so the host runs ahead of the GPU and CUDA graphs can capture them."""
+    _gpu_lstm_run(on_gpu)  # plans and buffers outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _gpu_lstm_run(on_gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+def test_persist_gpu_barrier_timeout_is_a_device_assert():
+    """A grid barrier that times out (a 1 ns bound here: the first CTA at a barrier gives up before the others
+    arrive) fails the launch with a device-side assert naming the reason, never returning numbers. In a child
+    process: the assert ends the CUDA context."""
+    if not fusenn.backends()["persistent"].usable:
+        pytest.skip(fusenn.backends()["persistent"].detail)
+    body = (
+        "import torch, fusenn\nfrom fusenn.ops import rnn as ops\n"
+        "gx = torch.randn(50, 4, 4 * 64, device='cuda')\n"
+        "h0, c0 = torch.zeros(4, 64, device='cuda'), torch.zeros(4, 64, device='cuda')\n"
+        "w = torch.randn(4 * 64, 64, device='cuda') * 0.1\n"
+        "with fusenn.set_backend('persistent'):\n"
+        "    y = ops.lstm_layer(gx, h0, c0, w, None)[0]\n"
+        "torch.cuda.synchronize()\n"
+        "print('RETURNED', y.sum().item())\n")
+    env = dict(os.environ, FUSENN_PERSIST_TIMEOUT_S="1e-9")
+    run = subprocess.run([sys.executable, "-c", body], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "RETURNED" not in run.stdout, run.stdout + run.stderr
+    assert "device-side assert" in run.stderr, run.stderr[-3000:]
+    assert "grid-wide barrier timed out" in run.stdout + run.stderr, run.stderr[-3000:]

@@ -81,8 +81,6 @@ def _persist_reason(gates: int):
         why = _kernel_reason("persistent C++")(gx)
         if why:
             return why
-        if gx.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return "it checks its grid barrier's flag with a host sync, which CUDA graph capture forbids"
         if guard_or_false(gx.shape[1] > PERSIST_MAX_BATCH):  # packed input traced: a data-dependent batch
             return f"batch {gx.shape[1]} > {PERSIST_MAX_BATCH}, where the per-step GEMM scheme is expected to win"
         device = -1 if gx.device.type != "cuda" else torch.cuda.current_device() if gx.device.index is None \
