@@ -116,6 +116,12 @@ def _cell_loop(kind, module):
     return run
 
 
+# Grids the persistent kernels are also timed on (FUSENN_PERSIST_GRID) where the batch is large enough for the
+# broadcast of h_{t-1} (each CTA stages all of it, every step) to weigh against spreading the gate products over
+# more SMs: the first GPU run shows where the plan's grid stands among them.
+PERSIST_GRIDS = (16, 32, 64, 128)
+
+
 def _setup(kind, T, B, I, H, dtype, train):
     def setup(device):
         ours = getattr(fusenn, kind)(I, H, device=device, dtype=dtype)
@@ -135,6 +141,9 @@ def _setup(kind, T, B, I, H, dtype, train):
             impls["fusenn-cpp"] = with_backend(timed(lambda x: ours(x)[0]), "cuda")
             # the persistent kernels; an input they refuse is reported with the reason BackendError gives
             impls["fusenn-persistent"] = with_backend(timed(lambda x: ours(x)[0]), "persistent")
+            for grid in PERSIST_GRIDS if B >= 8 else ():
+                impls[f"fusenn-persistent-g{grid}"] = with_backend(
+                    _with_env(timed(lambda x: ours(x)[0]), FUSENN_PERSIST_GRID=str(grid)), "persistent")
         return impls
     return setup
 

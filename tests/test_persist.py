@@ -242,6 +242,25 @@ def test_persist_inference_keeps_two_state_slots(persistent):
                  name="lstm proj")
 
 
+def test_persist_grid_from_the_environment_reaches_the_launcher(persistent, monkeypatch):
+    """FUSENN_PERSIST_GRID (the benchmarks' sweep of grids) gives the layers' launches that many CTAs, forward and
+    backward (the emulation's twice=C check names the grid it runs); malformed values raise."""
+    torch.manual_seed(5)
+    inputs = [x.requires_grad_() for x in _lstm_inputs(3, 2, 33, None, torch.float32, "cpu")[:4]]
+    monkeypatch.setenv("FUSENN_PERSIST_GRID", "5")
+    monkeypatch.setenv("FUSENN_PERSIST_EMULATION", "twice=99")
+    with pytest.raises(RuntimeError, match="twice=99 names no CTA of the grid's 5"):
+        ops.lstm_layer(*inputs)
+    monkeypatch.setenv("FUSENN_PERSIST_EMULATION", "twice=4")  # CTA 4 of 5 exists: its share run twice, no harm
+    y, h, c = ops.lstm_layer(*inputs)
+    monkeypatch.setenv("FUSENN_PERSIST_EMULATION", "twice=99")
+    with pytest.raises(RuntimeError, match="twice=99 names no CTA of the grid's 5"):
+        torch.autograd.grad(y.sum(), inputs)
+    monkeypatch.setenv("FUSENN_PERSIST_GRID", "five")
+    with pytest.raises(ValueError, match="FUSENN_PERSIST_GRID must be a non-negative integer, got 'five'"):
+        ops.lstm_layer(*inputs)
+
+
 def test_persist_ops_check_their_inputs(twin):
     gx, h0, c0, w_hh, w_hr = _lstm_inputs(3, 2, 5, 3, torch.float32, "cpu")
     regs = (None, None, 0, 0, 1.0, 0)

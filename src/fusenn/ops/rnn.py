@@ -24,6 +24,7 @@ a graph break and a CUDA-graph replay draws fresh masks.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -111,13 +112,22 @@ def _rnn_tf32() -> bool:
     return precision == "tf32" if precision is not None else bool(torch.backends.cudnn.allow_tf32)
 
 
+def _persist_grid() -> int:
+    """FUSENN_PERSIST_GRID=N: the persistent kernels on N CTAs (ceil(H / N) hidden units each) instead of the
+    launcher's plan, for the benchmarks' sweep of grids (bench_rnn.py); unset or 0: the plan's."""
+    value = os.environ.get("FUSENN_PERSIST_GRID", "0")
+    if not value.isdigit():
+        raise ValueError(f"FUSENN_PERSIST_GRID must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def _cpp(impl: str, name: str):
     """The C++ op `name` of torch.ops.fusenn_cuda, or for impl "persistent" its persistent twin (the same
-    arguments, the grid the launcher plans, and TF32 for fp32 products where torch allows it for cuDNN's RNNs,
-    read at each call as cuDNN's nn.LSTM and the Triton kernels do: _rnn_tf32)."""
+    arguments, the grid the launcher plans (or _persist_grid's), and TF32 for fp32 products where torch allows
+    it for cuDNN's RNNs, read at each call as cuDNN's nn.LSTM and the Triton kernels do: _rnn_tf32)."""
     if impl == "persistent":
         op = getattr(torch.ops.fusenn_cuda, name.replace("_", "_persist_", 1))
-        return lambda *args: op(*args, 0, _rnn_tf32())
+        return lambda *args: op(*args, _persist_grid(), _rnn_tf32())
     return getattr(torch.ops.fusenn_cuda, name)
 
 
