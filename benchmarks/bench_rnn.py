@@ -177,26 +177,35 @@ MMA_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 60e12
 GRID_SYNC_S = 2e-6
 
 
+def _persist_grid(gates, backward, e, H, B):
+    """The launcher's grid for an H200 at batch B (its cost model's choice, csrc/rnn_persist.cuh), or where
+    fusenn._C is not built, ceil(H / 132) units rounded up to a multiple of 4 per CTA."""
+    try:
+        import fusenn._C  # noqa: F401 - registers torch.ops.fusenn_cuda
+        return torch.ops.fusenn_cuda.persist_plan(gates, backward, e, H, 0, [], 0, 0, e == 4, 0, B)[0]
+    except (ImportError, AttributeError, RuntimeError):
+        units = -(-(-(-H // 132)) // 4) * 4
+        return -(-H // units)
+
+
 def persist_bound(kind, T, B, H, dtype, train):
-    """The persistent kernels' analytic bound per layer (csrc/rnn_persist.cuh): per step, every CTA reads
-    the whole h_{t-1} (B x H) through L2 (the broadcast) besides its own gx, state and outputs; the gate
-    products are 2 B gates H^2 FLOPs; one grid sync a step in forward and one in backward. The grid is the
-    launcher's plan for 132 SMs. Backward adds the gates' recomputation and the weight gradient, one GEMM
-    each over T*B rows, counted at the MMA peak."""
+    """The persistent kernels' analytic bound per layer (csrc/rnn_persist.cuh): per step, every CTA stages the
+    whole recurrent operand through L2 (the broadcast: h_{t-1}, B x H, forward; dgates, B x gates H, backward)
+    besides its own gx, state and outputs; the gate products are 2 B gates H^2 FLOPs; one grid sync a step in
+    forward and one in backward. The grids are the launcher's plan for an H200 at this batch. Backward adds the
+    gates' recomputation and the weight gradient, one GEMM each over T*B rows, counted at the MMA peak."""
     gates = 4 if kind == "LSTM" else 3
     e = torch.finfo(dtype).bits // 8
-    units = -(-(-(-H // 132)) // 4) * 4  # ceil(H / 132) rounded up to a multiple of 4
-    grid = -(-H // units)
+    grid, grid_bwd = _persist_grid(gates, False, e, H, B), _persist_grid(gates, True, e, H, B) if train else 0
     state = 2 * 4 * B * H * (2 if gates == 4 else 1)  # fp32 h (and c) slots read and written
-    step_bytes = grid * B * H * e + B * H * 2 * e + B * gates * H * (e + 8) + state
+    own = B * H * 2 * e + B * gates * H * (e + 8) + state
     step_flops = 2 * B * gates * H * H
-    steps = T * (2 if train else 1)
-    syncs = steps
+    passes = [grid * B * H * e + own] + ([grid_bwd * B * gates * H * e + own] if train else [])
     gemm_flops = (2 * 2 * T * B * gates * H * H) if train else 0
-    seconds = steps * (max(step_bytes / L2_BYTES_PER_S, step_flops / MMA_FLOPS[dtype]) + GRID_SYNC_S)
+    seconds = sum(T * (max(b / L2_BYTES_PER_S, step_flops / MMA_FLOPS[dtype]) + GRID_SYNC_S) for b in passes)
     seconds += gemm_flops / MMA_FLOPS[dtype]
-    return {"grid": grid, "l2_bytes_per_step": float(step_bytes), "flops_per_step": float(step_flops),
-            "grid_syncs": syncs, "bound_ms": seconds * 1e3}
+    return {"grid": grid, "grid_backward": grid_bwd, "l2_bytes_per_step": [float(b) for b in passes],
+            "flops_per_step": float(step_flops), "grid_syncs": T * len(passes), "bound_ms": seconds * 1e3}
 
 
 def cases(quick):

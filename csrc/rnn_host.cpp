@@ -1079,7 +1079,7 @@ void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t gr
     return;
   }
   const persist::Plan p = persist::plan(a.gates, backward, static_cast<int>(like.element_size()), a.H,
-                                        a.proj ? a.P : 0, persist::kH200, 0, 0, grid, a.tf32);
+                                        a.proj ? a.P : 0, persist::kH200, 0, 0, grid, a.tf32, a.B);
   TORCH_CHECK(p.why.empty(), "fusenn_cuda::", op, ": ", p.why);
   a.tf32 = p.tf32;
   a.grid = static_cast<int32_t>(p.grid);
@@ -1262,15 +1262,13 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_backward(const Tensor& dy_in, con
 }
 
 // The persistent launch's plan for a machine (grid, units per CTA, dynamic shared memory per CTA, CTAs per
-// SM, and the reason it cannot launch or "", whether fp32 products take TF32): machine = [SMs, shared memory
-// per block (opt-in), per SM, registers per SM, threads per SM, blocks per SM], empty for an H200's; regs:
-// registers per thread of the kernel (0: unknown); tf32: TF32 allowed. What the static test evaluates with
-// ptxas's numbers.
-std::tuple<int64_t, int64_t, int64_t, int64_t, std::string, bool> persist_plan(int64_t gates, bool backward,
-                                                                                int64_t elem, int64_t H, int64_t grid,
-                                                                                at::IntArrayRef machine, int64_t regs,
-                                                                                int64_t static_smem, bool tf32,
-                                                                                int64_t P) {
+// SM, and the reason it cannot launch or "", whether fp32 products take TF32, the modelled nanoseconds a step):
+// machine = [SMs, shared memory per block (opt-in), per SM, registers per SM, threads per SM, blocks per SM], empty
+// for an H200's; regs: registers per thread of the kernel (0: unknown); tf32: TF32 allowed; B: the batch (0: not
+// given, the grid spread over the SMs). What the static test evaluates with ptxas's numbers.
+std::tuple<int64_t, int64_t, int64_t, int64_t, std::string, bool, double> persist_plan(
+    int64_t gates, bool backward, int64_t elem, int64_t H, int64_t grid, at::IntArrayRef machine, int64_t regs,
+    int64_t static_smem, bool tf32, int64_t P, int64_t B) {
   TORCH_CHECK(gates == 3 || gates == 4, "fusenn_cuda::persist_plan: gates must be 3 (GRU) or 4 (LSTM), got ", gates);
   TORCH_CHECK(elem == 2 || elem == 4, "fusenn_cuda::persist_plan: elem must be 2 or 4 bytes, got ", elem);
   TORCH_CHECK(machine.empty() || machine.size() == 6, "fusenn_cuda::persist_plan: machine takes 6 numbers, got ",
@@ -1280,9 +1278,10 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, std::string, bool> persist_plan(i
                                                                 machine[3], machine[4], machine[5]};
   TORCH_CHECK(P >= 0 && P < H, "fusenn_cuda::persist_plan: P (proj_size, 0: none) must be in [0, H), got ", P);
   TORCH_CHECK(P == 0 || gates == 4, "fusenn_cuda::persist_plan: only the LSTM has a projection");
+  TORCH_CHECK(B >= 0, "fusenn_cuda::persist_plan: B (the batch, 0: not given) must be non-negative, got ", B);
   const persist::Plan p = persist::plan(static_cast<int>(gates), backward, static_cast<int>(elem), H, P, m, regs,
-                                        static_smem, grid, tf32);
-  return {p.grid, p.units, p.smem, p.per_sm, p.why, p.tf32};
+                                        static_smem, grid, tf32, B);
+  return {p.grid, p.units, p.smem, p.per_sm, p.why, p.tf32, p.step_ns};
 }
 
 // Why the persistent kernel cannot take hidden_size H in dtype (0 fp32, 1 fp16, 2 bf16) on CUDA device
@@ -1343,7 +1342,8 @@ TORCH_LIBRARY_FRAGMENT(fusenn_cuda, m) {
         "bool reverse, Tensor hs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, "
         "int stream, int grid, bool tf32=False) -> (Tensor, Tensor, Tensor)");
   m.def("persist_plan(int gates, bool backward, int elem, int H, int grid, int[] machine, int regs, "
-        "int static_smem, bool tf32=False, int P=0) -> (int, int, int, int, str, bool)", &fusenn::persist_plan);
+        "int static_smem, bool tf32=False, int P=0, int B=0) -> (int, int, int, int, str, bool, float)",
+        &fusenn::persist_plan);
   m.def("persist_reason(int device, int dtype, int gates, bool backward, int H, int grid, int P=0) -> str",
         &fusenn::persist_reason);
 }

@@ -162,7 +162,7 @@ int elem_of(Dtype dtype) { return dtype == Dtype::f32 ? 4 : 2; }
 // what stops it (empty when nothing does); *failed, whether a CUDA query failed. Kept per device and arguments
 // (device_plan), so that a launch costs the host no queries after the first.
 Plan plan_on(int device, Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req, bool tf32,
-             std::string* why, bool* failed) {
+             int64_t B, std::string* why, bool* failed) {
   Plan p{};
   int coop = 0;
   int v[6] = {0, 0, 0, 0, 0, 0};
@@ -187,7 +187,7 @@ Plan plan_on(int device, Dtype dtype, int gates, bool backward, int64_t H, int64
   }
   const Machine m{v[0], v[1], v[2], v[3], v[4], v[5]};
   p = plan(gates, backward, elem_of(dtype), H, P, m, fa.numRegs, static_cast<int64_t>(fa.sharedSizeBytes),
-           grid_req, tf32);
+           grid_req, tf32, B);
   if (!p.why.empty()) {
     *why = p.why;
     return p;
@@ -209,17 +209,17 @@ Plan plan_on(int device, Dtype dtype, int gates, bool backward, int64_t H, int64
 }
 
 Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req, bool tf32,
-                 std::string* why) {
+                 int64_t B, std::string* why) {
   int device = 0;
   const cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) {
     *why = std::string("querying the device for the persistent kernel failed: ") + cudaGetErrorString(e);
     return Plan{};
   }
-  using Key = std::tuple<int, int, int, bool, int64_t, int64_t, int64_t, bool>;
+  using Key = std::tuple<int, int, int, bool, int64_t, int64_t, int64_t, bool, int64_t>;
   static std::mutex mutex;
   static std::map<Key, std::pair<Plan, std::string>> plans;
-  const Key key{device, static_cast<int>(dtype), gates, backward, H, P, grid_req, tf32};
+  const Key key{device, static_cast<int>(dtype), gates, backward, H, P, grid_req, tf32, B};
   {
     const std::lock_guard<std::mutex> lock(mutex);
     const auto it = plans.find(key);
@@ -229,7 +229,7 @@ Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, in
     }
   }
   bool failed = false;
-  const Plan p = plan_on(device, dtype, gates, backward, H, P, grid_req, tf32, why, &failed);
+  const Plan p = plan_on(device, dtype, gates, backward, H, P, grid_req, tf32, B, why, &failed);
   if (!failed) {  // a failed query is not kept: the next call asks again
     const std::lock_guard<std::mutex> lock(mutex);
     plans.emplace(key, std::make_pair(p, *why));
@@ -242,7 +242,8 @@ Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, in
 int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_t grid_req, Stream stream,
                             std::string* why) {
   why->clear();
-  const Plan p = device_plan(dtype, args.gates, backward, args.H, args.proj ? args.P : 0, grid_req, args.tf32, why);
+  const Plan p =
+      device_plan(dtype, args.gates, backward, args.H, args.proj ? args.P : 0, grid_req, args.tf32, args.B, why);
   if (!why->empty()) return 0;
   Args a = args;
   a.grid = static_cast<int32_t>(p.grid);
@@ -261,7 +262,7 @@ int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_
 
 std::string persist::persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req) {
   std::string why;
-  device_plan(dtype, gates, backward, H, P, grid_req, false, &why);  // TF32 or not, the same grid launches
+  device_plan(dtype, gates, backward, H, P, grid_req, false, 0, &why);  // TF32 or not, any batch: the same grid launches
   return why;
 }
 

@@ -169,22 +169,53 @@ struct Plan {
   int64_t grid, units, smem, per_sm, chunk;
   int64_t vrows;    // rows of the projection's output per CTA (P = 0: units)
   bool tf32;        // fp32 products on TF32 tensor cores (Layout::mma)
+  double step_ns;   // the cost model's time a step (step_ns; 0 when the batch is not given)
   std::string why;  // empty when the launch can go ahead
 };
 
-// The grid for a layer: U units per CTA (a multiple of 4, so an LSTM CTA's gate rows fill 16-row MMA tiles)
-// spreading H over the SMs, or ceil(H / grid) units when a grid is asked for; then whether that grid can be
-// co-resident with `regs` registers per thread (0: unknown) and `static_smem` bytes of static shared memory.
-// P: the LSTM's proj_size (0: none), spread as ceil(P / grid) rows per CTA.
-inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
-                        int64_t static_smem, int64_t grid_req, bool tf32) {
+// What the plan's cost model assumes of the GPU (an H100 / H200, from its data sheet and the kernels' code, not
+// yet measured: benchmarks/bench_rnn.py times the persistent kernels on grids around the plan's,
+// fusenn-persistent-gN, for the first GPU run to fit these to). FLOP rates are per SM as these kernels can reach
+// them: wmma reloads both fragments from shared memory for every 16x16x16 product (1 KB per 8 KFLOP, against
+// shared memory's 128 B a cycle), the FMA path loads both operands of each FMA.
+struct Costs {
+  double l2_bytes_per_ns = 5500;  // L2's bandwidth, every SM together
+  double round_ns = 500;          // one staging round of a CTA: an L2 round trip and two __syncthreads
+  double mma16_flops_per_ns = 1500, tf32_flops_per_ns = 750, fma_flops_per_ns = 100;
+  double barrier_ns = 700, barrier_ns_per_cta = 5;  // one grid barrier: a base and each CTA's arrival
+};
+constexpr Costs kCosts{};
+
+// The modelled time of one step on `grid` CTAs for a batch of B rows (the layouts' products, and with a
+// projection the second product and barrier): every CTA stages the whole operand (B x K) from L2, which all CTAs
+// share; computes its products (MMA tiles of 16 batch rows) at its SM's rate; waits out each staging round's
+// latency (no overlap inside a CTA); and meets the grid at a barrier. More CTAs spread the products but read
+// the operand more often: backward's operand, dgates (B x gates H), makes that broadcast 3-4x forward's.
+inline double step_ns(const Layouts& ls, bool proj, int64_t grid, int64_t B, int elem, const Costs& c) {
+  const int64_t Bp = round_up(B, kTileB);
+  double ns = (proj ? 2 : 1) * (c.barrier_ns + c.barrier_ns_per_cta * static_cast<double>(grid));
+  for (const Layout* l : {&ls.a, &ls.b}) {
+    const double rate = !l->mma ? c.fma_flops_per_ns : elem == 2 ? c.mma16_flops_per_ns : c.tf32_flops_per_ns;
+    ns += static_cast<double>(grid) * static_cast<double>(B * l->K * elem) / c.l2_bytes_per_ns;
+    ns += 2.0 * static_cast<double>((l->mma ? Bp : B) * l->Np) * static_cast<double>(l->Kp) / rate;
+    ns += static_cast<double>(Bp / kTileB * ((l->Kp + l->chunk - 1) / l->chunk)) * c.round_ns;
+    if (!proj) break;  // ls.b is ls.a
+  }
+  return ns;
+}
+
+// A layer on `units` hidden units per CTA: its grid, its layouts, and whether that grid can be co-resident with
+// `regs` registers per thread (0: unknown) and `static_smem` bytes of static shared memory; B > 0: the batch, for
+// the modelled step time. P: the LSTM's proj_size (0: none), spread as ceil(P / grid) rows per CTA.
+inline Plan plan_units(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
+                       int64_t static_smem, int64_t units, bool tf32, int64_t B) {
   Plan p{};
   p.tf32 = elem == 4 && tf32;
   if (H <= 0) {
     p.why = "hidden_size must be positive";
     return p;
   }
-  p.units = grid_req > 0 ? (H + grid_req - 1) / grid_req : round_up((H + m.sms - 1) / m.sms, 4);
+  p.units = units;
   p.grid = (H + p.units - 1) / p.units;
   p.vrows = P > 0 ? (P + p.grid - 1) / p.grid : p.units;
   p.chunk = kChunk;
@@ -233,7 +264,34 @@ inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P
             std::to_string(per_sm * m.sms) + " (" + std::to_string(per_sm) + " per SM x " + std::to_string(m.sms) +
             " SMs)";
   }
+  if (B > 0) {
+    p.step_ns = step_ns(layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32), P > 0, p.grid,
+                        B, elem, kCosts);
+  }
   return p;
+}
+
+// The grid for a layer: ceil(H / grid_req) units per CTA when a grid is asked for; else, without the batch
+// (B = 0, as for the reason a layer cannot launch), U units (a multiple of 4, so an LSTM CTA's gate rows fill
+// 16-row MMA tiles) spreading H over the SMs; with it, of that grid and every smaller one (ceil(H / grid) units
+// each) that launches, the one of the fewest modelled nanoseconds a step (step_ns: fewer CTAs with more units
+// each, where the operand's broadcast outweighs spreading the products). A smaller grid launches whenever the
+// spread one does, until its slice outgrows shared memory or the warps' rows: more units per CTA need no more CTAs.
+inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
+                        int64_t static_smem, int64_t grid_req, bool tf32, int64_t B) {
+  if (grid_req > 0) {
+    return plan_units(gates, backward, elem, H, P, m, regs, static_smem, (H + grid_req - 1) / grid_req, tf32, B);
+  }
+  Plan best = plan_units(gates, backward, elem, H, P, m, regs, static_smem, round_up((H + m.sms - 1) / m.sms, 4),
+                         tf32, B);
+  for (int64_t grid = best.grid - 1; B > 0 && best.why.empty() && grid >= 1; --grid) {
+    const int64_t units = (H + grid - 1) / grid;
+    if ((H + units - 1) / units != grid) continue;  // no units count gives this grid
+    const Plan p = plan_units(gates, backward, elem, H, P, m, regs, static_smem, units, tf32, B);
+    if (!p.why.empty()) break;  // the slice no longer fits: nor will a larger one
+    if (p.step_ns < best.step_ns) best = p;
+  }
+  return best;
 }
 
 // plan_layout's grid; tf32 (fp32 layers only) allows TF32 tensor cores, which the plan takes where their
@@ -247,12 +305,12 @@ inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P
 // products (one of 8 busy at 12 columns with no split), perhaps slower than the FMA it replaces: not done
 // before GPU timings say which wins.
 inline Plan plan(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
-                 int64_t static_smem, int64_t grid_req, bool tf32) {
+                 int64_t static_smem, int64_t grid_req, bool tf32, int64_t B = 0) {
   if (elem == 4 && tf32) {
-    Plan p = plan_layout(gates, backward, elem, H, P, m, regs, static_smem, grid_req, true);
+    Plan p = plan_layout(gates, backward, elem, H, P, m, regs, static_smem, grid_req, true, B);
     if (p.why.empty()) return p;
   }
-  return plan_layout(gates, backward, elem, H, P, m, regs, static_smem, grid_req, false);
+  return plan_layout(gates, backward, elem, H, P, m, regs, static_smem, grid_req, false, B);
 }
 
 // Everything a launch needs. Tensors are contiguous; T is the layer's dtype, state and gradients fp32.

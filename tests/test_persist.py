@@ -582,7 +582,7 @@ def test_persist_tf32_plan_pads_the_slice_to_8_rows_and_keeps_exact_fma_where_th
     tiles in the products, not in shared memory; rows 16 bytes apart) and takes TF32 wherever that launches,
     else the exact layout; 16-bit layers ignore the flag."""
     def plan(gates, backward, elem, H, grid=0, tf32=True):
-        return twin.persist_plan(gates, backward, elem, H, grid, H200, 0, 0, tf32)
+        return twin.persist_plan(gates, backward, elem, H, grid, H200, 0, 0, tf32)[:6]
 
     # LSTM backward at H = 1024 on 128 CTAs: 8 columns over K = 4096 fit in an 8-row tile (8 x 4100 floats, with a
     # 1024-wide staged chunk: 201088 bytes), where a 16-row one (16 x 4100 floats) would exceed a CTA's 227 KiB
@@ -618,7 +618,7 @@ def test_persist_tf32_plan_pads_the_slice_to_8_rows_and_keeps_exact_fma_where_th
     # just below the exact layout's limit (the kernels' 128 bytes of static shared memory) TF32's does not fit
     # (csrc/rnn_persist.cuh's plan names the ranges): exact FMA
     for gates, H in [(4, 1160), (3, 1560)]:
-        grid, units, smem, _, why, took = twin.persist_plan(gates, True, 4, H, 0, H200, 0, 128, True)
+        grid, units, smem, _, why, took = twin.persist_plan(gates, True, 4, H, 0, H200, 0, 128, True)[:6]
         assert why == "" and not took and smem + 128 <= H200[1]
     assert not plan(4, False, 2, 512)[5]
 
@@ -757,7 +757,7 @@ def test_persist_proj_plan_keeps_both_slices(twin):
     """With a projection each CTA keeps its W_hh slice over K = P and its W_hr slice (forward: V rows over H;
     backward: V columns of W_hh over 4H and U columns of W_hr over P), sharing staging and partial sums."""
     def plan(backward, elem, H, P, grid=0, tf32=False):
-        return twin.persist_plan(4, backward, elem, H, grid, H200, 0, 0, tf32, P)
+        return twin.persist_plan(4, backward, elem, H, grid, H200, 0, 0, tf32, P)[:6]
 
     for elem in (2, 4):
         for backward in (False, True):
@@ -963,6 +963,41 @@ MUST_FIT = [(4, 2, 512), (4, 2, 1024), (3, 2, 1024), (4, 2, 1500), (4, 4, 512), 
             (4, 4, 1136), (3, 4, 1200)]
 TF32_FITS = {"forward": [(4, 4, 512), (4, 4, 1024), (3, 4, 1024), (4, 4, 1136), (3, 4, 1200)],
              "backward": [(4, 4, 512), (4, 4, 1024), (3, 4, 1024), (4, 4, 1136), (3, 4, 1200)]}
+@pytest.mark.parametrize("gates,elem,tf32,H", [(4, 2, False, 512), (3, 2, False, 1024), (4, 4, True, 256),
+                                               (4, 4, False, 129), (4, 2, False, 33)])
+@pytest.mark.parametrize("B", [1, 17, 64])
+def test_persist_plan_takes_the_grid_of_the_fewest_modelled_nanoseconds(twin, gates, elem, tf32, H, B):
+    """Given the batch, the plan takes, of every grid that launches, the one its cost model (rnn_persist.cuh
+    step_ns) times fastest, never slower than the grid spread over the SMs that it makes without the batch; each
+    grid's model time counts what the grid changes: the operand each CTA stages grows with the grid, the products
+    per CTA shrink."""
+    for backward in (False, True):
+        spread = twin.persist_plan(gates, backward, elem, H, 0, H200, 0, 0, tf32, 0, 0)
+        chosen = twin.persist_plan(gates, backward, elem, H, 0, H200, 0, 0, tf32, 0, B)
+        assert spread[4] == chosen[4] == "" and spread[6] == 0.0 and chosen[6] > 0
+        times = {}
+        for grid in range(1, spread[0] + 1):  # every grid asked for (ceil(H / grid) units, any number)
+            p = twin.persist_plan(gates, backward, elem, H, grid, H200, 0, 0, tf32, 0, B)
+            if p[4] == "" and p[0] == grid:
+                times[grid] = p[6]
+        assert chosen[6] == pytest.approx(min(times.values())), (backward, chosen, times)
+        assert chosen[6] == pytest.approx(times[chosen[0]]) and chosen[6] <= times[spread[0]]
+
+
+def test_persist_plan_narrows_the_backward_grid_where_the_broadcast_dominates(twin):
+    """At batch 64 the backward's operand (dgates, B x 4H) staged by every CTA each step costs more on 128 CTAs than
+    the products it spreads: the plan takes fewer (bf16, H 512: 2 x 128 x 64 x 2048 bytes through L2 a step at 128
+    CTAs); at batch 1 the forward at H 1024 keeps every SM busy."""
+    spread = twin.persist_plan(4, True, 2, 512, 0, H200, 0, 0, False, 0, 0)
+    chosen = twin.persist_plan(4, True, 2, 512, 0, H200, 0, 0, False, 0, 64)
+    assert spread[0] == 128 and chosen[0] < 64
+    assert twin.persist_plan(4, False, 2, 1024, 0, H200, 0, 0, False, 0, 1)[0] == 128
+    with pytest.raises(RuntimeError, match="B .* must be non-negative"):
+        twin.persist_plan(4, True, 2, 512, 0, H200, 0, 0, False, 0, -1)
+
+
+# batches the plans are made for (0: none given, the grid spread over the SMs; else the cost model's choice)
+BATCHES = (0, 1, 64, 128)
 # (dtype bytes, H, proj_size) of LSTMs with a projection that must launch, forward and backward
 PROJ_MUST_FIT = [(2, 1024, 512), (2, 1536, 512), (4, 1024, 512), (4, 1024, 256)]
 
@@ -978,24 +1013,24 @@ def test_persist_kernels_compile_for_sm90a_without_spills_and_fit_their_grid(twi
         assert info["spills"] == 0, f"{name} spills: {info}"
     for gates, elem, H in MUST_FIT:
         for direction, stem in names.items():
-            for tag, tf32 in [(tag, tf32) for tag in dtypes[elem] for tf32 in (False, True)]:
+            for tag, tf32, B in [(tag, tf32, B) for tag in dtypes[elem] for tf32 in (False, True) for B in BATCHES]:
                 (name,) = [k for k in kernels if stem in k and tag in k]
                 info = kernels[name]
-                grid, units, smem, per_sm, why, took_tf32 = twin.persist_plan(
-                    gates, direction == "backward", elem, H, 0, H200, info["regs"], info["smem"], tf32)
-                assert why == "", f"{name} H{H}: {why}"
+                grid, units, smem, per_sm, why, took_tf32, _ = twin.persist_plan(
+                    gates, direction == "backward", elem, H, 0, H200, info["regs"], info["smem"], tf32, 0, B)
+                assert why == "", f"{name} H{H} B{B}: {why}"
                 assert took_tf32 == (tf32 and (gates, elem, H) in TF32_FITS[direction]), f"{name} H{H} tf32 {tf32}"
                 assert per_sm >= 1 and grid <= per_sm * H200[0]
                 assert smem + info["smem"] <= H200[1]
                 assert info["regs"] * 256 * per_sm <= H200[3]
     for elem, H, P in PROJ_MUST_FIT:
         for direction, stem in names.items():
-            for tag in dtypes[elem]:
+            for tag, B in [(tag, B) for tag in dtypes[elem] for B in BATCHES]:
                 (name,) = [k for k in kernels if stem in k and tag in k]
                 info = kernels[name]
-                grid, units, smem, per_sm, why, _ = twin.persist_plan(
-                    4, direction == "backward", elem, H, 0, H200, info["regs"], info["smem"], True, P)
-                assert why == "", f"{name} H{H} P{P}: {why}"
+                grid, units, smem, per_sm, why, _, _ = twin.persist_plan(
+                    4, direction == "backward", elem, H, 0, H200, info["regs"], info["smem"], True, P, B)
+                assert why == "", f"{name} H{H} P{P} B{B}: {why}"
                 assert per_sm >= 1 and grid <= per_sm * H200[0] and smem + info["smem"] <= H200[1]
                 assert info["regs"] * 256 * per_sm <= H200[3]
 
