@@ -480,11 +480,12 @@ def barrier_buffer(rows: int, device) -> torch.Tensor:
 
 def check_barriers(flag: torch.Tensor) -> None:
     """Raise if a cooperative launch's programs gave up waiting at a barrier (report_stuck): its results
-    are wrong. Eagerly this reads the flag (a synchronisation, once per launch of the opt-in split mode);
-    inside CUDA-graph capture it becomes an asynchronous device assertion."""
+    are wrong. On a GPU an asynchronous device assertion queued behind the launch (no host wait, so CUDA graphs
+    capture it; the host's next CUDA call raises, as for the persistent kernels' timeouts); elsewhere (the
+    interpreter) it reads the flag."""
     if flag.device.type == "meta":  # nothing ran (the static report records launches on meta tensors)
         return
-    if flag.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if flag.device.type == "cuda":
         torch._assert_async(flag[0] == 0, "fusenn: the cooperative RNN kernel's programs were not all resident")
     elif int(flag[0]):
         raise RuntimeError("fusenn: the cooperative RNN kernel's programs were not all resident (a barrier timed "

@@ -9,6 +9,9 @@ from torch.autograd.grad with a random upstream gradient on every output.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -352,20 +355,26 @@ def test_split_is_bit_equal_to_unsplit_with_a_side_stream_gemm():
 
 
 @pytest.mark.gpu
-def test_a_barrier_that_times_out_raises(monkeypatch):
+def test_a_barrier_that_times_out_raises():
     """Counters that can never reach their epoch (as if some programs never started): the kernel gives up
-    waiting, sets the error flag, and the launcher raises instead of returning numbers."""
-    from fusenn.kernels import lstm
-
-    def hopeless(rows, device):
-        bar = torch.zeros(rows + 1, dtype=torch.int32, device=device)
-        bar[:rows] = -(2**30)
-        return bar
-
-    monkeypatch.setattr(lstm, "barrier_buffer", hopeless)
-    gx, h0, c0, w_hh, _ = _lstm_inputs(2, 4, 64, None, torch.float32, torch.device("cuda"))
-    with pytest.raises(RuntimeError, match="not all resident"):
-        lstm.lstm_forward(gx, h0, c0, w_hh, None, None, False, True, split=4, cooperative=True)
+    waiting and sets the error flag, and the device assert queued behind the launch fails it instead of
+    returning numbers. In a child process: the assert ends the CUDA context."""
+    body = (
+        "import torch\nfrom fusenn.kernels import lstm\n"
+        "def hopeless(rows, device):\n"
+        "    bar = torch.zeros(rows + 1, dtype=torch.int32, device=device)\n"
+        "    bar[:rows] = -(2**30)\n"
+        "    return bar\n"
+        "lstm.barrier_buffer = hopeless\n"
+        "gx, h0, c0 = torch.randn(2, 4, 256, device='cuda'), torch.zeros(4, 64, device='cuda'), "
+        "torch.zeros(4, 64, device='cuda')\n"
+        "w_hh = torch.randn(256, 64, device='cuda') * 0.1\n"
+        "y = lstm.lstm_forward(gx, h0, c0, w_hh, None, None, False, True, split=4, cooperative=True)[0]\n"
+        "torch.cuda.synchronize()\n"
+        "print('RETURNED', y.sum().item())\n")
+    run = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "RETURNED" not in run.stdout, run.stdout + run.stderr
+    assert "device-side assert" in run.stderr, run.stderr[-3000:]
 
 
 @pytest.mark.gpu
