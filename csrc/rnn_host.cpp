@@ -651,7 +651,8 @@ OptTensor gru_bias_rz(const OptTensor& b_hh, int64_t H) {
 std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h0, const Tensor& w_hh,
                                                const OptTensor& b_hh, const OptTensor& lengths, bool reverse, bool save,
                                                const OptTensor& rscale, const OptTensor& zo_seed, int64_t zo_mode,
-                                               int64_t zo_threshold, double zo_u, int64_t stream) {
+                                               int64_t zo_threshold, double zo_u, int64_t stream,
+                                               const OptTensor& gates_out) {
   constexpr const char* op = "gru_forward";
   const OpDevice device(gx);
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, H), got ", h0.sizes());
@@ -663,13 +664,18 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h
   sample_zoneout(op, regs.zo, T * B * H, gx, zo_keep);
   expect(op, "h0", h0, {B, H}, gx.scalar_type(), gx, false);
   if (b_hh) expect(op, "b_hh", *b_hh, {3 * H}, gx.scalar_type(), gx);
+  if (gates_out) {
+    expect(op, "gates_out", *gates_out, {T, B, 3 * H}, at::kFloat, gx);
+    TORCH_CHECK(!gx.is_cuda(), "fusenn_cuda::", op, ": gates_out is for CPU tensors (a GPU backward recomputes them)");
+  }
 
   const int64_t slot_count = save ? T + 1 : 2, first = (save && reverse) ? T : 0;
   Tensor hs = new_output({slot_count, B, H}, at::kFloat, gx);
   hs[first].copy_(h0);
   Tensor y = new_output({T, B, H}, gx.scalar_type(), gx);
   if (T > 0 && B > 0) {
-    Tensor gh = at::empty({B, 3 * H}, gx.options().dtype(at::kFloat)), act = at::empty_like(gh);
+    Tensor gh = at::empty({B, 3 * H}, gx.options().dtype(at::kFloat));
+    Tensor act = gates_out ? Tensor() : at::empty_like(gh);  // the activated gates (CPU), kept in gates_out
     const bool direct = !gx.is_cuda() && gx.scalar_type() == at::kFloat && !rscale;  // as the LSTM's
     Tensor op_h = direct ? Tensor() : (rscale ? hs[first] * *rscale : hs[first]).to(gx.scalar_type(), false, true);
     const Rhs w_hh_t = step_rhs(w_hh.t(), B, T);
@@ -680,9 +686,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h
       slots(t, k, reverse, save, &before, &after);
       mm_f32(gh, direct ? hs[before] : op_h, w_hh_t);
       Step s = step_at(t, T, B, lengths, regs);
-      s.activated = activate_gates(gx, act.data_ptr<float>(), gh.data_ptr<float>(), row(gx, t), B, 3, H,
-                                   data_or_null<float>(bias_rz));
-      const GruCell cell{s, H, row(gx, t), (s.activated ? act : gh).data_ptr<float>(),
+      float* a = gates_out ? row<float>(*gates_out, t) : act.data_ptr<float>();
+      s.activated = activate_gates(gx, a, gh.data_ptr<float>(), row(gx, t), B, 3, H, data_or_null<float>(bias_rz));
+      const GruCell cell{s, H, row(gx, t), s.activated ? a : gh.data_ptr<float>(),
                          b_hh ? b_hh->data_ptr() : nullptr, row<float>(hs, before), row<float>(hs, after), row(y, t),
                          direct ? nullptr : op_h.data_ptr()};
       run_step(cell, B * H, gx, stream);
@@ -696,7 +702,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dy_in, const Tenso
                                                 const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& lengths,
                                                 bool reverse, const Tensor& hs, const OptTensor& rscale,
                                                 const OptTensor& zo_seed, int64_t zo_mode, int64_t zo_threshold,
-                                                double zo_u, int64_t stream) {
+                                                double zo_u, int64_t stream, const OptTensor& gates) {
   constexpr const char* op = "gru_backward";
   const OpDevice device(gx);
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, H), got ", hs.sizes());
@@ -710,18 +716,24 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& dy_in, const Tenso
   expect(op, "dy", dy_in, {T, B, H}, dy_in.scalar_type(), gx, false);
   expect(op, "dh_n", dh_n, {B, H}, dh_n.scalar_type(), gx, false);
   if (b_hh) expect(op, "b_hh", *b_hh, {3 * H}, gx.scalar_type(), gx);
+  if (gates) expect(op, "gates", *gates, {T, B, 3 * H}, at::kFloat, gx);
 
   const Tensor dy = dy_in.to(gx.scalar_type()).contiguous();
   Tensor dh = dh_n.to(at::kFloat, false, true).contiguous();
   Tensor dg = new_output({T, B, 3 * H}, at::kFloat, gx), dghn = new_output({T, B, H}, at::kFloat, gx);
   if (T > 0 && B > 0) {
     const auto f32 = gx.options().dtype(at::kFloat);
-    Tensor products = at::empty({T * B, 3 * H}, f32);
-    mm_f32(products, entering_product(hs, T, reverse, rscale, gx), w_hh.t());
-    const OptTensor bias_rz = gru_bias_rz(b_hh, H);
-    const Tensor gh = gx.is_cuda() ? products : at::empty_like(products);
-    const bool activated = activate_gates(gx, gh.data_ptr<float>(), products.data_ptr<float>(), gx.data_ptr(), T * B,
-                                          3, H, data_or_null<float>(bias_rz));
+    // Every step's gates: kept by the forward (CPU, activated), else recomputed in one GEMM over the saved states
+    Tensor gh = gates ? *gates : Tensor();
+    bool activated = gates.has_value();
+    if (!gates) {
+      Tensor products = at::empty({T * B, 3 * H}, f32);
+      mm_f32(products, entering_product(hs, T, reverse, rscale, gx), w_hh.t());
+      const OptTensor bias_rz = gru_bias_rz(b_hh, H);
+      gh = gx.is_cuda() ? products : at::empty_like(products);
+      activated = activate_gates(gx, gh.data_ptr<float>(), products.data_ptr<float>(), gx.data_ptr(), T * B, 3, H,
+                                 data_or_null<float>(bias_rz));
+    }
     Tensor acc = at::empty({B, H}, f32), g_op = at::empty({B, 3 * H}, gx.options());
     const Rhs w_hh_b = step_rhs(w_hh, B, T);
     for (int64_t k = 0; k < T; ++k) {
@@ -1321,12 +1333,13 @@ TORCH_LIBRARY_FRAGMENT(fusenn_cuda, m) {
   m.def("lstm_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor gx, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
         "bool reverse, Tensor hs, Tensor cs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, "
         "float zo_u, int stream, Tensor? gates=None, Tensor? zo_keep=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The GRU's likewise: gates_out (T, B, 3H) fp32, its activated r and z and the raw product of n.
   m.def("gru_forward(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, bool save, "
-        "Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream) -> "
-        "(Tensor, Tensor, Tensor)");
+        "Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream, "
+        "Tensor(a!)? gates_out=None) -> (Tensor, Tensor, Tensor)");
   m.def("gru_backward(Tensor dy, Tensor dh_n, Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, "
-        "Tensor hs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream) -> "
-        "(Tensor, Tensor, Tensor)");
+        "Tensor hs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream, "
+        "Tensor? gates=None) -> (Tensor, Tensor, Tensor)");
   // The persistent layers: the same arguments and results, plus the CTAs asked for (0: planned) and whether fp32
   // products may use TF32.
   m.def("lstm_persist_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "

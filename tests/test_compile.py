@@ -146,10 +146,10 @@ def _opcheck_cases(device, impl):
         r(T, B, P, grad=False), r(B, P, grad=False), r(B, H, grad=False), gx, w, wr, lengths, False, hs, cs, ms,
         gates, zo_keep, 0.25, seed(7), None, None, False, False, impl)
     gx, h0, w, b = r(T, B, 3 * H, grad=False), r(B, H, grad=False), r(3 * H, H, grad=False), r(3 * H, grad=False)
-    _, _, hs = ops.gru_layer_forward(gx, h0, w, b, None, True, True, 0.25, seed(7), 0.5, seed(11), impl)
+    _, _, hs, gates = ops.gru_layer_forward(gx, h0, w, b, None, True, True, 0.25, seed(7), 0.5, seed(11), impl)
     yield "gru_bwd", ops.gru_layer_backward.default, (
-        r(T, B, H, grad=False), r(B, H, grad=False), gx, w, b, None, True, hs, 0.25, seed(7), 0.5, seed(11), True,
-        False, impl)
+        r(T, B, H, grad=False), r(B, H, grad=False), gx, w, b, None, True, hs, gates, 0.25, seed(7), 0.5, seed(11),
+        True, False, impl)
 
 
 @pytest.mark.parametrize("case", ["lstm_fwd", "lstm_fwd_plain", "lstm_fwd_nograd", "gru_fwd", "gru_fwd_nobias",

@@ -432,6 +432,53 @@ def test_cpp_layers_with_onednn_packed_weights_match_float64(choices, mode, kwar
     fusenn.testing.assert_close(results[0], results[2], results[1], factor=4.0, name=mode)
 
 
+@pytest.mark.parametrize("reverse,lengths", [(False, None), (True, [9, 1, 5])])
+def test_cpp_gru_backward_takes_the_gates_its_forward_kept(reverse, lengths):
+    """On CPU tensors the C++ GRU's forward keeps every step's activated gates (r, z and n's raw product) when
+    saving, and its backward takes them instead of recomputing them with a GEMM over the saved states: the
+    same gradients as the recomputing backward, within fp32 rounding, and the float64 reference's; the GEMM over
+    T * B rows is not called."""
+    why = _cpp_loaded()
+    if why is not None and "no C++ compiler" in why:
+        pytest.skip(why)
+    assert why is None, why
+    from fusenn.ops import rnn as ops
+
+    torch.manual_seed(3)
+    T, B, H = 9, 3, 33
+    gx, h0 = torch.randn(T, B, 3 * H), 0.5 * torch.randn(B, H)
+    w, b = torch.randn(3 * H, H) * H ** -0.5, torch.randn(3 * H) * 0.1
+    lens = torch.tensor(lengths) if lengths else None
+    regs = (0.2, torch.tensor(5), 0.1, torch.tensor(6))
+    y, h_n, hs, gates = ops.gru_layer_forward(gx, h0, w, b, lens, reverse, True, *regs, "cuda")
+    assert gates.shape == (T, B, 3 * H) and bool(((gates[..., :2 * H] > 0) & (gates[..., :2 * H] < 1)).all())
+    dy, dh_n = torch.randn(T, B, H), torch.randn(B, H)
+    recomputed = ops.gru_layer_backward(dy, dh_n, gx, w, b, lens, reverse, hs, ops._empty(gx.device), *regs, True,
+                                        True, "cuda")
+
+    def gemm_rows(*args):  # the first operand's rows of every GEMM the C++ backward runs (the profiler sees them)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            out = ops.gru_layer_backward(*args)
+        return out, [e.input_shapes[0][0] for e in prof.events()
+                     if e.name in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise") and e.input_shapes
+                     and e.input_shapes[0]]
+
+    args = (dy, dh_n, gx, w, b, lens, reverse, hs)
+    _, rows = gemm_rows(*args, ops._empty(gx.device), *regs, False, False, "cuda")
+    assert T * B in rows, rows  # the recomputing backward's GEMM over every step's state
+    kept, rows = gemm_rows(*args, gates, *regs, True, True, "cuda")
+    assert T * B not in rows and rows.count(B) == T, rows  # the steps' GEMMs, and the weight gradient's
+    for got, want in zip(kept, recomputed):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    exact = [x.double() for x in (gx, h0, w, b)]
+    for x in exact:
+        x.requires_grad_()
+    with torch.random.fork_rng():
+        ref_y, ref_h = reference_rnn.gru_layer(*exact, lens, reverse, (0.2, 5), (0.1, 6))
+    want = torch.autograd.grad((ref_y * dy.double()).sum() + (ref_h * dh_n.double()).sum(), exact)
+    fusenn.testing.assert_close(list(kept), list(want), name="GRU gradients with kept gates")
+
+
 @pytest.mark.parametrize("numel,p,seed,offset", [(1, 0.5, 0, 0), (40000, 0.1, 7, 3), (4097, 0.9, 2**40 + 1, 2**32 - 5),
                                                  (0, 0.3, 1, 0), (33, 1.0, 2**62 + 9, 0)])
 def test_cpp_dropout_mask_is_the_reference_bit_for_bit(choices, numel, p, seed, offset):

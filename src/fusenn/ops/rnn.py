@@ -347,8 +347,16 @@ def _kept(gx: Tensor, h0: Tensor, save: bool, zo_p, zo_seed, impl: str, new=None
         return _empty(gx.device), _empty(gx.device)
     T, B, G = gx.shape
     counters = T * B * (h0.shape[-1] + G // 4) if zo_p is not None and zo_seed is not None else 0
-    return (new(gx.shape, dtype=torch.float32, device=gx.device),
-            new(counters, dtype=torch.uint8 if counters else torch.float32, device=gx.device))
+    return _kept_gates(gx, save, impl, new), new(counters, dtype=torch.uint8 if counters else torch.float32,
+                                                 device=gx.device)
+
+
+def _kept_gates(gx: Tensor, save: bool, impl: str, new=None) -> Tensor:
+    """The (T, B, gates H) fp32 buffer of every step's activated gates that the forward of the C++ stepwise layers
+    fills on CPU tensors when saving, for backward to take instead of recomputing them; else empty."""
+    if not _keeps_gates(gx, save, impl):
+        return _empty(gx.device)
+    return (new or torch.empty)(gx.shape, dtype=torch.float32, device=gx.device)
 
 
 @lstm_layer_forward.register_fake
@@ -451,18 +459,23 @@ class _LSTMLayer(torch.autograd.Function):
 @torch.library.custom_op("fusenn::gru_layer_forward", mutates_args=())
 def gru_layer_forward(gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], lengths: Optional[Tensor],
                       reverse: bool, save: bool, rd_p: Optional[float], rd_seed: Optional[Tensor],
-                      zo_p: Optional[float], zo_seed: Optional[Tensor], impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, h_n, hs): the outputs and, when `save`, the fp32 state buffer backward needs (else empty)."""
+                      zo_p: Optional[float], zo_seed: Optional[Tensor], impl: str
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, h_n, hs, gates): the outputs and, when `save`, the fp32 state buffer backward needs (else empty);
+    gates: every step's activated gates, kept by the C++ layers on CPU tensors (_kept_gates) so that backward does
+    not recompute them with a GEMM (else empty)."""
     gx, h0, w_hh, b_hh = _contiguous(gx, h0, w_hh, b_hh)
+    gates = _kept_gates(gx, save, impl)
     if impl in ("cuda", "persistent"):
         return tuple(_cpp(impl, "gru_forward")(
             gx, h0, w_hh, b_hh, lengths, reverse, save,
-            *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], h0.shape[-1], gx.device)))
+            *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], h0.shape[-1], gx.device),
+            *((gates,) if gates.numel() else ()))) + (gates,)
     from fusenn.kernels import gru as kernels
 
     y, h_n, hs = kernels.gru_forward(gx, h0, w_hh, b_hh, lengths, reverse, save,
                                      *_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.device))
-    return y, h_n, hs if save else _empty(gx.device)
+    return y, h_n, hs if save else _empty(gx.device), gates
 
 
 @gru_layer_forward.register_fake
@@ -470,12 +483,13 @@ def _(gx, h0, w_hh, b_hh, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed, 
     T, B, _ = gx.shape
     H = h0.shape[-1]
     hs = gx.new_empty((T + 1, B, H) if save else 0, dtype=torch.float32)
-    return gx.new_empty((T, B, H)), gx.new_empty((B, H)), hs
+    gates = _kept_gates(gx, save, impl, new=lambda *shape, **kw: gx.new_empty(*shape, **kw))
+    return gx.new_empty((T, B, H)), gx.new_empty((B, H)), hs, gates
 
 
 @torch.library.custom_op("fusenn::gru_layer_backward", mutates_args=())
 def gru_layer_backward(dy: Tensor, dh_n: Tensor, gx: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
-                       lengths: Optional[Tensor], reverse: bool, hs: Tensor, rd_p: Optional[float],
+                       lengths: Optional[Tensor], reverse: bool, hs: Tensor, gates: Tensor, rd_p: Optional[float],
                        rd_seed: Optional[Tensor], zo_p: Optional[float], zo_seed: Optional[Tensor], grad_w_hh: bool,
                        grad_b_hh: bool, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d gx, d h0 in gx's dtype, d w_hh, d b_hh in theirs); a gradient not asked for is an empty tensor."""
@@ -484,7 +498,8 @@ def gru_layer_backward(dy: Tensor, dh_n: Tensor, gx: Tensor, w_hh: Tensor, b_hh:
     if impl in ("cuda", "persistent"):
         dg, dghn, dh0 = _cpp(impl, "gru_backward")(
             dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs,
-            *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], hs.shape[-1], gx.device))
+            *_cpp_regularisers(rd_p, rd_seed, zo_p, zo_seed, gx.shape[1], hs.shape[-1], gx.device),
+            *((gates,) if gates.numel() else ()))
     else:
         from fusenn.kernels import gru as kernels
 
@@ -503,7 +518,8 @@ def gru_layer_backward(dy: Tensor, dh_n: Tensor, gx: Tensor, w_hh: Tensor, b_hh:
 
 
 @gru_layer_backward.register_fake
-def _(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, rd_p, rd_seed, zo_p, zo_seed, grad_w_hh, grad_b_hh, impl):
+def _(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, gates, rd_p, rd_seed, zo_p, zo_seed, grad_w_hh, grad_b_hh,
+      impl):
     empty = gx.new_empty(0, dtype=torch.float32)
     return (gx.new_empty(gx.shape), gx.new_empty((gx.shape[1], w_hh.shape[-1])),
             w_hh.new_empty(w_hh.shape) if grad_w_hh else empty,
@@ -512,24 +528,24 @@ def _(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, rd_p, rd_seed, zo_p, zo_se
 
 def _gru_setup(ctx, inputs, output):
     gx, h0, w_hh, b_hh, lengths, reverse, save, rd_p, rd_seed, zo_p, zo_seed, impl = inputs
-    ctx.mark_non_differentiable(output[2])
+    ctx.mark_non_differentiable(output[2], output[3])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(gx, w_hh, b_hh, lengths, output[2], rd_seed, zo_seed)
+    ctx.save_for_backward(gx, w_hh, b_hh, lengths, output[2], output[3], rd_seed, zo_seed)
     ctx.args = (reverse, rd_p, zo_p, impl)
     ctx.saved = save
 
 
-def _gru_backward(ctx, dy, dh_n, _hs):
+def _gru_backward(ctx, dy, dh_n, _hs, _gates):
     if not ctx.saved:
         raise RuntimeError("fusenn: gru_layer_forward ran with save=False, so it cannot be differentiated")
-    gx, w_hh, b_hh, lengths, hs, rd_seed, zo_seed = ctx.saved_tensors
+    gx, w_hh, b_hh, lengths, hs, gates, rd_seed, zo_seed = ctx.saved_tensors
     reverse, rd_p, zo_p, impl = ctx.args
     T, B, H = gx.shape[0], gx.shape[1], hs.shape[-1]
     dy, dh_n = _grads_or_zeros(gx, (dy, (T, B, H)), (dh_n, (B, H)))
     needs = ctx.needs_input_grad
     has_b = b_hh is not None and needs[3]
-    dg, dh0, d_w_hh, d_b_hh = _GRUBackward.apply(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, rd_p, rd_seed, zo_p,
-                                                 zo_seed, needs[2], has_b, impl)
+    dg, dh0, d_w_hh, d_b_hh = _GRUBackward.apply(dy, dh_n, gx, w_hh, b_hh, lengths, reverse, hs, gates, rd_p, rd_seed,
+                                                 zo_p, zo_seed, needs[2], has_b, impl)
     return (dg if needs[0] else None, dh0 if needs[1] else None, d_w_hh if needs[2] else None,
             d_b_hh if has_b else None) + (None,) * 8
 
