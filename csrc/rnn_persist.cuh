@@ -462,32 +462,51 @@ FUSENN_HD Vec16 load_fresh16(const void* p) {
 }
 
 // Rows b0 .. b0 + kTileB of A (rows x K, T) from column c0 into the staging buffer, zero past the ends
-// (TF32-rounded on the TF32 path): 16 bytes at a time when K allows (rows 16-byte aligned), else element by
-// element.
+// (TF32-rounded on the TF32 path): 16 bytes at a time when K allows (rows 16-byte aligned), each thread's loads
+// kStageLoads at a time before any of their stores, so that they wait out one L2 round trip together (a load
+// and its store in turn wait one each: the compiler keeps the GPU-scope loads in order with the stores between);
+// else element by element.
+constexpr int kStageLoads = 8;
+
 template <class T>
 FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, const Layout& l, int tid, int nt) {
   const int64_t width = min64(l.chunk, l.Kp - c0);  // a multiple of 16
   constexpr int64_t V = 16 / sizeof(T);
   if (l.K % V == 0) {
-    const int64_t vectors = width / V;
-    for (int64_t idx = tid; idx < kTileB * vectors; idx += nt) {
-      int64_t b, kv;
-      divmod(idx, vectors, &b, &kv);
-      const int64_t gb = b0 + b, gk = c0 + kv * V;
-      Vec16 v = (gb < rows && gk < l.K) ? load_fresh16(A + gb * l.K + gk) : Vec16{{0u, 0u, 0u, 0u}};
-      if (sizeof(T) == 4 && l.mma) {
-        for (uint32_t& word : v.w) {
-          float f;
-          memcpy(&f, &word, 4);
-          f = round_tf32(f);
-          memcpy(&word, &f, 4);
+    const int64_t vectors = width / V, total = kTileB * vectors;
+    for (int64_t first = tid; first < total; first += kStageLoads * static_cast<int64_t>(nt)) {
+      Vec16 v[kStageLoads];
+      int64_t at[kStageLoads];  // where each lands in the staging buffer (-1: past the tile)
+#pragma unroll
+      for (int i = 0; i < kStageLoads; ++i) {
+        const int64_t idx = first + i * static_cast<int64_t>(nt);
+        v[i] = Vec16{{0u, 0u, 0u, 0u}};
+        at[i] = -1;
+        if (idx < total) {
+          int64_t b, kv;
+          divmod(idx, vectors, &b, &kv);
+          const int64_t gb = b0 + b, gk = c0 + kv * V;
+          if (gb < rows && gk < l.K) v[i] = load_fresh16(A + gb * l.K + gk);
+          at[i] = b * l.lda + kv * V;
         }
       }
+#pragma unroll
+      for (int i = 0; i < kStageLoads; ++i) {
+        if (at[i] < 0) continue;
+        if (sizeof(T) == 4 && l.mma) {
+          for (uint32_t& word : v[i].w) {
+            float f;
+            memcpy(&f, &word, 4);
+            f = round_tf32(f);
+            memcpy(&word, &f, 4);
+          }
+        }
 #if defined(__CUDA_ARCH__)
-      *reinterpret_cast<Vec16*>(dst + b * l.lda + kv * V) = v;  // +0.0 is all-zero bits in every T
+        *reinterpret_cast<Vec16*>(dst + at[i]) = v[i];  // +0.0 is all-zero bits in every T
 #else
-      memcpy(dst + b * l.lda + kv * V, &v, 16);
+        memcpy(dst + at[i], &v[i], 16);
 #endif
+      }
     }
     return;
   }

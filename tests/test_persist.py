@@ -957,6 +957,43 @@ def _ptxas_report():
     return kernels
 
 
+def _cuobjdump():
+    """cuobjdump: the CUDA toolkit's, else the copy Triton ships (every Triton wheel for NVIDIA has one)."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
+def test_persist_staging_keeps_its_loads_in_flight_together(tmp_path):
+    """In SASS (sm_90a) every staging loop of the persistent kernels issues its 16-byte loads of h_{t-1} / dgates
+    eight at a time before their shared-memory stores (csrc/rnn_persist.cuh stage, kStageLoads), so a staging
+    round waits out one L2 round trip, not one a load: runs of LDG.E.128 between STS.128s, each at least 8 long
+    (a load stored before the next is issued makes runs of 1)."""
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    dump = _cuobjdump()
+    if nvcc is None or dump is None:
+        pytest.skip("nvcc or cuobjdump is not installed")
+    obj = tmp_path / "rnn_persist.o"
+    run = subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90a", f"-I{CSRC}", "-c",
+                          os.path.join(CSRC, "rnn_persist.cu"), "-o", str(obj)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    sass = subprocess.run([dump, "-sass", str(obj)], capture_output=True, text=True)
+    assert sass.returncode == 0, sass.stderr[-2000:]
+    kernels = re.split(r"Function : (\S+)", sass.stdout)[1:]
+    runs = {}
+    for name, body in zip(kernels[::2], kernels[1::2]):
+        if "persist_forward_kernel" in name or "persist_backward_kernel" in name:
+            ops_ = re.findall(r"LDG\.E\.128|STS\.128", body)
+            runs[name] = [len(m.group(0).split()) for m in re.finditer(r"(LDG\.E\.128 ?)+", " ".join(ops_))]
+    assert len(runs) == 6, list(runs)
+    for name, lengths in runs.items():
+        assert lengths and min(lengths) >= 8, f"{name}: runs of 16-byte loads {lengths}"
+
+
 # (kind, dtype bytes, H) that must launch on an H200, forward and backward; every fp32 one must take TF32 where
 # allowed (backward's columns padded to an 8-row m16n8k8 tile over K = gates x H fit, the LSTM's at H = 1024 too)
 MUST_FIT = [(4, 2, 512), (4, 2, 1024), (3, 2, 1024), (4, 2, 1500), (4, 4, 512), (4, 4, 1024), (3, 4, 1024),
