@@ -795,8 +795,9 @@ persist::Args persist_args(int gates, const Tensor& gx, const Tensor& w_hh, cons
 //                          its shares, and the global buffers the ops leave uninitialised at the start, so that a
 //                          read of what was not written first shows;
 //   drop=N, twice=C,       races made on purpose, which the modes above must see: the N-th barrier (from 1) left
-//   nosync=N, diverge=N    out; CTA C's share run twice a phase, as if a second CTA owned its slice; every thread's
-//                          (diverge: thread 0's) N-th __syncthreads of each share left out.
+//   nosync=N, diverge=N,   out; CTA C's share run twice a phase, as if a second CTA owned its slice; every thread's
+//   unstaged=R             (diverge: thread 0's) N-th __syncthreads of each share left out; batch row R of every
+//                          staged tile not written (a read of what was not written: poison's to show).
 // (EmulatedGrid below; first the threads mode's turns.)
 
 // One CTA's share of a phase played by host threads in turns: between two __syncthreads (FUSENN_SYNC) every thread
@@ -900,16 +901,24 @@ class EmulatedGrid {
         nosync_ = std::stoll(value);
       } else if (key == "diverge" && number) {
         diverge_ = std::stoll(value);
+      } else if (key == "unstaged" && number) {
+        unstaged_ = std::stoll(value);
       } else {
         TORCH_CHECK(false, "FUSENN_PERSIST_EMULATION: unknown word '", w, "' (reverse, shuffle=SEED, snapshot, "
-                    "threads, poison, drop=N, twice=C, nosync=N, diverge=N)");
+                    "threads, poison, drop=N, twice=C, nosync=N, diverge=N, unstaged=R)");
       }
     }
     TORCH_CHECK(twice_ < grid_, "FUSENN_PERSIST_EMULATION: twice=", twice_, " names no CTA of the grid's ", grid_);
+    TORCH_CHECK(unstaged_ < persist::kTileB, "FUSENN_PERSIST_EMULATION: unstaged=", unstaged_, " names no row of a ",
+                persist::kTileB, "-row tile");
+    persist::host_unstaged_row = unstaged_;
     for (const Buffer& b : buffers_) {
       if (poison_ && b.undefined) std::memset(b.data, 0xff, b.bytes);
     }
   }
+  ~EmulatedGrid() { persist::host_unstaged_row = -1; }
+  EmulatedGrid(const EmulatedGrid&) = delete;
+  EmulatedGrid& operator=(const EmulatedGrid&) = delete;
   // Every CTA's share of the work up to the next barrier: share(cta, tid, nt).
   void each(std::function<void(int64_t, int, int)> share) { shares_.push_back(std::move(share)); }
   // Where the kernels have a grid barrier: the shares queued since the last one run, CTA by CTA.
@@ -977,7 +986,8 @@ class EmulatedGrid {
   int64_t grid_;
   std::vector<Buffer> buffers_, scratch_;
   std::vector<std::function<void(int64_t, int, int)>> shares_;
-  int64_t barriers_ = 0, ran_ = 0, drop_ = 0, twice_ = -1, nosync_ = 0, diverge_ = 0;  // ran_: up to the last phase run
+  int64_t barriers_ = 0, ran_ = 0, drop_ = 0, twice_ = -1, nosync_ = 0, diverge_ = 0, unstaged_ = -1;  // ran_: up to
+  // the last phase run
   bool reverse_ = false, shuffle_ = false, snapshot_ = false, threads_ = false, poison_ = false;
   std::mt19937_64 rng_;
 };

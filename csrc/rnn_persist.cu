@@ -262,7 +262,7 @@ int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_
 
 std::string persist::persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req) {
   std::string why;
-  device_plan(dtype, gates, backward, H, P, grid_req, false, 0, &why);  // TF32 or not, any batch: the same grid launches
+  device_plan(dtype, gates, backward, H, P, grid_req, false, 0, &why);  // TF32 or not, any batch: a grid launches
   return why;
 }
 

@@ -49,6 +49,9 @@ namespace persist {
 // The host's __syncthreads: nothing, where one host thread plays a whole CTA; csrc/rnn_host.cpp's emulation sets
 // it in threads that play a CTA's threads in turns.
 inline thread_local void (*host_sync)() = nullptr;
+// A bug made on purpose for the emulation's poison mode to show (FUSENN_PERSIST_EMULATION unstaged=R): staging
+// leaves batch row R of every tile out, as an off-by-one bound would; -1: none.
+inline int64_t host_unstaged_row = -1;
 #endif
 
 constexpr int kThreads = 256;  // 8 warps per CTA
@@ -488,6 +491,9 @@ FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, c
           const int64_t gb = b0 + b, gk = c0 + kv * V;
           if (gb < rows && gk < l.K) v[i] = load_fresh16(A + gb * l.K + gk);
           at[i] = b * l.lda + kv * V;
+#if !defined(__CUDA_ARCH__)
+          if (b == host_unstaged_row) at[i] = -1;
+#endif
         }
       }
 #pragma unroll
@@ -513,6 +519,9 @@ FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, c
   for (int64_t idx = tid; idx < kTileB * width; idx += nt) {
     int64_t b, k;
     divmod(idx, width, &b, &k);
+#if !defined(__CUDA_ARCH__)
+    if (b == host_unstaged_row) continue;
+#endif
     const int64_t gb = b0 + b, gk = c0 + k;
     dst[b * l.lda + k] = (gb < rows && gk < l.K) ? mma_operand(load_fresh(A + gb * l.K + gk), l) : zero<T>();
   }

@@ -933,6 +933,23 @@ def test_persist_emulation_snapshot_refuses_two_writers(twin, monkeypatch, case)
         _race_results(twin, monkeypatch, case, "snapshot twice=99")
 
 
+@pytest.mark.parametrize("case", [_race_case("lstm", 2, 3, 33, grid=5), _race_case("gru", 2, 3, 33, grid=5),
+                                  _race_case("lstm", 2, 3, 33, P=17, grid=5)])
+def test_persist_emulation_poison_shows_a_read_of_unstaged_memory(twin, monkeypatch, case):
+    """unstaged=1 leaves batch row 1 of every staged tile unwritten (an off-by-one bound): the products then read
+    what the staging buffer held before, finite and wrong, which nothing else flags; with poison that memory is
+    NaN first, so the bug shows in the results, forward and backward."""
+    plain = _race_results(twin, monkeypatch, case, "")
+    for phase in ("forward", "backward"):  # the backward's from the plain forward: its own staging alone planted
+        modes = [(m,) if phase == "forward" else ("", m) for m in ("unstaged=1", "poison unstaged=1")]
+        silent, loud = (_race_results(twin, monkeypatch, case, *m) for m in modes)
+        assert all(bool(torch.isfinite(x).all()) for x in plain[phase] + silent[phase])
+        assert not _same_bits(plain[phase], silent[phase]), phase
+        assert any(bool(torch.isnan(x).any()) for x in loud[phase]), phase
+    with pytest.raises(RuntimeError, match="unstaged=16 names no row of a 16-row tile"):
+        _race_results(twin, monkeypatch, case, "unstaged=16")
+
+
 # ---- static: the kernels compiled for sm_90a, ptxas's numbers against the launcher's plan ----
 
 def _ptxas_report():
