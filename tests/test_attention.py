@@ -269,6 +269,45 @@ def test_multihead_attention_state_dict_both_ways_and_dropout():
     torch.testing.assert_close(ours(x, k, v, need_weights=False)[0], theirs(x, k, v, need_weights=False)[0])
 
 
+def test_multihead_attention_inference_fast_path_and_nested_input_are_torchs():
+    """On CPU tensors auto takes torch's whole forward, its inference fast path included: a row whose keys are all
+    padded comes out NaN there as in torch (zeros on its training path), and nested-tensor input works."""
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours = fusenn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 5, 8)
+    kpm = torch.rand(3, 5) < 0.3
+    kpm[:, 0] = False
+    kpm[1] = True
+    nested = torch.nested.nested_tensor([torch.randn(4, 8), torch.randn(2, 8)])
+    with torch.no_grad():
+        want = theirs(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+        assert want[1].isnan().all()
+        torch.testing.assert_close(ours(x, x, x, key_padding_mask=kpm, need_weights=False)[0], want, equal_nan=True)
+        want = theirs(nested, nested, nested, need_weights=False)[0].to_padded_tensor(0.0)
+        for backend in ("auto", "reference"):  # nested input takes torch's forward on every backend
+            with fusenn.set_backend(backend):
+                got = ours(nested, nested, nested, need_weights=False)[0]
+            torch.testing.assert_close(got.to_padded_tensor(0.0), want)
+
+
+@pytest.mark.parametrize("mask", ["key_padding_mask", "attn_mask"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
+def test_multihead_attention_mask_dtype_errors_in_torchs_words(mask, dtype):
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(8, 2)
+    ours = fusenn.MultiheadAttention(8, 2)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 3, 8)
+    bad = {mask: torch.zeros((3, 5) if mask == "key_padding_mask" else (5, 5), dtype=dtype)}
+    with pytest.raises((AssertionError, RuntimeError)) as want:
+        theirs(x, x, x, need_weights=False, **bad)
+    with fusenn.set_backend("reference"), pytest.raises(want.type) as got:
+        ours(x, x, x, need_weights=False, **bad)
+    assert str(got.value) == str(want.value)
+
+
 def test_sdpa_dropout_fraction_within_a_hundredth(attention_backend):
     """The issue's bound: the dropped fraction within 0.01 of p, over 65536 weights (0.01 is ~5 sigma)."""
     device = attention_backend[1]

@@ -52,9 +52,9 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal):
         raise RuntimeError(f"Expected query, key, and value to have the same device type, but got query.device: "
                            f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
     if attn_mask is not None:
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:  # two spaces before query: torch's
             raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
-                               f"attn_mask.dtype: {type_name(attn_mask.dtype)} and query.dtype: "
+                               f"attn_mask.dtype: {type_name(attn_mask.dtype)} and  query.dtype: "
                                f"{type_name(query.dtype)} instead.")
         if attn_mask.device != query.device:
             raise RuntimeError(f"Tensor on device {attn_mask.device} is not on the expected device {query.device}!")
