@@ -255,6 +255,19 @@ def test_padding_modes_and_unbatched_input(kernel_backend, padding, padding_mode
     torch.testing.assert_close(fused(x), seq(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64])
+def test_input_type_error_names_the_bias_first_as_torch(dtype):
+    torch.manual_seed(0)
+    fused = fusenn.ConvPool2d(2, 3, 3)
+    conv = nn.Conv2d(2, 3, 3)
+    x = torch.zeros(1, 2, 6, 6, dtype=dtype)
+    with pytest.raises(RuntimeError) as want:
+        conv(x)
+    with pytest.raises(RuntimeError) as got:
+        fused(x)
+    assert str(got.value) == str(want.value)
+
+
 def test_auto_runs_the_reference_on_cpu_and_explicit_triton_says_why_not():
     x, w = torch.randn(1, 2, 6, 6, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
     with fusenn.set_backend("auto"):

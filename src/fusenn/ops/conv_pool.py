@@ -173,6 +173,7 @@ def _check(x, weight, bias, stride, padding, dilation, groups, pool, pool_kernel
         if t is not None and t.device != x.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                f"{x.device} and {t.device}! (input and {name})")
+    for name, t in (("bias", bias), ("weight", weight)):  # torch's convolution checks the bias's type first
         if t is not None and t.dtype != x.dtype:
             raise RuntimeError(f"Input type ({type_name(x.dtype)}) and {name} type ({type_name(t.dtype)}) should be "
                                "the same")
