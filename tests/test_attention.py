@@ -8,6 +8,7 @@ Outputs may err 2x and gradients 3x as much as the baseline (plus fusenn.testing
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fusenn
 from fusenn.reference import attention as ref
@@ -173,6 +174,27 @@ def test_reference_matches_torch():
                                    F.scaled_dot_product_attention(q, kk, vv, **kw))
     torch.testing.assert_close(ref.scaled_dot_product_attention(q, k, v, dropout_p=0.4, seed=5, enable_gqa=True),
                                torch_math(q, k, v, dropout_p=0.4, seed=5, enable_gqa=True))
+
+
+def test_reference_rows_with_every_key_masked_give_zeros_and_zero_gradients():
+    """As torch's math path: a row whose keys are all masked (a bool mask, or -inf in a float one) gives zeros, and
+    no NaN reaches the gradients of q, k, v or of a float mask."""
+    q, k, v = qkv(1, 2, 5, 7, 8, dtype=torch.float64)
+    bool_mask = torch.rand(5, 7) > 0.3
+    bool_mask[2] = False
+    float_mask = torch.randn(1, 2, 5, 7, dtype=torch.float64)
+    float_mask[:, :, 1] = float("-inf")
+    for mask in (bool_mask, float_mask.requires_grad_()):
+        inputs = [x.detach().requires_grad_() for x in (q, k, v)] + ([mask] if mask.requires_grad else [])
+        got = ref.scaled_dot_product_attention(*inputs[:3], mask)
+        theirs = [x.detach().requires_grad_() for x in inputs]
+        with sdpa_kernel(SDPBackend.MATH):
+            want = F.scaled_dot_product_attention(*theirs[:3], theirs[3] if mask.requires_grad else mask)
+        torch.testing.assert_close(got, want)
+        dout = torch.randn_like(got)
+        grads = torch.autograd.grad(got, inputs, dout)
+        torch.testing.assert_close(grads, torch.autograd.grad(want, theirs, dout))
+        assert not any(g.isnan().any() for g in grads)
 
 
 def test_auto_backend_and_reasons():

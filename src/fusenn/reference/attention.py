@@ -77,8 +77,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         scores = scores + attn_mask.to(compute)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    weights = torch.where(torch.isneginf(scores).all(-1, keepdim=True), 0.0, weights)  # fully masked rows
+    # Rows whose keys are all masked: zeros, and zero gradients (a softmax over -inf alone would pass NaN back
+    # to q, k and a float mask, where torch's math path passes zeros)
+    dead = torch.isneginf(scores).all(-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     if dropout_p > 0.0:
         keep = dropout_keep(weights.shape, dropout_p, seed, weights.device)
         weights = weights * keep / (1.0 - dropout_p) if dropout_p < 1.0 else weights * 0.0
