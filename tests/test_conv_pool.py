@@ -5,6 +5,7 @@ reference, allowing twice PyTorch's own error in the case's dtype (fusenn.testin
 """
 
 import copy
+import inspect
 import random
 from dataclasses import dataclass
 
@@ -266,6 +267,14 @@ def test_input_type_error_names_the_bias_first_as_torch(dtype):
     with pytest.raises(RuntimeError) as got:
         fused(x)
     assert str(got.value) == str(want.value)
+
+
+def test_forward_takes_conv2ds_argument_name():
+    fused = fusenn.ConvPool2d(2, 3, 3)
+    x = torch.randn(1, 2, 6, 6)
+    ours, theirs = inspect.signature(fused.forward), inspect.signature(nn.Conv2d(2, 3, 3).forward)
+    assert list(ours.parameters) == list(theirs.parameters)
+    assert torch.equal(fused(input=x), fused(x))
 
 
 def test_auto_runs_the_reference_on_cpu_and_explicit_triton_says_why_not():
