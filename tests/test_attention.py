@@ -159,6 +159,24 @@ def test_sdpa_op_registration_and_torch_compile(attention_backend):
     torch.testing.assert_close(compiled(q, k, v), SDPA(q, k, v, is_causal=True))
 
 
+def test_sdpa_torch_func_grad_and_vmap_and_no_double_backward(attention_backend):
+    """torch.func transforms the kernel path (as the reference path): grad gives autograd's gradients, vmap the
+    per-sample loop; a second derivative raises rather than answer wrongly."""
+    q, k, v = qkv(2, 2, 5, 7, 8, device=attention_backend[1])
+
+    def loss(q, k, v):
+        return SDPA(q, k, v, is_causal=True).pow(2).sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    for a, b in zip(got, torch.autograd.grad(loss(*leaves), leaves)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    batched = torch.func.vmap(lambda q: SDPA(q, k[0], v[0]))(q)
+    torch.testing.assert_close(batched, torch.stack([SDPA(x, k[0], v[0]) for x in q]), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="not differentiable .*double backward"):
+        torch.func.grad(lambda q: torch.func.grad(loss)(q, k, v).sum())(q)
+
+
 def test_reference_matches_torch():
     """The reference itself (float64): against torch's SDPA, every feature."""
     q, k, v = qkv(2, 4, 9, 11, 8, 6, torch.float64, Hkv=2)

@@ -277,6 +277,22 @@ def test_forward_takes_conv2ds_argument_name():
     assert torch.equal(fused(input=x), fused(x))
 
 
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_torch_func_grad_and_vmap(kernel_backend, pool):
+    """torch.func transforms the kernel path: grad gives autograd's gradients, vmap the per-sample loop."""
+    _, device = kernel_backend
+    torch.manual_seed(0)
+    fused = fusenn.ConvPool2d(2, 3, 3, padding=1, activation="gelu", pool=pool, device=device)
+    x = torch.randn(2, 2, 6, 7, device=device)
+    params = dict(fused.named_parameters())
+    got = torch.func.grad(lambda p: torch.func.functional_call(fused, p, (x,)).pow(2).sum())(params)
+    want = torch.autograd.grad(fused(x).pow(2).sum(), list(params.values()))
+    for a, b in zip(got.values(), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    batched = torch.func.vmap(fused)(x[:, None])
+    torch.testing.assert_close(batched, torch.stack([fused(s[None]) for s in x]), rtol=0, atol=0)
+
+
 def test_auto_runs_the_reference_on_cpu_and_explicit_triton_says_why_not():
     x, w = torch.randn(1, 2, 6, 6, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
     with fusenn.set_backend("auto"):
