@@ -4,10 +4,10 @@
 reference (fusenn.reference.attention, plain autograd) or the Triton kernels through the ops
 `fusenn::attention_forward` / `fusenn::attention_backward` (custom_op + register_fake + register_autograd,
 so torch.compile traces them; eagerly through a setup_context-style autograd.Function, so torch.func's grad and
-vmap transform them too, and a double backward raises). The dropout seed reaches the ops as a 0-d int64 tensor on the inputs' device
-(drawn with fusenn.ops.draw_seed_tensor, or the caller's int converted) and the kernels read it from memory,
-so a call with dropout traces whole too and a CUDA-graph replay draws a fresh mask. The kernels see 4-D
-views: the broadcast batch dims are flattened to N, and the mask is expanded with stride 0 (never copied) to
+vmap transform them too, and a double backward raises). The dropout seed reaches the ops as a 0-d int64 tensor on
+the inputs' device (drawn with fusenn.ops.draw_seed_tensor, or the caller's int converted) and the kernels read it
+from memory, so a call with dropout traces whole too and a CUDA-graph replay draws a fresh mask. The kernels see
+4-D views: the broadcast batch dims are flattened to N, and the mask is expanded with stride 0 (never copied) to
 (N, Hq, L, S).
 """
 
