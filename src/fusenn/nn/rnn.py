@@ -480,6 +480,11 @@ class LSTMCell(_Convertible, nn.LSTMCell):
             hx = (zeros, zeros)
         elif not batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        elif not isinstance(hx, (tuple, list)):  # torch's kernel's checks (its unbatched hx keeps two, as ours)
+            raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not "
+                            f"{type(hx).__name__}")
+        elif len(hx) != 2:
+            raise RuntimeError("lstm_cell expects two hidden states")
         _check_cell(self, input, hx)
         bias = self.bias_ih + self.bias_hh if self.bias else None
         gx = _cell_gates(F.linear(input, self.weight_ih, bias), hx)
