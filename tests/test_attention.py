@@ -215,6 +215,18 @@ def test_reference_rows_with_every_key_masked_give_zeros_and_zero_gradients():
         assert not any(g.isnan().any() for g in grads)
 
 
+@pytest.mark.parametrize("shapes", [((1, 4, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8)), ((3, 5, 8), (2, 6, 8), (2, 6, 8)),
+                                    ((2, 4, 5, 8), (4, 6, 8), (3, 6, 8)), ((2, 3, 5, 8), (2, 3, 6, 8), (2, 2, 6, 8))],
+                         ids=["heads-without-gqa", "batch", "value-batch", "value-heads"])
+def test_batch_dims_that_do_not_broadcast_are_refused_in_torchs_words(shapes):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(RuntimeError) as want, sdpa_kernel(SDPBackend.MATH):
+        F.scaled_dot_product_attention(q, k, v)
+    with fusenn.set_backend("reference"), pytest.raises(RuntimeError) as got:
+        SDPA(q, k, v)
+    assert str(got.value) == str(want.value)
+
+
 def test_auto_backend_and_reasons():
     q, k, v = qkv(1, 1, 3, 4, 300)
     with fusenn.set_backend("triton"), pytest.raises(fusenn.BackendError, match="head dims up to 256"):

@@ -37,9 +37,20 @@ def attention_shapes(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
                                f"{hk} and {hv} key / value heads for {hq} query heads")
         batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
         return tuple(batch), hq, hk, hv
-    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    lead = _broadcast(_broadcast(query.shape[:-2], key.shape[:-2]), value.shape[:-2])  # as the math path's matmuls
     heads = lead[-1] if len(lead) else 1
     return tuple(lead[:-1]), heads, heads, heads
+
+
+def _broadcast(a, b) -> tuple:
+    """The broadcast of shapes a and b, refused in the words of torch's broadcasting (its rightmost mismatch)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    for i in reversed(range(n)):
+        if a[i] != b[i] and a[i] != 1 and b[i] != 1:
+            raise RuntimeError(f"The size of tensor a ({a[i]}) must match the size of tensor b ({b[i]}) at "
+                               f"non-singleton dimension {i}")
+    return tuple(x if y == 1 else y for x, y in zip(a, b))
 
 
 def default_scale(query: Tensor, scale: Optional[float]) -> float:
