@@ -216,8 +216,9 @@ def test_reference_rows_with_every_key_masked_give_zeros_and_zero_gradients():
 
 
 @pytest.mark.parametrize("shapes", [((1, 4, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8)), ((3, 5, 8), (2, 6, 8), (2, 6, 8)),
-                                    ((2, 4, 5, 8), (4, 6, 8), (3, 6, 8)), ((2, 3, 5, 8), (2, 3, 6, 8), (2, 2, 6, 8))],
-                         ids=["heads-without-gqa", "batch", "value-batch", "value-heads"])
+                                    ((2, 4, 5, 8), (4, 6, 8), (3, 6, 8)), ((2, 3, 5, 8), (2, 3, 6, 8), (2, 2, 6, 8)),
+                                    ((2, 3, 4, 5, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 8))],
+                         ids=["heads-without-gqa", "batch", "value-batch", "value-heads", "5d"])
 def test_batch_dims_that_do_not_broadcast_are_refused_in_torchs_words(shapes):
     q, k, v = (torch.randn(s) for s in shapes)
     with pytest.raises(RuntimeError) as want, sdpa_kernel(SDPBackend.MATH):

@@ -42,6 +42,10 @@ def attention_shapes(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
     return tuple(lead[:-1]), heads, heads, heads
 
 
+# From torch 2.14 on the math path views 3-D inputs as 4-D, so its errors count batch dims from two
+_MIN_BATCH_DIMS = 2 if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14) else 0
+
+
 def _broadcast(a, b) -> tuple:
     """The broadcast of shapes a and b, refused in the words of torch's broadcasting (its rightmost mismatch)."""
     n = max(len(a), len(b))
@@ -49,7 +53,7 @@ def _broadcast(a, b) -> tuple:
     for i in reversed(range(n)):
         if a[i] != b[i] and a[i] != 1 and b[i] != 1:
             raise RuntimeError(f"The size of tensor a ({a[i]}) must match the size of tensor b ({b[i]}) at "
-                               f"non-singleton dimension {i}")
+                               f"non-singleton dimension {i + max(0, _MIN_BATCH_DIMS - n)}")
     return tuple(x if y == 1 else y for x, y in zip(a, b))
 
 
