@@ -8,6 +8,7 @@ Outputs may err 2x and gradients 3x as much as the baseline (plus fusenn.testing
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fusenn
 from fusenn.reference import attention as ref
@@ -158,6 +159,24 @@ def test_sdpa_op_registration_and_torch_compile(attention_backend):
     torch.testing.assert_close(compiled(q, k, v), SDPA(q, k, v, is_causal=True))
 
 
+def test_sdpa_torch_func_grad_and_vmap_and_no_double_backward(attention_backend):
+    """torch.func transforms the kernel path (as the reference path): grad gives autograd's gradients, vmap the
+    per-sample loop; a second derivative raises rather than answer wrongly."""
+    q, k, v = qkv(2, 2, 5, 7, 8, device=attention_backend[1])
+
+    def loss(q, k, v):
+        return SDPA(q, k, v, is_causal=True).pow(2).sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    for a, b in zip(got, torch.autograd.grad(loss(*leaves), leaves)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    batched = torch.func.vmap(lambda q: SDPA(q, k[0], v[0]))(q)
+    torch.testing.assert_close(batched, torch.stack([SDPA(x, k[0], v[0]) for x in q]), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="not differentiable .*double backward"):
+        torch.func.grad(lambda q: torch.func.grad(loss)(q, k, v).sum())(q)
+
+
 def test_reference_matches_torch():
     """The reference itself (float64): against torch's SDPA, every feature."""
     q, k, v = qkv(2, 4, 9, 11, 8, 6, torch.float64, Hkv=2)
@@ -173,6 +192,40 @@ def test_reference_matches_torch():
                                    F.scaled_dot_product_attention(q, kk, vv, **kw))
     torch.testing.assert_close(ref.scaled_dot_product_attention(q, k, v, dropout_p=0.4, seed=5, enable_gqa=True),
                                torch_math(q, k, v, dropout_p=0.4, seed=5, enable_gqa=True))
+
+
+def test_reference_rows_with_every_key_masked_give_zeros_and_zero_gradients():
+    """As torch's math path: a row whose keys are all masked (a bool mask, or -inf in a float one) gives zeros, and
+    no NaN reaches the gradients of q, k, v or of a float mask."""
+    q, k, v = qkv(1, 2, 5, 7, 8, dtype=torch.float64)
+    bool_mask = torch.rand(5, 7) > 0.3
+    bool_mask[2] = False
+    float_mask = torch.randn(1, 2, 5, 7, dtype=torch.float64)
+    float_mask[:, :, 1] = float("-inf")
+    for mask in (bool_mask, float_mask.requires_grad_()):
+        inputs = [x.detach().requires_grad_() for x in (q, k, v)] + ([mask] if mask.requires_grad else [])
+        got = ref.scaled_dot_product_attention(*inputs[:3], mask)
+        theirs = [x.detach().requires_grad_() for x in inputs]
+        with sdpa_kernel(SDPBackend.MATH):
+            want = F.scaled_dot_product_attention(*theirs[:3], theirs[3] if mask.requires_grad else mask)
+        torch.testing.assert_close(got, want)
+        dout = torch.randn_like(got)
+        grads = torch.autograd.grad(got, inputs, dout)
+        torch.testing.assert_close(grads, torch.autograd.grad(want, theirs, dout))
+        assert not any(g.isnan().any() for g in grads)
+
+
+@pytest.mark.parametrize("shapes", [((1, 4, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8)), ((3, 5, 8), (2, 6, 8), (2, 6, 8)),
+                                    ((2, 4, 5, 8), (4, 6, 8), (3, 6, 8)), ((2, 3, 5, 8), (2, 3, 6, 8), (2, 2, 6, 8)),
+                                    ((2, 3, 4, 5, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 8))],
+                         ids=["heads-without-gqa", "batch", "value-batch", "value-heads", "5d"])
+def test_batch_dims_that_do_not_broadcast_are_refused_in_torchs_words(shapes):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(RuntimeError) as want, sdpa_kernel(SDPBackend.MATH):
+        F.scaled_dot_product_attention(q, k, v)
+    with fusenn.set_backend("reference"), pytest.raises(RuntimeError) as got:
+        SDPA(q, k, v)
+    assert str(got.value) == str(want.value)
 
 
 def test_auto_backend_and_reasons():
@@ -267,6 +320,45 @@ def test_multihead_attention_state_dict_both_ways_and_dropout():
     ours.eval()
     theirs.eval()
     torch.testing.assert_close(ours(x, k, v, need_weights=False)[0], theirs(x, k, v, need_weights=False)[0])
+
+
+def test_multihead_attention_inference_fast_path_and_nested_input_are_torchs():
+    """On CPU tensors auto takes torch's whole forward, its inference fast path included: a row whose keys are all
+    padded comes out NaN there as in torch (zeros on its training path), and nested-tensor input works."""
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours = fusenn.MultiheadAttention(8, 2, batch_first=True).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 5, 8)
+    kpm = torch.rand(3, 5) < 0.3
+    kpm[:, 0] = False
+    kpm[1] = True
+    nested = torch.nested.nested_tensor([torch.randn(4, 8), torch.randn(2, 8)])
+    with torch.no_grad():
+        want = theirs(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+        assert want[1].isnan().all()
+        torch.testing.assert_close(ours(x, x, x, key_padding_mask=kpm, need_weights=False)[0], want, equal_nan=True)
+        want = theirs(nested, nested, nested, need_weights=False)[0].to_padded_tensor(0.0)
+        for backend in ("auto", "reference"):  # nested input takes torch's forward on every backend
+            with fusenn.set_backend(backend):
+                got = ours(nested, nested, nested, need_weights=False)[0]
+            torch.testing.assert_close(got.to_padded_tensor(0.0), want)
+
+
+@pytest.mark.parametrize("mask", ["key_padding_mask", "attn_mask"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
+def test_multihead_attention_mask_dtype_errors_in_torchs_words(mask, dtype):
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(8, 2)
+    ours = fusenn.MultiheadAttention(8, 2)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 3, 8)
+    bad = {mask: torch.zeros((3, 5) if mask == "key_padding_mask" else (5, 5), dtype=dtype)}
+    with pytest.raises((AssertionError, RuntimeError)) as want:
+        theirs(x, x, x, need_weights=False, **bad)
+    with fusenn.set_backend("reference"), pytest.raises(want.type) as got:
+        ours(x, x, x, need_weights=False, **bad)
+    assert str(got.value) == str(want.value)
 
 
 def test_sdpa_dropout_fraction_within_a_hundredth(attention_backend):

@@ -5,6 +5,7 @@ reference, allowing twice PyTorch's own error in the case's dtype (fusenn.testin
 """
 
 import copy
+import inspect
 import random
 from dataclasses import dataclass
 
@@ -253,6 +254,43 @@ def test_padding_modes_and_unbatched_input(kernel_backend, padding, padding_mode
     seq = nn.Sequential(conv, nn.Tanh(), nn.MaxPool2d(2))
     x = torch.randn(3, 9, 11, device=device)
     torch.testing.assert_close(fused(x), seq(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64])
+def test_input_type_error_names_the_bias_first_as_torch(dtype):
+    torch.manual_seed(0)
+    fused = fusenn.ConvPool2d(2, 3, 3)
+    conv = nn.Conv2d(2, 3, 3)
+    x = torch.zeros(1, 2, 6, 6, dtype=dtype)
+    with pytest.raises(RuntimeError) as want:
+        conv(x)
+    with pytest.raises(RuntimeError) as got:
+        fused(x)
+    assert str(got.value) == str(want.value)
+
+
+def test_forward_takes_conv2ds_argument_name():
+    fused = fusenn.ConvPool2d(2, 3, 3)
+    x = torch.randn(1, 2, 6, 6)
+    ours, theirs = inspect.signature(fused.forward), inspect.signature(nn.Conv2d(2, 3, 3).forward)
+    assert list(ours.parameters) == list(theirs.parameters)
+    assert torch.equal(fused(input=x), fused(x))
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_torch_func_grad_and_vmap(kernel_backend, pool):
+    """torch.func transforms the kernel path: grad gives autograd's gradients, vmap the per-sample loop."""
+    _, device = kernel_backend
+    torch.manual_seed(0)
+    fused = fusenn.ConvPool2d(2, 3, 3, padding=1, activation="gelu", pool=pool, device=device)
+    x = torch.randn(2, 2, 6, 7, device=device)
+    params = dict(fused.named_parameters())
+    got = torch.func.grad(lambda p: torch.func.functional_call(fused, p, (x,)).pow(2).sum())(params)
+    want = torch.autograd.grad(fused(x).pow(2).sum(), list(params.values()))
+    for a, b in zip(got.values(), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    batched = torch.func.vmap(fused)(x[:, None])
+    torch.testing.assert_close(batched, torch.stack([fused(s[None]) for s in x]), rtol=0, atol=0)
 
 
 def test_auto_runs_the_reference_on_cpu_and_explicit_triton_says_why_not():

@@ -60,3 +60,27 @@ def test_dropout_scales_to_keep_the_mean():
     y = F.dropout(x, 0.25, seed=5)
     assert abs(y.mean().item() - 1.0) < 0.02
     assert set(torch.unique(y).tolist()) <= {0.0, torch.tensor(1 / 0.75).item()}
+
+
+def test_torchs_signature_and_inplace():
+    """torch's parameters (input, p, training, inplace) in its order, so a positional call means the same thing;
+    the seed is keyword-only. In place, input holds the out-of-place result for the same seed, and autograd
+    records it (a leaf that requires grad is refused, as by torch)."""
+    import inspect
+
+    theirs = inspect.signature(torch.nn.functional.dropout).parameters
+    ours = inspect.signature(F.dropout).parameters
+    assert [(n, p.default) for n, p in theirs.items()] == [(n, p.default) for n, p in list(ours.items())[:4]]
+    assert ours["seed"].kind is inspect.Parameter.KEYWORD_ONLY
+    x = torch.randn(4, 33)
+    want = F.dropout(x, 0.3, seed=7)
+    leaf = x.clone().requires_grad_()
+    y = leaf * 1
+    assert F.dropout(y, 0.3, True, True, seed=7) is y
+    assert torch.equal(y, want)
+    y.sum().backward()
+    assert torch.equal(leaf.grad, (want != 0).float() / 0.7)
+    z = x.clone()
+    assert F.dropout(z, 1.0, inplace=True) is z and torch.equal(z, torch.zeros_like(x))
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        F.dropout(leaf, 0.3, True, True)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusenn import dispatch
 from fusenn.ops.attention import scaled_dot_product_attention
 
 
@@ -16,7 +17,7 @@ def _additive(mask: Optional[Tensor], dtype: torch.dtype, name: str = "masks") -
     if mask is None or mask.is_floating_point():
         return mask
     if mask.dtype != torch.bool:
-        raise AssertionError(f"only bool and floating types of {name} are supported, got {mask.dtype}")
+        raise AssertionError(f"only bool and floating types of {name} are supported")
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 
 
@@ -64,6 +65,14 @@ def _check(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor
         raise AssertionError(f"Expected key_padded_mask.shape[0] to be {S}, but got {key_padding_mask.shape[0]}")
 
 
+def _runs_torch(query: Tensor) -> bool:
+    """Whether the "torch" backend takes this forward: chosen (or auto's for query's device; the kernel paths'
+    own reasons are given by the SDPA call they make)."""
+    if dispatch.get_backend() not in ("auto", "torch"):
+        return False
+    return dispatch.choose("attention", query.device, {"reference": None, "triton": None, "torch": None}) == "torch"
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     """Drop-in nn.MultiheadAttention: the same constructor, parameters (state_dicts move both ways) and forward.
 
@@ -71,13 +80,16 @@ class MultiheadAttention(nn.MultiheadAttention):
     (the flash-attention kernel on a GPU): q, k and v enter as head-strided views, and a key_padding_mask
     alone enters as an (N, 1, 1, S) mask broadcast inside the kernel. Its dropout uses fusenn's Philox
     masks, so it draws different masks than torch's. need_weights=True, torch's default, must return the
-    L x S weights and takes torch's own (slower, materialising) path.
+    L x S weights and takes torch's own (slower, materialising) path; so do nested-tensor inputs and every call
+    the "torch" backend takes (auto's choice for CPU tensors): torch's whole forward, its inference fast path
+    included, so the results are torch's exactly (a row whose keys are all masked gives NaN on that fast path
+    and zeros on torch's other paths).
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        if need_weights:
+        if need_weights or query.is_nested or _runs_torch(query):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         _check(self, query, key, value, key_padding_mask, attn_mask)

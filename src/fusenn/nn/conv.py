@@ -72,10 +72,10 @@ class ConvPool2d(nn.Conv2d):
         fused.load_state_dict(conv.state_dict())
         return fused
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # nn.Conv2d's argument name, so conv(input=x) works too
         explicit = self.padding_mode != "zeros" or isinstance(self.padding, str)
         return ops.conv_pool2d(
-            x, self.weight, self.bias, self.stride,
+            input, self.weight, self.bias, self.stride,
             list(self._reversed_padding_repeated_twice) if explicit else self.padding, self.dilation, self.groups,
             self.padding_mode, self.activation, self.negative_slope, self.pool, self.pool_kernel_size,
             self.pool_stride, self.pool_padding, self.ceil_mode, self.count_include_pad)

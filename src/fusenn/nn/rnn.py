@@ -257,6 +257,8 @@ class _Recurrent(_Convertible):
         _check_attributes(x, self._hidden_tuple(hx), [getattr(self, n) for n in self._flat_weights_names])
         # The user's hx rows follow their batch order; the packed rows are sorted by length.
         hx = self.permute_hidden(hx, sorted_indices)
+        if self.mode == "LSTM" and len(hx) != 2:  # torch's kernel's check (its unbatched and permuted hx keep two)
+            raise RuntimeError("lstm expects two hidden states")
 
         if batch_sizes is not None:
             steps, rows, lengths = _packed_layout(batch_sizes, batch, x.shape[0], x.device)
@@ -370,7 +372,7 @@ class LSTM(_Recurrent, nn.RNNBase):
 
     @staticmethod
     def _hidden_tuple(hx):
-        return tuple(hx)
+        return hx[0], hx[1]
 
     @staticmethod
     def _from_tuple(states):
@@ -478,6 +480,11 @@ class LSTMCell(_Convertible, nn.LSTMCell):
             hx = (zeros, zeros)
         elif not batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        elif not isinstance(hx, (tuple, list)):  # torch's kernel's checks (its unbatched hx keeps two, as ours)
+            raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not "
+                            f"{type(hx).__name__}")
+        elif len(hx) != 2:
+            raise RuntimeError("lstm_cell expects two hidden states")
         _check_cell(self, input, hx)
         bias = self.bias_ih + self.bias_hh if self.bias else None
         gx = _cell_gates(F.linear(input, self.weight_ih, bias), hx)

@@ -3,10 +3,11 @@
 `scaled_dot_product_attention` checks and normalises the inputs as torch does, then runs either the
 reference (fusenn.reference.attention, plain autograd) or the Triton kernels through the ops
 `fusenn::attention_forward` / `fusenn::attention_backward` (custom_op + register_fake + register_autograd,
-so torch.compile traces them). The dropout seed reaches the ops as a 0-d int64 tensor on the inputs' device
-(drawn with fusenn.ops.draw_seed_tensor, or the caller's int converted) and the kernels read it from memory,
-so a call with dropout traces whole too and a CUDA-graph replay draws a fresh mask. The kernels see 4-D
-views: the broadcast batch dims are flattened to N, and the mask is expanded with stride 0 (never copied) to
+so torch.compile traces them; eagerly through a setup_context-style autograd.Function, so torch.func's grad and
+vmap transform them too, and a double backward raises). The dropout seed reaches the ops as a 0-d int64 tensor on
+the inputs' device (drawn with fusenn.ops.draw_seed_tensor, or the caller's int converted) and the kernels read it
+from memory, so a call with dropout traces whole too and a CUDA-graph replay draws a fresh mask. The kernels see
+4-D views: the broadcast batch dims are flattened to N, and the mask is expanded with stride 0 (never copied) to
 (N, Hq, L, S).
 """
 
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusenn import dispatch
-from fusenn.ops import draw_seed_tensor, lower_precision_under_autocast, new_output, seed_tensor, type_name
+from fusenn.ops import (draw_seed_tensor, lower_precision_under_autocast, new_output, once_differentiable,
+                        seed_tensor, type_name)
 from fusenn.reference import attention as reference
 
 MAX_HEAD_DIM = 256
@@ -52,9 +54,9 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal):
         raise RuntimeError(f"Expected query, key, and value to have the same device type, but got query.device: "
                            f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
     if attn_mask is not None:
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:  # two spaces before query: torch's
             raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
-                               f"attn_mask.dtype: {type_name(attn_mask.dtype)} and query.dtype: "
+                               f"attn_mask.dtype: {type_name(attn_mask.dtype)} and  query.dtype: "
                                f"{type_name(query.dtype)} instead.")
         if attn_mask.device != query.device:
             raise RuntimeError(f"Tensor on device {attn_mask.device} is not on the expected device {query.device}!")
@@ -115,7 +117,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p
               scale: float, seed: Optional[Tensor]) -> Tensor:
     """The kernel path on 4-D inputs: q (N, Hq, L, E), k (N, Hkv, S, E), v (N, Hkv, S, Ev), mask None or
     (N, Hq, L, S) (any strides, 0 on broadcast dims); seed a 0-d int64 tensor, or None without dropout."""
-    return attention_forward(q, k, v, mask, dropout_p, is_causal, scale, seed)[0]
+    forward = attention_forward if torch.compiler.is_compiling() else _Attention.apply
+    return forward(q, k, v, mask, dropout_p, is_causal, scale, seed)[0]
 
 
 def _on(seed: Optional[Tensor], device) -> Optional[Tensor]:
@@ -164,14 +167,27 @@ def _(grad, q, k, v, out, lse, mask, dropout_p, is_causal, scale, seed):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, dropout_p, is_causal, scale, seed = inputs
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(q, k, v, output[0], output[1], mask, seed)
     ctx.args = (dropout_p, is_causal, scale)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
-    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask, *ctx.args, seed)
+    dq, dk, dv = _AttentionBackward.apply(grad_out, q, k, v, out, lse, mask, *ctx.args, seed)
     return dq, dk, dv, None, None, None, None, None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+_AttentionBackward = once_differentiable(attention_backward, "attention")
+
+
+class _Attention(torch.autograd.Function):
+    """The op with the same backward, as an autograd.Function in the setup_context style: what `attention` calls
+    eagerly, because torch.func (grad, vjp, vmap) cannot transform a custom op's registered autograd but can
+    transform this. Under torch.compile `attention` calls the op itself."""
+
+    generate_vmap_rule = True
+    forward = staticmethod(lambda *args: attention_forward(*args))
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)

@@ -1,7 +1,8 @@
 """conv_pool2d: convolution + bias + activation + max/avg pooling as one op; the choice of backend.
 
 The Triton path is the torch.library op `fusenn::conv_pool2d` (traceable by torch.compile through its
-fake) with a backward registered beside it. The reference path is plain PyTorch and differentiates
+fake) with a backward registered beside it; eagerly it runs through a setup_context-style autograd.Function with
+the same backward, so torch.func's grad and vmap transform it. The reference path is plain PyTorch and differentiates
 through torch's autograd.
 
 Backward of the Triton path, and what it keeps from forward:
@@ -157,6 +158,17 @@ def _backward(ctx, grad, _grad_argmax, _grad_pre):
 _conv_pool2d.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _ConvPool2d(torch.autograd.Function):
+    """The op with the same backward, as an autograd.Function in the setup_context style: what conv_pool2d calls
+    eagerly, because torch.func (grad, vjp, vmap) cannot transform a custom op's registered autograd but can
+    transform this. Under torch.compile conv_pool2d calls the op itself."""
+
+    generate_vmap_rule = True
+    forward = staticmethod(lambda *args: _conv_pool2d(*args))
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
 def _triton_reason(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[str]:
     if x.dtype not in KERNEL_DTYPES:
         return f"the kernel takes float32, float16 and bfloat16 inputs, got {x.dtype}"
@@ -173,6 +185,7 @@ def _check(x, weight, bias, stride, padding, dilation, groups, pool, pool_kernel
         if t is not None and t.device != x.device:
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                f"{x.device} and {t.device}! (input and {name})")
+    for name, t in (("bias", bias), ("weight", weight)):  # torch's convolution checks the bias's type first
         if t is not None and t.dtype != x.dtype:
             raise RuntimeError(f"Input type ({type_name(x.dtype)}) and {name} type ({type_name(t.dtype)}) should be "
                                "the same")
@@ -261,4 +274,5 @@ def conv_pool2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride
     if name in ("reference", "torch"):  # the reference is torch's own conv, activation and pool, in that order
         return reference.conv_pool2d(x, weight, bias, *options)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    return _conv_pool2d(x, weight, bias, *options, keep_argmax=grads and pool == "max")[0]
+    op = _conv_pool2d if torch.compiler.is_compiling() else _ConvPool2d.apply
+    return op(x, weight, bias, *options, grads and pool == "max")[0]

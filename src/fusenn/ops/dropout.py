@@ -73,19 +73,23 @@ class _Dropout(torch.autograd.Function):
         return grad * keep / (1.0 - ctx.p), None, None
 
 
-def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed=None) -> torch.Tensor:
-    """torch.nn.functional.dropout with a Philox mask from `seed` (a Python int or a 0-d integer tensor),
-    drawn from torch's generator for x's device when None, so torch.manual_seed repeats a run, compiled or
-    not."""
+def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+            seed=None) -> torch.Tensor:
+    """torch.nn.functional.dropout (same arguments, `inplace` included) with a Philox mask from `seed` (keyword
+    only: a Python int or a 0-d integer tensor), drawn from torch's generator for input's device when None, so
+    torch.manual_seed repeats a run, compiled or not. In place, the kept elements are scaled in input itself
+    (autograd records it as torch's in-place dropout)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
-        return x
-    if p == 1.0:
-        return x * 0  # x's dtype, as torch's; NaN and inf give NaN
-    if not x.is_floating_point():  # the scaled result cannot be stored in x's type, as torch says
+        return input
+    if p == 1.0:  # input's dtype, as torch's; NaN and inf give NaN
+        return input.mul_(0) if inplace else input * 0
+    if not input.is_floating_point():  # the scaled result cannot be stored in input's type, as torch says
         scalar = {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
-                  torch.uint8: "Byte", torch.bool: "Bool"}.get(x.dtype, str(x.dtype))
+                  torch.uint8: "Byte", torch.bool: "Bool"}.get(input.dtype, str(input.dtype))
         raise RuntimeError(f"result type Float can't be cast to the desired output type {scalar}")
-    seed = draw_seed_tensor(device=x.device) if seed is None else seed_tensor(seed, x.device)
-    return _Dropout.apply(x, float(p), seed)
+    seed = draw_seed_tensor(device=input.device) if seed is None else seed_tensor(seed, input.device)
+    if inplace:
+        return input.mul_(dropout_mask(input.shape, p, seed, 0, input.device)).div_(1.0 - p)  # _Dropout's rounding
+    return _Dropout.apply(input, float(p), seed)

@@ -37,9 +37,24 @@ def attention_shapes(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
                                f"{hk} and {hv} key / value heads for {hq} query heads")
         batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
         return tuple(batch), hq, hk, hv
-    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    lead = _broadcast(_broadcast(query.shape[:-2], key.shape[:-2]), value.shape[:-2])  # as the math path's matmuls
     heads = lead[-1] if len(lead) else 1
     return tuple(lead[:-1]), heads, heads, heads
+
+
+# From torch 2.14 on the math path views 3-D inputs as 4-D, so its errors count batch dims from two
+_MIN_BATCH_DIMS = 2 if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14) else 0
+
+
+def _broadcast(a, b) -> tuple:
+    """The broadcast of shapes a and b, refused in the words of torch's broadcasting (its rightmost mismatch)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    for i in reversed(range(n)):
+        if a[i] != b[i] and a[i] != 1 and b[i] != 1:
+            raise RuntimeError(f"The size of tensor a ({a[i]}) must match the size of tensor b ({b[i]}) at "
+                               f"non-singleton dimension {i + max(0, _MIN_BATCH_DIMS - n)}")
+    return tuple(x if y == 1 else y for x, y in zip(a, b))
 
 
 def default_scale(query: Tensor, scale: Optional[float]) -> float:
@@ -77,8 +92,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         scores = scores + attn_mask.to(compute)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    weights = torch.where(torch.isneginf(scores).all(-1, keepdim=True), 0.0, weights)  # fully masked rows
+    # Rows whose keys are all masked: zeros, and zero gradients (a softmax over -inf alone would pass NaN back
+    # to q, k and a float mask, where torch's math path passes zeros)
+    dead = torch.isneginf(scores).all(-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     if dropout_p > 0.0:
         keep = dropout_keep(weights.shape, dropout_p, seed, weights.device)
         weights = weights * keep / (1.0 - dropout_p) if dropout_p < 1.0 else weights * 0.0
