@@ -54,18 +54,26 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
-def once_differentiable(op, what: str) -> type:
-    """`op` (a backward op) as an autograd.Function whose own backward raises: what an op family's backward calls,
-    so that under create_graph=True or torch.func.grad the first derivative works (torch.func cannot run a custom
-    op's registered autograd) and a second one fails loudly rather than silently."""
+def no_double_backward(what: str):
+    """A backward that raises: the derivative of an op family's backward kernels, which have none."""
     def backward(ctx, *grads):
         raise RuntimeError(f"fusenn: the {what} kernels' backward is not differentiable (no double backward, e.g. "
                            "torch.autograd.grad(..., create_graph=True) followed by another backward, or nested "
                            "torch.func.grad); run with fusenn.set_backend('reference') for higher-order gradients")
+    return backward
 
+
+def setup_nothing(ctx, inputs, output):
+    pass
+
+
+def once_differentiable(op, what: str) -> type:
+    """`op` (a backward op) as an autograd.Function whose own backward raises: what an op family's backward calls,
+    so that under create_graph=True or torch.func.grad the first derivative works (torch.func cannot run a custom
+    op's registered autograd) and a second one fails loudly rather than silently."""
     return type(f"_{what.replace(' ', '_')}Backward", (torch.autograd.Function,), dict(
-        forward=staticmethod(lambda *args: op(*args)), setup_context=staticmethod(lambda ctx, inputs, output: None),
-        backward=staticmethod(backward), generate_vmap_rule=True))
+        forward=staticmethod(lambda *args: op(*args)), setup_context=staticmethod(setup_nothing),
+        backward=staticmethod(no_double_backward(what)), generate_vmap_rule=True))
 
 
 _C_TYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half",

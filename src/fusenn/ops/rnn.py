@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fusenn import dispatch
-from fusenn.ops import seed_tensor
+from fusenn.ops import no_double_backward, once_differentiable, seed_tensor, setup_nothing
 from fusenn.ops.dropout import dropout_mask
 from fusenn.reference import rnn as reference
 
@@ -242,32 +242,10 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _no_double_backward(name: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"fusenn: the {name} layer kernels' backward is not differentiable (no double backward, "
-                           "e.g. torch.autograd.grad(..., create_graph=True) followed by another backward, or "
-                           "nested torch.func.grad); run with fusenn.set_backend('reference') for higher-order "
-                           "gradients")
-    return backward
-
-
-def _once_differentiable(op, name: str):
-    """`op` (a backward op) as an autograd.Function whose own backward raises: what the layers' backward
-    calls, so that under create_graph=True or torch.func.grad the first derivative works (torch.func cannot
-    run a custom op's registered autograd) and a second one fails loudly rather than silently."""
-    return type(f"_{name}Backward", (torch.autograd.Function,), dict(
-        forward=staticmethod(lambda *args: op(*args)), setup_context=staticmethod(_setup_nothing),
-        backward=staticmethod(_no_double_backward(name)), generate_vmap_rule=True))
-
-
 def _grads_or_zeros(like: Tensor, *pairs) -> list:
     """Each (gradient, shape) pair's gradient, zeros in like's dtype where autograd passed None (an output not
     used; the layers' setup turns off zero-filled gradients so the large buffers they return get none)."""
     return [g if g is not None else like.new_zeros(shape) for g, shape in pairs]
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
 
 
 # The kernel paths are four torch.library ops, so torch.compile traces them (their fakes give the shapes)
@@ -440,8 +418,8 @@ def _lstm_backward(ctx, dy, dh_n, dc_n, _hs, _cs, _ms, _gates, _zo_keep):
 
 
 lstm_layer_forward.register_autograd(_lstm_backward, setup_context=_lstm_setup)
-lstm_layer_backward.register_autograd(_no_double_backward("LSTM"), setup_context=_setup_nothing)
-_LSTMBackward = _once_differentiable(lstm_layer_backward, "LSTM")
+lstm_layer_backward.register_autograd(no_double_backward("LSTM layer"), setup_context=setup_nothing)
+_LSTMBackward = once_differentiable(lstm_layer_backward, "LSTM layer")
 
 
 class _LSTMLayer(torch.autograd.Function):
@@ -551,8 +529,8 @@ def _gru_backward(ctx, dy, dh_n, _hs, _gates):
 
 
 gru_layer_forward.register_autograd(_gru_backward, setup_context=_gru_setup)
-gru_layer_backward.register_autograd(_no_double_backward("GRU"), setup_context=_setup_nothing)
-_GRUBackward = _once_differentiable(gru_layer_backward, "GRU")
+gru_layer_backward.register_autograd(no_double_backward("GRU layer"), setup_context=setup_nothing)
+_GRUBackward = once_differentiable(gru_layer_backward, "GRU layer")
 
 
 class _GRULayer(torch.autograd.Function):
