@@ -82,6 +82,8 @@ def _persist_reason(gates: int):
         why = _kernel_reason("persistent C++")(gx)
         if why:
             return why
+        if torch.jit.is_tracing():  # sizes are traced tensors, and the plan's op returns a str the tracer cannot record
+            return "its launch plan is not traceable by torch.jit.trace"
         if guard_or_false(gx.shape[1] > PERSIST_MAX_BATCH):  # packed input traced: a data-dependent batch
             return f"batch {gx.shape[1]} > {PERSIST_MAX_BATCH}, where the per-step GEMM scheme is expected to win"
         device = -1 if gx.device.type != "cuda" else torch.cuda.current_device() if gx.device.index is None \
