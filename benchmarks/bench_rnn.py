@@ -177,7 +177,7 @@ MMA_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 60e12
 GRID_SYNC_S = 2e-6
 
 
-def _persist_grid(gates, backward, e, H, B):
+def _planned_grid(gates, backward, e, H, B):
     """The launcher's grid for an H200 at batch B (its cost model's choice, csrc/rnn_persist.cuh), or where
     fusenn._C is not built, ceil(H / 132) units rounded up to a multiple of 4 per CTA."""
     try:
@@ -196,7 +196,7 @@ def persist_bound(kind, T, B, H, dtype, train):
     gates' recomputation and the weight gradient, one GEMM each over T*B rows, counted at the MMA peak."""
     gates = 4 if kind == "LSTM" else 3
     e = torch.finfo(dtype).bits // 8
-    grid, grid_bwd = _persist_grid(gates, False, e, H, B), _persist_grid(gates, True, e, H, B) if train else 0
+    grid, grid_bwd = _planned_grid(gates, False, e, H, B), _planned_grid(gates, True, e, H, B) if train else 0
     state = 2 * 4 * B * H * (2 if gates == 4 else 1)  # fp32 h (and c) slots read and written
     own = B * H * 2 * e + B * gates * H * (e + 8) + state
     step_flops = 2 * B * gates * H * H
