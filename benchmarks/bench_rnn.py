@@ -144,6 +144,9 @@ def _setup(kind, T, B, I, H, dtype, train):
             for grid in PERSIST_GRIDS if B >= 8 else ():
                 impls[f"fusenn-persistent-g{grid}"] = with_backend(
                     _with_env(timed(lambda x: ours(x)[0]), FUSENN_PERSIST_GRID=str(grid)), "persistent")
+            if B > 16:  # the plan's grid with one batch tile a staging round: what the plan's tiles buy
+                impls["fusenn-persistent-t1"] = with_backend(
+                    _with_env(timed(lambda x: ours(x)[0]), FUSENN_PERSIST_TILES="1"), "persistent")
         return impls
     return setup
 

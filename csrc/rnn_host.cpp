@@ -1028,13 +1028,13 @@ void emulate_grid(const persist::Args& a, bool backward) {
   using namespace persist;
   const Layouts ls =
       layouts_for(a.gates, backward, static_cast<int>(sizeof(T)), a.H, a.proj ? a.P : 0, a.units, a.vrows, a.chunk,
-                  a.tf32);
+                  a.tf32, a.tiles);
   const Layout &l = ls.a, &l2 = ls.b;
   // each CTA's shared-memory slices; one staging buffer and one set of partial sums, sized for both
   std::vector<std::vector<T>> w(a.grid, std::vector<T>(l.rows * l.ldw));
   std::vector<std::vector<T>> w2(a.grid, std::vector<T>(a.proj ? l2.rows * l2.ldw : 0));
-  std::vector<T> staged(kTileB * std::max(l.lda, l2.lda));
-  std::vector<float> sums(std::max(l.splits * l.Np, l2.splits * l2.Np) * kTileB);
+  std::vector<T> staged(a.tiles * kTileB * std::max(l.lda, l2.lda));
+  std::vector<float> sums(std::max(l.splits * l.Np, l2.splits * l2.Np) * a.tiles * kTileB);
   T* st = staged.data();
   float* acc = sums.data();
   for (int64_t c = 0; c < a.grid; ++c) {
@@ -1075,9 +1075,10 @@ void emulate_grid(const persist::Args& a, bool backward) {
   grid.finish();
 }
 
-void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t grid, bool tf32, int64_t stream,
-                 const char* op) {
+void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t grid, bool tf32, int64_t tiles,
+                 int64_t stream, const char* op) {
   TORCH_CHECK(grid >= 0, "fusenn_cuda::", op, ": grid must be non-negative, got ", grid);
+  TORCH_CHECK(tiles >= 0, "fusenn_cuda::", op, ": tiles must be non-negative, got ", tiles);
   a.tf32 = tf32 && like.scalar_type() == at::kFloat;
   if (like.is_cuda()) {
 #ifdef FUSENN_WITH_CUDA
@@ -1090,7 +1091,7 @@ void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t gr
     a.timeout_ns = static_cast<uint64_t>((seconds > 0.0 ? seconds : 10.0) * 1e9);
     std::string why;
     const int status =
-        persist::launch_persist(a, dtype_of(like), backward, grid, reinterpret_cast<Stream>(stream), &why);
+        persist::launch_persist(a, dtype_of(like), backward, grid, tiles, reinterpret_cast<Stream>(stream), &why);
     TORCH_CHECK(why.empty(), "fusenn_cuda::", op, ": ", why);
     TORCH_CHECK(status == 0, "fusenn_cuda::", op, ": the persistent kernel's launch failed: ",
                 cuda_error_string(status));
@@ -1101,13 +1102,14 @@ void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t gr
     return;
   }
   const persist::Plan p = persist::plan(a.gates, backward, static_cast<int>(like.element_size()), a.H,
-                                        a.proj ? a.P : 0, persist::kH200, 0, 0, grid, a.tf32, a.B);
+                                        a.proj ? a.P : 0, persist::kH200, 0, 0, grid, a.tf32, a.B, tiles);
   TORCH_CHECK(p.why.empty(), "fusenn_cuda::", op, ": ", p.why);
   a.tf32 = p.tf32;
   a.grid = static_cast<int32_t>(p.grid);
   a.units = static_cast<int32_t>(p.units);
   a.vrows = static_cast<int32_t>(p.vrows);
   a.chunk = static_cast<int32_t>(p.chunk);
+  a.tiles = static_cast<int32_t>(p.tiles);
   switch (dtype_of(like)) {
     case Dtype::f32: emulate_grid<float>(a, backward); break;
     case Dtype::f16: emulate_grid<c10::Half>(a, backward); break;
@@ -1118,7 +1120,8 @@ void run_persist(persist::Args& a, const Tensor& like, bool backward, int64_t gr
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_persist_forward(
     const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh_in, const OptTensor& w_hr_in,
     const OptTensor& lengths, bool reverse, bool save, const OptTensor& rscale, const OptTensor& zo_seed,
-    int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream, int64_t grid, bool tf32) {
+    int64_t zo_mode, int64_t zo_threshold, double zo_u, int64_t stream, int64_t grid, bool tf32,
+    int64_t tiles) {
   constexpr const char* op = "lstm_persist_forward";
   const OpDevice device(gx);
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, P), got ", h0.sizes());
@@ -1153,7 +1156,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_persist_forward(
     a.gh = gh.data_ptr<float>();
     a.ms = proj ? ms.data_ptr<float>() : nullptr;
     a.m_op = proj ? m_op.data_ptr() : nullptr;
-    run_persist(a, gx, false, grid, tf32, stream, op);
+    run_persist(a, gx, false, grid, tf32, tiles, stream, op);
   }
   const int64_t last = save ? (reverse ? 0 : T) : T % 2;
   return {y, hs[last].to(gx.scalar_type(), false, true), cs[last].to(gx.scalar_type(), false, true),
@@ -1164,7 +1167,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_persist_backward(
     const Tensor& dy_in, const Tensor& dh_n, const Tensor& dc_n, const Tensor& gx, const Tensor& w_hh_in,
     const OptTensor& w_hr_in, const OptTensor& lengths, bool reverse, const Tensor& hs, const Tensor& cs,
     const OptTensor& rscale, const OptTensor& zo_seed, int64_t zo_mode, int64_t zo_threshold, double zo_u,
-    int64_t stream, int64_t grid, bool tf32) {
+    int64_t stream, int64_t grid, bool tf32, int64_t tiles) {
   constexpr const char* op = "lstm_persist_backward";
   const OpDevice device(gx);
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, P), got ", hs.sizes());
@@ -1205,7 +1208,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_persist_backward(
     a.dhz_op = proj ? dhz_op.data_ptr() : nullptr;
     a.dhs = proj ? dhs.data_ptr<float>() : nullptr;
     a.dm = proj ? dm.data_ptr<float>() : nullptr;
-    run_persist(a, gx, true, grid, tf32, stream, op);
+    run_persist(a, gx, true, grid, tf32, tiles, stream, op);
   }
   return {dg, dh, dc, dhs};
 }
@@ -1214,7 +1217,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_forward(const Tensor& gx, const T
                                                        const OptTensor& b_hh, const OptTensor& lengths, bool reverse,
                                                        bool save, const OptTensor& rscale, const OptTensor& zo_seed,
                                                        int64_t zo_mode, int64_t zo_threshold, double zo_u,
-                                                       int64_t stream, int64_t grid, bool tf32) {
+                                                       int64_t stream, int64_t grid, bool tf32, int64_t tiles) {
   constexpr const char* op = "gru_persist_forward";
   const OpDevice device(gx);
   TORCH_CHECK(h0.dim() == 2, "fusenn_cuda::", op, ": expected h0 of shape (B, H), got ", h0.sizes());
@@ -1238,7 +1241,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_forward(const Tensor& gx, const T
     a.y = y.data_ptr();
     a.op = op_h.data_ptr();
     a.gh = gh.data_ptr<float>();
-    run_persist(a, gx, false, grid, tf32, stream, op);
+    run_persist(a, gx, false, grid, tf32, tiles, stream, op);
   }
   const int64_t last = save ? (reverse ? 0 : T) : T % 2;
   return {y, hs[last].to(gx.scalar_type(), false, true), save ? hs : none(gx)};
@@ -1249,7 +1252,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_backward(const Tensor& dy_in, con
                                                         const OptTensor& lengths, bool reverse, const Tensor& hs,
                                                         const OptTensor& rscale, const OptTensor& zo_seed,
                                                         int64_t zo_mode, int64_t zo_threshold, double zo_u,
-                                                        int64_t stream, int64_t grid, bool tf32) {
+                                                        int64_t stream, int64_t grid, bool tf32, int64_t tiles) {
   constexpr const char* op = "gru_persist_backward";
   const OpDevice device(gx);
   TORCH_CHECK(hs.dim() == 3, "fusenn_cuda::", op, ": expected hs of shape (T + 1, B, H), got ", hs.sizes());
@@ -1278,19 +1281,21 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_backward(const Tensor& dy_in, con
     a.dg = dg.data_ptr<float>();
     a.dghn = dghn.data_ptr<float>();
     a.dg_op = dg_op.data_ptr();
-    run_persist(a, gx, true, grid, tf32, stream, op);
+    run_persist(a, gx, true, grid, tf32, tiles, stream, op);
   }
   return {dg, dghn, dh};
 }
 
 // The persistent launch's plan for a machine (grid, units per CTA, dynamic shared memory per CTA, CTAs per
-// SM, and the reason it cannot launch or "", whether fp32 products take TF32, the modelled nanoseconds a step):
+// SM, and the reason it cannot launch or "", whether fp32 products take TF32, the modelled nanoseconds a step, the
+// batch tiles a staging round):
 // machine = [SMs, shared memory per block (opt-in), per SM, registers per SM, threads per SM, blocks per SM], empty
 // for an H200's; regs: registers per thread of the kernel (0: unknown); tf32: TF32 allowed; B: the batch (0: not
-// given, the grid spread over the SMs). What the static test evaluates with ptxas's numbers.
-std::tuple<int64_t, int64_t, int64_t, int64_t, std::string, bool, double> persist_plan(
+// given, the grid spread over the SMs); tiles: at most that many batch tiles a round (0: the plan's). What the
+// static test evaluates with ptxas's numbers.
+std::tuple<int64_t, int64_t, int64_t, int64_t, std::string, bool, double, int64_t> persist_plan(
     int64_t gates, bool backward, int64_t elem, int64_t H, int64_t grid, at::IntArrayRef machine, int64_t regs,
-    int64_t static_smem, bool tf32, int64_t P, int64_t B) {
+    int64_t static_smem, bool tf32, int64_t P, int64_t B, int64_t tiles) {
   TORCH_CHECK(gates == 3 || gates == 4, "fusenn_cuda::persist_plan: gates must be 3 (GRU) or 4 (LSTM), got ", gates);
   TORCH_CHECK(elem == 2 || elem == 4, "fusenn_cuda::persist_plan: elem must be 2 or 4 bytes, got ", elem);
   TORCH_CHECK(machine.empty() || machine.size() == 6, "fusenn_cuda::persist_plan: machine takes 6 numbers, got ",
@@ -1301,9 +1306,10 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, std::string, bool, double> persis
   TORCH_CHECK(P >= 0 && P < H, "fusenn_cuda::persist_plan: P (proj_size, 0: none) must be in [0, H), got ", P);
   TORCH_CHECK(P == 0 || gates == 4, "fusenn_cuda::persist_plan: only the LSTM has a projection");
   TORCH_CHECK(B >= 0, "fusenn_cuda::persist_plan: B (the batch, 0: not given) must be non-negative, got ", B);
+  TORCH_CHECK(tiles >= 0, "fusenn_cuda::persist_plan: tiles (0: the plan's) must be non-negative, got ", tiles);
   const persist::Plan p = persist::plan(static_cast<int>(gates), backward, static_cast<int>(elem), H, P, m, regs,
-                                        static_smem, grid, tf32, B);
-  return {p.grid, p.units, p.smem, p.per_sm, p.why, p.tf32, p.step_ns};
+                                        static_smem, grid, tf32, B, tiles);
+  return {p.grid, p.units, p.smem, p.per_sm, p.why, p.tf32, p.step_ns, p.tiles};
 }
 
 // Why the persistent kernel cannot take hidden_size H in dtype (0 fp32, 1 fp16, 2 bf16) on CUDA device
@@ -1350,22 +1356,25 @@ TORCH_LIBRARY_FRAGMENT(fusenn_cuda, m) {
   m.def("gru_backward(Tensor dy, Tensor dh_n, Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, "
         "Tensor hs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream, "
         "Tensor? gates=None) -> (Tensor, Tensor, Tensor)");
-  // The persistent layers: the same arguments and results, plus the CTAs asked for (0: planned) and whether fp32
-  // products may use TF32.
+  // The persistent layers: the same arguments and results, plus the CTAs asked for (0: planned), whether fp32
+  // products may use TF32, and the most batch tiles a staging round (0: the plan's; else the plan's grid and chunk
+  // with at most that many).
   m.def("lstm_persist_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? lengths, "
         "bool reverse, bool save, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, "
-        "int stream, int grid, bool tf32=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int stream, int grid, bool tf32=False, int tiles=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lstm_persist_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor gx, Tensor w_hh, Tensor? w_hr, "
         "Tensor? lengths, bool reverse, Tensor hs, Tensor cs, Tensor? rscale, Tensor? zo_seed, int zo_mode, "
-        "int zo_threshold, float zo_u, int stream, int grid, bool tf32=False) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int zo_threshold, float zo_u, int stream, int grid, bool tf32=False, int tiles=0) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   m.def("gru_persist_forward(Tensor gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, bool reverse, "
         "bool save, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, int stream, "
-        "int grid, bool tf32=False) -> (Tensor, Tensor, Tensor)");
+        "int grid, bool tf32=False, int tiles=0) -> (Tensor, Tensor, Tensor)");
   m.def("gru_persist_backward(Tensor dy, Tensor dh_n, Tensor gx, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
         "bool reverse, Tensor hs, Tensor? rscale, Tensor? zo_seed, int zo_mode, int zo_threshold, float zo_u, "
-        "int stream, int grid, bool tf32=False) -> (Tensor, Tensor, Tensor)");
+        "int stream, int grid, bool tf32=False, int tiles=0) -> (Tensor, Tensor, Tensor)");
   m.def("persist_plan(int gates, bool backward, int elem, int H, int grid, int[] machine, int regs, "
-        "int static_smem, bool tf32=False, int P=0, int B=0) -> (int, int, int, int, str, bool, float)",
+        "int static_smem, bool tf32=False, int P=0, int B=0, int tiles=0) -> "
+        "(int, int, int, int, str, bool, float, int)",
         &fusenn::persist_plan);
   m.def("persist_reason(int device, int dtype, int gates, bool backward, int H, int grid, int P=0) -> str",
         &fusenn::persist_reason);

@@ -162,7 +162,7 @@ int elem_of(Dtype dtype) { return dtype == Dtype::f32 ? 4 : 2; }
 // what stops it (empty when nothing does); *failed, whether a CUDA query failed. Kept per device and arguments
 // (device_plan), so that a launch costs the host no queries after the first.
 Plan plan_on(int device, Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req, bool tf32,
-             int64_t B, std::string* why, bool* failed) {
+             int64_t B, int64_t max_tiles, std::string* why, bool* failed) {
   Plan p{};
   int coop = 0;
   int v[6] = {0, 0, 0, 0, 0, 0};
@@ -187,7 +187,7 @@ Plan plan_on(int device, Dtype dtype, int gates, bool backward, int64_t H, int64
   }
   const Machine m{v[0], v[1], v[2], v[3], v[4], v[5]};
   p = plan(gates, backward, elem_of(dtype), H, P, m, fa.numRegs, static_cast<int64_t>(fa.sharedSizeBytes),
-           grid_req, tf32, B);
+           grid_req, tf32, B, max_tiles);
   if (!p.why.empty()) {
     *why = p.why;
     return p;
@@ -209,17 +209,17 @@ Plan plan_on(int device, Dtype dtype, int gates, bool backward, int64_t H, int64
 }
 
 Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req, bool tf32,
-                 int64_t B, std::string* why) {
+                 int64_t B, int64_t max_tiles, std::string* why) {
   int device = 0;
   const cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) {
     *why = std::string("querying the device for the persistent kernel failed: ") + cudaGetErrorString(e);
     return Plan{};
   }
-  using Key = std::tuple<int, int, int, bool, int64_t, int64_t, int64_t, bool, int64_t>;
+  using Key = std::tuple<int, int, int, bool, int64_t, int64_t, int64_t, bool, int64_t, int64_t>;
   static std::mutex mutex;
   static std::map<Key, std::pair<Plan, std::string>> plans;
-  const Key key{device, static_cast<int>(dtype), gates, backward, H, P, grid_req, tf32, B};
+  const Key key{device, static_cast<int>(dtype), gates, backward, H, P, grid_req, tf32, B, max_tiles};
   {
     const std::lock_guard<std::mutex> lock(mutex);
     const auto it = plans.find(key);
@@ -229,7 +229,7 @@ Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, in
     }
   }
   bool failed = false;
-  const Plan p = plan_on(device, dtype, gates, backward, H, P, grid_req, tf32, B, why, &failed);
+  const Plan p = plan_on(device, dtype, gates, backward, H, P, grid_req, tf32, B, max_tiles, why, &failed);
   if (!failed) {  // a failed query is not kept: the next call asks again
     const std::lock_guard<std::mutex> lock(mutex);
     plans.emplace(key, std::make_pair(p, *why));
@@ -239,19 +239,21 @@ Plan device_plan(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, in
 
 }  // namespace persist
 
-int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_t grid_req, Stream stream,
-                            std::string* why) {
+int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_t grid_req, int64_t max_tiles,
+                            Stream stream, std::string* why) {
   why->clear();
-  const Plan p =
-      device_plan(dtype, args.gates, backward, args.H, args.proj ? args.P : 0, grid_req, args.tf32, args.B, why);
+  const Plan p = device_plan(dtype, args.gates, backward, args.H, args.proj ? args.P : 0, grid_req, args.tf32, args.B,
+                             max_tiles, why);
   if (!why->empty()) return 0;
   Args a = args;
   a.grid = static_cast<int32_t>(p.grid);
   a.units = static_cast<int32_t>(p.units);
   a.chunk = static_cast<int32_t>(p.chunk);
   a.vrows = static_cast<int32_t>(p.vrows);
+  a.tiles = static_cast<int32_t>(p.tiles);
   a.tf32 = p.tf32;
-  Layouts ls = layouts_for(a.gates, backward, elem_of(dtype), a.H, a.proj ? a.P : 0, a.units, a.vrows, a.chunk, a.tf32);
+  Layouts ls = layouts_for(a.gates, backward, elem_of(dtype), a.H, a.proj ? a.P : 0, a.units, a.vrows, a.chunk, a.tf32,
+                           a.tiles);
   void* params[] = {&a, &ls.a, &ls.b};
   cudaError_t e = cudaLaunchCooperativeKernel(kernel_of(dtype, backward), dim3(static_cast<unsigned>(p.grid)),
                                               dim3(kThreads), params, static_cast<size_t>(p.smem), stream);
@@ -262,7 +264,7 @@ int persist::launch_persist(const Args& args, Dtype dtype, bool backward, int64_
 
 std::string persist::persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req) {
   std::string why;
-  device_plan(dtype, gates, backward, H, P, grid_req, false, 0, &why);  // TF32 or not, any batch: a grid launches
+  device_plan(dtype, gates, backward, H, P, grid_req, false, 0, 0, &why);  // TF32 or not, any batch: a grid launches
   return why;
 }
 

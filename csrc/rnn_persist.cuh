@@ -5,8 +5,9 @@
 //
 // Partition: with U units per CTA, CTA c owns hidden units J_c = [c U, min((c + 1) U, H)).
 // - Forward keeps the gate rows of J_c (gates x U rows of W_hh, row q U + u = W_hh row q H + c U + u). Per
-//   step and 16-row batch tile: stage h_{t-1} (the previous step's operand, T, B x H) in shared memory in
-//   K-chunks, gate products with fp32 accumulation (wmma tensor cores for fp16/bf16; for fp32 TF32 mma.sync
+//   step and round of up to kMaxTiles 16-row batch tiles (Plan::tiles: each weight fragment or row read from
+//   shared memory serves every tile of the round): stage h_{t-1} (the previous step's operand, T, B x H) in
+//   shared memory in K-chunks, gate products with fp32 accumulation (wmma tensor cores for fp16/bf16; for fp32 TF32 mma.sync
 //   m16n8k8 where the launch allows TF32 and its padded slice fits, else exact fp32 FMA), then csrc/rnn.cuh's
 //   LstmCell / GruCell for each (b, j in J_c): gates, cell, zoneout, lengths, outputs and the next step's
 //   operand (times recurrent dropout's r/(1-p), rounded to T). One grid barrier per step publishes the operand;
@@ -24,9 +25,9 @@
 // TF32 (fp32 layers under torch.backends.cudnn.allow_tf32): W_hh's slice and each staged chunk are rounded
 // to TF32 once, as cvt.rna.tf32.f32 does (round_tf32), and mma.sync m16n8k8 products accumulate in fp32. Its
 // 8-row tiles pad a slice's rows (forward) or columns (backward) to a multiple of 8, not wmma's 16, and only in
-// registers (zero fragments), not in shared memory: so the slice takes what the exact layout's does but for
-// 3 floats a row (and K padded to 16), and the LSTM's backward slice at H = 1024 (8 columns over K = 4096 on 128
-// CTAs) fits a CTA's shared memory.
+// registers (zero fragments), not in shared memory: so the slice takes what the exact layout's does (rows 16
+// bytes apart in both), its K-split partial sums a little more, and the LSTM's backward slice at H = 1024 (8
+// columns over K = 4096 on 128 CTAs) fits a CTA's shared memory.
 // The includer declares to_float / from_float for its 16-bit types first, as for rnn.cuh.
 #pragma once
 #include <cstdint>
@@ -62,6 +63,8 @@ constexpr int64_t kWideChunk = 1024;  // up to this where shared memory allows (
 constexpr int64_t kMinChunk = 64;     // down to this where the weight slice needs the room (staging rounds are
                                       // latency, so not below: K / 64 rounds a step)
 constexpr int64_t kMaxRows = 128;  // weight rows (forward) / columns (backward) one CTA's warps cover
+constexpr int64_t kMaxTiles = 4;   // batch tiles staged and multiplied together (Plan::tiles): each weight operand
+                                   // read from shared memory serves them all, and the staging rounds are fewer
 
 FUSENN_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 FUSENN_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -92,43 +95,47 @@ FUSENN_HD float round_tf32(float x) {
 
 // One CTA's shared memory for out[b][n] = sum_k A[b][k] W[n][k] over N weight rows (padded to Np) and K:
 // the weight slice (`rows` x ldw: Np rows for wmma, whose loads read whole tiles; N for FMA and for TF32,
-// whose fragments of the padding rows are zeros in registers), a staged activation chunk (kTileB x lda), and
-// fp32 partial sums (splits x kTileB x Np; splits > 1 when the MMA warps split K). mma: tensor-core tiles
+// whose fragments of the padding rows are zeros in registers), a staged activation chunk of `tiles` batch tiles
+// (tiles x kTileB rows, lda apart), and fp32 partial sums (splits x tiles x kTileB x Np; splits > 1 when the MMA
+// warps split K). mma: tensor-core tiles
 // (always for 16-bit, TF32 for fp32), else fp32 FMA. Each MMA warp's item is 16 of the Np columns: one wmma
 // 16x16x16 tile for 16-bit (Np a multiple of 16), two m16n8k8 products for TF32 (Np a multiple of 8; the
 // second absent past Np). Offsets in bytes, 128-byte aligned.
 struct Layout {
-  int64_t N, Np, rows, K, Kp, ldw, chunk, lda, splits;
+  int64_t N, Np, rows, K, Kp, ldw, chunk, lda, splits, tiles;
   int64_t w_off, a_off, acc_off, bytes;
   bool mma;
 };
 
-FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk, bool tf32) {
+FUSENN_HD Layout layout(int64_t N, int64_t K, int elem, int64_t chunk, bool tf32, int64_t tiles) {
   Layout l{};
+  l.tiles = tiles;
   l.mma = elem == 2 || tf32;
   l.N = N;
   l.Np = l.mma ? round_up(N, elem == 2 ? 16 : 8) : N;  // MMA tiles of 16 (TF32: 8) rows; FMA needs no padding
   l.rows = elem == 2 ? l.Np : N;
   l.K = K;
   l.Kp = round_up(K, 16);
-  // weights: MMA rows padded by 16 bytes (wmma needs ldm a multiple of 16 bytes; TF32's fragment loads hit 32
-  // distinct banks with rows 4 floats apart), FMA rows by 1 float (an odd stride: no bank conflicts); the
-  // staged chunk's rows stay 16-byte aligned for vector stores (and 4 floats apart in banks for fp32)
-  l.ldw = l.Kp + (elem == 2 ? 8 : l.mma ? 4 : 1);
+  // weights: rows padded by 16 bytes (wmma needs ldm a multiple of 16 bytes; TF32's fragment loads hit 32
+  // distinct banks with rows 4 floats apart; FMA's 16-byte loads of 8 rows, an odd multiple of 4 floats apart,
+  // hit 8 distinct 4-bank groups); the staged chunk's rows stay 16-byte aligned for vector stores and loads (and
+  // 4 floats apart in banks for fp32)
+  l.ldw = l.Kp + (elem == 2 ? 8 : 4);
   l.chunk = min64(l.Kp, chunk);  // a multiple of 16
   l.lda = l.chunk + (elem == 2 ? 8 : 4);
-  const int64_t tiles = (l.Np + 15) / 16;  // the warps' 16-column items
-  l.splits = (l.mma && tiles < kWarps) ? kWarps / tiles : 1;
+  const int64_t cols = (l.Np + 15) / 16;  // the warps' 16-column items
+  l.splits = (l.mma && cols < kWarps) ? kWarps / cols : 1;
   l.w_off = 0;
   l.a_off = round_up(l.rows * l.ldw * elem, 128);
-  l.acc_off = l.a_off + round_up(kTileB * l.lda * elem, 128);
-  l.bytes = l.acc_off + l.splits * kTileB * l.Np * 4;
+  l.acc_off = l.a_off + round_up(tiles * kTileB * l.lda * elem, 128);
+  l.bytes = l.acc_off + l.splits * tiles * kTileB * l.Np * 4;
   return l;
 }
 
 // Forward: N = gates x U rows over K = H; backward: N = U columns over K = gates x H.
-FUSENN_HD Layout layout_for(int gates, bool backward, int elem, int64_t H, int64_t U, int64_t chunk, bool tf32) {
-  return backward ? layout(U, gates * H, elem, chunk, tf32) : layout(gates * U, H, elem, chunk, tf32);
+FUSENN_HD Layout layout_for(int gates, bool backward, int elem, int64_t H, int64_t U, int64_t chunk, bool tf32,
+                           int64_t tiles) {
+  return backward ? layout(U, gates * H, elem, chunk, tf32, tiles) : layout(gates * U, H, elem, chunk, tf32, tiles);
 }
 
 // With a projection (LSTM, proj_size P < H; V of the P rows of h per CTA) each CTA keeps two slices, which
@@ -140,21 +147,21 @@ struct Layouts {
 };
 
 FUSENN_HD Layouts layouts_for(int gates, bool backward, int elem, int64_t H, int64_t P, int64_t U, int64_t V,
-                              int64_t chunk, bool tf32) {
+                              int64_t chunk, bool tf32, int64_t tiles) {
   Layouts ls{};
   if (P == 0) {
-    ls.a = ls.b = layout_for(gates, backward, elem, H, U, chunk, tf32);
+    ls.a = ls.b = layout_for(gates, backward, elem, H, U, chunk, tf32, tiles);
     return ls;
   }
-  ls.a = backward ? layout(V, gates * H, elem, chunk, tf32) : layout(gates * U, P, elem, chunk, tf32);
-  ls.b = backward ? layout(U, P, elem, chunk, tf32) : layout(V, H, elem, chunk, tf32);
+  ls.a = backward ? layout(V, gates * H, elem, chunk, tf32, tiles) : layout(gates * U, P, elem, chunk, tf32, tiles);
+  ls.b = backward ? layout(U, P, elem, chunk, tf32, tiles) : layout(V, H, elem, chunk, tf32, tiles);
   const int64_t wa = round_up(ls.a.rows * ls.a.ldw * elem, 128), wb = round_up(ls.b.rows * ls.b.ldw * elem, 128);
   const int64_t lda = ls.a.lda > ls.b.lda ? ls.a.lda : ls.b.lda;
-  const int64_t acc_a = ls.a.splits * kTileB * ls.a.Np, acc_b = ls.b.splits * kTileB * ls.b.Np;
+  const int64_t acc_a = ls.a.splits * tiles * kTileB * ls.a.Np, acc_b = ls.b.splits * tiles * kTileB * ls.b.Np;
   ls.a.w_off = 0;
   ls.b.w_off = wa;
   ls.a.a_off = ls.b.a_off = wa + wb;
-  ls.a.acc_off = ls.b.acc_off = wa + wb + round_up(kTileB * lda * elem, 128);
+  ls.a.acc_off = ls.b.acc_off = wa + wb + round_up(tiles * kTileB * lda * elem, 128);
   ls.a.bytes = ls.b.bytes = ls.a.acc_off + (acc_a > acc_b ? acc_a : acc_b) * 4;
   return ls;
 }
@@ -170,6 +177,7 @@ constexpr int64_t kReservedSmem = 1024;  // per block, sm_80 and later
 
 struct Plan {
   int64_t grid, units, smem, per_sm, chunk;
+  int64_t tiles;    // batch tiles staged and multiplied together (Layout::tiles): 1 when the batch is not given
   int64_t vrows;    // rows of the projection's output per CTA (P = 0: units)
   bool tf32;        // fp32 products on TF32 tensor cores (Layout::mma)
   double step_ns;   // the cost model's time a step (step_ns; 0 when the batch is not given)
@@ -179,12 +187,15 @@ struct Plan {
 // What the plan's cost model assumes of the GPU (an H100 / H200, from its data sheet and the kernels' code, not
 // yet measured: benchmarks/bench_rnn.py times the persistent kernels on grids around the plan's,
 // fusenn-persistent-gN, for the first GPU run to fit these to). FLOP rates are per SM as these kernels can reach
-// them: wmma reloads both fragments from shared memory for every 16x16x16 product (1 KB per 8 KFLOP, against
-// shared memory's 128 B a cycle), the FMA path loads both operands of each FMA.
+// them with one batch tile a staging round: wmma reloads both fragments from shared memory for every 16x16x16
+// product (1 KB per 8 KFLOP, against shared memory's 128 B a cycle); the FMA path loads 4 floats of a weight row
+// and of a staged row for every 4 FMAs (a warp's 4 FMA instructions wait on 5 shared-memory wavefronts: 4 for the
+// weight rows, 1 for the staged row, a broadcast). With t tiles a round each weight read serves all t: wmma's rate
+// times 2 t / (t + 1), FMA's times 5 t / (t + 4) (step_ns).
 struct Costs {
   double l2_bytes_per_ns = 5500;  // L2's bandwidth, every SM together
   double round_ns = 500;          // one staging round of a CTA: an L2 round trip and two __syncthreads
-  double mma16_flops_per_ns = 1500, tf32_flops_per_ns = 750, fma_flops_per_ns = 100;
+  double mma16_flops_per_ns = 1500, tf32_flops_per_ns = 750, fma_flops_per_ns = 160;
   double barrier_ns = 700, barrier_ns_per_cta = 5;  // one grid barrier: a base and each CTA's arrival
 };
 constexpr Costs kCosts{};
@@ -192,16 +203,19 @@ constexpr Costs kCosts{};
 // The modelled time of one step on `grid` CTAs for a batch of B rows (the layouts' products, and with a
 // projection the second product and barrier): every CTA stages the whole operand (B x K) from L2, which all CTAs
 // share; computes its products (MMA tiles of 16 batch rows) at its SM's rate; waits out each staging round's
-// latency (no overlap inside a CTA); and meets the grid at a barrier. More CTAs spread the products but read
-// the operand more often: backward's operand, dgates (B x gates H), makes that broadcast 3-4x forward's.
+// latency (no overlap inside a CTA; a round stages a chunk of K for up to `tiles` batch tiles); and meets the grid
+// at a barrier. More CTAs spread the products but read the operand more often: backward's operand, dgates
+// (B x gates H), makes that broadcast 3-4x forward's.
 inline double step_ns(const Layouts& ls, bool proj, int64_t grid, int64_t B, int elem, const Costs& c) {
-  const int64_t Bp = round_up(B, kTileB);
+  const int64_t Bp = round_up(B, kTileB), t = ls.a.tiles, groups = (Bp / kTileB + t - 1) / t;
   double ns = (proj ? 2 : 1) * (c.barrier_ns + c.barrier_ns_per_cta * static_cast<double>(grid));
   for (const Layout* l : {&ls.a, &ls.b}) {
-    const double rate = !l->mma ? c.fma_flops_per_ns : elem == 2 ? c.mma16_flops_per_ns : c.tf32_flops_per_ns;
+    const double tt = static_cast<double>(t);
+    const double rate = !l->mma ? c.fma_flops_per_ns * 5.0 * tt / (tt + 4.0)
+                                : (elem == 2 ? c.mma16_flops_per_ns : c.tf32_flops_per_ns) * 2.0 * tt / (tt + 1.0);
     ns += static_cast<double>(grid) * static_cast<double>(B * l->K * elem) / c.l2_bytes_per_ns;
     ns += 2.0 * static_cast<double>((l->mma ? Bp : B) * l->Np) * static_cast<double>(l->Kp) / rate;
-    ns += static_cast<double>(Bp / kTileB * ((l->Kp + l->chunk - 1) / l->chunk)) * c.round_ns;
+    ns += static_cast<double>(groups * ((l->Kp + l->chunk - 1) / l->chunk)) * c.round_ns;
     if (!proj) break;  // ls.b is ls.a
   }
   return ns;
@@ -209,9 +223,12 @@ inline double step_ns(const Layouts& ls, bool proj, int64_t grid, int64_t B, int
 
 // A layer on `units` hidden units per CTA: its grid, its layouts, and whether that grid can be co-resident with
 // `regs` registers per thread (0: unknown) and `static_smem` bytes of static shared memory; B > 0: the batch, for
-// the modelled step time. P: the LSTM's proj_size (0: none), spread as ceil(P / grid) rows per CTA.
+// the modelled step time and the batch tiles a round (of every tiles x chunk layout that fits, the fewest modelled
+// ns; without the batch, one tile: whether the layer launches does not depend on it); max_tiles (> 0) caps the
+// tiles afterwards, the grid and chunk kept (to time what the tiles buy, and to test that they change no bit).
+// P: the LSTM's proj_size (0: none), spread as ceil(P / grid) rows per CTA.
 inline Plan plan_units(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
-                       int64_t static_smem, int64_t units, bool tf32, int64_t B) {
+                       int64_t static_smem, int64_t units, bool tf32, int64_t B, int64_t max_tiles) {
   Plan p{};
   p.tf32 = elem == 4 && tf32;
   if (H <= 0) {
@@ -222,11 +239,15 @@ inline Plan plan_units(int gates, bool backward, int elem, int64_t H, int64_t P,
   p.grid = (H + p.units - 1) / p.units;
   p.vrows = P > 0 ? (P + p.grid - 1) / p.grid : p.units;
   p.chunk = kChunk;
-  Layouts ls = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32);
+  p.tiles = 1;
+  const auto layouts = [&](int64_t chunk, int64_t tiles) {
+    return layouts_for(gates, backward, elem, H, P, p.units, p.vrows, chunk, p.tf32, tiles);
+  };
+  Layouts ls = layouts(p.chunk, 1);
   // a narrower staged chunk (down to kMinChunk) where the slice leaves too little room for kChunk's
   while (ls.a.bytes + static_smem > m.smem_block && p.chunk > kMinChunk) {
     p.chunk /= 2;
-    ls = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32);
+    ls = layouts(p.chunk, 1);
   }
   p.smem = ls.a.bytes;
   const char* what = backward ? "backward" : "forward";
@@ -252,7 +273,7 @@ inline Plan plan_units(int gates, bool backward, int elem, int64_t H, int64_t P,
   int64_t per_sm = per_sm_for(p.smem);
   // a wider staged chunk where the grid still fits: fewer staging rounds (and barriers inside the CTA) a step
   for (int64_t chunk = kWideChunk; per_sm * m.sms >= p.grid && chunk > kChunk; chunk /= 2) {
-    const int64_t smem = layouts_for(gates, backward, elem, H, P, p.units, p.vrows, chunk, p.tf32).a.bytes;
+    const int64_t smem = layouts(chunk, 1).a.bytes;
     if (smem + static_smem <= m.smem_block && per_sm_for(smem) * m.sms >= p.grid) {
       p.chunk = chunk;
       p.smem = smem;
@@ -268,8 +289,28 @@ inline Plan plan_units(int gates, bool backward, int elem, int64_t H, int64_t P,
             " SMs)";
   }
   if (B > 0) {
-    p.step_ns = step_ns(layouts_for(gates, backward, elem, H, P, p.units, p.vrows, p.chunk, p.tf32), P > 0, p.grid,
-                        B, elem, kCosts);
+    p.step_ns = step_ns(layouts(p.chunk, 1), P > 0, p.grid, B, elem, kCosts);
+    for (int64_t tiles = 2; p.why.empty() && tiles <= min64(kMaxTiles, (B + kTileB - 1) / kTileB); ++tiles) {
+      for (int64_t chunk = kMinChunk; chunk <= kWideChunk; chunk *= 2) {
+        const Layouts l = layouts(chunk, tiles);
+        if (l.a.bytes + static_smem > m.smem_block || per_sm_for(l.a.bytes) * m.sms < p.grid) continue;
+        const double ns = step_ns(l, P > 0, p.grid, B, elem, kCosts);
+        if (ns < p.step_ns) {
+          p.tiles = tiles;
+          p.chunk = chunk;
+          p.smem = l.a.bytes;
+          p.per_sm = per_sm_for(l.a.bytes);
+          p.step_ns = ns;
+        }
+      }
+    }
+    if (max_tiles > 0 && p.tiles > max_tiles) {
+      p.tiles = max_tiles;
+      const Layouts l = layouts(p.chunk, p.tiles);
+      p.smem = l.a.bytes;
+      p.per_sm = per_sm_for(l.a.bytes);
+      p.step_ns = step_ns(l, P > 0, p.grid, B, elem, kCosts);
+    }
   }
   return p;
 }
@@ -283,14 +324,14 @@ inline Plan plan_units(int gates, bool backward, int elem, int64_t H, int64_t P,
 inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
                         int64_t static_smem, int64_t grid_req, bool tf32, int64_t B) {
   if (grid_req > 0) {
-    return plan_units(gates, backward, elem, H, P, m, regs, static_smem, (H + grid_req - 1) / grid_req, tf32, B);
+    return plan_units(gates, backward, elem, H, P, m, regs, static_smem, (H + grid_req - 1) / grid_req, tf32, B, 0);
   }
   Plan best = plan_units(gates, backward, elem, H, P, m, regs, static_smem, round_up((H + m.sms - 1) / m.sms, 4),
-                         tf32, B);
+                         tf32, B, 0);
   for (int64_t grid = best.grid - 1; B > 0 && best.why.empty() && grid >= 1; --grid) {
     const int64_t units = (H + grid - 1) / grid;
     if ((H + units - 1) / units != grid) continue;  // no units count gives this grid
-    const Plan p = plan_units(gates, backward, elem, H, P, m, regs, static_smem, units, tf32, B);
+    const Plan p = plan_units(gates, backward, elem, H, P, m, regs, static_smem, units, tf32, B, 0);
     if (!p.why.empty()) break;  // the slice no longer fits: nor will a larger one
     if (p.step_ns < best.step_ns) best = p;
   }
@@ -299,21 +340,26 @@ inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P
 
 // plan_layout's grid; tf32 (fp32 layers only) allows TF32 tensor cores, which the plan takes where their
 // layout (gate rows / columns padded to 8-row tiles in the products) can launch, else exact FMA as without it:
-// allowed, not required, like torch's flag for cuDNN. TF32's slice needs a little more than the exact one's
-// (rows 3 floats longer, for conflict-free fragment loads; the warps' K-split partial sums, splits x 16 x Np
-// floats instead of 16 x N), so just below the exact layout's own limit it still falls to exact FMA: on an
-// H200, fp32 LSTM forward at H 1137-1168 and backward at 1141-1180, GRU forward 1537-1552 and backward
-// 1521-1573 (a few proj_size cases near their limits too). Fewer K splits where shared memory is short (a
+// allowed, not required, like torch's flag for cuDNN. TF32's layout needs a little more than the exact one's
+// (the warps' K-split partial sums, splits x 16 x Np floats instead of 16 x N), so just below the exact layout's
+// own limit it still falls to exact FMA: on an H200, fp32 LSTM forward at H 1137-1152 (the exact limit; its rows
+// 16 bytes apart for 16-byte loads cost the 1153-1168 that rows 4 bytes apart fitted) and backward at
+// 1141-1180, GRU forward 1537-1552 and backward 1521-1573 (a few proj_size cases near their limits too). Fewer K splits where shared memory is short (a
 // Plan field the kernels' Layouts would take) would close most of that gap, but leave most warps idle in the
 // products (one of 8 busy at 12 columns with no split), perhaps slower than the FMA it replaces: not done
-// before GPU timings say which wins.
+// before GPU timings say which wins. max_tiles > 0: that plan with at most max_tiles batch tiles a round, its grid
+// and chunk kept.
 inline Plan plan(int gates, bool backward, int elem, int64_t H, int64_t P, const Machine& m, int64_t regs,
-                 int64_t static_smem, int64_t grid_req, bool tf32, int64_t B = 0) {
-  if (elem == 4 && tf32) {
-    Plan p = plan_layout(gates, backward, elem, H, P, m, regs, static_smem, grid_req, true, B);
-    if (p.why.empty()) return p;
+                 int64_t static_smem, int64_t grid_req, bool tf32, int64_t B = 0, int64_t max_tiles = 0) {
+  Plan p{};
+  if (elem == 4 && tf32) p = plan_layout(gates, backward, elem, H, P, m, regs, static_smem, grid_req, true, B);
+  if (!(elem == 4 && tf32) || !p.why.empty()) {
+    p = plan_layout(gates, backward, elem, H, P, m, regs, static_smem, grid_req, false, B);
   }
-  return plan_layout(gates, backward, elem, H, P, m, regs, static_smem, grid_req, false, B);
+  if (max_tiles > 0 && p.why.empty() && p.tiles > max_tiles) {
+    p = plan_units(gates, backward, elem, H, P, m, regs, static_smem, p.units, p.tf32, B, max_tiles);
+  }
+  return p;
 }
 
 // Everything a launch needs. Tensors are contiguous; T is the layer's dtype, state and gradients fp32.
@@ -321,6 +367,7 @@ struct Args {
   // P: the width of h (proj_size with a projection, else H); vrows: h's columns per CTA (units without one)
   int64_t T, B, H, P;
   int32_t gates, grid, units, chunk, vrows;  // gates: 4 LSTM, 3 GRU; units per CTA; K staged at once (Plan)
+  int32_t tiles;                             // batch tiles staged and multiplied at once (Plan)
   bool reverse, save;
   bool proj;          // LSTM with a projection: h_t = m_t W_hr^T
   bool tf32;          // fp32: TF32 products allowed in; the plan's choice (Plan::tf32) once planned
@@ -464,7 +511,8 @@ FUSENN_HD Vec16 load_fresh16(const void* p) {
 #endif
 }
 
-// Rows b0 .. b0 + kTileB of A (rows x K, T) from column c0 into the staging buffer, zero past the ends
+// Rows b0 .. b0 + n of A (rows x K, T; n: `tiles` batch tiles) from column c0 into the staging buffer, zero past
+// the ends
 // (TF32-rounded on the TF32 path): 16 bytes at a time when K allows (rows 16-byte aligned), each thread's loads
 // kStageLoads at a time before any of their stores, so that they wait out one L2 round trip together (a load
 // and its store in turn wait one each: the compiler keeps the GPU-scope loads in order with the stores between);
@@ -472,11 +520,12 @@ FUSENN_HD Vec16 load_fresh16(const void* p) {
 constexpr int kStageLoads = 8;
 
 template <class T>
-FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, const Layout& l, int tid, int nt) {
+FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, const Layout& l, int64_t tiles,
+                     int tid, int nt) {
   const int64_t width = min64(l.chunk, l.Kp - c0);  // a multiple of 16
   constexpr int64_t V = 16 / sizeof(T);
   if (l.K % V == 0) {
-    const int64_t vectors = width / V, total = kTileB * vectors;
+    const int64_t vectors = width / V, total = tiles * kTileB * vectors;
     for (int64_t first = tid; first < total; first += kStageLoads * static_cast<int64_t>(nt)) {
       Vec16 v[kStageLoads];
       int64_t at[kStageLoads];  // where each lands in the staging buffer (-1: past the tile)
@@ -492,7 +541,7 @@ FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, c
           if (gb < rows && gk < l.K) v[i] = load_fresh16(A + gb * l.K + gk);
           at[i] = b * l.lda + kv * V;
 #if !defined(__CUDA_ARCH__)
-          if (b == host_unstaged_row) at[i] = -1;
+          if (b % kTileB == host_unstaged_row) at[i] = -1;
 #endif
         }
       }
@@ -516,11 +565,11 @@ FUSENN_HD void stage(const T* A, int64_t rows, int64_t b0, int64_t c0, T* dst, c
     }
     return;
   }
-  for (int64_t idx = tid; idx < kTileB * width; idx += nt) {
+  for (int64_t idx = tid; idx < tiles * kTileB * width; idx += nt) {
     int64_t b, k;
     divmod(idx, width, &b, &k);
 #if !defined(__CUDA_ARCH__)
-    if (b == host_unstaged_row) continue;
+    if (b % kTileB == host_unstaged_row) continue;
 #endif
     const int64_t gb = b0 + b, gk = c0 + k;
     dst[b * l.lda + k] = (gb < rows && gk < l.K) ? mma_operand(load_fresh(A + gb * l.K + gk), l) : zero<T>();
@@ -660,97 +709,163 @@ struct Mma<float> : HostMma<float, 8> {};  // mma.sync m16n8k8, two per 16-wide 
 constexpr int kWarpSlots = kWarps;  // the host plays every warp in turn
 #endif
 
-// The tensor-core tile product: warp w takes item w = (16-column tile w % tiles of the Np rows, K-split
-// w / tiles: every splits-th 16-wide K block), 16 / kN MMAs per K block (TF32: the second 8 columns only where
-// Np has them); the splits' partial sums are added after. On the host thread tid of nt plays warps tid, tid + nt, ...
-template <class T>
+// The tensor-core product of a round of G batch tiles: warp w takes item w = (16-column tile w % cols of the Np
+// rows, K-split w / cols: every splits-th 16-wide K block), 16 / kN MMAs per K block and batch tile (TF32: the
+// second 8 columns only where Np has them), the weight fragments of a K block loaded once for all G tiles; the
+// splits' partial sums are added after. Each accumulator takes its K blocks in the same order whatever G is. On
+// the host thread tid of nt plays warps tid, tid + nt, ...
+template <int G, class T>
 FUSENN_HD void tile_product_mma(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
                                 int tid, int nt) {
   using M = Mma<T>;
   constexpr int kParts = 16 / M::kN;  // MMAs per 16-column item
-  const int tiles = static_cast<int>((l.Np + 15) / 16), splits = static_cast<int>(l.splits), items = tiles * splits;
+  const int cols = static_cast<int>((l.Np + 15) / 16), splits = static_cast<int>(l.splits), items = cols * splits;
+  const int64_t tile_acc = kTileB * l.Np, split_acc = l.tiles * tile_acc;  // partial sums: [split][tile][row][n]
 #if defined(__CUDA_ARCH__)
   const int first = tid / 32, stride = kWarps;
 #else
   const int first = tid, stride = nt;  // the host's threads play the warps (one thread: all of them)
 #endif
-  typename M::C c[kWarpSlots][kParts];
-  for (int slot = 0; slot < kWarpSlots; ++slot) for (int h = 0; h < kParts; ++h) M::zero(c[slot][h]);
+  typename M::C c[kWarpSlots][G][kParts];
+  for (int slot = 0; slot < kWarpSlots; ++slot) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int h = 0; h < kParts; ++h) M::zero(c[slot][g][h]);
+    }
+  }
   for (int64_t c0 = 0; c0 < l.Kp; c0 += l.chunk) {
     FUSENN_SYNC();  // the previous chunk's readers are done with the staging buffer
-    stage(A, rows, b0, c0, st, l, tid, nt);
+    stage(A, rows, b0, c0, st, l, G, tid, nt);
     FUSENN_SYNC();
     const int64_t width = min64(l.chunk, l.Kp - c0);
     for (int item = first, slot = 0; item < items; item += stride, ++slot) {
-      const int nt16 = item % tiles, ks = item / tiles;
-      const int parts = static_cast<int>(min64(kParts, (l.Np - nt16 * 16) / M::kN));  // the same in a warp
+      const int n16 = item % cols, ks = item / cols;
+      const int parts = static_cast<int>(min64(kParts, (l.Np - n16 * 16) / M::kN));  // the same in a warp
+      auto& cs = c[kWarpSlots == 1 ? 0 : slot];
       for (int64_t kk = ks * 16; kk < width; kk += splits * 16) {
-        typename M::A fa;
-        M::load_a(fa, st + kk, l.lda);
+        typename M::B fb[kParts];
+        typename M::A fa[G];
 #pragma unroll
         for (int h = 0; h < kParts; ++h) {
-          if (h >= parts) break;
-          typename M::B fb;
-          const int64_t n0 = nt16 * 16 + h * M::kN;
-          M::load_b(fb, w + n0 * l.ldw + c0 + kk, l.ldw, l.rows - n0);
-          M::mma(c[kWarpSlots == 1 ? 0 : slot][h], fa, fb);
+          const int64_t n0 = n16 * 16 + h * M::kN;
+          if (h < parts) M::load_b(fb[h], w + n0 * l.ldw + c0 + kk, l.ldw, l.rows - n0);
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) M::load_a(fa[g], st + g * kTileB * l.lda + kk, l.lda);
+#pragma unroll
+        for (int h = 0; h < kParts; ++h) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            if (h < parts) M::mma(cs[g][h], fa[g], fb[h]);
+          }
         }
       }
     }
   }
   for (int item = first, slot = 0; item < items; item += stride, ++slot) {
-    const int nt16 = item % tiles, ks = item / tiles;
-    const int parts = static_cast<int>(min64(kParts, (l.Np - nt16 * 16) / M::kN));
+    const int n16 = item % cols, ks = item / cols;
+    const int parts = static_cast<int>(min64(kParts, (l.Np - n16 * 16) / M::kN));
+    auto& cs = c[kWarpSlots == 1 ? 0 : slot];
 #pragma unroll
-    for (int h = 0; h < kParts; ++h) {
-      if (h >= parts) break;
-      M::store(acc + ks * kTileB * l.Np + nt16 * 16 + h * M::kN, c[kWarpSlots == 1 ? 0 : slot][h], l.Np);
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int h = 0; h < kParts; ++h) {
+        if (h < parts) M::store(acc + ks * split_acc + g * tile_acc + n16 * 16 + h * M::kN, cs[g][h], l.Np);
+      }
     }
   }
   FUSENN_SYNC();
   if (l.splits > 1) {
-    for (int64_t idx = tid; idx < kTileB * l.Np; idx += nt) {
+    for (int64_t idx = tid; idx < G * tile_acc; idx += nt) {
       float s = acc[idx];
-      for (int64_t p = 1; p < l.splits; ++p) s += acc[p * kTileB * l.Np + idx];
+      for (int64_t p = 1; p < l.splits; ++p) s += acc[p * split_acc + idx];
       acc[idx] = s;
     }
   }
   FUSENN_SYNC();
 }
 
-template <class T>
+// Four consecutive floats from shared memory, p 16-byte aligned: one 16-byte load on the GPU.
+FUSENN_HD void load4(const float* p, float v[4]) {
+#if defined(__CUDA_ARCH__)
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  v[0] = q.x;
+  v[1] = q.y;
+  v[2] = q.z;
+  v[3] = q.w;
+#else
+  for (int i = 0; i < 4; ++i) v[i] = p[i];
+#endif
+}
+
+// The exact fp32 product of a round of G batch tiles: thread tid takes (tile row r, column n) for idx = tid,
+// tid + nt, ... over kTileB x N (r = idx / N), each for all G tiles (rows r, r + kTileB, ...), so that one load of
+// w[n][k..k+3] serves them all (register blocking across batch rows; a warp's lanes mostly share r, so their loads
+// of the staged rows are broadcasts) and the G sums' FMAs interleave. Every sum runs in k order through fmaf: k in
+// fours from 16-byte loads, then the tail; the same bits whatever G and the chunks.
+template <int G, class T>
 FUSENN_HD void tile_product_fma(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
                                 int tid, int nt) {
+  static_assert(sizeof(T) == 4, "the FMA product is fp32's");
   for (int64_t c0 = 0; c0 < l.Kp; c0 += l.chunk) {
     FUSENN_SYNC();
-    stage(A, rows, b0, c0, st, l, tid, nt);
+    stage(A, rows, b0, c0, st, l, G, tid, nt);
     FUSENN_SYNC();
-    const int64_t width = min64(l.chunk, l.K - c0);
+    const int64_t width = min64(l.chunk, l.K - c0), fours = width / 4 * 4;
     for (int64_t idx = tid; idx < kTileB * l.N; idx += nt) {
-      int64_t b, n;
-      divmod(idx, l.N, &b, &n);
-      if (b0 + b >= rows) continue;
-      const T* ar = st + b * l.lda;
-      const T* wr = w + n * l.ldw + c0;
-      float s = c0 == 0 ? 0.0f : acc[b * l.Np + n];
-      for (int64_t k = 0; k < width; ++k) s = fmaf(to_float(ar[k]), to_float(wr[k]), s);
-      acc[b * l.Np + n] = s;
+      int64_t r, n;
+      divmod(idx, l.N, &r, &n);
+      const float* wr = w + n * l.ldw + c0;
+      const float* ar = st + r * l.lda;
+      float s[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        s[g] = (c0 > 0 && b0 + g * kTileB + r < rows) ? acc[(g * kTileB + r) * l.Np + n] : 0.0f;
+      }
+      for (int64_t k = 0; k < fours; k += 4) {
+        float wv[4], av[G][4];
+        load4(wr + k, wv);
+#pragma unroll
+        for (int g = 0; g < G; ++g) load4(ar + g * kTileB * l.lda + k, av[g]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) s[g] = fmaf(av[g][i], wv[i], s[g]);
+        }
+      }
+      for (int64_t k = fours; k < width; ++k) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[g] = fmaf(ar[g * kTileB * l.lda + k], wr[k], s[g]);
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        if (b0 + g * kTileB + r < rows) acc[(g * kTileB + r) * l.Np + n] = s[g];
+      }
     }
   }
   FUSENN_SYNC();
 }
 
-// acc[b][n] = sum_k A[b0 + b][k] w[n][k] for the batch tile at b0, fp32 accumulation: fp16/bf16 and TF32 on
-// the MMA path (tensor cores on the GPU), fp32 otherwise by exact FMA in k order.
-template <class T>
+// acc[b][n] = sum_k A[b0 + b][k] w[n][k] for the round's batch tiles from b0 (b < l.tiles x kTileB), fp32
+// accumulation: fp16/bf16 and TF32 on the MMA path (tensor cores on the GPU), fp32 otherwise by exact FMA in k order.
+// G (the round's batch tiles that hold rows, at most l.tiles) is a constant in the products, so that the tiles'
+// loads and MMAs / FMAs unroll without branches between them.
+template <class T, int G = 1>
 FUSENN_HD void tile_product(const T* A, int64_t rows, int64_t b0, const T* w, const Layout& l, T* st, float* acc,
                             int tid, int nt) {
+  if constexpr (G < kMaxTiles) {
+    if (l.tiles > G && rows - b0 > G * kTileB) {
+      tile_product<T, G + 1>(A, rows, b0, w, l, st, acc, tid, nt);
+      return;
+    }
+  }
   if constexpr (sizeof(T) == 2) {
-    tile_product_mma(A, rows, b0, w, l, st, acc, tid, nt);
+    tile_product_mma<G>(A, rows, b0, w, l, st, acc, tid, nt);
   } else if (l.mma) {
-    tile_product_mma(A, rows, b0, w, l, st, acc, tid, nt);
+    tile_product_mma<G>(A, rows, b0, w, l, st, acc, tid, nt);
   } else {
-    tile_product_fma(A, rows, b0, w, l, st, acc, tid, nt);
+    tile_product_fma<G>(A, rows, b0, w, l, st, acc, tid, nt);
   }
 }
 
@@ -773,9 +888,9 @@ FUSENN_HD void forward_step(const Args& a, int64_t cta, int64_t k, const T* w, T
   const void* gx = static_cast<const T*>(a.gx) + t * B * G * H;
   void* y = static_cast<T*>(a.y) + t * B * P;
   float* m = a.proj ? a.ms + (a.save ? t : 0) * B * H : nullptr;
-  for (int64_t b0 = 0; b0 < B; b0 += kTileB) {
+  for (int64_t b0 = 0; b0 < B; b0 += kTileB * l.tiles) {
     tile_product(op_in, B, b0, w, l, st, acc, tid, nt);
-    for (int64_t idx = tid; idx < kTileB * Uc; idx += nt) {
+    for (int64_t idx = tid; idx < kTileB * l.tiles * Uc; idx += nt) {
       int64_t bl, u;
       divmod(idx, Uc, &bl, &u);
       const int64_t b = b0 + bl, j = j0 + u;
@@ -806,9 +921,9 @@ FUSENN_HD void forward_project(const Args& a, int64_t cta, int64_t k, const T* w
   T* op_out = static_cast<T*>(a.op) + ((k + 1) % 2) * B * P;
   const Step s{t, a.T, B, a.lengths, a.rscale, a.zo};
   void* y = static_cast<T*>(a.y) + t * B * P;
-  for (int64_t b0 = 0; b0 < B; b0 += kTileB) {
+  for (int64_t b0 = 0; b0 < B; b0 += kTileB * l.tiles) {
     tile_product(static_cast<const T*>(a.m_op), B, b0, w, l, st, acc, tid, nt);
-    for (int64_t idx = tid; idx < kTileB * Vc; idx += nt) {
+    for (int64_t idx = tid; idx < kTileB * l.tiles * Vc; idx += nt) {
       int64_t bl, v;
       divmod(idx, Vc, &bl, &v);
       const int64_t b = b0 + bl;
@@ -829,9 +944,9 @@ FUSENN_HD void backward_recurrent(const Args& a, int64_t cta, int64_t k, const T
   const int64_t t = a.reverse ? k : a.T - 1 - k;
   const Step s{t, a.T, B, a.lengths, a.rscale, a.zo};
   const T* g = static_cast<const T*>(a.dg_op) + (k % 2) * B * G * H;
-  for (int64_t b0 = 0; b0 < B; b0 += kTileB) {
+  for (int64_t b0 = 0; b0 < B; b0 += kTileB * l.tiles) {
     tile_product(g, B, b0, w, l, st, acc, tid, nt);
-    for (int64_t idx = tid; idx < kTileB * Vc; idx += nt) {
+    for (int64_t idx = tid; idx < kTileB * l.tiles * Vc; idx += nt) {
       int64_t bl, v;
       divmod(idx, Vc, &bl, &v);
       const int64_t b = b0 + bl;
@@ -877,9 +992,9 @@ FUSENN_HD void backward_cells(const Args& a, int64_t cta, int64_t k, const T* w,
   const float* gh = a.ghs + t * B * G * H;
   void* g_op = static_cast<T*>(a.dg_op) + (k % 2) * B * G * H;
   if (a.proj) {
-    for (int64_t b0 = 0; b0 < B; b0 += kTileB) {
+    for (int64_t b0 = 0; b0 < B; b0 += kTileB * l.tiles) {
       tile_product(static_cast<const T*>(a.dhz_op), B, b0, w, l, st, acc, tid, nt);
-      for (int64_t idx = tid; idx < kTileB * Uc; idx += nt) {
+      for (int64_t idx = tid; idx < kTileB * l.tiles * Uc; idx += nt) {
         int64_t bl, u;
         divmod(idx, Uc, &bl, &u);
         if (b0 + bl < B) a.dm[(b0 + bl) * H + j0 + u] = acc[bl * l.Np + u];
@@ -905,10 +1020,12 @@ FUSENN_HD void backward_cells(const Args& a, int64_t cta, int64_t k, const T* w,
 }
 
 // The CUDA side (csrc/rnn_persist.cu), for the current device. launch_persist plans the grid for args
-// (units and grid filled in there; grid_req > 0 asks for that many CTAs), checks that it can be co-resident,
-// launches it cooperatively on `stream` and returns a cudaError_t value; a grid it cannot launch leaves a
-// reason in *why and launches nothing. persist_reason gives that reason alone (empty: it can launch).
-int launch_persist(const Args& args, Dtype dtype, bool backward, int64_t grid_req, Stream stream, std::string* why);
+// (units and grid filled in there; grid_req > 0 asks for that many CTAs, max_tiles > 0 at most that many batch
+// tiles a staging round), checks that it can be co-resident, launches it cooperatively on `stream` and returns a
+// cudaError_t value; a grid it cannot launch leaves a reason in *why and launches nothing. persist_reason gives
+// that reason alone (empty: it can launch).
+int launch_persist(const Args& args, Dtype dtype, bool backward, int64_t grid_req, int64_t max_tiles, Stream stream,
+                   std::string* why);
 std::string persist_reason(Dtype dtype, int gates, bool backward, int64_t H, int64_t P, int64_t grid_req);
 
 }  // namespace persist

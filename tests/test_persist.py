@@ -92,6 +92,8 @@ FORWARD_CASES = [
     _case(2, 3, 1000, "bf16"),
     _case(4, 3, 33, regs=True, lengths=[4, 2, 3]),
     _case(4, 3, 33, "bf16", reverse=True, regs=True),
+    _case(3, 40, 33, "bf16", reverse=True, regs=True, grid=5),  # 3 batch tiles a round, the last 8 rows: masks by row
+    _case(2, 80, 33, lengths=[2, 1] * 40, regs=True),  # rounds of 4 tiles and of 1
 ]
 
 
@@ -170,6 +172,8 @@ LAYER_CASES = [
     _layer_case(1, 1, 1000),
     _layer_case(2, 3, 300, "fp16"),  # backward stages K = 4H = 1200 in two chunks, the second partial
     _layer_case(2, 3, 1000, "bf16", reverse=True),
+    _layer_case(3, 40, 33, "bf16", lengths=[3, 1, 2, 3] * 10),  # batch tiles staged and multiplied 3 at a time
+    _layer_case(2, 80, 33, reverse=True),  # rounds of 4 tiles and of 1
 ]
 
 
@@ -259,6 +263,30 @@ def test_persist_grid_from_the_environment_reaches_the_launcher(persistent, monk
     monkeypatch.setenv("FUSENN_PERSIST_GRID", "five")
     with pytest.raises(ValueError, match="FUSENN_PERSIST_GRID must be a non-negative integer, got 'five'"):
         ops.lstm_layer(*inputs)
+
+
+def test_persist_tiles_from_the_environment_reach_the_ops(persistent, monkeypatch):
+    """FUSENN_PERSIST_TILES (the benchmarks' one-tile-a-round timing) reaches the persistent ops as their tiles
+    argument, forward and backward, and changes no bit; unset it is 0 (the plan's); malformed values raise."""
+    torch.manual_seed(6)
+    inputs = [x.requires_grad_() for x in _gru_inputs(2, 40, 33, True, torch.float32, "cpu")]
+    seen = []
+    for name in ("gru_persist_forward", "gru_persist_backward"):
+        real = getattr(torch.ops.fusenn_cuda, name)
+        monkeypatch.setattr(torch.ops.fusenn_cuda, name,
+                            lambda *a, _real=real, _name=name: seen.append((_name, a[-1])) or _real(*a))
+    results = {}
+    for tiles in ("", "1"):
+        monkeypatch.setenv("FUSENN_PERSIST_TILES", tiles) if tiles else monkeypatch.delenv("FUSENN_PERSIST_TILES",
+                                                                                               raising=False)
+        y, h = ops.gru_layer(*inputs)
+        results[tiles] = [y, h, *torch.autograd.grad((y.sum() + h.sum()), inputs)]
+    assert seen == [("gru_persist_forward", 0), ("gru_persist_backward", 0), ("gru_persist_forward", 1),
+                    ("gru_persist_backward", 1)]
+    assert _same_bits(results[""], results["1"])
+    monkeypatch.setenv("FUSENN_PERSIST_TILES", "-2")
+    with pytest.raises(ValueError, match="FUSENN_PERSIST_TILES must be a non-negative integer, got '-2'"):
+        ops.gru_layer(*inputs)
 
 
 def test_persist_ops_check_their_inputs(twin):
@@ -804,6 +832,8 @@ RACE_CASES = [
     _race_case("lstm", 3, 17, 129, P=64, dtype="tf32", lengths=[3, 1, 2] * 5 + [1, 3], regs=True),
     _race_case("lstm", 2, 3, 33, P=16, dtype="fp16", grid=33),  # most CTAs own none of h's columns
     _race_case("lstm", 3, 3, 129, P=40, dtype="bf16", reverse=True, regs=True),
+    _race_case("gru", 2, 40, 33, dtype="tf32", lengths=[2, 1] * 20, regs=True, grid=5),  # 3 batch tiles a round
+    _race_case("lstm", 2, 40, 33, P=17, dtype="bf16", reverse=True, grid=5),
 ]
 
 
@@ -819,19 +849,19 @@ def _race_inputs(case, device=torch.device("cpu")):
     return inputs, upstream, _regs(rd, zo, B, width, device)
 
 
-def _race_forward(twin, case, inputs, regs, save, grid=None):
+def _race_forward(twin, case, inputs, regs, save, grid=None, tiles=0):
     lens = torch.tensor(case["lengths"], device=inputs[0].device) if case["lengths"] else None
-    tail = (lens, case["reverse"], save, *regs, case["grid"] if grid is None else grid, case["tf32"])
+    tail = (lens, case["reverse"], save, *regs, case["grid"] if grid is None else grid, case["tf32"], tiles)
     if case["kind"] == "lstm":
         return list(twin.lstm_persist_forward(*inputs, *tail))
     return list(twin.gru_persist_forward(*inputs, *tail))
 
 
-def _race_backward(twin, case, inputs, upstream, regs, fwd, grid=None):
+def _race_backward(twin, case, inputs, upstream, regs, fwd, grid=None, tiles=0):
     lens = torch.tensor(case["lengths"], device=inputs[0].device) if case["lengths"] else None
     dy, dh, dc = upstream
     tail = (lens, case["reverse"])
-    end = (*regs, case["grid"] if grid is None else grid, case["tf32"])
+    end = (*regs, case["grid"] if grid is None else grid, case["tf32"], tiles)
     if case["kind"] == "lstm":
         gx, _, _, w_hh, w_hr = inputs
         return list(twin.lstm_persist_backward(dy, dh, dc, gx, w_hh, w_hr, *tail, fwd[3], fwd[4], *end))
@@ -868,6 +898,65 @@ def test_persist_emulated_grid_has_no_race(twin, monkeypatch, case):
         got = _race_results(twin, monkeypatch, case, mode)
         for direction in ("forward", "backward"):
             assert _same_bits(plain[direction], got[direction]), f"{direction} under {mode!r}"
+
+
+# Batch tiles a staging round (rnn_persist.cuh Plan::tiles): each weight operand read from shared memory serves up
+# to 4 tiles of 16 batch rows. Every product's sums keep their order whatever the round holds, so any number of
+# tiles gives the same bits as one; B = 80 takes rounds of 4 tiles and of 1, B = 40 one round of 3 whose last tile
+# holds 8 rows.
+TILE_CASES = [
+    _race_case("lstm", 3, 80, 33, reverse=True, lengths=[3, 1, 2, 3] * 20, grid=5),
+    _race_case("gru", 3, 40, 33, lengths=[3, 1, 2, 3] * 10, grid=5),
+    _race_case("lstm", 2, 40, 33, dtype="tf32", grid=5),
+    _race_case("gru", 2, 80, 33, dtype="tf32", reverse=True, lengths=[2, 1] * 40, grid=5),
+    _race_case("lstm", 2, 40, 129, dtype="bf16", reverse=True, lengths=[2, 1] * 20, grid=5),
+    _race_case("gru", 2, 80, 33, dtype="fp16", grid=5),
+    _race_case("lstm", 2, 40, 33, P=17, dtype="fp32", lengths=[2, 1] * 20, grid=5),
+    _race_case("lstm", 2, 80, 33, P=17, dtype="tf32", grid=5),
+    _race_case("lstm", 2, 40, 33, P=16, dtype="bf16", reverse=True, grid=5),
+]
+
+
+@pytest.mark.parametrize("case", TILE_CASES)
+def test_persist_batch_tiles_change_no_bit(twin, case):
+    """The op with the plan's batch tiles a round (more than one here, forward and backward), and with at most 2
+    or 3, gives bit for bit what one tile a round gives, on the same grid and staged chunk: outputs, states and
+    gradients (lengths and reverse included; the regularisers' masks, drawn by batch row, in the reference tests)."""
+    gates, elem = (4 if case["kind"] == "lstm" else 3), case["dtype"].itemsize
+    for backward in (False, True):
+        args = (gates, backward, elem, case["H"], case["grid"], H200, 0, 0, case["tf32"], case["P"], case["B"])
+        planned, capped = twin.persist_plan(*args), twin.persist_plan(*args, 1)
+        assert planned[7] == min(4, -(-case["B"] // 16)) and capped[7] == 1, (backward, planned, capped)
+        assert planned[:2] == capped[:2] and planned[5] == capped[5] == case["tf32"]
+        assert capped[2] < planned[2]  # one tile's staging and partial sums: less shared memory
+    inputs, upstream, regs = _race_inputs(case)
+    results = {}
+    for tiles in (1, 0, 2, 3):
+        fwd = _race_forward(twin, case, inputs, regs, True, tiles=tiles)
+        results[tiles] = fwd + _race_backward(twin, case, inputs, upstream, regs, fwd, tiles=tiles)
+        assert all(bool(torch.isfinite(x).all()) for x in results[tiles] if x.numel())
+    for tiles in (0, 2, 3):
+        assert _same_bits(results[1], results[tiles]), f"tiles={tiles}"
+    with pytest.raises(RuntimeError, match="tiles must be non-negative, got -1"):
+        _race_forward(twin, case, inputs, regs, True, tiles=-1)
+
+
+def test_persist_plan_takes_batch_tiles_where_the_batch_has_them(twin):
+    """Without the batch, or with one tile's worth, the plan stages one tile a round; with more, up to 4 where they
+    fit beside the slice (shared memory and co-residency as for one), the cost model's fewest nanoseconds; the cap
+    keeps the grid and chunk and lowers only the tiles (and the staging and partial sums' bytes)."""
+    for gates, backward, elem, H, tf32 in [(4, False, 2, 1024, False), (4, True, 2, 1024, False),
+                                           (3, True, 4, 1024, True), (4, False, 4, 512, False)]:
+        plan = lambda B, tiles=0: twin.persist_plan(gates, backward, elem, H, 0, H200, 0, 128, tf32, 0, B, tiles)  # noqa: E731
+        assert plan(0)[7] == plan(1)[7] == plan(16)[7] == 1
+        for B, most in [(17, 2), (48, 3), (64, 4), (256, 4)]:
+            p = plan(B)
+            assert p[4] == "" and 1 < p[7] <= most, (gates, backward, H, B, p)
+            assert p[2] + 128 <= H200[1] and p[3] * H200[0] >= p[0]
+            one = plan(B, 1)
+            assert one[7] == 1 and one[:2] == p[:2] and one[2] < p[2] and one[6] > p[6], (B, p, one)
+    with pytest.raises(RuntimeError, match="tiles .* must be non-negative"):
+        twin.persist_plan(4, True, 2, 512, 0, H200, 0, 0, False, 0, 64, -1)
 
 
 def _barriers(P, T, direction):
@@ -1070,7 +1159,7 @@ def test_persist_kernels_compile_for_sm90a_without_spills_and_fit_their_grid(twi
             for tag, tf32, B in [(tag, tf32, B) for tag in dtypes[elem] for tf32 in (False, True) for B in BATCHES]:
                 (name,) = [k for k in kernels if stem in k and tag in k]
                 info = kernels[name]
-                grid, units, smem, per_sm, why, took_tf32, _ = twin.persist_plan(
+                grid, units, smem, per_sm, why, took_tf32, _, _ = twin.persist_plan(
                     gates, direction == "backward", elem, H, 0, H200, info["regs"], info["smem"], tf32, 0, B)
                 assert why == "", f"{name} H{H} B{B}: {why}"
                 assert took_tf32 == (tf32 and (gates, elem, H) in TF32_FITS[direction]), f"{name} H{H} tf32 {tf32}"
@@ -1082,7 +1171,7 @@ def test_persist_kernels_compile_for_sm90a_without_spills_and_fit_their_grid(twi
             for tag, B in [(tag, B) for tag in dtypes[elem] for B in BATCHES]:
                 (name,) = [k for k in kernels if stem in k and tag in k]
                 info = kernels[name]
-                grid, units, smem, per_sm, why, _, _ = twin.persist_plan(
+                grid, units, smem, per_sm, why, _, _, _ = twin.persist_plan(
                     4, direction == "backward", elem, H, 0, H200, info["regs"], info["smem"], True, P, B)
                 assert why == "", f"{name} H{H} P{P} B{B}: {why}"
                 assert per_sm >= 1 and grid <= per_sm * H200[0] and smem + info["smem"] <= H200[1]
@@ -1272,6 +1361,20 @@ def test_persist_gpu_partition_does_not_change_a_bit(on_gpu, twin, case):
         results.append([x.cpu() for x in fwd + bwd])
     for grid, other in zip((5, 11, 0), results[1:]):
         assert _same_bits(results[0], other), f"grid {grid} against 2 CTAs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", TILE_CASES)
+def test_persist_gpu_batch_tiles_change_no_bit(on_gpu, twin, case):
+    """On the GPU as in the emulation: the plan's batch tiles a round (up to 4, their loads and MMAs / FMAs
+    interleaved) give bit for bit what one tile a round gives, forward and backward."""
+    inputs, upstream, regs = _race_inputs(case, on_gpu)
+    results = []
+    for tiles in (1, 0, 2):
+        fwd = _race_forward(twin, case, inputs, regs, True, tiles=tiles)
+        results.append([x.cpu() for x in fwd + _race_backward(twin, case, inputs, upstream, regs, fwd, tiles=tiles)])
+    for tiles, other in zip((0, 2), results[1:]):
+        assert _same_bits(results[0], other), f"tiles={tiles} against one tile a round"
 
 
 @pytest.mark.gpu

@@ -123,13 +123,23 @@ def _persist_grid() -> int:
     return int(value)
 
 
+def _persist_tiles() -> int:
+    """FUSENN_PERSIST_TILES=N: at most N batch tiles of 16 rows a staging round in the persistent kernels, the
+    plan's grid and chunk otherwise (what the tiles buy, for bench_rnn.py); unset or 0: the plan's."""
+    value = os.environ.get("FUSENN_PERSIST_TILES", "0")
+    if not value.isdigit():
+        raise ValueError(f"FUSENN_PERSIST_TILES must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def _cpp(impl: str, name: str):
     """The C++ op `name` of torch.ops.fusenn_cuda, or for impl "persistent" its persistent twin (the same
-    arguments, the grid the launcher plans (or _persist_grid's), and TF32 for fp32 products where torch allows
-    it for cuDNN's RNNs, read at each call as cuDNN's nn.LSTM and the Triton kernels do: _rnn_tf32)."""
+    arguments, the grid the launcher plans (or _persist_grid's), TF32 for fp32 products where torch allows it for
+    cuDNN's RNNs, read at each call as cuDNN's nn.LSTM and the Triton kernels do: _rnn_tf32, and the batch tiles a
+    round the plan takes, or at most _persist_tiles')."""
     if impl == "persistent":
         op = getattr(torch.ops.fusenn_cuda, name.replace("_", "_persist_", 1))
-        return lambda *args: op(*args, _persist_grid(), _rnn_tf32())
+        return lambda *args: op(*args, _persist_grid(), _rnn_tf32(), _persist_tiles())
     return getattr(torch.ops.fusenn_cuda, name)
 
 
