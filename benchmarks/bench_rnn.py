@@ -180,15 +180,17 @@ MMA_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 60e12
 GRID_SYNC_S = 2e-6
 
 
-def _planned_grid(gates, backward, e, H, B):
-    """The launcher's grid for an H200 at batch B (its cost model's choice, csrc/rnn_persist.cuh), or where
-    fusenn._C is not built, ceil(H / 132) units rounded up to a multiple of 4 per CTA."""
+def _plan(gates, backward, e, H, B):
+    """The launcher's plan for an H200 at batch B (csrc/rnn_persist.cuh, its cost model's choice): (grid, batch
+    tiles a staging round, modelled ns a step), or where fusenn._C is not built, ceil(H / 132) units rounded up to
+    a multiple of 4 per CTA's grid and nothing modelled."""
     try:
         import fusenn._C  # noqa: F401 - registers torch.ops.fusenn_cuda
-        return torch.ops.fusenn_cuda.persist_plan(gates, backward, e, H, 0, [], 0, 0, e == 4, 0, B)[0]
+        p = torch.ops.fusenn_cuda.persist_plan(gates, backward, e, H, 0, [], 0, 0, e == 4, 0, B)
+        return p[0], p[7], p[6]
     except (ImportError, AttributeError, RuntimeError):
         units = -(-(-(-H // 132)) // 4) * 4
-        return -(-H // units)
+        return -(-H // units), None, None
 
 
 def persist_bound(kind, T, B, H, dtype, train):
@@ -196,10 +198,13 @@ def persist_bound(kind, T, B, H, dtype, train):
     whole recurrent operand through L2 (the broadcast: h_{t-1}, B x H, forward; dgates, B x gates H, backward)
     besides its own gx, state and outputs; the gate products are 2 B gates H^2 FLOPs; one grid sync a step in
     forward and one in backward. The grids are the launcher's plan for an H200 at this batch. Backward adds the
-    gates' recomputation and the weight gradient, one GEMM each over T*B rows, counted at the MMA peak."""
+    gates' recomputation and the weight gradient, one GEMM each over T*B rows, counted at the MMA peak. Beside
+    it, model_ms: T steps at the plan's own modelled time a step (step_ns, its constants unmeasured: the first
+    GPU run shows how far it is off), without the GEMMs."""
     gates = 4 if kind == "LSTM" else 3
     e = torch.finfo(dtype).bits // 8
-    grid, grid_bwd = _planned_grid(gates, False, e, H, B), _planned_grid(gates, True, e, H, B) if train else 0
+    (grid, tiles, ns), (grid_bwd, tiles_bwd, ns_bwd) = (_plan(gates, False, e, H, B),
+                                                         _plan(gates, True, e, H, B) if train else (0, None, 0.0))
     state = 2 * 4 * B * H * (2 if gates == 4 else 1)  # fp32 h (and c) slots read and written
     own = B * H * 2 * e + B * gates * H * (e + 8) + state
     step_flops = 2 * B * gates * H * H
@@ -207,8 +212,12 @@ def persist_bound(kind, T, B, H, dtype, train):
     gemm_flops = (2 * 2 * T * B * gates * H * H) if train else 0
     seconds = sum(T * (max(b / L2_BYTES_PER_S, step_flops / MMA_FLOPS[dtype]) + GRID_SYNC_S) for b in passes)
     seconds += gemm_flops / MMA_FLOPS[dtype]
-    return {"grid": grid, "grid_backward": grid_bwd, "l2_bytes_per_step": [float(b) for b in passes],
-            "flops_per_step": float(step_flops), "grid_syncs": T * len(passes), "bound_ms": seconds * 1e3}
+    bound = {"grid": grid, "grid_backward": grid_bwd, "l2_bytes_per_step": [float(b) for b in passes],
+             "flops_per_step": float(step_flops), "grid_syncs": T * len(passes), "bound_ms": seconds * 1e3}
+    if ns is not None:
+        bound.update(tiles=tiles, tiles_backward=tiles_bwd if train else 0,
+                     model_ms=T * (ns + (ns_bwd if train else 0.0)) * 1e-6)
+    return bound
 
 
 def cases(quick):

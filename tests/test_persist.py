@@ -1127,6 +1127,23 @@ def test_persist_plan_takes_the_grid_of_the_fewest_modelled_nanoseconds(twin, ga
         assert chosen[6] == pytest.approx(times[chosen[0]]) and chosen[6] <= times[spread[0]]
 
 
+def test_persist_benchmark_bound_carries_the_plan(twin):
+    """Each RNN benchmark case's bound (benchmarks/bench_rnn.py) names the plan's grids and batch tiles for an H200
+    and its modelled time, T steps of step_ns forward (and backward when training), for the GPU run to set beside
+    the measured one."""
+    from benchmarks.bench_rnn import persist_bound
+
+    for kind, gates, dtype, elem, T, B, H, train in [("LSTM", 4, torch.bfloat16, 2, 100, 64, 512, True),
+                                                     ("GRU", 3, torch.float32, 4, 50, 1, 1024, False)]:
+        bound = persist_bound(kind, T, B, H, dtype, train)
+        fwd = twin.persist_plan(gates, False, elem, H, 0, H200, 0, 0, elem == 4, 0, B)
+        bwd = twin.persist_plan(gates, True, elem, H, 0, H200, 0, 0, elem == 4, 0, B)
+        assert (bound["grid"], bound["tiles"]) == (fwd[0], fwd[7])
+        assert (bound["grid_backward"], bound["tiles_backward"]) == ((bwd[0], bwd[7]) if train else (0, 0))
+        assert bound["model_ms"] == pytest.approx(T * (fwd[6] + (bwd[6] if train else 0)) * 1e-6)
+        assert bound["tiles"] == min(4, -(-B // 16)) and bound["model_ms"] > 0
+
+
 def test_persist_plan_narrows_the_backward_grid_where_the_broadcast_dominates(twin):
     """At batch 64 the backward's operand (dgates, B x 4H) staged by every CTA each step costs more on 128 CTAs than
     the products it spreads: the plan takes fewer (bf16, H 512: 2 x 128 x 64 x 2048 bytes through L2 a step at 128
