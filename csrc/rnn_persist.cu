@@ -1,6 +1,6 @@
 // The persistent LSTM / GRU kernels (csrc/rnn_persist.cuh) and their cooperative launcher. Each kernel loops
 // over the steps; between steps a grid-wide barrier on a global arrival counter (release by the arriving
-// CTA's fence, acquire by the waiting load), bounded in time: a barrier that cannot complete (CTAs not
+// CTA's red.release, acquire by the waiting ld.acquire), bounded in time: a barrier that cannot complete (CTAs not
 // co-resident) sets the error flag and every CTA leaves; a one-thread kernel queued behind it then raises a
 // device-side assert with the reason, so the launch fails loudly (the host's next CUDA call raises, as for
 // torch's own device asserts) instead of leaving stale numbers, and the host never waits for the kernel: the
@@ -32,6 +32,13 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
+// The arrival: the CTA's writes before it (ordered before thread 0's by the __syncthreads ahead) released at GPU
+// scope with the add itself, which returns nothing: MEMBAR.ALL.GPU and REDG in SASS, where __threadfence and
+// atomicAdd take a sequentially consistent MEMBAR.SC.GPU and wait for the old value.
+__device__ __forceinline__ void add_release(unsigned* p, unsigned v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 __device__ __forceinline__ unsigned long long now_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -40,13 +47,14 @@ __device__ __forceinline__ unsigned long long now_ns() {
 
 // Every CTA has arrived `target` times in all (target = barriers passed x grid, modulo 2^32: see arrived()). False,
 // in every thread of the CTA, when the barrier timed out here or another CTA reported a failure: the caller leaves
-// the kernel.
+// the kernel. The load that sees every arrival acquires the other CTAs' released writes, and the __syncthreads
+// after it passes them on to the CTA's threads (causality order is transitive), as for libcu++'s device-scope
+// barriers: no fence on the way out.
 __device__ __forceinline__ bool grid_barrier(const Args& a, unsigned target) {
   __shared__ int failed;
   __syncthreads();  // the CTA's writes of this step are done
   if (threadIdx.x == 0) {
-    __threadfence();  // release them at GPU scope before arriving
-    atomicAdd(a.barrier, 1u);
+    add_release(a.barrier, 1u);
     int bad = 0;
     const unsigned long long start = now_ns();
     while (!arrived(load_acquire(a.barrier), target)) {
@@ -61,7 +69,6 @@ __device__ __forceinline__ bool grid_barrier(const Args& a, unsigned target) {
       }
       __nanosleep(32);
     }
-    __threadfence();
     failed = bad;
   }
   __syncthreads();

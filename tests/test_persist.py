@@ -1074,30 +1074,47 @@ def _cuobjdump():
     return path if os.path.exists(path) else None
 
 
-def test_persist_staging_keeps_its_loads_in_flight_together(tmp_path):
-    """In SASS (sm_90a) every staging loop of the persistent kernels issues its 16-byte loads of h_{t-1} / dgates
-    eight at a time before their shared-memory stores (csrc/rnn_persist.cuh stage, kStageLoads), so a staging
-    round waits out one L2 round trip, not one a load: runs of LDG.E.128 between STS.128s, each at least 8 long
-    (a load stored before the next is issued makes runs of 1)."""
+@pytest.fixture(scope="module")
+def persist_sass(tmp_path_factory):
+    """The SASS (sm_90a) of the persistent forward and backward kernels, by kernel name."""
     nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
     dump = _cuobjdump()
     if nvcc is None or dump is None:
         pytest.skip("nvcc or cuobjdump is not installed")
-    obj = tmp_path / "rnn_persist.o"
+    obj = tmp_path_factory.mktemp("sass") / "rnn_persist.o"
     run = subprocess.run([nvcc, "-std=c++17", "-O3", "-arch=sm_90a", f"-I{CSRC}", "-c",
                           os.path.join(CSRC, "rnn_persist.cu"), "-o", str(obj)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     sass = subprocess.run([dump, "-sass", str(obj)], capture_output=True, text=True)
     assert sass.returncode == 0, sass.stderr[-2000:]
     kernels = re.split(r"Function : (\S+)", sass.stdout)[1:]
-    runs = {}
-    for name, body in zip(kernels[::2], kernels[1::2]):
-        if "persist_forward_kernel" in name or "persist_backward_kernel" in name:
-            ops_ = re.findall(r"LDG\.E\.128|STS\.128", body)
-            runs[name] = [len(m.group(0).split()) for m in re.finditer(r"(LDG\.E\.128 ?)+", " ".join(ops_))]
-    assert len(runs) == 6, list(runs)
-    for name, lengths in runs.items():
+    found = {name: body for name, body in zip(kernels[::2], kernels[1::2])
+             if "persist_forward_kernel" in name or "persist_backward_kernel" in name}
+    assert len(found) == 6, list(found)
+    return found
+
+
+def test_persist_staging_keeps_its_loads_in_flight_together(persist_sass):
+    """In SASS (sm_90a) every staging loop of the persistent kernels issues its 16-byte loads of h_{t-1} / dgates
+    eight at a time before their shared-memory stores (csrc/rnn_persist.cuh stage, kStageLoads), so a staging
+    round waits out one L2 round trip, not one a load: runs of LDG.E.128 between STS.128s, each at least 8 long
+    (a load stored before the next is issued makes runs of 1)."""
+    for name, body in persist_sass.items():
+        ops_ = re.findall(r"LDG\.E\.128|STS\.128", body)
+        lengths = [len(m.group(0).split()) for m in re.finditer(r"(LDG\.E\.128 ?)+", " ".join(ops_))]
         assert lengths and min(lengths) >= 8, f"{name}: runs of 16-byte loads {lengths}"
+
+
+def test_persist_grid_barrier_takes_no_sequentially_consistent_fence(persist_sass):
+    """Each grid barrier (csrc/rnn_persist.cu grid_barrier) arrives with one release reduction (MEMBAR.ALL.GPU, then
+    REDG: no return value to wait for) and leaves on the acquiring load: no MEMBAR.SC.GPU, which a __threadfence
+    would add on each side of every step's barrier, on the critical path of the step."""
+    for name, body in persist_sass.items():
+        assert not re.search(r"MEMBAR\.SC", body), name
+        reds, fences = len(re.findall(r"REDG\.E\.ADD\.STRONG\.GPU", body)), len(re.findall(r"MEMBAR\.ALL\.GPU", body))
+        assert reds >= 1 and reds == fences, (name, reds, fences)
+        assert not re.search(r"ATOMG\.E\.ADD", body), name  # the arrival waits for no old value
+        assert re.search(r"LDG\.E\.STRONG\.GPU", body), name  # ld.acquire.gpu
 
 
 # (kind, dtype bytes, H) that must launch on an H200, forward and backward; every fp32 one must take TF32 where
