@@ -451,7 +451,7 @@ def _cuda_records() -> list[dict]:
     if not nvcc or not os.path.isdir(csrc):
         return [{"family": "cuda", "kernel": "-", "case": "-", "error": "no nvcc found: CUDA sources not compiled"}]
     sources = sorted(f for f in os.listdir(csrc) if f.endswith(".cu"))
-    digest = hashlib.sha256(subprocess.run([nvcc, "--version"], capture_output=True).stdout)
+    digest = hashlib.sha256(b"records v2\0" + subprocess.run([nvcc, "--version"], capture_output=True).stdout)
     for name in sorted(os.listdir(csrc)):
         with open(os.path.join(csrc, name), "rb") as f:
             digest.update(name.encode() + f.read())
@@ -473,6 +473,8 @@ def _cuda_records() -> list[dict]:
         for fn, body in re.findall(r"Compiling entry function '(\S+)' for 'sm_90a'\n(.*?)(?=Compiling entry|\Z)",
                                    out.stderr, re.S):
             info = {**_ptxas_info(body), **_sass_info(sass_by_fn.get(fn, ""))}
+            # the kernel's code (its last instruction's offset, plus one): what the instruction caches must hold
+            offsets = [int(x, 16) for x in re.findall(r"/\*([0-9a-f]{4,})\*/", sass_by_fn.get(fn, ""))]
             warps = CUDA_BLOCK_THREADS // 32
             blocks, occ = occupancy(info["registers"], info["static_smem"], warps)
             records.append({
@@ -482,7 +484,8 @@ def _cuda_records() -> list[dict]:
                 "shared_bytes": info["static_smem"], "programs_per_sm": blocks, "occupancy": occ,
                 "mma": mma_kind(info["sass_counts"], []), "mma_shapes": info["mma_shapes"],
                 "cp_async": info["sass_counts"]["LDGSTS"] > 0, "tma": info["sass_counts"]["TMA"] > 0, "dots": [],
-                "replication": 1, "sass_counts": info["sass_counts"], "grid": None, "programs": None,
+                "replication": 1, "sass_counts": info["sass_counts"], "sass_bytes": max(offsets, default=-16) + 16,
+                "grid": None, "programs": None,
                 "sms_covered": None, "waves": None})
     with open(path, "w") as f:
         json.dump(records, f)
