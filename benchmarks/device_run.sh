@@ -38,7 +38,7 @@ python3 -m fusenn.info | tee -a "$OUT/build.log"
 TIMEOUT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120 --timeout-method=thread")
 bounded 240 python3 -m pytest -q -p no:cacheprovider $TIMEOUT tests/test_persist.py -m gpu 2>&1 \
   | tee "$OUT/persist.log" | tail -n 30
-# The persistent kernels alone (kns=persist) under compute-sanitizer, on the small cases (T3 B3 H33: exact fp32,
+# The persistent kernels alone (kns=persist) under compute-sanitizer, on the small cases (T3 B3 and B40 H33: exact fp32,
 # TF32 mma.sync, bf16 wmma, proj_size); no caching allocator, so an access past a tensor is outside every
 # allocation; a barrier that cannot complete under the tool fails in 60 s, not 10 minutes.
 if command -v compute-sanitizer >/dev/null; then

@@ -1257,13 +1257,14 @@ def test_persist_gpu_matches_reference_with_gradients(on_gpu, kind, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", ["fp32", "tf32", "bf16"])
-def test_persist_gpu_small(on_gpu, monkeypatch, kind, dtype):
+@pytest.mark.parametrize("B", [3, 40])
+def test_persist_gpu_small(on_gpu, monkeypatch, kind, dtype, B):
     """Small shapes with everything on (lengths, reverse, both regularisers): what benchmarks/device_run.sh
     also runs under compute-sanitizer's memcheck, racecheck and synccheck ("tf32": fp32 under allow_tf32, the
-    mma.sync path with its unpadded slices)."""
-    torch.manual_seed(5)
-    T, B, H = 3, 3, 33
-    kw = dict(lengths=torch.tensor([3, 1, 2]), reverse=True, recurrent_dropout=(0.3, 3), zoneout=(0.2, 4))
+    mma.sync path with its unpadded slices; B 40: three batch tiles a staging round, the last of 8 rows)."""
+    torch.manual_seed(5 + B)
+    T, H = 3, 33
+    kw = dict(lengths=torch.tensor(([3, 1, 2] * B)[:B]), reverse=True, recurrent_dropout=(0.3, 3), zoneout=(0.2, 4))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", dtype == "tf32")
     check = _check_layer_tf32 if dtype == "tf32" else _check_layer
     dt = torch.float32 if dtype == "tf32" else DTYPES[dtype]
