@@ -91,19 +91,21 @@ FUSENN_HD void emit_h(const Step& s, int64_t W, int64_t b, int64_t k, float h_ne
   if (op != nullptr) store<T>(op, i, s.rscale ? h * s.rscale[i] : h);
 }
 
-// Activated LSTM gates i, f, g, o of element (b, j): gx_t + gh, gh = h_{t-1} [* r/(1-p)] W_hh^T in fp32.
+// Activated LSTM gates i, f, g, o of element (b, j): gx_t + gh, gh = h_{t-1} [* r/(1-p)] W_hh^T in fp32; gh points
+// at the element's first gate product, the others ld apart (H in a (B, 4H) buffer; the persistent kernels pass
+// their shared-memory sums).
 template <class T>
-FUSENN_HD void lstm_gates(const void* gx, const float* gh, int64_t H, int64_t b, int64_t j, float* i, float* f,
-                          float* g, float* o, bool activated) {
+FUSENN_HD void lstm_gates(const void* gx, const float* gh, int64_t ld, int64_t H, int64_t b, int64_t j, float* i,
+                          float* f, float* g, float* o, bool activated) {
   const int64_t row = b * 4 * H + j;
   if (activated) {
-    *i = gh[row], *f = gh[row + H], *g = gh[row + 2 * H], *o = gh[row + 3 * H];
+    *i = gh[0], *f = gh[ld], *g = gh[2 * ld], *o = gh[3 * ld];
     return;
   }
-  *i = sigmoid(load<T>(gx, row) + gh[row]);
-  *f = sigmoid(load<T>(gx, row + H) + gh[row + H]);
-  *g = tanhf(load<T>(gx, row + 2 * H) + gh[row + 2 * H]);
-  *o = sigmoid(load<T>(gx, row + 3 * H) + gh[row + 3 * H]);
+  *i = sigmoid(load<T>(gx, row) + gh[0]);
+  *f = sigmoid(load<T>(gx, row + H) + gh[ld]);
+  *g = tanhf(load<T>(gx, row + 2 * H) + gh[2 * ld]);
+  *o = sigmoid(load<T>(gx, row + 3 * H) + gh[3 * ld]);
 }
 
 // The LSTM's new cell state before zoneout (from the activated gates), and the GRU's candidate's
@@ -129,11 +131,12 @@ struct LstmCell {
   const float* tc = nullptr;  // (B, H): tanh of the new c before zoneout, precomputed (CPU), or null
 };
 
+// gh: element (b, j)'s first gate product, the others ld apart (a.gh's, or the persistent kernels' sums).
 template <class T>
-FUSENN_HD void run_at(const LstmCell& a, int64_t b, int64_t j) {
+FUSENN_HD void run_at(const LstmCell& a, int64_t b, int64_t j, const float* gh, int64_t ld) {
   const int64_t idx = b * a.H + j;
   float i, f, g, o;
-  lstm_gates<T>(a.gx, a.gh, a.H, b, j, &i, &f, &g, &o, a.s.activated);
+  lstm_gates<T>(a.gx, gh, ld, a.H, b, j, &i, &f, &g, &o, a.s.activated);
   const float c_prev = a.c_in[idx];
   float c = lstm_c_new(i, f, g, c_prev);
   const float m = o * (a.tc != nullptr ? a.tc[idx] : tanhf(c));  // from the new c, before zoneout
@@ -148,6 +151,11 @@ FUSENN_HD void run_at(const LstmCell& a, int64_t b, int64_t j) {
   } else {
     emit_h<T>(a.s, a.P, b, j, m, a.h_in, a.h_out, a.y, a.op);
   }
+}
+
+template <class T>
+FUSENN_HD void run_at(const LstmCell& a, int64_t b, int64_t j) {
+  run_at<T>(a, b, j, a.gh + b * 4 * a.H + j, a.H);
 }
 
 template <class T>
@@ -227,7 +235,7 @@ template <class T>
 FUSENN_HD void run_at(const LstmCellBackward& a, int64_t b, int64_t j) {
   const int64_t idx = b * a.H + j, H = a.H;
   float i, f, g, o;
-  lstm_gates<T>(a.gx, a.gh, H, b, j, &i, &f, &g, &o, a.s.activated);
+  lstm_gates<T>(a.gx, a.gh + b * 4 * H + j, H, H, b, j, &i, &f, &g, &o, a.s.activated);
   const float c_prev = a.c_in[idx], dc_next = a.dc[idx], dm = a.dm[idx];
   float tc, dc, dc_pass = 0.0f;
   if (a.s.zo.mode) {  // c_t = u c_new + (1 - u) c_{t-1}: the saved c_t is not c_new
@@ -275,18 +283,19 @@ FUSENN_HD void run(const AddRecurrent& a, int64_t idx) {
   run_at<T>(a, idx / a.W, idx % a.W);
 }
 
-// r, z, n and gh_n = h_{t-1} W_hn^T + b_hn of GRU element (b, j).
+// r, z, n and gh_n = h_{t-1} W_hn^T + b_hn of GRU element (b, j); gh points at its first gate product, the others
+// ld apart (as for lstm_gates).
 template <class T>
-FUSENN_HD void gru_gates(const void* gx, const float* gh, const void* b_hh, int64_t H, int64_t b, int64_t j, float* r,
-                         float* z, float* n, float* gh_n, bool activated) {
+FUSENN_HD void gru_gates(const void* gx, const float* gh, int64_t ld, const void* b_hh, int64_t H, int64_t b, int64_t j,
+                         float* r, float* z, float* n, float* gh_n, bool activated) {
   const int64_t row = b * 3 * H + j;
-  *gh_n = gh[row + 2 * H] + (b_hh ? load<T>(b_hh, 2 * H + j) : 0.0f);
+  *gh_n = gh[2 * ld] + (b_hh ? load<T>(b_hh, 2 * H + j) : 0.0f);
   if (activated) {
-    *r = gh[row], *z = gh[row + H];
+    *r = gh[0], *z = gh[ld];
   } else {
     const float br = b_hh ? load<T>(b_hh, j) : 0.0f, bz = b_hh ? load<T>(b_hh, H + j) : 0.0f;
-    *r = sigmoid(load<T>(gx, row) + gh[row] + br);
-    *z = sigmoid(load<T>(gx, row + H) + gh[row + H] + bz);
+    *r = sigmoid(load<T>(gx, row) + gh[0] + br);
+    *z = sigmoid(load<T>(gx, row + H) + gh[ld] + bz);
   }
   *n = tanhf(gru_n_pre(load<T>(gx, row + 2 * H), *r, *gh_n));
 }
@@ -305,12 +314,17 @@ struct GruCell {
 };
 
 template <class T>
-FUSENN_HD void run_at(const GruCell& a, int64_t b, int64_t j) {
+FUSENN_HD void run_at(const GruCell& a, int64_t b, int64_t j, const float* gh, int64_t ld) {
   const int64_t idx = b * a.H + j;
   float r, z, n, gh_n;
-  gru_gates<T>(a.gx, a.gh, a.b_hh, a.H, b, j, &r, &z, &n, &gh_n, a.s.activated);
+  gru_gates<T>(a.gx, gh, ld, a.b_hh, a.H, b, j, &r, &z, &n, &gh_n, a.s.activated);
   const float h_prev = a.h_in[idx];
   emit_h<T>(a.s, a.H, b, j, (1.0f - z) * n + z * h_prev, a.h_in, a.h_out, a.y, a.op);
+}
+
+template <class T>
+FUSENN_HD void run_at(const GruCell& a, int64_t b, int64_t j) {
+  run_at<T>(a, b, j, a.gh + b * 3 * a.H + j, a.H);
 }
 
 template <class T>
@@ -339,7 +353,7 @@ template <class T>
 FUSENN_HD void run_at(const GruCellBackward& a, int64_t b, int64_t j) {
   const int64_t idx = b * a.H + j, H = a.H;
   float r, z, n, gh_n;
-  gru_gates<T>(a.gx, a.gh, a.b_hh, H, b, j, &r, &z, &n, &gh_n, a.s.activated);
+  gru_gates<T>(a.gx, a.gh + b * 3 * H + j, H, a.b_hh, H, b, j, &r, &z, &n, &gh_n, a.s.activated);
   const bool valid = has_step(a.s, b);
   const float dh_in = a.dh[idx] + (valid ? load<T>(a.dy, idx) : 0.0f);  // reaching h_t
   const float u = a.s.zo.mode ? zoneout_u(a.s.zo, static_cast<uint64_t>((a.s.t * a.s.B + b) * H + j)) : 1.0f;

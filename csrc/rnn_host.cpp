@@ -1005,7 +1005,6 @@ std::vector<EmulatedGrid::Buffer> written_buffers(const persist::Args& a, bool b
     add("cs", a.cs, slots * B * H, 4);
     add("y", a.y, T * B * P, elem);
     add("op", a.op, 2 * B * P, elem);
-    add("gh", a.gh, B * G * H, 4, true);
     add("ms", a.ms, (a.save ? T : 1) * B * H, 4);
     add("m_op", a.m_op, B * H, elem);
   } else {
@@ -1144,7 +1143,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_persist_forward(
   if (T > 0 && B > 0) {
     Tensor op_h = at::zeros({2, B, P}, gx.options());
     op_h[0].copy_(rscale ? hs[first] * *rscale : hs[first]);
-    Tensor gh = at::empty({B, 4 * H}, gx.options().dtype(at::kFloat));
     Tensor m_op = proj ? at::zeros({B, H}, gx.options()) : Tensor();
     persist::Args a = persist_args(4, gx, w_hh, std::nullopt, lengths, reverse, save, regs);
     a.proj = proj;
@@ -1153,7 +1151,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_persist_forward(
     a.cs = cs.data_ptr<float>();
     a.y = y.data_ptr();
     a.op = op_h.data_ptr();
-    a.gh = gh.data_ptr<float>();
     a.ms = proj ? ms.data_ptr<float>() : nullptr;
     a.m_op = proj ? m_op.data_ptr() : nullptr;
     run_persist(a, gx, false, grid, tf32, tiles, stream, op);
@@ -1235,12 +1232,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_persist_forward(const Tensor& gx, const T
   if (T > 0 && B > 0) {
     Tensor op_h = at::zeros({2, B, H}, gx.options());
     op_h[0].copy_(rscale ? hs[first] * *rscale : hs[first]);
-    Tensor gh = at::empty({B, 3 * H}, gx.options().dtype(at::kFloat));
     persist::Args a = persist_args(3, gx, w_hh, b_hh, lengths, reverse, save, regs);
     a.hs = hs.data_ptr<float>();
     a.y = y.data_ptr();
     a.op = op_h.data_ptr();
-    a.gh = gh.data_ptr<float>();
     run_persist(a, gx, false, grid, tf32, tiles, stream, op);
   }
   const int64_t last = save ? (reverse ? 0 : T) : T % 2;

@@ -383,7 +383,6 @@ struct Args {
   float* cs;  // LSTM cell slots (T + 1 or 2, B, H), likewise
   void* y;    // (T, B, P) T
   void* op;   // (2, B, P) T: the recurrent product's operand, [0] holds h0 (times r/(1-p))
-  float* gh;  // (B, gates H) fp32: this step's gate products
   float* ms;  // projection: (T or 1, B, H) fp32, m_t = o tanh(c_t) of every step when saving
   void* m_op;  // projection: (B, H) T, m_t as the operand of m_t W_hr^T
   // backward
@@ -895,14 +894,14 @@ FUSENN_HD void forward_step(const Args& a, int64_t cta, int64_t k, const T* w, T
       divmod(idx, Uc, &bl, &u);
       const int64_t b = b0 + bl, j = j0 + u;
       if (b >= B) continue;
-      for (int64_t q = 0; q < G; ++q) a.gh[b * G * H + q * H + j] = acc[bl * l.Np + q * U + u];
+      const float* gh = acc + bl * l.Np + u;  // the gate products, U apart: read where the products left them
       if (G == 4) {
-        const LstmCell cell{s,        H,       P,  gx, a.gh, a.cs + before * B * H, a.cs + after * B * H,
+        const LstmCell cell{s,        H,       P,  gx, nullptr, a.cs + before * B * H, a.cs + after * B * H,
                             a.hs + before * B * P, a.hs + after * B * P, y, op_out, m, a.m_op};
-        run_at<T>(cell, b, j);
+        run_at<T>(cell, b, j, gh, U);
       } else {
-        const GruCell cell{s, H, gx, a.gh, a.b_hh, a.hs + before * B * H, a.hs + after * B * H, y, op_out};
-        run_at<T>(cell, b, j);
+        const GruCell cell{s, H, gx, nullptr, a.b_hh, a.hs + before * B * H, a.hs + after * B * H, y, op_out};
+        run_at<T>(cell, b, j, gh, U);
       }
     }
   }
