@@ -75,6 +75,48 @@ __device__ __forceinline__ bool grid_barrier(const Args& a, unsigned target) {
   return failed == 0;
 }
 
+// Step inputs fetched into L2 ahead of their step, while the CTA waits at the barrier before it: its rows of `rows`
+// rows `ld` bytes apart from `base`, `width` bytes each (every 128-byte line of them), one row a thread. The cells
+// read them after the step's products, on the step's critical path: from L2, not from HBM (where the input GEMM's
+// output and the saved states have gone by then). No L1 prefetch: the barrier's acquire invalidates L1.
+__device__ __forceinline__ void prefetch_rows(const void* base, int64_t rows, int64_t ld, int64_t width, int tid) {
+#pragma unroll 1
+  for (int64_t r = tid; r < rows; r += kThreads) {
+    const char* p = static_cast<const char*>(base) + r * ld;
+    const char* end = p + width;
+#pragma unroll 1
+    for (const char* line = p - (reinterpret_cast<uintptr_t>(p) & 127); line < end; line += 128) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+    }
+  }
+}
+
+// What the forward's cells of the k-th step processed read from memory that no step writes: gx_t's gate columns of
+// the CTA's units (rows (b, q) H apart).
+template <class T>
+__device__ __forceinline__ void prefetch_forward(const Args& a, int64_t cta, int64_t k, int tid) {
+  const int64_t t = a.reverse ? a.T - 1 - k : k, j0 = cta * a.units, e = sizeof(T);
+  prefetch_rows(static_cast<const T*>(a.gx) + t * a.B * a.gates * a.H + j0, a.B * a.gates, a.H * e,
+                units_of(a, cta) * e, tid);
+}
+
+// Likewise the backward's: gx_t and gh_t (h_{t-1} W_hh^T) for the CTA's units, the saved cell states around step t
+// (LSTM), and dy_t's columns of those units (without a projection, where they are h's columns).
+template <class T>
+__device__ __forceinline__ void prefetch_backward(const Args& a, int64_t cta, int64_t k, int tid) {
+  const int64_t t = a.reverse ? k : a.T - 1 - k, j0 = cta * a.units, e = sizeof(T), B = a.B, G = a.gates, H = a.H;
+  const int64_t width = units_of(a, cta);
+  prefetch_rows(static_cast<const T*>(a.gx) + t * B * G * H + j0, B * G, H * e, width * e, tid);
+  prefetch_rows(a.ghs + t * B * G * H + j0, B * G, H * 4, width * 4, tid);
+  if (G == 4) {
+    int64_t before, after;
+    slots(t, k, a.reverse, true, &before, &after);
+    prefetch_rows(a.cs + before * B * H + j0, B, H * 4, width * 4, tid);
+    prefetch_rows(a.cs + after * B * H + j0, B, H * 4, width * 4, tid);
+  }
+  if (!a.proj) prefetch_rows(static_cast<const T*>(a.dy) + t * B * a.P + j0, B, a.P * e, width * e, tid);
+}
+
 // A CTA's shared memory as the plan lays it out (Layouts): its weight slices (kept for the whole sequence; the
 // second only with a projection), the staged operand, the fp32 accumulators; the slices are loaded here,
 // before the first step.
@@ -102,12 +144,14 @@ __device__ __forceinline__ Slice<T> load_slice(unsigned char* smem, const Args& 
 template <class T>
 __global__ void __launch_bounds__(kThreads, 1) persist_forward_kernel(const Args a, const Layout l, const Layout l2) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const auto [w, w2, st, acc] = load_slice<T>(smem, a, false, l, l2);
   const int64_t cta = blockIdx.x;
   const int tid = static_cast<int>(threadIdx.x);
+  if (a.T > 0) prefetch_forward<T>(a, cta, 0, tid);
+  const auto [w, w2, st, acc] = load_slice<T>(smem, a, false, l, l2);
   unsigned barriers = 0;
   for (int64_t k = 0; k < a.T; ++k) {
     forward_step<T>(a, cta, k, w, st, acc, l, tid, kThreads);
+    if (k + 1 < a.T) prefetch_forward<T>(a, cta, k + 1, tid);
     if (a.proj) {
       if (!grid_barrier(a, ++barriers * gridDim.x)) return;
       forward_project<T>(a, cta, k, w2, st, acc, l2, tid, kThreads);
@@ -121,11 +165,13 @@ __global__ void __launch_bounds__(kThreads, 1) persist_forward_kernel(const Args
 template <class T>
 __global__ void __launch_bounds__(kThreads, 1) persist_backward_kernel(const Args a, const Layout l, const Layout l2) {
   extern __shared__ __align__(128) unsigned char smem[];
-  const auto [w, w2, st, acc] = load_slice<T>(smem, a, true, l, l2);
   const int64_t cta = blockIdx.x;
   const int tid = static_cast<int>(threadIdx.x);
+  if (a.T > 0) prefetch_backward<T>(a, cta, 0, tid);
+  const auto [w, w2, st, acc] = load_slice<T>(smem, a, true, l, l2);
   unsigned barriers = 0;
   for (int64_t k = 0; k < a.T; ++k) {
+    if (k + 1 < a.T) prefetch_backward<T>(a, cta, k + 1, tid);  // its cells' inputs, while this step runs
     if (k > 0) backward_recurrent<T>(a, cta, k - 1, w, st, acc, l, tid, kThreads);
     if (a.proj) {
       backward_dh<T>(a, cta, k, tid, kThreads);

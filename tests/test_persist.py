@@ -1117,6 +1117,16 @@ def test_persist_grid_barrier_takes_no_sequentially_consistent_fence(persist_sas
         assert re.search(r"LDG\.E\.STRONG\.GPU", body), name  # ld.acquire.gpu
 
 
+def test_persist_kernels_fetch_the_next_steps_inputs_into_l2(persist_sass):
+    """Each kernel asks L2 for the next step's inputs while the CTA waits out this step (csrc/rnn_persist.cu
+    prefetch_forward / prefetch_backward): forward gx_t, before the first step and in the loop; backward gx_t,
+    gh_t, the cell states around step t and dy_t, likewise. prefetch.global.L2 is CCTL.E.PF2 in SASS; none to L1,
+    which each barrier's acquire invalidates."""
+    for name, body in persist_sass.items():
+        l2, l1 = len(re.findall(r"CCTL\.E\.PF2", body)), len(re.findall(r"CCTL\.E\.PF1", body))
+        assert l2 >= (2 if "forward" in name else 10) and l1 == 0, (name, l2, l1)
+
+
 # (kind, dtype bytes, H) that must launch on an H200, forward and backward; every fp32 one must take TF32 where
 # allowed (backward's columns padded to an 8-row m16n8k8 tile over K = gates x H fit, the LSTM's at H = 1024 too)
 MUST_FIT = [(4, 2, 512), (4, 2, 1024), (3, 2, 1024), (4, 2, 1500), (4, 4, 512), (4, 4, 1024), (3, 4, 1024),
