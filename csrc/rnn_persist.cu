@@ -86,7 +86,7 @@ __device__ __forceinline__ void prefetch_rows(const void* base, int64_t rows, in
     const char* end = p + width;
 #pragma unroll 1
     for (const char* line = p - (reinterpret_cast<uintptr_t>(p) & 127); line < end; line += 128) {
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(line)));
     }
   }
 }

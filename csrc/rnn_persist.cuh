@@ -510,12 +510,11 @@ FUSENN_HD Vec16 load_fresh16(const void* p) {
 #endif
 }
 
-// Rows b0 .. b0 + n of A (rows x K, T; n: `tiles` batch tiles) from column c0 into the staging buffer, zero past
-// the ends
-// (TF32-rounded on the TF32 path): 16 bytes at a time when K allows (rows 16-byte aligned), each thread's loads
-// kStageLoads at a time before any of their stores, so that they wait out one L2 round trip together (a load
-// and its store in turn wait one each: the compiler keeps the GPU-scope loads in order with the stores between);
-// else element by element.
+// Rows b0 .. b0 + n of A (rows x K, T; n: `tiles` batch tiles of kTileB rows) from column c0 into the staging
+// buffer, zero past the ends (TF32-rounded on the TF32 path): 16 bytes at a time when K allows (rows 16-byte
+// aligned), each thread's loads kStageLoads at a time before any of their stores, so that they wait out one L2
+// round trip together (a load and its store in turn wait one each: the compiler keeps the GPU-scope loads in
+// order with the stores between); else element by element.
 constexpr int kStageLoads = 8;
 
 template <class T>
