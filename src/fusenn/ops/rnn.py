@@ -52,8 +52,9 @@ def _kernel_reason(kind: str):
     return reason
 
 
-# The persistent C++ layers (csrc/rnn_persist.cuh) keep W_hh on chip; past this batch they re-read h once per
-# 16-row tile per CTA and per step, and the per-step GEMM scheme should win (until GPU timings say otherwise).
+# The persistent C++ layers (csrc/rnn_persist.cuh) keep W_hh on chip; past this batch every CTA stages all of h_{t-1}
+# and multiplies its slice in rounds of up to 4 batch tiles each step, on one SM's tensor cores, while the per-step
+# GEMM scheme spreads B x gates H over the GPU: that should win (until GPU timings say otherwise).
 PERSIST_MAX_BATCH = 128
 _PERSIST_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc's Dtype
 
