@@ -7,11 +7,11 @@
 // - Forward keeps the gate rows of J_c (gates x U rows of W_hh, row q U + u = W_hh row q H + c U + u). Per
 //   step and round of up to kMaxTiles 16-row batch tiles (Plan::tiles: each weight fragment or row read from
 //   shared memory serves every tile of the round): stage h_{t-1} (the previous step's operand, T, B x H) in
-//   shared memory in K-chunks, gate products with fp32 accumulation (wmma tensor cores for fp16/bf16; for fp32 TF32 mma.sync
-//   m16n8k8 where the launch allows TF32 and its padded slice fits, else exact fp32 FMA), then csrc/rnn.cuh's
-//   LstmCell / GruCell for each (b, j in J_c): gates, cell, zoneout, lengths, outputs and the next step's
-//   operand (times recurrent dropout's r/(1-p), rounded to T). One grid barrier per step publishes the operand;
-//   two operand buffers alternate.
+//   shared memory in K-chunks, gate products with fp32 accumulation (wmma tensor cores for fp16/bf16; for fp32
+//   TF32 mma.sync m16n8k8 where the launch allows TF32 and its padded slice fits, else exact fp32 FMA), then
+//   csrc/rnn.cuh's LstmCell / GruCell for each (b, j in J_c): gates, cell, zoneout, lengths, outputs and the
+//   next step's operand (times recurrent dropout's r/(1-p), rounded to T). One grid barrier per step publishes
+//   the operand; two operand buffers alternate.
 // - Backward keeps the columns J_c of W_hh (every gate row). Per step: dh_{t-1}[:, J_c] += dgates_t W_hh[:,
 //   J_c] from the operand every CTA published before the last barrier (csrc/rnn.cuh's AddRecurrent), then
 //   LstmDh + LstmCellBackward / GruCellBackward for J_c, which publish dgates_t; one barrier per step.
@@ -344,8 +344,9 @@ inline Plan plan_layout(int gates, bool backward, int elem, int64_t H, int64_t P
 // (the warps' K-split partial sums, splits x 16 x Np floats instead of 16 x N), so just below the exact layout's
 // own limit it still falls to exact FMA: on an H200, fp32 LSTM forward at H 1137-1152 (the exact limit; its rows
 // 16 bytes apart for 16-byte loads cost the 1153-1168 that rows 4 bytes apart fitted) and backward at
-// 1141-1180, GRU forward 1537-1552 and backward 1521-1573 (a few proj_size cases near their limits too). Fewer K splits where shared memory is short (a
-// Plan field the kernels' Layouts would take) would close most of that gap, but leave most warps idle in the
+// 1141-1180, GRU forward 1537-1552 and backward 1521-1573 (a few proj_size cases near their limits too). Fewer K
+// splits where shared memory is short (a Plan field the kernels' Layouts would take) would close most of that
+// gap (TF32's layout with no split takes the exact one's bytes), but leave most warps idle in the
 // products (one of 8 busy at 12 columns with no split), perhaps slower than the FMA it replaces: not done
 // before GPU timings say which wins. max_tiles > 0: that plan with at most max_tiles batch tiles a round, its grid
 // and chunk kept.

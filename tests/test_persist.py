@@ -947,7 +947,9 @@ def test_persist_plan_takes_batch_tiles_where_the_batch_has_them(twin):
     keeps the grid and chunk and lowers only the tiles (and the staging and partial sums' bytes)."""
     for gates, backward, elem, H, tf32 in [(4, False, 2, 1024, False), (4, True, 2, 1024, False),
                                            (3, True, 4, 1024, True), (4, False, 4, 512, False)]:
-        plan = lambda B, tiles=0: twin.persist_plan(gates, backward, elem, H, 0, H200, 0, 128, tf32, 0, B, tiles)  # noqa: E731
+        def plan(B, tiles=0, gates=gates, backward=backward, elem=elem, H=H, tf32=tf32):
+            return twin.persist_plan(gates, backward, elem, H, 0, H200, 0, 128, tf32, 0, B, tiles)
+
         assert plan(0)[7] == plan(1)[7] == plan(16)[7] == 1
         for B, most in [(17, 2), (48, 3), (64, 4), (256, 4)]:
             p = plan(B)
